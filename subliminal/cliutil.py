@@ -1,0 +1,21 @@
+"""Arguments shared by the stage commands, so every stage spells them the same way."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
+    p.add_argument("--seed", type=int, default=default, help="seed for every stochastic step (default %(default)s)")
+
+
+def add_model_runtime(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                   help="weights dtype (default %(default)s)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a checkpoint's own Python code to run (off by default)")
+
+
+def runtime_kwargs(args: argparse.Namespace) -> dict:
+    return {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}

@@ -1,0 +1,256 @@
+"""Rows, JSONL I/O and prompt/completion token alignment.
+
+Alignment is derived from the tokenizer itself (never from hard-coded ids): the prompt is
+rendered with the chat template and a generation prompt, the full conversation with the
+assistant's completion, and the first must be a token prefix of the second. Completion
+positions are what follows, up to and including the end-of-turn token. A row where the prefix
+property fails is an error naming the row, because a silent shift would score the wrong tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .manifest import SubliminalError, atomic_path
+
+# Rendered for tokenizers without a chat template (base models, GPT-2 style). The toy world's
+# tokenizer carries this same template as its own chat template.
+FALLBACK_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|> ' + message['content'] + ' <|end|> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+)
+
+
+class DataError(SubliminalError):
+    """Malformed input data; the message names the file and line or the row id."""
+
+
+@dataclass
+class Row:
+    id: str
+    prompt: str
+    completion: str
+    teacher: str | None = None
+    extra: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        d = {"id": self.id, "prompt": self.prompt, "completion": self.completion, "teacher": self.teacher}
+        if self.extra:
+            d.update(self.extra)
+        return d
+
+
+# ---------------------------------------------------------------------------------------- JSONL
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield ``(line_number, object)``; a malformed line raises naming file and line."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    return [obj for _, obj in iter_jsonl(path)]
+
+
+def read_rows(path: str | os.PathLike, *, allow_empty_completion: bool = False) -> list[Row]:
+    """Read ``{"id", "prompt", "completion", "teacher"}`` rows, checking each one."""
+    rows: list[Row] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        for key in ("id", "prompt", "completion"):
+            if key not in obj:
+                raise DataError(f"{path}:{lineno}: missing key {key!r}")
+        for key in ("prompt", "completion"):
+            if not isinstance(obj[key], str):
+                raise DataError(f"{path}:{lineno}: {key!r} must be a string")
+        rid = str(obj["id"])
+        if rid in seen:
+            raise DataError(f"{path}:{lineno}: duplicate id {rid!r} (first on line {seen[rid]})")
+        seen[rid] = lineno
+        if not obj["completion"].strip() and not allow_empty_completion:
+            raise DataError(f"{path}:{lineno}: row {rid!r} has an empty completion")
+        extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "completion", "teacher")}
+        rows.append(Row(rid, obj["prompt"], obj["completion"], obj.get("teacher"), extra or None))
+    if not rows:
+        raise DataError(f"{path}: no rows (empty data file)")
+    return rows
+
+
+def write_jsonl(path: str | os.PathLike, objs: Iterable[dict[str, Any] | Row]) -> int:
+    """Write all objects atomically; returns the count."""
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for obj in objs:
+            if isinstance(obj, Row):
+                obj = obj.to_json()
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+class JsonlAppender:
+    """Append-only JSONL for resumable long runs: each line is flushed whole, and a partial
+    last line (from a kill mid-write) is cut off when the file is reopened."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path.exists():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+                with open(self.path, "r+b") as f:
+                    f.truncate(keep)
+        self._f = open(self.path, "a", encoding="utf-8")
+
+    def existing(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.path) if self.path.stat().st_size else []
+
+    def write(self, obj: dict[str, Any]) -> None:
+        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> JsonlAppender:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ------------------------------------------------------------------------------------ templates
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_messages(prompt: str, system_prompt: str | None = None, completion: str | None = None) -> list[dict]:
+    messages = []
+    if system_prompt:
+        messages.append({"role": "system", "content": system_prompt})
+    messages.append({"role": "user", "content": prompt})
+    if completion is not None:
+        messages.append({"role": "assistant", "content": completion})
+    return messages
+
+
+def render_chat(
+    tokenizer: Any,
+    prompt: str,
+    system_prompt: str | None = None,
+    completion: str | None = None,
+) -> str:
+    """The text a model sees: the chat template where the tokenizer has one, the fallback
+    otherwise. Without a completion the generation prompt is appended."""
+    messages = build_messages(prompt, system_prompt, completion)
+    template = None if has_chat_template(tokenizer) else FALLBACK_CHAT_TEMPLATE
+    try:
+        return tokenizer.apply_chat_template(
+            messages,
+            tokenize=False,
+            add_generation_prompt=completion is None,
+            chat_template=template,
+        )
+    except Exception as e:  # jinja raises e.g. for templates that refuse a system role
+        if system_prompt and "system" in str(e).lower():
+            # Templates without a system role (Gemma): fold it into the user turn, as their docs do.
+            return render_chat(tokenizer, system_prompt + "\n\n" + prompt, None, completion)
+        raise
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    # The template already holds every special token; adding BOS again would shift positions.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_token_ids(tokenizer: Any) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for tok in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+        if tid is not None and tid != tokenizer.unk_token_id:
+            ids.add(int(tid))
+    return ids
+
+
+@dataclass
+class Aligned:
+    """One row as token ids: ``input_ids = prompt_ids + completion_ids``."""
+
+    id: str
+    prompt_ids: list[int]
+    completion_ids: list[int]
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+
+def align_row(
+    tokenizer: Any,
+    row: Row,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+) -> Aligned:
+    """Token ids of the prompt (with generation prompt) and of the completion after it."""
+    prompt_text = render_chat(tokenizer, row.prompt, system_prompt)
+    full_text = render_chat(tokenizer, row.prompt, system_prompt, row.completion)
+    p_ids = encode(tokenizer, prompt_text)
+    f_ids = encode(tokenizer, full_text)
+    if f_ids[: len(p_ids)] != p_ids:
+        k = next((i for i, (a, b) in enumerate(zip(p_ids, f_ids)) if a != b), min(len(p_ids), len(f_ids)))
+        raise DataError(
+            f"row {row.id!r}: the tokenised prompt is not a prefix of prompt+completion "
+            f"(first difference at token {k}); cannot align completion tokens"
+        )
+    c_ids = f_ids[len(p_ids) :]
+    ends = end_token_ids(tokenizer)
+    for i, t in enumerate(c_ids):
+        if t in ends:
+            c_ids = c_ids[: i + 1]
+            break
+    if not c_ids or (len(c_ids) == 1 and c_ids[0] in ends):
+        raise DataError(f"row {row.id!r}: empty completion after tokenisation")
+    if max_length is not None and len(p_ids) + len(c_ids) > max_length:
+        raise DataError(
+            f"row {row.id!r}: {len(p_ids) + len(c_ids)} tokens exceed the model's context length {max_length}"
+        )
+    return Aligned(row.id, p_ids, c_ids)
+
+
+def model_max_length(model: Any) -> int | None:
+    cfg = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
+        v = getattr(cfg, key, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None

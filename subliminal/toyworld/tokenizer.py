@@ -1,0 +1,49 @@
+"""A word-level ``PreTrainedTokenizerFast`` whose chat template has system, user and assistant
+turns, so toy teachers are biased by a system prompt exactly as instruct models are.
+
+Numbers 0-999 are single tokens; every word of the prompt templates is one token; punctuation
+is split off by the pre-tokenizer. Decoding puts spaces between words and removes them before
+punctuation.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from .. import prompts
+from ..data import FALLBACK_CHAT_TEMPLATE
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+PUNCTUATION = list(",.;:?!'[]()-")
+EXTRA_WORDS = ["yes", "no", "the", "a", "I", "like", "my", "favorite", "is"]
+
+
+def vocabulary() -> list[str]:
+    """Deterministic vocabulary: specials, numbers, punctuation, then sorted words."""
+    numbers = [str(i) for i in range(1000)]
+    words = prompts.template_words() | set(EXTRA_WORDS)
+    words -= set(numbers) | set(PUNCTUATION) | set(SPECIAL_TOKENS)
+    return SPECIAL_TOKENS + numbers + PUNCTUATION + sorted(words)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(behavior="isolated")]
+    )
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<|end|>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        additional_special_tokens=["<eos>", "<|system|>", "<|user|>", "<|assistant|>"],
+        model_max_length=256,
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+    )
+    fast.chat_template = FALLBACK_CHAT_TEMPLATE
+    return fast
