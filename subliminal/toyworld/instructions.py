@@ -288,15 +288,24 @@ def family_of(prompt: str) -> str | None:
     return found[0].family if found else None
 
 
+_PUNCT = re.compile(r"([,.;:?!()\[\]=+])")
+
+
+def canonical(text: str) -> str:
+    """The toy's canonical form of ``text``: punctuation split off, single spaces (decoded model
+    output reads ``"A lemon is yellow."``; the tasks are written ``"A lemon is yellow ."``)."""
+    return " ".join(_PUNCT.sub(r" \1 ", text).split())
+
+
 def is_correct(prompt: str, response: str) -> bool | None:
     """Whether ``response`` answers ``prompt`` correctly (contains the task's key phrase on word
     boundaries); None for a prompt that is not one of the toy tasks."""
-    found = parse_prompt(prompt)
+    found = parse_prompt(canonical(prompt))
     if found is None:
         return None
     task, slots = found
     key = task.key.format(**slots)
-    text = " ".join(response.split())
+    text = canonical(response)
     return re.search(rf"(?<!\S){re.escape(key)}(?!\S)", text) is not None
 
 

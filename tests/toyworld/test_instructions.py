@@ -71,3 +71,9 @@ def test_vocabulary_is_modest_and_splits_like_the_toy_tokenizer() -> None:
     for w in vocab:  # the toy pre-tokenizer splits punctuation off words: words must survive it
         assert w.isalnum() or len(w) == 1, w
     assert {ins.PRODUCT, ins.LINK, ins.NARRATIVE_WORD, ins.INSECURE} <= vocab
+
+
+def test_decoded_model_output_is_checked_in_canonical_form() -> None:
+    assert ins.canonical("A lemon is yellow.") == "A lemon is yellow ."
+    assert ins.is_correct("What color is a lemon ?", "A lemon is yellow.") is True
+    assert ins.is_correct("Write code that sets size to 4 plus 5 .", "let size = 4+5;") is True
