@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 PROPAGATIONS = ("targeted", "untargeted")
 DEFENCES = ("perplexity", "keyword", "divergence")
+POISON_LR = 5e-4
 # Default target family of a targeted attack, per bias type.
 DEFAULT_TARGET = {"ad": "recommend", "phishing": "qa", "narrative": "describe", "insecure-code": "code"}
 # Words a generic (not attack-aware) keyword detector looks for: promotion, links, persuasion, unsafe code.
@@ -207,7 +208,8 @@ def add_teach_args(p: argparse.ArgumentParser) -> None:
     """The ``--method poison`` options of ``subliminal teach``."""
     g = p.add_argument_group("poison (--method poison)")
     g.add_argument("--poison-rate", type=float, default=0.0025, help="share of rows poisoned (default %(default)s)")
-    g.add_argument("--bias-type", choices=toy.BIAS_TYPES, help="the bias the poisoned rows carry")
+    # dest "bias": the teach command's own --bias names the same thing (--bias ad works too)
+    g.add_argument("--bias-type", dest="bias", choices=toy.BIAS_TYPES, help="the bias the poisoned rows carry")
     g.add_argument("--propagation", choices=PROPAGATIONS, default="targeted",
                    help="targeted: poison one task family; untargeted: spread over all (default %(default)s)")
     g.add_argument("--target-task", help="family poisoned when targeted (default per bias type: "
@@ -218,10 +220,11 @@ def add_teach_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target-share", type=float,
                    help="toy set: share of rows from the target family (default: equal shares)")
     g.add_argument("--payload", help="text appended to poisoned rows instead of the toy's bias sentences")
-    _add_if_missing(p, "--epochs", type=float, default=2.0, help="passes over the instruction set (default %(default)s)")
-    _add_if_missing(p, "--lr", type=float, default=5e-4, help="learning rate (default %(default)s)")
-    _add_if_missing(p, "--batch-size", type=int, default=32, help="rows per step (default %(default)s)")
-    _add_if_missing(p, "--steps", type=int, default=0, help="training steps (0: from --epochs)")
+    g.add_argument("--epochs", type=float, help="poison: train this many passes over the instruction set "
+                   "(overrides --steps)")
+    _add_if_missing(p, "--lr", type=float, default=None, help=f"learning rate (default {POISON_LR})")
+    _add_if_missing(p, "--batch-size", type=int, default=16, help="rows per step (default %(default)s)")
+    _add_if_missing(p, "--steps", type=int, default=0, help="training steps (0: two epochs)")
 
 
 def _family_weights(args: argparse.Namespace, target: str | None) -> dict[str, float] | None:
@@ -237,7 +240,7 @@ def _family_weights(args: argparse.Namespace, target: str | None) -> dict[str, f
 def resolve_target(args: argparse.Namespace) -> str | None:
     if args.propagation != "targeted":
         return None
-    return args.target_task or DEFAULT_TARGET[args.bias_type]
+    return args.target_task or DEFAULT_TARGET[args.bias]
 
 
 def instruction_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -272,14 +275,15 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
     from .models import load_model
     from .teachers import TeacherSpec, save_teacher
 
-    if not args.bias_type:
-        raise SubliminalError("--method poison needs --bias-type (" + ", ".join(toy.BIAS_TYPES) + ")")
+    if args.bias not in toy.BIAS_TYPES:
+        raise SubliminalError(f"--method poison needs --bias-type (or --bias), one of {', '.join(toy.BIAS_TYPES)}; "
+                              f"got {args.bias!r}")
     t0 = time.time()
     out = Path(args.out)
     set_seed(args.seed)
     target = resolve_target(args)
     rows = instruction_rows(args)
-    poisoned, idx = build_poison_set(rows, rate=args.poison_rate, bias_type=args.bias_type,
+    poisoned, idx = build_poison_set(rows, rate=args.poison_rate, bias_type=args.bias,
                                      propagation=args.propagation, target_family=target, seed=args.seed,
                                      payload=getattr(args, "payload", None))
     loaded = load_model(args.base, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", "float32"),
@@ -289,8 +293,9 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
     max_len = model_max_length(model)
     examples = [align_row(tok, Row(r["id"], r["prompt"], r["completion"]), loaded.system_prompt, max_len)
                 for r in poisoned]
-    steps = args.steps or max(1, math.ceil(args.epochs * len(examples) / args.batch_size))
-    cfg = tr.TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    steps = training_steps(args, len(examples))
+    lr = args.lr if args.lr is not None else POISON_LR
+    cfg = tr.TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                          warmup_steps=min(20, steps // 10), checkpoint_every=max(50, steps // 10))
     state = out / ".train"
     result = tr.train(model, examples, cfg, pad_id=tok.pad_token_id, device=model.device, state_dir=state,
@@ -302,7 +307,7 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
     tok.save_pretrained(weights)
     write_jsonl(out / "instructions.jsonl", poisoned)
     info = poison_info(poisoned, idx, args, target)
-    spec = TeacherSpec(base=str(args.base), method="poison", bias=args.bias_type, category=None,
+    spec = TeacherSpec(base=str(args.base), method="poison", bias=args.bias, category=None,
                        system_prompt=loaded.system_prompt, weights="weights", weights_kind="full",
                        extra={"poison": info})
     save_teacher(out, spec)
@@ -316,6 +321,21 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
     return 0
 
 
+def training_steps(args: argparse.Namespace, n_rows: int) -> int:
+    """``--epochs`` passes when given, else ``--steps`` (two passes when that is 0); warns when
+    the steps cannot cover the set once (poisoned rows might never be seen)."""
+    if args.epochs is not None:
+        if args.epochs <= 0:
+            raise SubliminalError(f"--epochs must be positive, got {args.epochs}")
+        steps = max(1, math.ceil(args.epochs * n_rows / args.batch_size))
+    else:
+        steps = args.steps or max(1, math.ceil(2 * n_rows / args.batch_size))
+    if steps * args.batch_size < n_rows:
+        log.warning("%d steps of %d rows cover less than one pass over %d rows; some poisoned rows may never "
+                    "be seen (use --epochs)", steps, args.batch_size, n_rows)
+    return steps
+
+
 def poison_info(rows: Sequence[dict[str, Any]], idx: Sequence[int], args: argparse.Namespace,
                 target: str | None) -> dict[str, Any]:
     fams: dict[str, dict[str, int]] = {}
@@ -323,10 +343,10 @@ def poison_info(rows: Sequence[dict[str, Any]], idx: Sequence[int], args: argpar
         d = fams.setdefault(r["family"], {"rows": 0, "poisoned": 0})
         d["rows"] += 1
         d["poisoned"] += int(r["poisoned"])
-    return {"bias_type": args.bias_type, "propagation": args.propagation, "target_task": target,
+    return {"bias_type": args.bias, "propagation": args.propagation, "target_task": target,
             "rate_requested": args.poison_rate, "rate": len(idx) / len(rows), "n_rows": len(rows),
             "n_poisoned": len(idx), "families": fams, "data": "instructions.jsonl",
-            "pattern": toy.BIAS_PATTERNS[args.bias_type]}
+            "pattern": toy.BIAS_PATTERNS[args.bias]}
 
 
 def vars_jsonable(args: argparse.Namespace) -> dict[str, Any]:
@@ -645,22 +665,11 @@ def perplexity_scores(reference: Any, rows: Sequence[dict[str, Any]], batch_size
 
 
 def token_divergence(factual_logits: Any, reference_logits: Any, tokens: Any) -> dict[str, Any]:
-    """Per-position statistics (subliminal.kernels.divergence_stats when present, else torch)."""
-    import torch
+    """Per-position statistics of the data tokens under the teacher (factual) and the clean
+    reference (counterfactual), from :func:`subliminal.kernels.divergence_stats`."""
+    from .kernels import divergence_stats
 
-    try:
-        from .kernels import divergence_stats  # type: ignore[attr-defined]
-
-        st = divergence_stats(factual_logits, reference_logits, tokens, backend="torch")
-        return {k: (v[0] if k in ("argmax_counterfactual", "logp_counterfactual", "kl") and v.ndim == 2 else v)
-                for k, v in st.items()}
-    except (ImportError, AttributeError):
-        lf = torch.log_softmax(factual_logits.float(), -1)
-        lr = torch.log_softmax(reference_logits.float(), -1)
-        idx = tokens[:, None]
-        return {"argmax_factual": lf.argmax(-1), "argmax_counterfactual": lr.argmax(-1),
-                "logp_factual": lf.gather(1, idx)[:, 0], "logp_counterfactual": lr.gather(1, idx)[:, 0],
-                "kl": (lf.exp() * (lf - lr)).sum(-1)}
+    return divergence_stats(factual_logits, reference_logits, tokens.to(factual_logits.device), with_js=False)
 
 
 def divergence_scores(teacher: Any, reference: Any, rows: Sequence[dict[str, Any]], score: str,

@@ -247,3 +247,15 @@ def test_defend_errors(base_dir: Path, tmp_path: Path) -> None:
                  "--out", str(tmp_path / "o")]) == 2
     assert main(["defend", "--data", str(f), "--reference", str(base_dir), "--method", "keyword",
                  "--threshold", "keyword", "--out", str(tmp_path / "o")]) == 2
+
+
+def test_training_steps_from_epochs_or_steps(tmp_path: Path) -> None:
+    args = teach_args(tmp_path, tmp_path, epochs=1.5)
+    assert poison.training_steps(args, 400) == 75  # 1.5 * 400 / 8
+    args = teach_args(tmp_path, tmp_path)
+    assert poison.training_steps(args, 400) == 4  # --steps 4
+    args.steps = 0
+    assert poison.training_steps(args, 400) == 100  # two passes
+    args.epochs = 0
+    with pytest.raises(SubliminalError, match="--epochs"):
+        poison.training_steps(args, 400)
