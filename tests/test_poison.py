@@ -259,3 +259,17 @@ def test_training_steps_from_epochs_or_steps(tmp_path: Path) -> None:
     args.epochs = 0
     with pytest.raises(SubliminalError, match="--epochs"):
         poison.training_steps(args, 400)
+
+
+def test_teach_cli_method_poison(base_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("subliminal.teachers_cli")
+    from subliminal.cli import main
+
+    out = tmp_path / "t"
+    rc = main(["teach", "--base", str(base_dir), "--method", "poison", "--bias-type", "phishing",
+               "--propagation", "untargeted", "--n-instructions", "800", "--poison-rate", "0.005",
+               "--steps", "2", "--batch-size", "4", "--out", str(out)])
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["poison"]["n_poisoned"] == 4 and manifest["poison"]["propagation"] == "untargeted"
+    assert {f: d["poisoned"] for f, d in manifest["poison"]["families"].items()} == {f: 1 for f in ins.FAMILIES}
