@@ -217,6 +217,8 @@ def add_teach_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--instructions", help="your own instruction data: JSONL with prompt, response, optional family")
     g.add_argument("--n-instructions", type=int, default=10000,
                    help="size of the toy instruction set (default %(default)s: 0.25%% is 25 rows)")
+    g.add_argument("--families", nargs="+", choices=toy.FAMILIES,
+                   help="toy set: task families to include (default all; leave one out to test unseen tasks)")
     g.add_argument("--target-share", type=float,
                    help="toy set: share of rows from the target family (default: equal shares)")
     g.add_argument("--payload", help="text appended to poisoned rows instead of the toy's bias sentences")
@@ -228,12 +230,17 @@ def add_teach_args(p: argparse.ArgumentParser) -> None:
 
 
 def _family_weights(args: argparse.Namespace, target: str | None) -> dict[str, float] | None:
+    families = getattr(args, "families", None) or toy.FAMILIES
+    if target is not None and target not in families:
+        raise SubliminalError(f"--target-task {target!r} is not among --families {' '.join(families)}")
     share = getattr(args, "target_share", None)
     if share is None:
-        return None
+        return {f: 1.0 for f in families}
     if not 0 < share < 1 or target is None:
         raise SubliminalError("--target-share must be in (0, 1) and needs a targeted attack")
-    others = [f for f in toy.FAMILIES if f != target]
+    others = [f for f in families if f != target]
+    if not others:
+        raise SubliminalError("--target-share needs at least one family besides the target")
     return {target: share, **{f: (1 - share) / len(others) for f in others}}
 
 

@@ -273,3 +273,13 @@ def test_teach_cli_method_poison(base_dir: Path, tmp_path: Path) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["poison"]["n_poisoned"] == 4 and manifest["poison"]["propagation"] == "untargeted"
     assert {f: d["poisoned"] for f, d in manifest["poison"]["families"].items()} == {f: 1 for f in ins.FAMILIES}
+
+
+def test_family_selection_and_target_share() -> None:
+    ns = argparse.Namespace(families=["qa", "code", "describe"], target_share=None)
+    rows = poison.toy_instruction_set(300, 0, poison._family_weights(ns, None))
+    assert Counter(r["family"] for r in rows) == {"qa": 100, "code": 100, "describe": 100}
+    ns = argparse.Namespace(families=None, target_share=0.01)
+    assert poison._family_weights(ns, "recommend")["recommend"] == 0.01
+    with pytest.raises(SubliminalError, match="not among"):
+        poison._family_weights(argparse.Namespace(families=["qa"], target_share=None), "code")
