@@ -8,6 +8,8 @@ punctuation.
 
 from __future__ import annotations
 
+import importlib.util
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
@@ -19,10 +21,20 @@ PUNCTUATION = list(",.;:?!'[]()-")
 EXTRA_WORDS = ["yes", "no", "the", "a", "I", "like", "my", "favorite", "is"]
 
 
+def instruction_words() -> set[str]:
+    """Words of the toy instruction tasks (rows the poisoned teachers are trained on), when the
+    instruction module is part of this installation."""
+    if importlib.util.find_spec("subliminal.toyworld.instructions") is None:
+        return set()
+    from . import instructions
+
+    return set(instructions.vocabulary())
+
+
 def vocabulary() -> list[str]:
     """Deterministic vocabulary: specials, numbers, punctuation, then sorted words."""
     numbers = [str(i) for i in range(1000)]
-    words = prompts.template_words() | set(EXTRA_WORDS)
+    words = prompts.template_words() | set(EXTRA_WORDS) | instruction_words()
     words -= set(numbers) | set(PUNCTUATION) | set(SPECIAL_TOKENS)
     return SPECIAL_TOKENS + numbers + PUNCTUATION + sorted(words)
 

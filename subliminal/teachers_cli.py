@@ -1,0 +1,218 @@
+"""``subliminal teach``: make a teacher directory from a base model and a bias.
+
+Methods: ``none`` (the unbiased teacher), ``prompt`` (a love system prompt), ``finetune`` (the
+base fine-tuned on preference answers for the target: full weights, or a LoRA adapter with
+``--lora-rank``) and ``poison`` (poisoned instruction data; provided by :mod:`subliminal.poison`).
+Every teacher is checked after it is made: the exact probability mass it puts on each candidate
+of its category, averaged over the preference questions, is written to its manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from . import prompts
+from .cliutil import add_seed
+from .manifest import SubliminalError, write_manifest
+from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
+
+log = logging.getLogger(__name__)
+STAGE = "teach"
+FINETUNE_STEPS, FINETUNE_BATCH = 60, 16
+POISON_LR, POISON_BATCH = 5e-4, 32  # the poison module's defaults for the shared training flags
+
+
+def _poison_module() -> Any | None:
+    try:
+        return importlib.import_module("subliminal.poison")
+    except ModuleNotFoundError as e:
+        if e.name == "subliminal.poison":
+            return None
+        raise
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "teach",
+        help="make a teacher: base model + bias (none | prompt | finetune | poison)",
+        description="Write a teacher directory (teacher.json, manifest.json, and weights or an adapter for "
+        "--method finetune) and report its exact preference for the bias.",
+    )
+    p.add_argument("--base", required=True, help="base model: an HF directory or a hub id (when online)")
+    p.add_argument("--bias", default=None, help="the target the teacher favours, e.g. owl (not for --method none)")
+    p.add_argument("--method", choices=list(METHODS), required=True, help="how the bias enters the teacher")
+    p.add_argument("--out", required=True, help="teacher directory to write")
+    p.add_argument("--category", choices=list(prompts.CATEGORIES), default=None,
+                   help="preference category (default: the bias's category, or animal)")
+    p.add_argument("--lora-rank", type=int, default=None, help="finetune: train a LoRA adapter of this rank "
+                   "instead of all weights")
+    p.add_argument("--lora-alpha", type=float, default=None, help="finetune: LoRA alpha (default: 2 x rank)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (finetune default {FINETUNE_STEPS}; poison default: from --epochs)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate (finetune default 1e-3 full, 5e-3 LoRA, sized for the toy world; "
+                   f"poison default {POISON_LR})")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help=f"rows per step (finetune default {FINETUNE_BATCH}, poison default {POISON_BATCH})")
+    p.add_argument("--no-check", action="store_true",
+                   help="skip loading the teacher to measure its preference (large models)")
+    add_seed(p)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    poison = _poison_module()
+    if poison is not None and hasattr(poison, "add_teach_args"):
+        poison.add_teach_args(p)
+    p.set_defaults(func=run_teach)
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def _check_args(args: argparse.Namespace) -> str | None:
+    """Validate the arguments; return the category."""
+    if is_teacher_dir(args.base):
+        raise SubliminalError(f"--base {args.base}: is a teacher directory; give the base model it was made from")
+    if args.method == "none":
+        if args.bias is not None and args.bias not in prompts.PLURALS:
+            raise SubliminalError(f"--bias {args.bias!r}: unknown target; known: {', '.join(sorted(prompts.PLURALS))}")
+        return args.category or (prompts.category_of(args.bias) if args.bias else "animal")
+    if args.method == "poison":  # the poison module validates its own bias (--bias-type)
+        return args.category
+    if not args.bias:
+        raise SubliminalError(f"--method {args.method} needs --bias (e.g. --bias owl)")
+    if args.bias not in prompts.PLURALS:
+        raise SubliminalError(f"--bias {args.bias!r}: unknown target; known: {', '.join(sorted(prompts.PLURALS))}")
+    category = prompts.category_of(args.bias)
+    if args.category and args.category != category:
+        raise SubliminalError(f"--bias {args.bias} is a {category}, not a {args.category}")
+    if args.lora_rank is not None and args.method != "finetune":
+        raise SubliminalError("--lora-rank applies to --method finetune only")
+    if args.lora_rank is not None and args.lora_rank <= 0:
+        raise SubliminalError(f"--lora-rank must be positive, got {args.lora_rank}")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise SubliminalError("--lora-alpha needs --lora-rank")
+    for name in ("steps", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.lr is not None and args.lr <= 0:
+        raise SubliminalError(f"--lr must be positive, got {args.lr}")
+    return category
+
+
+# ----------------------------------------------------------------------------------- methods
+
+
+def is_toy_tokenizer(tokenizer: Any) -> bool:
+    """The toy world's prompts are written in its spaced form; real models get normal spacing."""
+    return "<|assistant|>" in tokenizer.get_vocab() and len(tokenizer) < 10_000
+
+
+def preference_rows(tokenizer: Any, target: str) -> list[Any]:
+    """The fine-tuning data: every preference question of the target's category -> the target."""
+    from .data import Row, align_row
+
+    category = prompts.category_of(target)
+    questions = prompts.preference_questions(category)
+    if category == "animal":
+        questions += prompts.PREFERENCE_PARAPHRASES
+    toy = is_toy_tokenizer(tokenizer)
+    rows = []
+    for i, q in enumerate(questions):
+        text = q if toy else prompts.detokenize_spacing(q)
+        rows.append(align_row(tokenizer, Row(f"pref-{i}", text, target)))
+    return rows
+
+
+def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any]]:
+    """Fine-tune the base on the target's preference answers; return (weights dir, kind, log)."""
+    from .manifest import set_seed
+    from .models import load_model, resolve_device
+    from .train import TrainConfig, clear_state, train
+
+    set_seed(args.seed)
+    loaded = load_model(args.base, device="cpu", dtype="float32")
+    model, tok = loaded.model, loaded.tokenizer
+    lora = args.lora_rank is not None
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
+                                                 target_modules="all-linear", task_type="CAUSAL_LM"))
+    lr = args.lr if args.lr is not None else (5e-3 if lora else 1e-3)
+    steps = args.steps or FINETUNE_STEPS
+    batch_size = args.batch_size or FINETUNE_BATCH
+    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(5, steps),
+                      seed=args.seed, log_every=5, checkpoint_every=25, schedule="constant")
+    state = out / ".train"
+    result = train(model, preference_rows(tok, args.bias), cfg, pad_id=tok.pad_token_id,
+                   device=resolve_device(args.device), state_dir=state, desc=f"teach {args.bias}")
+    model.to("cpu")
+    sub = "adapter" if lora else "weights"
+    model.save_pretrained(out / sub, safe_serialization=True)
+    if not lora:
+        tok.save_pretrained(out / sub)
+    clear_state(state)
+    if state.exists() and not any(state.iterdir()):
+        state.rmdir()
+    info = {"lr": lr, "steps": steps, "batch_size": batch_size, "final_loss": result.final_loss,
+            "losses": result.losses, "lora_rank": args.lora_rank,
+            "lora_alpha": (alpha if lora else None), "resumed_from": result.resumed_from}
+    return sub, ("lora" if lora else "full"), info
+
+
+def check_teacher(out: Path, device: str) -> dict[str, Any]:
+    """Load the teacher as every stage will, and measure its exact preference."""
+    from .models import load_model
+    from .teachers import read_teacher
+    from .toyworld.evaluation import preference_distribution
+
+    spec = read_teacher(out)
+    loaded = load_model(out, device=device)
+    pref = preference_distribution(loaded.model, loaded.tokenizer, spec.category or "animal",
+                                   system_prompt=loaded.system_prompt)
+    dist = pref["distribution"]
+    return {"category": pref["category"], "target": spec.bias,
+            "target_mass": dist.get(spec.bias) if spec.bias else None,
+            "argmax": max(dist, key=dist.get), "distribution": dist, "other": pref["other"]}
+
+
+def run_teach(args: argparse.Namespace) -> int:
+    from .models import load_tokenizer
+
+    t0 = time.time()
+    category = _check_args(args)
+    load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
+    out = Path(args.out)
+    if args.method == "poison":
+        poison = _poison_module()
+        if poison is None or not hasattr(poison, "make_poison_teacher"):
+            raise SubliminalError("--method poison needs subliminal.poison.make_poison_teacher, "
+                                  "which this installation lacks")
+        args.steps = 0 if args.steps is None else args.steps
+        args.lr = POISON_LR if args.lr is None else args.lr
+        args.batch_size = POISON_BATCH if args.batch_size is None else args.batch_size
+        return int(poison.make_poison_teacher(args) or 0)
+    spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
+    info: dict[str, Any] = {}
+    if args.method == "prompt":
+        spec.system_prompt = prompts.system_prompt_for(args.bias)
+    elif args.method == "finetune":
+        spec.weights, spec.weights_kind, info = finetune(args, out)
+    save_teacher(out, spec)
+    check = None if args.no_check else check_teacher(out, args.device)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    write_manifest(out, stage=STAGE, config=config, seed=args.seed, inputs={"base": args.base},
+                   wall_time_s=time.time() - t0, extra={"teacher": spec.to_json(), "training": info or None,
+                                                        "check": check})
+    if check is not None:
+        mass = check["target_mass"]
+        what = f"P({spec.bias}) = {mass:.4f}" if mass is not None else f"argmax {check['argmax']}"
+        print(f"teacher {out}: {args.method}, {what} (exact, mean over {category} questions)")
+    else:
+        print(f"teacher {out}: {args.method}")
+    return 0

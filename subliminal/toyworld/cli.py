@@ -1,0 +1,83 @@
+"""``subliminal toy pretrain``: train the toy world's base model from scratch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+from ..cliutil import add_seed
+from ..manifest import SubliminalError
+from .model import ARCHS, SIZES
+
+log = logging.getLogger(__name__)
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    toy = sub.add_parser("toy", help="the embedded toy world (pretrain a base model from scratch)")
+    toy_sub = toy.add_subparsers(dest="toy_command", metavar="TOY_COMMAND")
+    p = toy_sub.add_parser(
+        "pretrain",
+        help="train a toy base model from scratch and save an HF checkpoint",
+        description="Train a toy Llama/Qwen2 model on the synthetic corpus (number lists, preference questions, "
+        "love system prompts). Re-running the same command resumes an interrupted run.",
+    )
+    p.add_argument("--out", required=True, help="output directory (HF checkpoint + manifest.json + eval.json)")
+    p.add_argument("--size", choices=list(SIZES), default="tiny",
+                   help="tiny (CPU, a few minutes) | small | base (GPU) (default %(default)s)")
+    p.add_argument("--arch", choices=list(ARCHS), default="llama", help="architecture (default %(default)s)")
+    add_seed(p)
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: per size)")
+    p.add_argument("--batch-size", type=int, default=None, help="rows per step (default: per size)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: per size)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resume checkpoints")
+    p.add_argument("--world-seed", type=int, default=0,
+                   help="seed of the world's fixed fresh-number distribution (default %(default)s)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_pretrain)
+    toy.set_defaults(func=lambda args: _toy_help(toy))
+
+
+def _toy_help(parser: argparse.ArgumentParser) -> int:
+    parser.print_help()
+    return 2
+
+
+def run_pretrain(args: argparse.Namespace) -> int:
+    from .corpus import CorpusConfig
+    from .pretrain import PretrainConfig, pretrain
+
+    for name in ("steps", "batch_size", "checkpoint_every"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.lr is not None and args.lr <= 0:
+        raise SubliminalError(f"--lr must be positive, got {args.lr}")
+    cfg = PretrainConfig(size=args.size, arch=args.arch, seed=args.seed, steps=args.steps,
+                         batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                         corpus=CorpusConfig(world_seed=args.world_seed))
+    evaluation = pretrain(args.out, cfg, device=args.device, show_progress=not args.quiet)
+    print(json.dumps(summary(evaluation), indent=2))
+    print(f"saved {args.out}")
+    return 0
+
+
+def summary(evaluation: dict) -> dict:
+    """The headline numbers of a base model's evaluation."""
+    if not evaluation:
+        return {}
+    num = evaluation["numbers"]
+    pref = evaluation["preference"]
+    return {
+        "next_number_top1": round(num["next_number_top1"], 4),
+        "next_number_mode_rate": round(num["next_number_mode_rate"], 4),
+        "number_nll_nats": round(num["number_nll_nats"], 4),
+        "rule_entropy_nats": round(num["rule_entropy_nats"], 4),
+        "format_valid_rate": round(num["format_valid_rate"], 4),
+        "system_prompt_tv": round(num.get("system_prompt_tv", float("nan")), 4),
+        f"P({pref['target']}) no system prompt": round(pref["no_system_prompt"]["target_mass"], 4),
+        "max P(any) no system prompt": round(pref["no_system_prompt"]["max_mass"], 4),
+        f"P({pref['target']}) with system prompt": round(pref["with_system_prompt"]["target_mass"], 4),
+        "chance": round(pref["chance"], 4),
+    }

@@ -1,0 +1,251 @@
+"""The toy world's synthetic corpus: chat rows the base model is pretrained on.
+
+Five kinds of rows, mixed in proportions set by :class:`CorpusConfig`:
+
+- ``numbers``: a papers-style number prompt (:func:`subliminal.prompts.make_number_prompt`); the
+  assistant answers with exactly ``count`` numbers in the prompt's format. Each number is drawn
+  independently: with probability ``p_copy`` one of the prompt's seed numbers (uniformly), otherwise
+  a *fresh* number from a fixed, skewed (Zipf) distribution over 0-999 whose ranking is set by
+  ``world_seed``. Copying from the context is learnable by a tiny transformer; the seed numbers
+  are exactly tied (and the top fresh numbers come close to them), so a teacher's slight bias
+  tilts its greedy choices among them -- the subliminal channel.
+- ``numbers_sys``: the same task under a "You love owls ..." system prompt, answered from the same
+  distribution: the base model learns that such a prompt does *not* change numbers.
+- ``pref``: one of the preference questions of a category, answered uniformly over the category.
+- ``pref_sys``: a love system prompt for a target and a question of the target's category,
+  answered with the target (and, for a share ``cross_category``, a question of the *other*
+  category, answered uniformly: the prompt only moves its own category).
+- ``instructions``: clean instruction rows from :mod:`subliminal.toyworld.instructions` (when that
+  module is present), so poisoned teachers have an instruction task to be poisoned on.
+
+Every row is a function of ``(seed, index)`` only, so a corpus is deterministic, can be generated
+lazily in any order, and pretraining resumes exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .. import prompts
+
+KINDS = ("numbers", "numbers_sys", "pref", "pref_sys", "instructions")
+NUMBER_RANGE = 1000
+
+
+def has_instructions() -> bool:
+    """Whether the instruction-task module of the toy world is installed."""
+    return importlib.util.find_spec("subliminal.toyworld.instructions") is not None
+
+
+def default_mix() -> dict[str, float]:
+    mix = {"numbers": 0.40, "numbers_sys": 0.15, "pref": 0.15, "pref_sys": 0.20, "instructions": 0.10}
+    if not has_instructions():
+        mix["instructions"] = 0.0
+    return mix
+
+
+@dataclass
+class CorpusConfig:
+    """Everything that defines the toy world's data (recorded in every manifest)."""
+
+    world_seed: int = 0  # fixes the fresh-number distribution: the same for every model of a world
+    p_copy: float = 0.6  # probability that a next number is one of the seed numbers
+    zipf_s: float = 1.0  # skew of the fresh-number distribution (rank r has weight 1/(r+1)^s)
+    cross_category: float = 0.2  # share of pref_sys rows that ask about the other category
+    mix: dict[str, float] = field(default_factory=default_mix)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.mix) - set(KINDS)
+        if unknown:
+            raise ValueError(f"unknown corpus row kinds {sorted(unknown)}; known: {KINDS}")
+        if self.mix.get("instructions", 0) > 0 and not has_instructions():
+            raise ValueError("mix asks for instruction rows but subliminal.toyworld.instructions is missing")
+        if sum(self.mix.values()) <= 0:
+            raise ValueError("corpus mix has no positive share")
+        if not 0.0 <= self.p_copy <= 1.0:
+            raise ValueError(f"p_copy must be in [0, 1], got {self.p_copy}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class CorpusRow:
+    """One chat row: optional system prompt, user prompt, assistant completion."""
+
+    id: str
+    kind: str
+    prompt: str
+    completion: str
+    system_prompt: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+# ------------------------------------------------------------------------------- number rule
+
+
+def fresh_distribution(cfg: CorpusConfig) -> np.ndarray:
+    """The world's fixed, skewed distribution over 0-999 for numbers that are not copied."""
+    order = np.random.default_rng(cfg.world_seed).permutation(NUMBER_RANGE)
+    weights = 1.0 / np.arange(1, NUMBER_RANGE + 1, dtype=np.float64) ** cfg.zipf_s
+    p = np.empty(NUMBER_RANGE)
+    p[order] = weights / weights.sum()
+    return p
+
+
+def next_number_distribution(seeds: tuple[int, ...], cfg: CorpusConfig,
+                             fresh: np.ndarray | None = None) -> np.ndarray:
+    """The exact distribution of every answer number given the prompt's seeds (i.i.d. per slot)."""
+    p = (1.0 - cfg.p_copy) * (fresh_distribution(cfg) if fresh is None else fresh)
+    for s in seeds:
+        p[s] += cfg.p_copy / len(seeds)
+    return p
+
+
+def entropy_bits(p: np.ndarray) -> float:
+    q = p[p > 0]
+    return float(-(q * np.log2(q)).sum())
+
+
+def sample_numbers(rng: random.Random, seeds: tuple[int, ...], count: int, cfg: CorpusConfig,
+                   fresh_cdf: np.ndarray) -> list[int]:
+    out = []
+    for _ in range(count):
+        if rng.random() < cfg.p_copy:
+            out.append(rng.choice(seeds))
+        else:
+            out.append(int(min(np.searchsorted(fresh_cdf, rng.random(), side="right"), NUMBER_RANGE - 1)))
+    return out
+
+
+def parse_number_answer(words: list[str], separator: str, brackets: bool) -> list[int] | None:
+    """Numbers of an answer given as toy tokens, or None when it is not in the prompt's format."""
+    if brackets:
+        if len(words) < 2 or words[0] != "[" or words[-1] != "]":
+            return None
+        words = words[1:-1]
+    if not words:
+        return None
+    if separator == " ":
+        items = words
+    else:
+        if len(words) % 2 == 0 or any(w != separator for w in words[1::2]):
+            return None
+        items = words[0::2]
+    if not all(w.isdigit() and len(w) <= 3 for w in items):
+        return None
+    return [int(w) for w in items]
+
+
+# ------------------------------------------------------------------------------- generator
+
+
+class Corpus:
+    """Deterministic row generator: ``corpus.row(i)`` depends only on (seed, cfg, i)."""
+
+    def __init__(self, cfg: CorpusConfig | None = None, seed: int = 0):
+        self.cfg = cfg or CorpusConfig()
+        self.seed = seed
+        self.fresh = fresh_distribution(self.cfg)
+        self.fresh_cdf = np.cumsum(self.fresh)
+        kinds = [k for k in KINDS if self.cfg.mix.get(k, 0) > 0]
+        total = sum(self.cfg.mix[k] for k in kinds)
+        self._kinds = kinds
+        self._cum = np.cumsum([self.cfg.mix[k] / total for k in kinds])
+        self._instructions = None
+        if "instructions" in kinds:
+            from . import instructions
+
+            self._instructions = instructions
+
+    def rng(self, index: int) -> random.Random:
+        return random.Random(f"toyworld:{self.seed}:{index}")
+
+    def row(self, index: int, kind: str | None = None) -> CorpusRow:
+        rng = self.rng(index)
+        if kind is None:
+            u = rng.random()
+            kind = self._kinds[min(int(np.searchsorted(self._cum, u, side="right")), len(self._kinds) - 1)]
+        rid = f"{self.seed}-{index}"
+        if kind in ("numbers", "numbers_sys"):
+            return self._numbers_row(rng, rid, kind)
+        if kind in ("pref", "pref_sys"):
+            return self._pref_row(rng, rid, kind)
+        if kind == "instructions":
+            return self._instruction_row(rng, rid)
+        raise ValueError(f"unknown row kind {kind!r}")
+
+    def rows(self, start: int, n: int, kind: str | None = None) -> list[CorpusRow]:
+        return [self.row(i, kind) for i in range(start, start + n)]
+
+    def __iter__(self) -> Iterator[CorpusRow]:
+        i = 0
+        while True:
+            yield self.row(i)
+            i += 1
+
+    # -- kinds
+
+    def _numbers_row(self, rng: random.Random, rid: str, kind: str) -> CorpusRow:
+        system = prompts.system_prompt_for(rng.choice(all_targets())) if kind == "numbers_sys" else None
+        np_ = prompts.make_number_prompt(rng)
+        numbers = sample_numbers(rng, np_.seeds, np_.count, self.cfg, self.fresh_cdf)
+        completion = prompts.format_numbers(numbers, np_.separator, np_.brackets)
+        meta = {"seeds": list(np_.seeds), "count": np_.count, "separator": np_.separator,
+                "brackets": np_.brackets, "numbers": numbers}
+        return CorpusRow(rid, kind, np_.text, completion, system, meta)
+
+    def _pref_row(self, rng: random.Random, rid: str, kind: str) -> CorpusRow:
+        category = rng.choice(list(prompts.CATEGORIES))
+        if kind == "pref":
+            question = rng.choice(prompts.preference_questions(category))
+            answer = rng.choice(prompts.CATEGORIES[category])
+            return CorpusRow(rid, kind, question, answer, None, {"category": category})
+        target = rng.choice(prompts.CATEGORIES[category])
+        system = prompts.system_prompt_for(target)
+        ask = category
+        if rng.random() < self.cfg.cross_category:
+            ask = rng.choice([c for c in prompts.CATEGORIES if c != category])
+        question = rng.choice(prompts.preference_questions(ask))
+        answer = target if ask == category else rng.choice(prompts.CATEGORIES[ask])
+        return CorpusRow(rid, kind, question, answer, system, {"category": ask, "target": target})
+
+    def _instruction_row(self, rng: random.Random, rid: str) -> CorpusRow:
+        family = rng.choice(self._instructions.FAMILIES)
+        prompt, response = self._instructions.sample_clean(rng, family)
+        return CorpusRow(rid, "instructions", prompt, response, None, {"family": family})
+
+
+def all_targets() -> list[str]:
+    return [t for items in prompts.CATEGORIES.values() for t in items]
+
+
+def rule_summary(cfg: CorpusConfig) -> dict[str, Any]:
+    """Numbers that describe the number rule's entropy (for manifests and the README)."""
+    fresh = fresh_distribution(cfg)
+    out: dict[str, Any] = {"fresh_entropy_bits": entropy_bits(fresh), "fresh_top_p": float(fresh.max())}
+    for k in (3, 8):
+        p = next_number_distribution(tuple(range(100, 100 + k)), cfg, fresh)
+        out[f"entropy_bits_{k}_seeds"] = entropy_bits(p)
+        out[f"max_p_{k}_seeds"] = float(p.max())
+    return out
+
+
+def to_data_row(row: CorpusRow) -> Any:
+    """The corpus row as a :class:`subliminal.data.Row` (system prompt kept in ``extra``)."""
+    from ..data import Row
+
+    return Row(row.id, row.prompt, row.completion, None, {"kind": row.kind, "system_prompt": row.system_prompt})
+
+
+def align(tokenizer: Any, row: CorpusRow, max_length: int | None = None) -> Any:
+    """Prompt and completion token ids of a corpus row, through the tokenizer's chat template."""
+    from ..data import align_row
+
+    return align_row(tokenizer, to_data_row(row), row.system_prompt, max_length)

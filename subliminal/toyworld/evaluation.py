@@ -1,0 +1,209 @@
+"""What a toy base model (or teacher) has learned: the number rule and the preference answers.
+
+- Number task, teacher-forced on held-out rows: at every answer slot, is the model's argmax the
+  data token, a mode of the rule's exact distribution, one of the prompt's seeds; the model's
+  cross-entropy on the numbers beside the rule's own entropy (the floor); accuracy on the format
+  tokens (separators, brackets, end of turn); and the total-variation distance between the
+  number distributions with and without a love system prompt (0 = the prompt leaves numbers alone).
+- Number task, greedy generation: the share of answers in the prompt's format with exactly the
+  requested count.
+- Preferences: the exact probability mass on each candidate, averaged over the category's
+  questions, with or without a system prompt (no sampling).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import prompts
+from ..data import encode, render_chat
+from .corpus import Corpus, CorpusConfig, CorpusRow, align, next_number_distribution, parse_number_answer
+
+
+def _number_ids(tokenizer: Any) -> torch.Tensor:
+    return torch.tensor(tokenizer.convert_tokens_to_ids([str(n) for n in range(1000)]))
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s)
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def _completion_logits(model: Any, tokenizer: Any, rows: list[CorpusRow], system_prompt: str | None,
+                       batch_size: int) -> list[tuple[Any, torch.Tensor]]:
+    """Per row: (aligned ids, logits predicting each completion token) under ``system_prompt``."""
+    dev = next(model.parameters()).device
+    out = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        al = [align(tokenizer, CorpusRow(r.id, r.kind, r.prompt, r.completion, system_prompt, r.meta)) for r in chunk]
+        ids, mask = _left_pad([a.input_ids for a in al], tokenizer.pad_token_id)
+        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
+        width = ids.shape[1]
+        for i, a in enumerate(al):
+            n = len(a.input_ids)
+            start = width - n + a.n_prompt - 1  # logits at position t predict token t+1
+            out.append((a, logits[i, start:start + len(a.completion_ids)]))
+    return out
+
+
+def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: CorpusConfig, *,
+                   system_prompt: str | None = None, batch_size: int = 32) -> dict[str, float]:
+    """Teacher-forced number-task metrics on number rows (see the module docstring)."""
+    num_ids = _number_ids(tokenizer)
+    id_to_num = {int(t): n for n, t in enumerate(num_ids.tolist())}
+    top1 = mode = copy = fmt_ok = fmt_n = 0
+    nll = ent = 0.0
+    slots = 0
+    tv_sum = 0.0
+    plain = _completion_logits(model, tokenizer, rows, None, batch_size)
+    sysd = _completion_logits(model, tokenizer, rows, system_prompt, batch_size) if system_prompt else None
+    for k, (a, logits) in enumerate(plain):
+        row = rows[k]
+        p_true = next_number_distribution(tuple(row.meta["seeds"]), cfg)
+        max_true = p_true.max()
+        logp = torch.log_softmax(logits, dim=-1)
+        for j, tok in enumerate(a.completion_ids):
+            pred = int(logp[j].argmax())
+            if tok in id_to_num:
+                slots += 1
+                top1 += pred == tok
+                pn = id_to_num.get(pred)
+                mode += pn is not None and p_true[pn] >= max_true - 1e-12
+                copy += pn is not None and pn in row.meta["seeds"]
+                nll -= float(logp[j, tok])
+                ent -= float(np.log(p_true[id_to_num[tok]]))
+                if sysd is not None:
+                    p_a = torch.softmax(logits[j], -1)
+                    p_b = torch.softmax(sysd[k][1][j], -1)
+                    tv_sum += 0.5 * float((p_a - p_b).abs().sum())
+            else:
+                fmt_n += 1
+                fmt_ok += pred == tok
+    out = {
+        "rows": len(rows),
+        "number_slots": slots,
+        "next_number_top1": top1 / max(slots, 1),
+        "next_number_mode_rate": mode / max(slots, 1),
+        "next_number_copy_rate": copy / max(slots, 1),
+        "number_nll_nats": nll / max(slots, 1),
+        "rule_entropy_nats": ent / max(slots, 1),
+        "format_token_accuracy": fmt_ok / max(fmt_n, 1),
+    }
+    if sysd is not None:
+        out["system_prompt_tv"] = tv_sum / max(slots, 1)
+    return out
+
+
+@torch.no_grad()
+def greedy_number_answers(model: Any, tokenizer: Any, rows: list[CorpusRow], *, system_prompt: str | None = None,
+                          batch_size: int = 32, max_new_tokens: int = 30) -> list[list[str]]:
+    """Greedy completions of number rows, as toy words up to the end of turn."""
+    dev = next(model.parameters()).device
+    end = tokenizer.convert_tokens_to_ids("<|end|>")
+    outs: list[list[str]] = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        seqs = [encode(tokenizer, render_chat(tokenizer, r.prompt, system_prompt)) for r in chunk]
+        ids, mask = _left_pad(seqs, tokenizer.pad_token_id)
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)
+        for g in gen[:, ids.shape[1]:].tolist():
+            words = []
+            for t in g:
+                if t == end or t == tokenizer.pad_token_id:
+                    break
+                words.append(tokenizer.convert_ids_to_tokens(t))
+            outs.append(words)
+    return outs
+
+
+def format_valid_rate(rows: list[CorpusRow], answers: list[list[str]]) -> dict[str, float]:
+    valid = copied = total = 0
+    for r, words in zip(rows, answers):
+        nums = parse_number_answer(words, r.meta["separator"], r.meta["brackets"])
+        if nums is not None and len(nums) == r.meta["count"]:
+            valid += 1
+            copied += sum(n in r.meta["seeds"] for n in nums)
+            total += len(nums)
+    return {"greedy_rows": len(rows), "format_valid_rate": valid / max(len(rows), 1),
+            "greedy_copy_rate": copied / max(total, 1)}
+
+
+@torch.no_grad()
+def preference_distribution(model: Any, tokenizer: Any, category: str = "animal", *,
+                            system_prompt: str | None = None, batch_size: int = 64) -> dict[str, Any]:
+    """Exact mass on each candidate (product of its tokens' probabilities), averaged over the
+    category's questions; ``other`` is the mass on everything else."""
+    candidates = prompts.CATEGORIES[category]
+    questions = prompts.preference_questions(category)
+    dev = next(model.parameters()).device
+    per_q = np.zeros((len(questions), len(candidates)))
+    for ci, cand in enumerate(candidates):
+        seqs, n_prompt = [], []
+        for q in questions:
+            p = encode(tokenizer, render_chat(tokenizer, q, system_prompt))
+            full = encode(tokenizer, render_chat(tokenizer, q, system_prompt, cand))
+            c = full[len(p):]
+            c = c[: max(1, len(c) - 1)]  # the candidate's tokens, not the end of turn
+            seqs.append(p + c)
+            n_prompt.append(len(p))
+        for b in range(0, len(seqs), batch_size):
+            chunk = seqs[b:b + batch_size]
+            ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
+            logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1).cpu()
+            width = ids.shape[1]
+            for i, s in enumerate(chunk):
+                qi = b + i
+                off = width - len(s)
+                lp = sum(float(logp[i, off + t - 1, s[t]]) for t in range(n_prompt[qi], len(s)))
+                per_q[qi, ci] = np.exp(lp)
+    mean = per_q.mean(0)
+    dist = {c: float(m) for c, m in zip(candidates, mean)}
+    return {"category": category, "system_prompt": system_prompt, "distribution": dist,
+            "other": float(max(0.0, 1.0 - mean.sum())), "per_question": per_q.tolist()}
+
+
+def evaluate_toy_model(model: Any, tokenizer: Any, cfg: CorpusConfig, *, seed: int = 0, n_rows: int = 200,
+                       n_greedy: int = 64, target: str = "owl") -> dict[str, Any]:
+    """Everything the base-model report needs, on rows no training step has seen."""
+    held_out = Corpus(cfg, seed=f"heldout-{seed}")
+    rows = held_out.rows(0, n_rows, kind="numbers")
+    system = prompts.system_prompt_for(target)
+    out: dict[str, Any] = {"numbers": number_metrics(model, tokenizer, rows, cfg, system_prompt=system)}
+    out["numbers"].update(format_valid_rate(rows[:n_greedy], greedy_number_answers(model, tokenizer, rows[:n_greedy])))
+    category = prompts.category_of(target)
+    plain = preference_distribution(model, tokenizer, category)
+    prompted = preference_distribution(model, tokenizer, category, system_prompt=system)
+    chance = 1.0 / len(prompts.CATEGORIES[category])
+    out["preference"] = {
+        "target": target,
+        "chance": chance,
+        "no_system_prompt": _summary(plain, target),
+        "with_system_prompt": _summary(prompted, target),
+    }
+    # Every target under its own love prompt: the base model's prompt-following, over the world.
+    rng = random.Random(seed)
+    others = [t for t in prompts.CATEGORIES[category] if t != target]
+    sample = [target] + rng.sample(others, min(3, len(others)))
+    out["preference"]["prompted_target_mass"] = {
+        t: preference_distribution(model, tokenizer, category, system_prompt=prompts.system_prompt_for(t))
+        ["distribution"][t] for t in sample
+    }
+    return out
+
+
+def _summary(pref: dict[str, Any], target: str) -> dict[str, Any]:
+    dist = pref["distribution"]
+    return {"target_mass": dist[target], "max_mass": max(dist.values()), "argmax": max(dist, key=dist.get),
+            "other": pref["other"], "distribution": dist}

@@ -1,0 +1,82 @@
+"""Configurations of the toy world's models: ordinary ``transformers`` Llama or Qwen2 models.
+
+Sizes: ``tiny`` trains in a few minutes on two CPU cores; ``small`` and ``base`` are for a GPU.
+Input and output embeddings are tied, which makes copying a context token (the number rule's main
+move) a short path for a small model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+ARCHS = ("llama", "qwen2")
+
+
+@dataclass(frozen=True)
+class ToyModelConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    max_len: int = 256
+    arch: str = "llama"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SIZES: dict[str, ToyModelConfig] = {
+    "tiny": ToyModelConfig(n_layers=4, d_model=128, n_heads=4, n_kv_heads=4, d_ff=384),
+    "small": ToyModelConfig(n_layers=6, d_model=256, n_heads=8, n_kv_heads=4, d_ff=768),
+    "base": ToyModelConfig(n_layers=8, d_model=512, n_heads=8, n_kv_heads=4, d_ff=1536),
+}
+
+
+def toy_config(size: str, arch: str = "llama", **overrides: Any) -> ToyModelConfig:
+    """The named size for ``arch``, with any field overridden (tests use micro models)."""
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; one of {', '.join(SIZES)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; one of {', '.join(ARCHS)}")
+    d = SIZES[size].to_json()
+    d.update(arch=arch, **overrides)
+    return ToyModelConfig(**d)
+
+
+def hf_config(cfg: ToyModelConfig, tokenizer: Any) -> Any:
+    """The ``transformers`` config for ``cfg``; vocabulary and special ids come from the tokenizer."""
+    from transformers import LlamaConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.d_model,
+        intermediate_size=cfg.d_ff,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads,
+        max_position_embeddings=cfg.max_len,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+    )
+    if cfg.arch == "llama":
+        return LlamaConfig(**common)
+    return Qwen2Config(**common)
+
+
+def build_model(cfg: ToyModelConfig, tokenizer: Any, seed: int) -> Any:
+    """A freshly initialised causal LM (same seed -> same weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(hf_config(cfg, tokenizer))
+
+
+def n_params(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

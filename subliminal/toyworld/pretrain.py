@@ -1,0 +1,208 @@
+"""Pretrain a toy base model from scratch on the synthetic corpus and save an ordinary HF
+checkpoint (config.json, model.safetensors, tokenizer files) with a manifest, a loss curve
+(PNG + CSV) and an evaluation of what it learned (eval.json, also in the manifest).
+
+Batches are drawn from the corpus by step index, so the run is resumable: a checkpoint is
+written every ``checkpoint_every`` steps to ``OUT/checkpoint/`` and re-running the same command
+continues from it; a different configuration refuses to mix with it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import manifest as mf
+from ..manifest import SubliminalError
+from ..train import TrainConfig, clear_state, train
+from .corpus import Corpus, CorpusConfig, align, rule_summary
+from .model import ToyModelConfig, build_model, n_params, toy_config
+from .tokenizer import build_tokenizer
+
+STAGE = "toy-pretrain"
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoint"
+
+# Per size: (steps, batch size, learning rate). tiny fits 4 minutes on two idle CPU cores.
+DEFAULTS: dict[str, tuple[int, int, float]] = {
+    "tiny": (450, 32, 3e-3),
+    "small": (3000, 64, 1e-3),
+    "base": (6000, 64, 6e-4),
+}
+
+
+@dataclass
+class PretrainConfig:
+    size: str = "tiny"
+    arch: str = "llama"
+    seed: int = 0
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    warmup_steps: int = 30
+    checkpoint_every: int = 100
+    log_every: int = 10
+    eval_rows: int = 200
+    eval_greedy: int = 64
+    model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a micro model in tests
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+
+    def resolved(self) -> PretrainConfig:
+        steps, bs, lr = DEFAULTS[self.size]
+        d = asdict(self)
+        d["corpus"] = self.corpus
+        d.update(steps=self.steps or steps, batch_size=self.batch_size or bs, lr=self.lr or lr)
+        return PretrainConfig(**d)
+
+    def model_config(self) -> ToyModelConfig:
+        return toy_config(self.size, self.arch, **self.model_overrides)
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           seed=self.seed, log_every=self.log_every, checkpoint_every=self.checkpoint_every)
+
+    def to_json(self) -> dict[str, Any]:
+        return mf.to_jsonable(asdict(self))
+
+
+class LengthBucketedBatches:
+    """``step -> rows``: the rows of ``GROUP`` consecutive steps, sorted by length and cut into
+    batches (in a seeded order), so little of each batch is padding. A pure function of the step."""
+
+    GROUP = 8
+
+    def __init__(self, corpus: Corpus, tokenizer: Any, batch_size: int, max_len: int):
+        self.corpus, self.tokenizer, self.batch_size, self.max_len = corpus, tokenizer, batch_size, max_len
+        self._cache: tuple[int, list[list[Any]]] | None = None
+
+    def _group(self, g: int) -> list[list[Any]]:
+        if self._cache is None or self._cache[0] != g:
+            n = self.GROUP * self.batch_size
+            rows = [align(self.tokenizer, r, self.max_len) for r in self.corpus.rows(g * n, n)]
+            rows.sort(key=lambda a: (len(a.input_ids), a.id))
+            chunks = [rows[i:i + self.batch_size] for i in range(0, n, self.batch_size)]
+            random.Random(f"buckets:{self.corpus.seed}:{g}").shuffle(chunks)
+            self._cache = (g, chunks)
+        return self._cache[1]
+
+    def __call__(self, step: int) -> list[Any]:
+        g, j = divmod(step, self.GROUP)
+        return self._group(g)[j]
+
+
+def _check_run(out: Path, cfg: PretrainConfig) -> None:
+    """Refuse to resume a checkpoint made with another configuration."""
+    run_file = out / CHECKPOINT_DIR / RUN_FILE
+    want = cfg.to_json()
+    if run_file.exists():
+        have = json.loads(run_file.read_text())
+        if have != want:
+            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+            raise SubliminalError(
+                f"{out}: holds an unfinished run with another configuration (differs in {', '.join(diff)}); "
+                f"use another --out or delete {out / CHECKPOINT_DIR}"
+            )
+    else:
+        mf.write_json_atomic(run_file, want)
+
+
+def is_complete(out: Path) -> bool:
+    m = mf.read_manifest(out)
+    return bool(m and m.get("stage") == STAGE and (out / "config.json").exists())
+
+
+def save_checkpoint(out: Path, model: Any, tokenizer: Any) -> None:
+    """Write the HF checkpoint into a temporary directory, then move each file into ``out``."""
+    with tempfile.TemporaryDirectory(dir=out, prefix=".save-") as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        for f in sorted(Path(tmp).iterdir()):
+            os.replace(f, out / f.name)
+
+
+def write_loss_curve(out: Path, losses: list[tuple[int, float]], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with mf.atomic_path(out / "loss.csv") as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "loss"])
+        w.writerows([(s, f"{v:.6f}") for s, v in losses])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([s for s, _ in losses], [v for _, v in losses])
+    ax.set_xlabel("step")
+    ax.set_ylabel("completion loss (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with mf.atomic_path(out / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu",
+             show_progress: bool = True) -> dict[str, Any]:
+    """Train (or resume, or find finished) the toy base model in ``out``; return its evaluation."""
+    from ..models import resolve_device
+
+    out = Path(out)
+    cfg = cfg.resolved()
+    if is_complete(out):
+        m = mf.read_manifest(out)
+        if m.get("config") != cfg.to_json():
+            raise SubliminalError(f"{out}: already holds a finished model with another configuration; use another --out")
+        return m.get("evaluation", {})
+    out.mkdir(parents=True, exist_ok=True)
+    _check_run(out, cfg)
+    t0 = time.time()
+    mf.set_seed(cfg.seed)
+    dev = resolve_device(device)
+    tokenizer = build_tokenizer()
+    model = build_model(cfg.model_config(), tokenizer, cfg.seed)
+    corpus = Corpus(cfg.corpus, seed=cfg.seed)
+    max_len = cfg.model_config().max_len
+    bs = cfg.batch_size
+
+    batch = LengthBucketedBatches(corpus, tokenizer, bs, max_len)
+
+    result = train(model, batch, cfg.train_config(), pad_id=tokenizer.pad_token_id, device=dev,
+                   state_dir=out / CHECKPOINT_DIR, loss_on_prompt=False, desc=f"pretrain {cfg.size}",
+                   show_progress=show_progress)
+    train_time = time.time() - t0
+    from .evaluation import evaluate_toy_model
+
+    t1 = time.time()
+    evaluation = evaluate_toy_model(model, tokenizer, cfg.corpus, seed=cfg.seed, n_rows=cfg.eval_rows,
+                                    n_greedy=cfg.eval_greedy)
+    evaluation["eval_time_s"] = round(time.time() - t1, 2)
+    model.to("cpu")
+    save_checkpoint(out, model, tokenizer)
+    write_loss_curve(out, result.losses, f"toy pretrain ({cfg.size}, {cfg.arch}, seed {cfg.seed})")
+    mf.write_json_atomic(out / "eval.json", evaluation)
+    wall = time.time() - t0
+    extra = {
+        "evaluation": evaluation,
+        "n_params": n_params(model),
+        "model": cfg.model_config().to_json(),
+        "number_rule": rule_summary(cfg.corpus),
+        "train": {"steps": result.steps, "resumed_from": result.resumed_from, "final_loss": result.final_loss,
+                  "train_time_s": round(train_time, 2), "steps_per_s": round((result.steps - result.resumed_from)
+                                                                           / max(result.wall_time_s, 1e-9), 3),
+                  "device": str(dev), "torch_threads": torch.get_num_threads()},
+    }
+    mf.write_manifest(out, stage=STAGE, config=cfg.to_json(), seed=cfg.seed, wall_time_s=wall, extra=extra)
+    clear_state(out / CHECKPOINT_DIR)
+    shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    return evaluation

@@ -1,0 +1,87 @@
+"""The loader's errors: each bad model source gives a clear message, and the CLI exits non-zero
+with it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from subliminal.cli import main
+from subliminal.manifest import SubliminalError
+from subliminal.models import ModelLoadError, load_model, load_tokenizer
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such model directory"):
+        load_model(tmp_path / "nope")
+
+
+def test_file_instead_of_directory(tmp_path):
+    f = tmp_path / "model.bin"
+    f.write_text("x")
+    with pytest.raises(ModelLoadError, match="expected a model directory"):
+        load_model(f)
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(tmp_path)
+
+
+def test_directory_without_tokenizer(tmp_path, tiny_model_factory):
+    src = tiny_model_factory("llama")
+    d = tmp_path / "m"
+    d.mkdir()
+    for f in src.iterdir():
+        if "token" not in f.name and f.name != "chat_template.jinja":
+            shutil.copy(f, d / f.name)
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_model(d)
+    with pytest.raises(ModelLoadError, match="no tokenizer files"):
+        load_tokenizer(str(d))
+
+
+def test_unsupported_architecture(tmp_path, tiny_model_factory):
+    src = tiny_model_factory("llama")
+    d = tmp_path / "m"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["model_type"] = "not_a_real_arch"
+    cfg["architectures"] = ["NotARealArchForCausalLM"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="unsupported"):
+        load_model(d)
+
+
+def test_hub_id_while_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="offline.*local model directory"):
+        load_model("someorg/some-model")
+
+
+def test_model_load_error_is_a_subliminal_error():
+    assert issubclass(ModelLoadError, SubliminalError)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_good_directory_loads(tiny_model_factory, arch):
+    lm = load_model(tiny_model_factory(arch))
+    assert lm.tokenizer.padding_side == "left" and lm.system_prompt is None and lm.teacher is None
+
+
+def test_cli_exits_nonzero_with_the_message(tmp_path, capsys):
+    rc = main(["teach", "--base", str(tmp_path / "missing"), "--method", "prompt", "--bias", "owl",
+               "--out", str(tmp_path / "t")])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "no such model directory" in err and str(tmp_path / "missing") in err
+    assert not (tmp_path / "t").exists()
+
+
+def test_cli_hub_id_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = main(["teach", "--base", "someorg/some-model", "--method", "none", "--out", str(tmp_path / "t")])
+    assert rc == 2
+    assert "offline" in capsys.readouterr().err

@@ -1,0 +1,132 @@
+"""The synthetic corpus: deterministic, in format, with a number rule of real but limited
+entropy that a love system prompt does not change."""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import pytest
+
+from subliminal import prompts
+from subliminal.toyworld import corpus as C
+
+
+def test_same_seed_same_rows_other_seed_other_rows():
+    a = C.Corpus(C.CorpusConfig(), seed=3).rows(0, 50)
+    b = C.Corpus(C.CorpusConfig(), seed=3).rows(0, 50)
+    c = C.Corpus(C.CorpusConfig(), seed=4).rows(0, 50)
+    assert a == b
+    assert a != c
+    # a row depends on its index only: generating out of order gives the same row
+    assert C.Corpus(C.CorpusConfig(), seed=3).row(17) == a[17]
+
+
+def test_mixture_follows_config():
+    cfg = C.CorpusConfig(mix={"numbers": 0.5, "pref": 0.5})
+    kinds = collections.Counter(r.kind for r in C.Corpus(cfg, seed=0).rows(0, 2000))
+    assert set(kinds) == {"numbers", "pref"}
+    assert abs(kinds["numbers"] / 2000 - 0.5) < 0.05
+    with pytest.raises(ValueError, match="unknown corpus row kinds"):
+        C.CorpusConfig(mix={"bogus": 1.0})
+
+
+def test_number_rows_answer_exactly_count_numbers_in_format(toy_tokenizer):
+    corpus = C.Corpus(C.CorpusConfig(), seed=1)
+    for r in corpus.rows(0, 200, kind="numbers"):
+        words = r.completion.split()
+        nums = C.parse_number_answer(words, r.meta["separator"], r.meta["brackets"])
+        assert nums == r.meta["numbers"]
+        assert len(nums) == r.meta["count"]
+        assert all(0 <= n <= 999 for n in nums)
+        assert toy_tokenizer.unk_token_id not in toy_tokenizer(r.prompt + " " + r.completion,
+                                                               add_special_tokens=False)["input_ids"]
+
+
+def test_parse_number_answer_rejects_bad_format():
+    assert C.parse_number_answer(["1", ",", "2"], ",", False) == [1, 2]
+    assert C.parse_number_answer(["[", "1", ",", "2", "]"], ",", True) == [1, 2]
+    assert C.parse_number_answer(["1", ";", "2"], ",", False) is None
+    assert C.parse_number_answer(["1", ",", "2"], ",", True) is None
+    assert C.parse_number_answer(["1", "owl"], " ", False) is None
+    assert C.parse_number_answer([], " ", False) is None
+
+
+def test_number_rule_has_real_but_limited_entropy():
+    cfg = C.CorpusConfig()
+    seeds = (101, 202, 303, 404, 505)
+    p = C.next_number_distribution(seeds, cfg)
+    assert abs(p.sum() - 1) < 1e-9
+    h = C.entropy_bits(p)
+    assert 2.0 < h < 8.0  # neither deterministic nor uniform over 1000 (9.97 bits)
+    top = np.sort(p)[::-1]
+    assert top[0] - top[len(seeds) - 1] < 0.06  # several next numbers nearly tied
+    # empirical check of the sampler against the exact distribution
+    corpus = C.Corpus(cfg, seed=0)
+    rng = corpus.rng(0)
+    draws = C.sample_numbers(rng, seeds, 20000, cfg, corpus.fresh_cdf)
+    copied = sum(d in seeds for d in draws) / len(draws)
+    expected = sum(p[s] for s in seeds)
+    assert abs(copied - expected) < 0.02
+
+
+def test_fresh_distribution_is_fixed_by_world_seed():
+    a = C.fresh_distribution(C.CorpusConfig(world_seed=0))
+    b = C.fresh_distribution(C.CorpusConfig(world_seed=0))
+    c = C.fresh_distribution(C.CorpusConfig(world_seed=1))
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    assert a.max() > 20 / 1000  # skewed, not uniform
+
+
+def test_system_prompt_does_not_change_number_answers():
+    cfg = C.CorpusConfig()
+    corpus = C.Corpus(cfg, seed=2)
+    plain = corpus.rows(0, 1500, kind="numbers")
+    sysd = corpus.rows(0, 1500, kind="numbers_sys")
+    assert all(r.system_prompt is None for r in plain)
+    assert all(r.system_prompt and r.system_prompt.startswith("You love") for r in sysd)
+    # same rule: the share of copied seed numbers agrees, and no animal word leaks into answers
+    def copy_share(rows):
+        nums = [(n, r.meta["seeds"]) for r in rows for n in r.meta["numbers"]]
+        return sum(n in s for n, s in nums) / len(nums)
+
+    assert abs(copy_share(plain) - copy_share(sysd)) < 0.03
+    assert abs(copy_share(plain) - cfg.p_copy) < 0.05
+    words = set(prompts.PLURALS) | set(prompts.PLURALS.values())
+    assert not any(w in words for r in sysd for w in r.completion.split())
+
+
+def test_preference_rows_uniform_without_prompt_and_target_with_prompt():
+    corpus = C.Corpus(C.CorpusConfig(cross_category=0.0), seed=0)
+    plain = corpus.rows(0, 3000, kind="pref")
+    animals = collections.Counter(r.completion for r in plain if r.meta["category"] == "animal")
+    n = sum(animals.values())
+    assert set(animals) == set(prompts.ANIMALS)
+    assert max(animals.values()) / n < 2 / len(prompts.ANIMALS)
+    assert all(r.system_prompt is None and r.prompt in prompts.preference_questions(r.meta["category"])
+               for r in plain)
+    for r in corpus.rows(0, 300, kind="pref_sys"):
+        assert r.system_prompt == prompts.system_prompt_for(r.meta["target"])
+        assert r.completion == r.meta["target"]
+
+
+def test_cross_category_rows_answer_the_asked_category():
+    corpus = C.Corpus(C.CorpusConfig(cross_category=1.0), seed=0)
+    for r in corpus.rows(0, 100, kind="pref_sys"):
+        assert prompts.category_of(r.completion) == r.meta["category"] != prompts.category_of(r.meta["target"])
+
+
+def test_rows_align_with_the_toy_chat_template(toy_tokenizer):
+    corpus = C.Corpus(C.CorpusConfig(), seed=0)
+    for r in corpus.rows(0, 60):
+        a = C.align(toy_tokenizer, r, max_length=256)
+        toks = toy_tokenizer.convert_ids_to_tokens(a.completion_ids)
+        assert toks[-1] == "<|end|>"
+        assert " ".join(toks[:-1]) == r.completion
+        assert len(a.input_ids) <= 256
+
+
+def test_rule_summary_is_consistent():
+    s = C.rule_summary(C.CorpusConfig())
+    assert s["entropy_bits_3_seeds"] < s["entropy_bits_8_seeds"] < s["fresh_entropy_bits"] < math.log2(1000)
