@@ -1,13 +1,14 @@
 """Streaming Triton kernel for the divergence statistics (definitions: `reference`).
 
-Layout: one program per position n. The program walks the vocabulary in blocks of BLOCK_V ids;
-each step loads the factual block once ([BLOCK_V]) and the K counterfactual blocks as one
-[K_PAD, BLOCK_V] tile, so the factual row is read once for all K teachers. Every statistic is
-kept as an online (running) quantity in registers: running max and rescaled sum of
-exponentials for each log-sum-exp, running argmax (strict > keeps the lowest id), running
-top-2 for the margin, a running count for the rank, and for KL the rescaled sum
-A = sum_v exp(lf_v - m_f) (lf_v - lc_v), since KL = A / S_f + lse_c - lse_f. Nothing of size
-[N, V] is written: the extra memory is the O(N * K) outputs.
+Layout: one program per block of ROWS positions (ROWS = 1 for large vocabularies). The
+program walks the vocabulary in blocks of BLOCK_V ids; each step loads the factual block once
+([ROWS, BLOCK_V], kept in registers) and then, teacher by teacher, the K counterfactual blocks,
+so the factual row is read once for all K. Every statistic is an online (running) quantity:
+running max and rescaled sum of exponentials for each log-sum-exp, running argmax (strict >
+keeps the lowest id), running top-2 for the margin, a running count for the rank, and for KL
+the rescaled sum A = sum_v exp(lf_v - m_f) (lf_v - lc_v), since KL = A / S_f + lse_c - lse_f.
+Per-teacher state lives in [ROWS, K_PAD] registers. Nothing of size [N, V] is written: the
+extra memory is the O(N * K) outputs.
 
 Jensen-Shannon needs both normalised log-probs inside its sum, so it takes a second pass over
 the row once both log-sum-exps are known (KL is then also summed directly, which is more
@@ -19,32 +20,132 @@ wrapper with the same message as the torch reference.
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from ._checks import BAD_ALL_NEGINF, BAD_NAN, BAD_POSINF, Shapes, check_logit_inputs, finish, raise_if_bad
-
-LN2 = math.log(2.0)
+from ._checks import Shapes, check_logit_inputs, finish, raise_if_bad
 
 
 @triton.jit
-def _block_top2(x, ids, V_BIG: tl.constexpr):
-    """Largest value, its lowest index, and the second largest (one occurrence of the max removed)."""
-    b1 = tl.max(x, axis=0)
-    i1 = tl.min(tl.where(x == b1, ids, V_BIG), axis=0)
-    b2 = tl.max(tl.where(ids == i1, float("-inf"), x), axis=0)
-    return b1, i1, b2
-
-
-@triton.jit
-def _status_bits(x, mask, axis: tl.constexpr):
-    """NaN / +inf bits of a block (reduced along `axis`)."""
-    nan = tl.max(tl.where(mask & (x != x), 1, 0), axis=axis)
-    pinf = tl.max(tl.where(mask & (x == float("inf")), 1, 0), axis=axis)
+def _bad_bits(x, mask):
+    """Per-row NaN (1) / +inf (2) bits of a [R, BV] block."""
+    nan = tl.max(tl.where(mask & (x != x), 1, 0), axis=1)
+    pinf = tl.max(tl.where(mask & (x == float("inf")), 1, 0), axis=1)
     return nan * 1 + pinf * 2
+
+
+@triton.jit
+def _col(state, sel):
+    """Column k of a [R, K_PAD] state (sel = one-hot [1, K_PAD] mask of k)."""
+    return tl.sum(tl.where(sel, state, tl.zeros_like(state)), axis=1)
+
+
+@triton.jit
+def _put(state, sel, value):
+    return tl.where(sel, value[:, None], state)
+
+
+@triton.jit
+def _factual_step(lf, ids, fmask, m_f, s_f, top2, am_f, bad_f):
+    """Fold one factual block lf [R, BV] into the running state ([R] each).
+
+    m_f is the running max (= top-1); returns the new state plus alpha (rescale factor of
+    sums taken relative to the old max) and e_f = exp(lf - new max) for the counterfactual steps.
+    """
+    bad_f = bad_f | _bad_bits(lf, fmask)
+    b1 = tl.max(lf, axis=1)
+    i1 = tl.min(tl.where(lf == b1[:, None], ids[None, :], 2147483647), axis=1)
+    b2 = tl.max(tl.where(ids[None, :] == i1[:, None], float("-inf"), lf), axis=1)
+    am_f = tl.where(b1 > m_f, i1.to(tl.int64), am_f)  # strict: an earlier block keeps ties
+    top2 = tl.maximum(tl.minimum(m_f, b1), tl.maximum(top2, b2))
+    m_new = tl.maximum(m_f, b1)
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_f - m_use))
+    e_f = tl.exp(lf - m_use[:, None])  # 0 where lf is -inf (masked ids and padding)
+    s_f = s_f * alpha + tl.sum(e_f, axis=1)
+    return m_new, s_f, top2, am_f, bad_f, alpha, e_f
+
+
+@triton.jit
+def _counterfactual_step(lc, lf, e_f, alpha, ids, fmask, tok, lc_tok,
+                         m_c, s_c, am_c, akl, viol, rank, bad_c):
+    """Fold one counterfactual block lc [R, BV] (teacher k) into its running state ([R] each).
+
+    akl accumulates sum exp(lf - m_f) (lf - lc) over ids where both are finite, rescaled with the
+    factual max like s_f; viol marks factual mass on a counterfactual -inf (KL = +inf). The rank
+    counts ids above the data token (ties: lower ids), never the token itself.
+    """
+    bad_c = bad_c | _bad_bits(lc, fmask)
+    cb1 = tl.max(lc, axis=1)
+    ci1 = tl.min(tl.where(lc == cb1[:, None], ids[None, :], 2147483647), axis=1)
+    am_c = tl.where(cb1 > m_c, ci1.to(tl.int64), am_c)
+    mc_new = tl.maximum(m_c, cb1)
+    mc_use = tl.where(mc_new == float("-inf"), 0.0, mc_new)
+    alpha_c = tl.where(mc_new == float("-inf"), 1.0, tl.exp(m_c - mc_use))
+    s_c = s_c * alpha_c + tl.sum(tl.exp(lc - mc_use[:, None]), axis=1)
+    has_f = lf > float("-inf")
+    has_c = lc > float("-inf")
+    diff = tl.where(has_f & has_c, lf - lc, 0.0)
+    akl = akl * alpha + tl.sum(e_f * diff, axis=1)
+    viol = viol | tl.max(tl.where(has_f & (~has_c) & fmask, 1, 0), axis=1)
+    t = lc_tok[:, None]
+    above = (lc > t) | ((lc == t) & (ids[None, :] < tok[:, None]))
+    above = above & (ids[None, :] != tok[:, None]) & fmask
+    rank = rank + tl.sum(tl.where(above, 1, 0), axis=1).to(tl.int64)
+    return mc_new, s_c, am_c, akl, viol, rank, bad_c
+
+
+@triton.jit
+def _js_step(lpf, lc, lse_c):
+    """Jensen-Shannon and KL contributions ([R]) of one block, given normalised factual
+    log-probs lpf [R, BV] and raw counterfactual logits lc [R, BV] with their lse_c [R]."""
+    lpc = lc - lse_c[:, None]
+    has_f = lpf > float("-inf")
+    has_c = lpc > float("-inf")
+    hi = tl.maximum(lpf, lpc)
+    lo = tl.minimum(lpf, lpc)
+    hi_use = tl.where(hi == float("-inf"), 0.0, hi)
+    lm = hi + tl.log(1.0 + tl.exp(lo - hi_use)) - 0.6931471805599453  # log((p + q) / 2)
+    pf = tl.exp(lpf)
+    pc = tl.exp(lpc)
+    tf = tl.where(has_f, pf * (lpf - lm), 0.0)
+    tc = tl.where(has_c, pc * (lpc - lm), 0.0)
+    js = 0.5 * tl.sum(tf + tc, axis=1)
+    kl = tl.sum(tl.where(has_f & has_c, pf * (lpf - lpc), 0.0), axis=1)
+    return js, kl
+
+
+@triton.jit
+def _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f, bad_f,
+                   m_c, s_c, am_c, akl, viol, rank, bad_c, js, kld,
+                   am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
+                   am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS: tl.constexpr):
+    """Finish the online statistics and write every output element of this row block."""
+    lse_f = m_f + tl.log(s_f)
+    lse_c = m_c + tl.log(s_c)
+    bad_f = bad_f | tl.where(m_f == float("-inf"), 4, 0)
+    bad_c = bad_c | tl.where(m_c == float("-inf"), 4, 0)
+    if WITH_JS:
+        kl = kld
+    else:
+        kl = akl / s_f[:, None] + lse_c - lse_f[:, None]
+    kl = tl.where(viol != 0, float("inf"), kl)
+    tl.store(am_f_ptr + rows, am_f, mask=row_ok)
+    tl.store(lp_f_ptr + rows, lf_tok - lse_f, mask=row_ok)
+    tl.store(margin_ptr + rows, tl.where(top2 == float("-inf"), float("inf"), m_f - top2), mask=row_ok)
+    tl.store(status_f_ptr + rows, bad_f, mask=row_ok)
+    out_c = ks.to(tl.int64)[None, :] * N + rows[:, None]
+    cmask = row_ok[:, None] & k_ok[None, :]
+    tl.store(am_c_ptr + out_c, am_c, mask=cmask)
+    tl.store(lp_c_ptr + out_c, lc_tok - lse_c, mask=cmask)
+    tl.store(kl_ptr + out_c, kl, mask=cmask)
+    tl.store(rank_ptr + out_c, rank, mask=cmask)
+    tl.store(status_c_ptr + out_c, bad_c, mask=cmask)
+    if WITH_JS:
+        tl.store(js_ptr + out_c, js, mask=cmask)
 
 
 @triton.jit
@@ -54,136 +155,105 @@ def _divergence_kernel(
     am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
     am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr,
     N, V, K,
-    K_PAD: tl.constexpr, BLOCK_V: tl.constexpr, WITH_JS: tl.constexpr,
+    K_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_JS: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    NEG_INF: tl.constexpr = float("-inf")
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
+    row_ok = rows < N
     ks = tl.arange(0, K_PAD)
     k_ok = ks < K
     offs = tl.arange(0, BLOCK_V)
-    f_row = f_ptr + row * stride_fn
-    c_rows = c_ptr + ks.to(tl.int64)[:, None] * stride_ck + row * stride_cn  # [K_PAD, 1]
+    f_rows = f_ptr + rows[:, None] * stride_fn  # [R, 1]
+    c_rows = c_ptr + rows[:, None] * stride_cn  # teacher 0; teacher k is c_rows + k * stride_ck
 
-    tok = tl.load(tok_ptr + row).to(tl.int64)
-    lc_tok = tl.load(c_ptr + ks.to(tl.int64) * stride_ck + row * stride_cn + tok, mask=k_ok,
-                     other=0.0).to(tl.float32)
+    tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    tok_ptrs = c_ptr + ks.to(tl.int64)[None, :] * stride_ck + rows[:, None] * stride_cn + tok[:, None]
+    lc_tok = tl.load(tok_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+    lf_tok = tl.load(f_ptr + rows * stride_fn + tok, mask=row_ok, other=0.0).to(tl.float32)
 
-    # factual running state (scalars)
-    m_f = tl.full((), NEG_INF, tl.float32)
-    s_f = tl.zeros((), tl.float32)
-    top1 = tl.full((), NEG_INF, tl.float32)
-    top2 = tl.full((), NEG_INF, tl.float32)
-    am_f = tl.zeros((), tl.int64)
-    bad_f = tl.zeros((), tl.int32)
-    # counterfactual running state ([K_PAD])
-    m_c = tl.full((K_PAD,), NEG_INF, tl.float32)
-    s_c = tl.zeros((K_PAD,), tl.float32)
-    mx_c = tl.full((K_PAD,), NEG_INF, tl.float32)
-    am_c = tl.zeros((K_PAD,), tl.int64)
-    acc_kl = tl.zeros((K_PAD,), tl.float32)
-    viol = tl.zeros((K_PAD,), tl.int32)
-    rank = tl.zeros((K_PAD,), tl.int64)
-    bad_c = tl.zeros((K_PAD,), tl.int32)
+    m_f = tl.full((ROWS,), float("-inf"), tl.float32)
+    s_f = tl.zeros((ROWS,), tl.float32)
+    top2 = tl.full((ROWS,), float("-inf"), tl.float32)
+    am_f = tl.zeros((ROWS,), tl.int64)
+    bad_f = tl.zeros((ROWS,), tl.int32)
+    m_c = tl.full((ROWS, K_PAD), float("-inf"), tl.float32)
+    s_c = tl.zeros((ROWS, K_PAD), tl.float32)
+    am_c = tl.zeros((ROWS, K_PAD), tl.int64)
+    akl = tl.zeros((ROWS, K_PAD), tl.float32)
+    viol = tl.zeros((ROWS, K_PAD), tl.int32)
+    rank = tl.zeros((ROWS, K_PAD), tl.int64)
+    bad_c = tl.zeros((ROWS, K_PAD), tl.int32)
 
     for start in range(0, V, BLOCK_V):
         ids = start + offs
-        v_ok = ids < V
-        lf = tl.load(f_row + ids, mask=v_ok, other=NEG_INF).to(tl.float32)
-        tile_ok = k_ok[:, None] & v_ok[None, :]
-        lc = tl.load(c_rows + ids[None, :], mask=tile_ok, other=NEG_INF).to(tl.float32)
-        bad_f = bad_f | _status_bits(lf, v_ok, 0)
-        bad_c = bad_c | _status_bits(lc, tile_ok, 1)
+        fmask = row_ok[:, None] & (ids < V)[None, :]
+        lf = tl.load(f_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+        m_f, s_f, top2, am_f, bad_f, alpha, e_f = _factual_step(lf, ids, fmask, m_f, s_f, top2, am_f, bad_f)
+        ck_rows = c_rows
+        for k in range(0, K):
+            sel = (ks == k)[None, :]
+            lc = tl.load(ck_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+            m1, s1, a1, kl1, v1, r1, b1 = _counterfactual_step(
+                lc, lf, e_f, alpha, ids, fmask, tok, _col(lc_tok, sel),
+                _col(m_c, sel), _col(s_c, sel), _col(am_c, sel), _col(akl, sel), _col(viol, sel),
+                _col(rank, sel), _col(bad_c, sel))
+            m_c = _put(m_c, sel, m1)
+            s_c = _put(s_c, sel, s1)
+            am_c = _put(am_c, sel, a1)
+            akl = _put(akl, sel, kl1)
+            viol = _put(viol, sel, v1)
+            rank = _put(rank, sel, r1)
+            bad_c = _put(bad_c, sel, b1)
+            ck_rows += stride_ck
 
-        # factual: argmax / top-2 / online log-sum-exp
-        b1, i1, b2 = _block_top2(lf, ids, 2147483647)
-        am_f = tl.where(b1 > top1, i1.to(tl.int64), am_f)
-        top2 = tl.maximum(tl.minimum(top1, b1), tl.maximum(top2, b2))
-        top1 = tl.maximum(top1, b1)
-        m_new = tl.maximum(m_f, b1)
-        m_use = tl.where(m_new == NEG_INF, 0.0, m_new)
-        alpha = tl.where(m_new == NEG_INF, 1.0, tl.exp(m_f - m_use))
-        e_f = tl.exp(lf - m_use)  # 0 where lf == -inf
-        s_f = s_f * alpha + tl.sum(e_f, axis=0)
-        has_f = lf > NEG_INF
-        has_c = lc > NEG_INF
-        both = has_f[None, :] & has_c
-        diff = tl.where(both, lf[None, :] - lc, 0.0)
-        acc_kl = acc_kl * alpha + tl.sum(e_f[None, :] * diff, axis=1)
-        viol = viol | tl.max(tl.where(has_f[None, :] & (~has_c) & tile_ok, 1, 0), axis=1)
-        m_f = m_new
-
-        # counterfactual: argmax / online log-sum-exp / rank
-        cb1 = tl.max(lc, axis=1)
-        ci1 = tl.min(tl.where(lc == cb1[:, None], ids[None, :], 2147483647), axis=1)
-        am_c = tl.where(cb1 > mx_c, ci1.to(tl.int64), am_c)
-        mx_c = tl.maximum(mx_c, cb1)
-        mc_new = tl.maximum(m_c, cb1)
-        mc_use = tl.where(mc_new == NEG_INF, 0.0, mc_new)
-        alpha_c = tl.where(mc_new == NEG_INF, 1.0, tl.exp(m_c - mc_use))
-        s_c = s_c * alpha_c + tl.sum(tl.exp(lc - mc_use[:, None]), axis=1)
-        m_c = mc_new
-        above = (lc > lc_tok[:, None]) | ((lc == lc_tok[:, None]) & (ids[None, :] < tok))
-        rank += tl.sum(tl.where(above & tile_ok, 1, 0), axis=1).to(tl.int64)
-
-    lse_f = m_f + tl.log(s_f)
-    lse_c = m_c + tl.log(s_c)
-    bad_f = bad_f | tl.where(m_f == NEG_INF, 4, 0)
-    bad_c = bad_c | tl.where(m_c == NEG_INF, 4, 0)
-    kl = acc_kl / s_f + lse_c - lse_f
-
-    if WITH_JS:
-        kl_direct = tl.zeros((K_PAD,), tl.float32)
-        js = tl.zeros((K_PAD,), tl.float32)
+    js = tl.zeros((ROWS, K_PAD), tl.float32)
+    kld = tl.zeros((ROWS, K_PAD), tl.float32)
+    if WITH_JS:  # second pass: needs both log-sum-exps inside the sum
+        lse_f = m_f + tl.log(s_f)
+        lse_c = m_c + tl.log(s_c)
         for start in range(0, V, BLOCK_V):
             ids = start + offs
-            v_ok = ids < V
-            lf = tl.load(f_row + ids, mask=v_ok, other=NEG_INF).to(tl.float32)
-            tile_ok = k_ok[:, None] & v_ok[None, :]
-            lc = tl.load(c_rows + ids[None, :], mask=tile_ok, other=NEG_INF).to(tl.float32)
-            lpf = (lf - lse_f)[None, :]
-            lpc = lc - lse_c[:, None]
-            has_f = lpf > NEG_INF
-            has_c = lpc > NEG_INF
-            hi = tl.maximum(lpf, lpc)
-            lo = tl.minimum(lpf, lpc)
-            hi_use = tl.where(hi == NEG_INF, 0.0, hi)
-            lm = hi + tl.log(1.0 + tl.exp(lo - hi_use)) - 0.6931471805599453
-            pf = tl.exp(lpf)
-            pc = tl.exp(lpc)
-            tf = tl.where(has_f, pf * (lpf - lm), 0.0)
-            tc = tl.where(has_c, pc * (lpc - lm), 0.0)
-            js += 0.5 * tl.sum(tf + tc, axis=1)
-            kl_direct += tl.sum(tl.where(has_f & has_c, pf * (lpf - lpc), 0.0), axis=1)
-        kl = kl_direct
-        tl.store(js_ptr + ks.to(tl.int64) * N + row, js, mask=k_ok)
+            fmask = row_ok[:, None] & (ids < V)[None, :]
+            lf = tl.load(f_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+            lpf = lf - lse_f[:, None]
+            ck_rows = c_rows
+            for k in range(0, K):
+                sel = (ks == k)[None, :]
+                lc = tl.load(ck_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+                js1, kl1 = _js_step(lpf, lc, _col(lse_c, sel))
+                js = _put(js, sel, _col(js, sel) + js1)
+                kld = _put(kld, sel, _col(kld, sel) + kl1)
+                ck_rows += stride_ck
 
-    kl = tl.where(viol != 0, float("inf"), kl)
-    lf_tok = tl.load(f_row + tok).to(tl.float32)
-    tl.store(am_f_ptr + row, am_f)
-    tl.store(lp_f_ptr + row, lf_tok - lse_f)
-    tl.store(margin_ptr + row, tl.where(top2 == NEG_INF, float("inf"), top1 - top2))
-    tl.store(status_f_ptr + row, bad_f)
-    out_c = ks.to(tl.int64) * N + row
-    tl.store(am_c_ptr + out_c, am_c, mask=k_ok)
-    tl.store(lp_c_ptr + out_c, lc_tok - lse_c, mask=k_ok)
-    tl.store(kl_ptr + out_c, kl, mask=k_ok)
-    tl.store(rank_ptr + out_c, rank, mask=k_ok)
-    tl.store(status_c_ptr + out_c, bad_c, mask=k_ok)
+    _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f, bad_f,
+                   m_c, s_c, am_c, akl, viol, rank, bad_c, js, kld,
+                   am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
+                   am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS)
 
 
-# Elements of one [K_PAD, BLOCK_V] tile; bounded so registers are not spilled for large K.
-TILE_ELEMENTS = 8192
+# Elements of one [ROWS, BLOCK_V] block. Large vocabularies get one row per program and
+# BLOCK_V-wide steps; small ones pack several rows into a program so lanes are not wasted.
+TILE_ELEMENTS = 4096
+MAX_ROWS = 256
 
 
-def launch_config(v: int, k: int, block_v: int | None = None, num_warps: int | None = None) -> tuple[int, int, int]:
-    """(K_PAD, BLOCK_V, num_warps) for a call; block_v / num_warps override for tuning."""
-    k_pad = triton.next_power_of_2(k)
-    if block_v is None:
-        block_v = max(128, TILE_ELEMENTS // k_pad)
-    block_v = min(block_v, max(16, triton.next_power_of_2(v)))
+@dataclass(frozen=True)
+class LaunchConfig:
+    k_pad: int
+    rows: int
+    block_v: int
+    num_warps: int
+
+
+def launch_config(n: int, v: int, k: int, block_v: int | None = None, num_warps: int | None = None,
+                  rows: int | None = None) -> LaunchConfig:
+    """Block sizes for a call; block_v / num_warps / rows override the defaults (for tuning)."""
+    bv = block_v if block_v is not None else TILE_ELEMENTS
+    bv = min(bv, max(16, triton.next_power_of_2(v)))
+    if rows is None:
+        rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // bv, triton.next_power_of_2(max(n, 1))))
     if num_warps is None:
-        num_warps = 8 if k_pad * block_v >= 4096 else 4
-    return k_pad, block_v, num_warps
+        num_warps = 8 if rows * bv >= 4096 else 4
+    return LaunchConfig(k_pad=triton.next_power_of_2(k), rows=rows, block_v=bv, num_warps=num_warps)
 
 
 def alloc_outputs(shapes: Shapes, device: torch.device) -> dict[str, torch.Tensor]:
@@ -201,28 +271,41 @@ def alloc_outputs(shapes: Shapes, device: torch.device) -> dict[str, torch.Tenso
     }
 
 
+def check_runnable(kernel: object, device: torch.device) -> None:
+    """Off CUDA a kernel runs only if it was defined under TRITON_INTERPRET=1 (decided at import)."""
+    if device.type == "cuda":
+        return
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(kernel, InterpretedFunction):
+        raise ValueError(f"the Triton kernels need CUDA tensors (got {device}); for CPU tests set TRITON_INTERPRET=1 "
+                         "before subliminal.kernels' Triton modules are first imported, or use backend 'torch'")
+
+
 def _row_major(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor, tokens: torch.Tensor,
                             with_js: bool = True, out: dict[str, torch.Tensor] | None = None,
-                            block_v: int | None = None, num_warps: int | None = None) -> dict[str, torch.Tensor]:
+                            block_v: int | None = None, num_warps: int | None = None,
+                            rows: int | None = None) -> dict[str, torch.Tensor]:
     """Triton backend of `divergence_stats` (fp32 outputs). `out` = buffers from `alloc_outputs`
     to reuse (tests poison them to prove every element is written)."""
+    check_runnable(_divergence_kernel, factual.device)
     cf3, shapes = check_logit_inputs(factual, counterfactual, tokens)
     factual, cf3 = _row_major(factual), _row_major(cf3)
     buf = out if out is not None else alloc_outputs(shapes, factual.device)
     if shapes.n > 0:
-        k_pad, bv, warps = launch_config(shapes.v, shapes.k, block_v, num_warps)
-        _divergence_kernel[(shapes.n,)](
+        cfg = launch_config(shapes.n, shapes.v, shapes.k, block_v, num_warps, rows)
+        _divergence_kernel[(triton.cdiv(shapes.n, cfg.rows),)](
             factual, cf3, tokens.contiguous(),
             factual.stride(0), cf3.stride(0), cf3.stride(1),
             buf["argmax_factual"], buf["logp_factual"], buf["margin"], buf["status_factual"],
             buf["argmax_counterfactual"], buf["logp_counterfactual"], buf["kl"], buf["js"], buf["rank"],
             buf["status_counterfactual"],
             shapes.n, shapes.v, shapes.k,
-            K_PAD=k_pad, BLOCK_V=bv, WITH_JS=with_js, num_warps=warps,
+            K_PAD=cfg.k_pad, ROWS=cfg.rows, BLOCK_V=cfg.block_v, WITH_JS=with_js, num_warps=cfg.num_warps,
         )
         raise_if_bad(buf["status_factual"], buf["status_counterfactual"])
     result = {key: buf[key] for key in ("argmax_factual", "argmax_counterfactual", "logp_factual",
@@ -230,4 +313,4 @@ def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor,
     return finish(result, shapes, with_js)
 
 
-__all__ = ["divergence_stats_triton", "alloc_outputs", "launch_config", "BAD_NAN", "BAD_POSINF", "BAD_ALL_NEGINF"]
+__all__ = ["divergence_stats_triton", "alloc_outputs", "launch_config", "check_runnable", "LaunchConfig"]

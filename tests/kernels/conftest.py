@@ -1,0 +1,33 @@
+"""Kernel tests run on the CPU through Triton's interpreter.
+
+`triton.jit` picks interpreted vs compiled mode when a kernel module is imported, so
+TRITON_INTERPRET=1 is set here, before any test imports subliminal.kernels' Triton modules. It
+is set with monkeypatch per test (not for the whole session) so other test folders are
+unaffected; the kernel modules, once imported here, stay interpreted.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def triton_interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    # The interpreter evaluates both branches of tl.where with numpy; -inf - -inf there is expected.
+    warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """Fresh random inputs each run; the seed is printed (shown by pytest on failure).
+    Reproduce with KERNEL_TEST_SEED=<seed>."""
+    seed = int(os.environ.get("KERNEL_TEST_SEED", time.time_ns() % 2**31))
+    print(f"KERNEL_TEST_SEED={seed}")
+    g = torch.Generator().manual_seed(seed)
+    return g

@@ -1,0 +1,110 @@
+"""The streaming Triton kernel (run by Triton's CPU interpreter) against the float64 torch
+reference: odd shapes, every input dtype, masked vocabularies, exact ties, K = 1 / 3 / 12,
+2-D and 3-D counterfactuals, poisoned output buffers, bad rows."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from kernel_helpers import INT_KEYS, assert_stats_close, make_logits
+from subliminal.kernels import divergence_stats
+
+# (N, V, K, dtype, ties, masked, with_js modes): huge vocabularies only with tiny N and one mode
+# each to keep the interpreter fast (with_js=False uses the one-pass KL identity, True sums KL
+# directly in the second pass, so both paths meet a large vocabulary).
+BOTH, JS, NO_JS = (True, False), (True,), (False,)
+CASES = [
+    (1, 1, 1, torch.float32, False, False, BOTH),
+    (37, 7, 3, torch.float32, True, True, BOTH),
+    (1000, 7, 1, torch.float32, False, True, BOTH),
+    (37, 7, 3, torch.float16, True, False, BOTH),
+    (2, 50257, 3, torch.bfloat16, False, True, JS),
+    (1, 151936, 1, torch.float16, True, False, NO_JS),
+    (1, 151936, 1, torch.bfloat16, False, True, JS),
+    (37, 300, 12, torch.bfloat16, True, True, NO_JS),
+    (5, 1000, 2, torch.float64, False, True, BOTH),
+]
+
+
+def poisoned_outputs(n: int, v: int, k: int) -> dict[str, torch.Tensor]:
+    """Output buffers filled with NaN / a sentinel, so any element the kernel fails to write fails."""
+    from subliminal.kernels._checks import Shapes
+    from subliminal.kernels.divergence_triton import alloc_outputs
+
+    out = alloc_outputs(Shapes(k=k, n=n, v=v, squeeze=False), torch.device("cpu"))
+    for buf in out.values():
+        buf.fill_(math.nan if buf.is_floating_point() else -7)
+    return out
+
+
+def run_triton(f: torch.Tensor, c: torch.Tensor, t: torch.Tensor, with_js: bool) -> dict[str, torch.Tensor]:
+    from subliminal.kernels.divergence_triton import divergence_stats_triton
+
+    k = c.shape[0] if c.dim() == 3 else 1
+    return divergence_stats_triton(f, c, t, with_js=with_js, out=poisoned_outputs(f.shape[0], f.shape[1], k))
+
+
+def reference(f: torch.Tensor, c: torch.Tensor, t: torch.Tensor, with_js: bool) -> dict[str, torch.Tensor]:
+    return divergence_stats(f.double(), c.double(), t, backend="torch", with_js=with_js)
+
+
+@pytest.mark.parametrize("n,v,k,dtype,ties,masked,modes", CASES,
+                         ids=[f"N{c[0]}-V{c[1]}-K{c[2]}-{str(c[3])[6:]}{'-ties' if c[4] else ''}"
+                              f"{'-masked' if c[5] else ''}" for c in CASES])
+def test_matches_float64_reference(gen: torch.Generator, n: int, v: int, k: int, dtype: torch.dtype,
+                                   ties: bool, masked: bool, modes: tuple[bool, ...]) -> None:
+    f, c, t = make_logits(gen, n, v, k, ties=ties, masked=masked)
+    f, c = f.to(dtype), c.to(dtype)  # the reference sees exactly the same (rounded) logits
+    for with_js in modes:
+        got = run_triton(f, c, t, with_js)
+        assert got["kl"].dtype == torch.float32 and got["logp_factual"].dtype == torch.float32
+        assert got["kl"].shape == (k, n) and got["margin"].shape == (n,)
+        assert_stats_close(got, reference(f, c, t, with_js), atol=2e-5, rtol=2e-5, kl_atol=5e-5)
+
+
+def test_two_dimensional_counterfactual_and_k_consistency(gen: torch.Generator) -> None:
+    f, c, t = make_logits(gen, 13, 257, 3, ties=True, masked=True)
+    three = run_triton(f, c, t, with_js=True)
+    for j in range(3):
+        two = run_triton(f, c[j], t, with_js=True)
+        assert two["kl"].shape == (13,)
+        for key in two:
+            want = three[key][j] if three[key].dim() == 2 else three[key]
+            if key in INT_KEYS:
+                assert torch.equal(two[key], want), key
+            else:
+                torch.testing.assert_close(two[key], want, atol=1e-5, rtol=1e-5, equal_nan=False)
+
+
+def test_public_entry_point_dispatches_to_triton(gen: torch.Generator) -> None:
+    f, c, t = make_logits(gen, 4, 33, 2)
+    got = divergence_stats(f, c[0], t, backend="triton", with_js=False)
+    assert set(got) == {"argmax_factual", "argmax_counterfactual", "logp_factual", "logp_counterfactual",
+                        "kl", "margin", "rank"}
+    assert_stats_close(got, reference(f, c[0], t, False), atol=2e-5, kl_atol=5e-5)
+
+
+@pytest.mark.parametrize("where,msg", [("nan", r"counterfactual\[2\] logits at row 3 contains NaN"),
+                                       ("posinf", r"^factual logits at row 3 contains \+inf"),
+                                       ("allneg", r"^factual logits at row 3 is all -inf")])
+def test_bad_rows_raise(gen: torch.Generator, where: str, msg: str) -> None:
+    f, c, t = make_logits(gen, 6, 40, 3)
+    if where == "nan":
+        c[2, 3, 17] = math.nan
+        c[0, 5, 1] = math.nan  # a later row: the first bad row is the one named
+    elif where == "posinf":
+        f[3, 39] = math.inf
+    else:
+        f[3] = -math.inf
+    for with_js in (True, False):
+        with pytest.raises(ValueError, match=msg):
+            run_triton(f, c, t, with_js)
+
+
+def test_compiled_kernel_refuses_cpu_tensors() -> None:
+    from subliminal.kernels.divergence_triton import check_runnable
+
+    with pytest.raises(ValueError, match="CUDA"):
+        check_runnable(object(), torch.device("cpu"))
