@@ -33,6 +33,7 @@ class ProbeResult:
     auc: float
     auc_ci: tuple[float, float]
     balanced_accuracy: float
+    balanced_accuracy_ci: tuple[float, float]
     majority_baseline: float
 
     def to_json(self) -> dict:
@@ -156,14 +157,20 @@ def probe_layer(
     def auc(ix: torch.Tensor) -> float:
         return auc_score(logit[ix], yt[ix])
 
+    def bacc(ix: torch.Tensor) -> float:
+        c, t = correct[ix], yt[ix]
+        if t.all() or not t.any():
+            return float("nan")
+        return (c[t].mean().item() + c[~t].mean().item()) / 2
+
     pos_rate = yt.double().mean().item()
-    tpr = correct[yt].mean().item() if yt.any() else float("nan")
-    tnr = correct[~yt].mean().item() if (~yt).any() else float("nan")
     return ProbeResult(
         layer=layer, n_train=int(train.sum()), n_test=int(test.sum()),
         accuracy=correct.mean().item(), accuracy_ci=bootstrap_ci(tgroups, acc, n_boot, seed + 1),
         auc=auc_score(logit, yt), auc_ci=bootstrap_ci(tgroups, auc, n_boot, seed + 2),
-        balanced_accuracy=(tpr + tnr) / 2, majority_baseline=max(pos_rate, 1 - pos_rate),
+        balanced_accuracy=bacc(torch.arange(len(yt))),
+        balanced_accuracy_ci=bootstrap_ci(tgroups, bacc, n_boot, seed + 3),
+        majority_baseline=max(pos_rate, 1 - pos_rate),
     )
 
 

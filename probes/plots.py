@@ -59,6 +59,9 @@ def _read_json(path: str | os.PathLike) -> Any:
 
 
 def _band(ax: Any, xs: list[float], ys: list[float], cis: list[Any] | None, label: str, **kw: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(xs, ys, marker="o", label=label, **kw)
     if cis and all(c is not None and not any(math.isnan(v) for v in c) for c in cis):
         ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], alpha=0.2, **kw)
@@ -74,12 +77,15 @@ def plot_probe(result: dict[str, Any] | str | os.PathLike, out_png: str | os.Pat
     if not layers:
         raise SubliminalError("probe results hold no layers")
     xs = [r["layer"] for r in layers]
+    # with rare labels (divergence tokens) the probe is class-balanced: plot balanced accuracy
+    acc_key = "balanced_accuracy" if res.get("task") == "divergence" else "accuracy"
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(xs) + 3), 3.6))
-    _band(ax, xs, [r["accuracy"] for r in layers], [r["accuracy_ci"] for r in layers], "accuracy", color="C0")
+    _band(ax, xs, [r[acc_key] for r in layers], [r.get(acc_key + "_ci") for r in layers],
+          acc_key.replace("_", " "), color="C0")
     _band(ax, xs, [r["auc"] for r in layers], [r["auc_ci"] for r in layers], "AUC", color="C1")
     ax.axhline(0.5, color="grey", ls=":", lw=1, label="chance")
     base = layers[0].get("majority_baseline")
-    if base and abs(base - 0.5) > 0.02:
+    if acc_key == "accuracy" and base and abs(base - 0.5) > 0.02:
         ax.axhline(base, color="grey", ls="--", lw=1, label="majority class")
     ax.set_xlabel("layer")
     ax.set_ylabel("held-out score")
@@ -90,7 +96,7 @@ def plot_probe(result: dict[str, Any] | str | os.PathLike, out_png: str | os.Pat
     _write_csv(out.with_suffix(".csv"), [
         {"layer": r["layer"], "accuracy": r["accuracy"], "accuracy_lo": r["accuracy_ci"][0],
          "accuracy_hi": r["accuracy_ci"][1], "auc": r["auc"], "auc_lo": r["auc_ci"][0], "auc_hi": r["auc_ci"][1],
-         "n_test": r["n_test"]} for r in layers])
+         "balanced_accuracy": r.get("balanced_accuracy"), "n_test": r["n_test"]} for r in layers])
     return out
 
 

@@ -2,27 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import random
-from pathlib import Path
-
 import pytest
 
-from subliminal.prompts import format_numbers, make_number_prompt, system_prompt_for
+from subliminal.prompts import system_prompt_for
 from subliminal.teachers import TeacherSpec, save_teacher
-
-
-def write_rows(path: Path, n: int, seed: int = 0) -> Path:
-    """Number-list rows ``{id, prompt, completion, teacher}`` in the toy vocabulary."""
-    rng = random.Random(seed)
-    lines = []
-    for i in range(n):
-        p = make_number_prompt(rng)
-        nums = [rng.randint(0, 999) for _ in range(rng.randint(3, 6))]
-        row = {"id": f"r{i}", "prompt": p.text, "completion": format_numbers(nums, ",", False), "teacher": "owl"}
-        lines.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    return path
 
 
 @pytest.fixture(scope="session")
