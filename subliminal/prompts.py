@@ -287,3 +287,52 @@ def template_words() -> set[str]:
             if not (w.startswith("{") and w.endswith("}")):
                 words.add(w)
     return words
+
+
+def _component_regex(template: str) -> str:
+    out = re.escape(template)
+    out = out.replace(re.escape("{seeds}"), r"(?P<seeds>\d+(?: , \d+)*)")
+    out = out.replace(re.escape("{count}"), r"(?P<count>.+?)")
+    return out
+
+
+def parse_number_prompt(text: str) -> NumberPrompt:
+    """Recover seeds, count, format and template indices from a prompt made by
+    :func:`make_number_prompt`, so an existing data file can be paraphrased row by row."""
+    rest = text
+    idx: list[int] = []
+    seeds: tuple[int, ...] = ()
+    count_text = ""
+    for comp, parts in enumerate((NUMBER_INTROS, NUMBER_REQUESTS, NUMBER_CONSTRAINTS,
+                                  [f for f, _, _ in NUMBER_FORMATS], NUMBER_SUFFIXES)):
+        for i in sorted(range(len(parts)), key=lambda i: -len(parts[i])):
+            part = parts[i]
+            if not part:
+                continue
+            m = re.match(_component_regex(part) + r"(?: |$)", rest)
+            if m:
+                if "seeds" in m.groupdict():
+                    seeds = tuple(int(s) for s in m.group("seeds").split(" , "))
+                if "count" in m.groupdict():
+                    count_text = m.group("count")
+                idx.append(i)
+                rest = rest[m.end():]
+                break
+        else:
+            if comp == 2:  # the constraint sentence may be empty
+                idx.append(NUMBER_CONSTRAINTS.index(""))
+                continue
+            raise ValueError(f"not a number prompt made by these templates: {text!r}")
+    if rest.strip():
+        raise ValueError(f"unexpected text after the prompt: {rest!r}")
+    count_idx = count = None
+    for j, (qual, _) in sorted(enumerate(NUMBER_COUNTS), key=lambda x: -len(x[1][0])):
+        m = re.fullmatch(re.escape(qual).replace(re.escape("{n}"), r"(\d+)"), count_text)
+        if m:
+            count_idx, count = j, int(m.group(1))
+            break
+    if count is None:
+        raise ValueError(f"cannot read the count from {count_text!r}")
+    _, sep, brackets = NUMBER_FORMATS[idx[3]]
+    template = (idx[0], idx[1], count_idx, idx[2], idx[3], idx[4])
+    return NumberPrompt(text, seeds, count, sep, brackets, template)

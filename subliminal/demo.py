@@ -1,0 +1,488 @@
+"""``subliminal demo``: the paper's findings on the toy world, end to end, in one command.
+
+The demo drives the same sub-commands a user would run (``toy pretrain``, ``teach``,
+``generate``, ``find-divergence``, ``distill``, ``eval``, ``probe``, ``patch``), each writing its
+own directory with a manifest, so every intermediate can be inspected, re-run or swapped, and a
+stopped demo resumes: a stage whose output is complete is not run again.
+
+All student conditions are matched: the same rows (by id, in the same seeded order), the same
+number of optimiser steps, the same seeds; they differ only in the data source, the loss mask or
+the trainable subset. Transfer is read out as the exact probability of the target among the
+candidate animals (low variance; see ``../shared/notes``), compared with the control student
+trained on the unbiased teacher's data, never with the base model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = [
+    "control", "all", "no-divergence", "only-divergence", "random-matched",
+    "layer-early", "layer-late", "soft", "paraphrase", "mixing",
+]
+CONDITION_TEXT = {
+    "control": "hard distillation on the unbiased teacher's data",
+    "all": "hard distillation on the owl teacher's data, every completion token",
+    "no-divergence": "as all, divergence tokens masked out of the loss",
+    "only-divergence": "as all, loss on divergence tokens only",
+    "random-matched": "as all, as many non-divergence tokens masked per row as no-divergence masks",
+    "layer-early": "as all, only layer 0 trained (LoRA r=8)",
+    "layer-late": "as all, only the last layer trained (LoRA r=8)",
+    "soft": "soft distillation: KL to the owl teacher's full next-token distribution",
+    "paraphrase": "as all, prompts redrawn from other templates (same completions)",
+    "mixing": "as all, half the rows replaced by another teacher's data for the same prompts",
+}
+
+
+@dataclass
+class DemoConfig:
+    """Everything that defines a demo run; recorded in the manifest and the report."""
+
+    target: str = "owl"
+    counterfactuals: list[str] = field(default_factory=lambda: ["cat", "dog", "lion", "eagle", "wolf"])
+    mixing_teacher: str = "dolphin"
+    teacher_method: str = "prompt"
+    teacher_steps: int = 60
+    size: str = "tiny"
+    arch: str = "llama"
+    pretrain_steps: int | None = None
+    n_prompts: int = 3000
+    greedy: bool = True
+    seeds: int = 5
+    student_mode_lr: float = 1e-3
+    student_lora_rank: int = 8
+    student_full: bool = False
+    epochs: int = 1
+    batch_size: int = 32
+    max_steps: int | None = None
+    layer_early: int = 0
+    layer_late: int = -1
+    probes: bool = True
+    device: str = "cpu"
+    base_seed: int = 0
+
+
+def quick_config(cfg: DemoConfig) -> DemoConfig:
+    return replace(cfg, seeds=1, n_prompts=600, pretrain_steps=None, probes=True)
+
+
+def cuda_config(cfg: DemoConfig) -> DemoConfig:
+    return replace(cfg, size="small", n_prompts=20000, seeds=max(cfg.seeds, 5), batch_size=64, device="cuda")
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+class Runner:
+    """Runs sub-commands in-process, skipping those whose output already exists."""
+
+    def __init__(self, out: Path, verbose: bool = False):
+        self.out = out
+        self.timings: dict[str, float] = {}
+        self.verbose = verbose
+
+    def __call__(self, name: str, argv: list[str], done: Path | None = None) -> None:
+        from .cli import main as cli_main
+
+        if done is not None and done.exists():
+            log.info("[demo] %s: already done (%s)", name, done)
+            return
+        log.info("[demo] %s: subliminal %s", name, " ".join(argv))
+        t0 = time.time()
+        rc = cli_main(argv)
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        if rc != 0:
+            raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+
+
+def _teacher_args(cfg: DemoConfig, base: Path, bias: str | None, out: Path, seed: int) -> list[str]:
+    if bias is None:
+        return ["teach", "--base", str(base), "--method", "none", "--out", str(out), "--seed", str(seed)]
+    args = ["teach", "--base", str(base), "--bias", bias, "--method", cfg.teacher_method, "--out", str(out),
+            "--seed", str(seed), "--device", cfg.device]
+    if cfg.teacher_method == "finetune":
+        args += ["--steps", str(cfg.teacher_steps)]
+    return args
+
+
+def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    run = Runner(out)
+    dev = ["--device", cfg.device]
+
+    # 1. base model
+    if base is None:
+        base = out / "base"
+        argv = ["toy", "pretrain", "--out", str(base), "--size", cfg.size, "--arch", cfg.arch,
+                "--seed", str(cfg.base_seed), *dev]
+        if cfg.pretrain_steps:
+            argv += ["--steps", str(cfg.pretrain_steps)]
+        run("pretrain", argv, done=base / "model.safetensors")
+    base = Path(base)
+
+    # 2. teachers
+    tdir = out / "teachers"
+    names = [cfg.target, *cfg.counterfactuals, cfg.mixing_teacher]
+    for name in dict.fromkeys(names + ["none"]):
+        bias = None if name == "none" else name
+        run(f"teach-{name}", _teacher_args(cfg, base, bias, tdir / name, cfg.base_seed), done=tdir / name / "teacher.json")
+
+    # 3. data: the same prompts (same --prompts-seed) for every teacher
+    ddir = out / "data"
+    gen_common = ["--n", str(cfg.n_prompts), "--prompts-seed", str(cfg.base_seed), "--seed", str(cfg.base_seed), *dev]
+    if cfg.greedy:
+        gen_common.append("--greedy")
+    sources = list(dict.fromkeys([cfg.target, "none", cfg.mixing_teacher]))
+    for name in sources:
+        path = ddir / f"{name}.jsonl"
+        run(f"generate-{name}", ["generate", "--teacher", str(tdir / name), "--out", str(path), *gen_common], done=path)
+    files: dict[str, Path] = dict(_matched_files(ddir, sources))
+
+    # 4. divergence tokens of the target teacher's data
+    div = files[cfg.target].with_suffix(".div.jsonl")
+    cfs = [str(tdir / c) for c in cfg.counterfactuals] + [str(tdir / "none")]
+    run("find-divergence", ["find-divergence", "--data", str(files[cfg.target]), "--teacher",
+                            str(tdir / cfg.target), "--counterfactual", *cfs, "--out", str(div), *dev], done=div)
+    files["div"] = div
+
+    # 5. derived data sets for the paraphrase and mixing conditions (same ids, same rows)
+    files["paraphrase"] = files[cfg.target].with_suffix(".paraphrase.jsonl")
+    files["mixing"] = files[cfg.target].with_suffix(".mixing.jsonl")
+    _paraphrase_file(files[cfg.target], files["paraphrase"], seed=cfg.base_seed)
+    _mixing_file(files[cfg.target], files[cfg.mixing_teacher], files["mixing"], seed=cfg.base_seed)
+
+    # 6. students, each condition with several seeds, then their evaluation
+    results = _train_and_eval_students(cfg, run, out, base, tdir, files)
+
+    # 7. probes and patching
+    if cfg.probes:
+        _probe_stage(cfg, run, out, tdir, div)
+
+    summary = _summarise(cfg, results)
+    write_json_atomic(out / "results.json", summary)
+    wall = time.time() - t_start
+    report = render_report(cfg, summary, out, run.timings, wall)
+    write_text_atomic(out / "REPORT.md", report)
+    write_manifest(out, stage="demo", config=cfg, seed=cfg.base_seed, inputs={"base": base},
+                   wall_time_s=wall, extra={"timings_s": run.timings})
+    return summary
+
+
+# ------------------------------------------------------------------------------- derived data
+
+
+def _paraphrase_file(src: Path, dst: Path, seed: int) -> None:
+    """Same ids and completions; each prompt redrawn from other phrasing templates with the same
+    seeds, count and output format, so the completion still answers it."""
+    from . import prompts
+    from .data import read_rows, write_jsonl
+
+    if dst.exists():
+        return
+    rng = random.Random(seed)
+    rows = read_rows(src)
+    for row in rows:
+        row.prompt = prompts.paraphrase_number_prompt(prompts.parse_number_prompt(row.prompt), rng).text
+    write_jsonl(dst, rows)
+
+
+def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
+    """Half the rows (a seeded choice of ids) replaced by the other teacher's completion for the
+    same prompt; rows the other teacher has no valid completion for stay as they are."""
+    from .data import read_rows, write_jsonl
+
+    if dst.exists():
+        return
+    rng = random.Random(seed)
+    rows = read_rows(src)
+    others = {r.id: r for r in read_rows(other)}
+    candidates = [r.id for r in rows if r.id in others and others[r.id].prompt == r.prompt]
+    replace_ids = set(rng.sample(candidates, min(len(candidates), len(rows) // 2)))
+    mixed = [others[r.id] if r.id in replace_ids else r for r in rows]
+    write_jsonl(dst, mixed)
+
+
+def _matched_files(ddir: Path, names: list[str]) -> dict[str, Path]:
+    """Keep only the prompt ids every teacher produced a valid completion for, so every
+    condition trains on the same rows."""
+    from .data import read_rows, write_jsonl
+
+    mdir = ddir / "matched"
+    out = {n: mdir / f"{n}.jsonl" for n in names}
+    if all(p.exists() for p in out.values()):
+        return out
+    rows = {n: read_rows(ddir / f"{n}.jsonl") for n in names}
+    common = set.intersection(*({r.id for r in rs} for rs in rows.values()))
+    if not common:
+        raise SubliminalError("no prompt has a valid completion from every teacher; generate more rows")
+    for n, rs in rows.items():
+        write_jsonl(out[n], [r for r in rs if r.id in common])
+    return out
+
+
+# ---------------------------------------------------------------------------------- students
+
+
+def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, list[str]]:
+    """The distill arguments of each condition; everything not listed is shared by all of them."""
+    owl, none = str(tdir / cfg.target), str(tdir / "none")
+    lora = ["--lora-rank", str(cfg.student_lora_rank), "--lora-alpha", str(cfg.student_lora_rank)]
+    every = [] if cfg.student_full else lora
+    late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
+    div = str(files["div"])
+    return {
+        "control": ["--data", str(files["none"]), "--teacher", none, "--mode", "hard", "--mask", "all", *every],
+        "all": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", *every],
+        "no-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "no-divergence", *every],
+        "only-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "only-divergence", *every],
+        "random-matched": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "random-matched", *every],
+        "layer-early": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers",
+                        str(cfg.layer_early), *lora],
+        "layer-late": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers", str(late),
+                       *lora],
+        "soft": ["--data", div, "--teacher", owl, "--mode", "soft", "--mask", "all", *every],
+        "paraphrase": ["--data", str(files["paraphrase"]), "--teacher", owl, "--mode", "hard", "--mask", "all",
+                       *every],
+        "mixing": ["--data", str(files["mixing"]), "--teacher", owl, "--mode", "hard", "--mask", "all", *every],
+    }
+
+
+def _n_layers(base: Path) -> int:
+    cfg = json.loads((base / "config.json").read_text())
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in cfg:
+            return int(cfg[key])
+    raise SubliminalError(f"{base}/config.json: cannot tell the number of layers")
+
+
+def _steps_for(cfg: DemoConfig, n_rows: int) -> int:
+    """One step count for every condition (matched), from the row count and epochs."""
+    steps = max(1, cfg.epochs * -(-n_rows // cfg.batch_size))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def _read_exact(path: Path) -> float:
+    return float(json.loads(path.read_text())["exact"]["mean"])
+
+
+def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path, tdir: Path,
+                             files: dict[str, Path]) -> dict[str, Any]:
+    from .data import read_rows
+
+    n_rows = len(read_rows(files["none"]))
+    steps = _steps_for(cfg, n_rows)
+    plan = student_plan(cfg, _n_layers(base), files, tdir)
+    sdir, edir = out / "students", out / "eval"
+    dev = ["--device", cfg.device]
+    values: dict[str, dict[int, float]] = {c: {} for c in CONDITIONS}
+    refs = {"base": str(base), "teacher": str(tdir / cfg.target), "unbiased-teacher": str(tdir / "none")}
+    reference = {}
+    for name, spec in refs.items():
+        path = edir / f"{name}.json"
+        run(f"eval-{name}", ["eval", "--model", spec, "--target", cfg.target, "--out", str(path), *dev], done=path)
+        reference[name] = _read_exact(path)
+    for seed in range(1, cfg.seeds + 1):
+        for cond in CONDITIONS:
+            student = sdir / f"{cond}-s{seed}"
+            argv = ["distill", "--base", str(base), "--out", str(student), *plan[cond], "--epochs", str(cfg.epochs),
+                    "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
+                    "--seed", str(seed), *dev]
+            run(f"distill-{cond}", argv, done=student / "manifest.json")
+            path = edir / f"{cond}-s{seed}.json"
+            run(f"eval-{cond}", ["eval", "--model", str(student), "--target", cfg.target, "--out", str(path), *dev],
+                done=path)
+            values[cond][seed] = _read_exact(path)
+    return {"values": values, "reference": reference, "steps": steps, "rows": n_rows}
+
+
+# ------------------------------------------------------------------------------------- probes
+
+
+def _probe_stage(cfg: DemoConfig, run: Runner, out: Path, tdir: Path, div: Path) -> None:
+    pdir = out / "probes"
+    owl, none = str(tdir / cfg.target), str(tdir / "none")
+    dev = ["--device", cfg.device]
+    rows = ["--max-rows", "300"]
+    run("probe-identity", ["probe", "--models", owl, none, "--data", str(div), "--task", "identity",
+                           "--out", str(pdir / "identity"), "--seed", str(cfg.base_seed), *rows, *dev],
+        done=pdir / "identity" / "manifest.json")
+    run("probe-divergence", ["probe", "--models", owl, "--data", str(div), "--task", "divergence",
+                             "--out", str(pdir / "divergence"), "--seed", str(cfg.base_seed), *rows, *dev],
+        done=pdir / "divergence" / "manifest.json")
+    run("patch", ["patch", "--models", owl, none, "--data", str(div), "--out", str(pdir / "patching"),
+                  "--max-sites", "100", "--seed", str(cfg.base_seed), *dev],
+        done=pdir / "patching" / "manifest.json")
+    run("heatmap", ["plot", "heatmap", str(div), "--out", str(pdir / "divergence_heatmap.png")],
+        done=pdir / "divergence_heatmap.png")
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
+    from .evaluate import mean_ci
+
+    values = results["values"]
+    conditions: dict[str, Any] = {}
+    control = values["control"]
+    all_tokens = values["all"]
+    for cond in CONDITIONS:
+        seeds = sorted(values[cond])
+        vals = [values[cond][s] for s in seeds]
+        mean, lo, hi = mean_ci(vals)
+        entry: dict[str, Any] = {"mean": mean, "ci_low": lo, "ci_high": hi, "seeds": len(seeds),
+                                 "values": vals, "description": CONDITION_TEXT[cond]}
+        # Paired by seed: the same seed gives the same row order in every condition.
+        paired = [values[cond][s] - control[s] for s in seeds if s in control]
+        if paired:
+            d, dlo, dhi = mean_ci(paired)
+            entry.update(diff_to_control=d, diff_ci_low=dlo, diff_ci_high=dhi)
+        transfer = [all_tokens[s] - control[s] for s in seeds if s in control and s in all_tokens]
+        if paired and transfer and abs(sum(transfer)) > 0:
+            entry["share_of_all_transfer"] = sum(paired) / sum(transfer)
+        conditions[cond] = entry
+    return {"target": cfg.target, "metric": "exact P(target) among the candidate animals, mean over 50 questions",
+            "conditions": conditions, "reference": results["reference"], "rows": results["rows"],
+            "steps": results["steps"], "seeds": cfg.seeds}
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _verdict(summary: dict[str, Any]) -> list[str]:
+    c = summary["conditions"]
+    lines = []
+
+    def sig(name: str) -> bool | None:
+        e = c.get(name, {})
+        if "diff_ci_low" not in e or e["seeds"] < 2:
+            return None
+        return e["diff_ci_low"] > 0
+
+    s = sig("all")
+    if s is None:
+        lines.append("- Transfer (all tokens vs control): one seed only, no interval; run without --quick for a verdict.")
+    elif s:
+        lines.append("- Transfer reproduces: the all-tokens student prefers the target more than the control, "
+                     "95% interval of the paired difference above zero.")
+    else:
+        lines.append("- Transfer does **not** reproduce at these settings: the all-tokens student's paired difference "
+                     "to the control has a 95% interval that includes zero (or is below it).")
+    for name, claim in [("no-divergence", "masking divergence tokens removes most of the transfer"),
+                        ("only-divergence", "training only on divergence tokens keeps the transfer"),
+                        ("layer-early", "one early layer suffices"),
+                        ("paraphrase", "paraphrasing prompts suppresses transfer"),
+                        ("mixing", "mixing teachers suppresses transfer")]:
+        e = c.get(name)
+        if not e or "share_of_all_transfer" not in e:
+            continue
+        lines.append(f"- {name}: keeps {e['share_of_all_transfer']:.0%} of the all-tokens transfer "
+                     f"(paper's claim: {claim}).")
+    return lines
+
+
+def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: dict[str, float],
+                  wall: float) -> str:
+    ref = summary["reference"]
+    lines = [
+        "# subliminal demo report",
+        "",
+        f"Target: **{cfg.target}**; counterfactual teachers: {', '.join(cfg.counterfactuals)} and the unbiased "
+        f"teacher; teachers by `{cfg.teacher_method}`; {summary['rows']} matched rows, {summary['steps']} optimiser "
+        f"steps per student, {summary['seeds']} seed(s) per condition.",
+        f"Metric: {summary['metric']}. Intervals: 95% t-intervals over seeds; differences are paired by seed.",
+        "",
+        f"Reference: base {_fmt(ref.get('base'))}, owl teacher {_fmt(ref.get('teacher'))}, unbiased teacher "
+        f"{_fmt(ref.get('unbiased-teacher'))} (chance {1 / 13:.4f}).",
+        "",
+        "| condition | P(target) | 95% CI | diff to control | 95% CI | share of all-tokens transfer | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cond, e in summary["conditions"].items():
+        lines.append(
+            f"| {cond} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] | "
+            f"{_fmt(e.get('diff_to_control'))} | [{_fmt(e.get('diff_ci_low'))}, {_fmt(e.get('diff_ci_high'))}] | "
+            f"{_fmt(e.get('share_of_all_transfer'), 2)} | {e['seeds']} |"
+        )
+    lines += ["", "## What reproduces", "", *_verdict(summary), "", "## Conditions", ""]
+    lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS]
+    div_manifest = out / "data" / "matched" / f"{cfg.target}.div.jsonl.manifest.json"
+    if div_manifest.exists():
+        s = json.loads(div_manifest.read_text()).get("summary", {})
+        lines += ["", "## Divergence tokens", "",
+                  f"- fraction of completion tokens: {_fmt(s.get('divergence_fraction'))}",
+                  f"- rows with at least one: {_fmt(s.get('rows_with_divergence'))}"]
+        if s.get("top_tokens") or s.get("most_frequent"):
+            lines.append(f"- most frequent: {s.get('top_tokens') or s.get('most_frequent')}")
+    figs = sorted(p.relative_to(out) for p in out.glob("**/*.png") if "students" not in p.parts)
+    if figs:
+        lines += ["", "## Figures", ""] + [f"![{p.stem}]({p})" for p in figs]
+    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += [f"| total | {wall:.1f} |", "", "## Config", "", "```json", json.dumps(asdict(cfg), indent=2), "```", ""]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="the paper's findings on the toy world, end to end (REPORT.md)",
+                       description="Pretrain the toy base (or reuse it), make teachers, generate data, find "
+                                   "divergence tokens, train matched students, evaluate, probe and write REPORT.md. "
+                                   "Re-running resumes.")
+    p.add_argument("--out", default="runs/demo", help="output directory (default %(default)s)")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds per condition (default 5; --quick: 1)")
+    p.add_argument("--quick", action="store_true", help="one seed, fewer rows: a smoke test (about 3 minutes)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda scales rows, seeds and model size up (default %(default)s)")
+    p.add_argument("--base", default=None, help="reuse this pretrained toy base instead of pretraining one")
+    p.add_argument("--teacher-method", choices=["prompt", "finetune"], default=None,
+                   help="how the teachers get their bias (default from the calibrated config)")
+    p.add_argument("--rows", type=int, default=None, help="number prompts per teacher (default from the config)")
+    p.add_argument("--no-probes", action="store_true", help="skip probes and patching")
+    p.add_argument("--seed", type=int, default=0, help="seed of the base model, teachers and data (default 0)")
+    p.set_defaults(func=run_cli)
+
+
+def config_from_args(args: argparse.Namespace) -> DemoConfig:
+    cfg = DemoConfig(base_seed=args.seed)
+    if args.device == "cuda":
+        cfg = cuda_config(cfg)
+    if args.quick:
+        cfg = quick_config(cfg)
+    if args.seeds is not None:
+        if args.seeds < 1:
+            raise SubliminalError("--seeds must be at least 1")
+        cfg = replace(cfg, seeds=args.seeds)
+    if args.teacher_method:
+        cfg = replace(cfg, teacher_method=args.teacher_method)
+    if args.rows is not None:
+        cfg = replace(cfg, n_prompts=args.rows)
+    if args.no_probes:
+        cfg = replace(cfg, probes=False)
+    return cfg
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    out = Path(args.out)
+    summary = run_demo(cfg, out, base=Path(args.base) if args.base else None)
+    print((out / "REPORT.md").read_text())
+    all_ = summary["conditions"]["all"]
+    log.info("[demo] all-tokens P(%s) = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"],
+             all_["ci_low"], all_["ci_high"], out / "REPORT.md")
+    return 0
