@@ -7,13 +7,15 @@ changing their error handling.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
-# Bits of the per-row status word the Triton kernels write (the torch reference computes the same).
+# Bits of the per-row status word of the torch reference (the kernels only flag rows; the
+# wrapper then classifies the flagged row with these bits).
 BAD_NAN = 1
 BAD_POSINF = 2
 BAD_ALL_NEGINF = 4
@@ -82,37 +84,61 @@ def check_logit_inputs(factual: torch.Tensor, counterfactual: torch.Tensor,
     return cf, Shapes(k=cf.shape[0], n=n, v=v, squeeze=squeeze)
 
 
-def describe_bad_row(status_f: torch.Tensor, status_c: torch.Tensor, row_offset: int = 0) -> str | None:
-    """Message for the first bad row, or None.
+def first_flagged(status_f: torch.Tensor, status_c: torch.Tensor) -> tuple[int, int | None] | None:
+    """(row, k) of the first flagged row (k None for the factual teacher), or None.
 
-    status_f [R] and status_c [K, R] hold BAD_* bits; the reported row is the lowest row index
-    with any bad bit (factual first on a tie), shifted by row_offset so chunked callers report
-    global row numbers.
-    """
+    status_f [R] and status_c [K, R] are nonzero where a row is bad; the lowest row wins, and
+    the factual teacher before the counterfactuals on the same row."""
     bad_f = status_f != 0
-    bad_c = (status_c != 0).any(0)
-    bad_any = bad_f | bad_c
+    bad_any = bad_f | (status_c != 0).any(0)
     if not bool(bad_any.any()):
         return None
     r = int(bad_any.nonzero()[0, 0])
     if bool(bad_f[r]):
-        which, bits = "factual", int(status_f[r])
-    else:
-        k = int((status_c[:, r] != 0).nonzero()[0, 0])
-        which, bits = f"counterfactual[{k}]", int(status_c[k, r])
+        return r, None
+    return r, int((status_c[:, r] != 0).nonzero()[0, 0])
+
+
+def bad_row_message(k: int | None, row: int, bits: int) -> str:
+    which = "factual" if k is None else f"counterfactual[{k}]"
     if bits & BAD_NAN:
         what = "contains NaN"
     elif bits & BAD_POSINF:
         what = "contains +inf (softmax undefined)"
-    else:
+    elif bits & BAD_ALL_NEGINF:
         what = "is all -inf (no token has probability mass)"
-    return f"{which} logits at row {r + row_offset} {what}"
+    else:
+        what = "gave a non-finite log-sum-exp"
+    return f"{which} logits at row {row} {what}"
+
+
+def describe_bad_row(status_f: torch.Tensor, status_c: torch.Tensor, row_offset: int = 0) -> str | None:
+    """Message for the first bad row given BAD_* bits (status_f [R], status_c [K, R]), or None;
+    row_offset shifts the reported row so chunked callers report global row numbers."""
+    hit = first_flagged(status_f, status_c)
+    if hit is None:
+        return None
+    r, k = hit
+    bits = int(status_f[r]) if k is None else int(status_c[k, r])
+    return bad_row_message(k, r + row_offset, bits)
 
 
 def raise_if_bad(status_f: torch.Tensor, status_c: torch.Tensor, row_offset: int = 0) -> None:
     msg = describe_bad_row(status_f, status_c, row_offset)
     if msg is not None:
         raise ValueError(msg)
+
+
+def raise_if_flagged(status_f: torch.Tensor, status_c: torch.Tensor,
+                     row_logits: Callable[[int | None, int], torch.Tensor]) -> None:
+    """For kernels that only flag bad rows (status != 0): look at the first flagged row's logits
+    (row_logits(k, row) -> [V]; k None = factual) to name the problem exactly as the reference."""
+    hit = first_flagged(status_f, status_c)
+    if hit is None:
+        return
+    r, k = hit
+    bits = int(row_status(row_logits(k, r).unsqueeze(0))[0])
+    raise ValueError(bad_row_message(k, r, bits))
 
 
 def row_status(x: torch.Tensor) -> torch.Tensor:

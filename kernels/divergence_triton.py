@@ -11,11 +11,17 @@ Per-teacher state lives in [ROWS, K_PAD] registers. Nothing of size [N, V] is wr
 extra memory is the O(N * K) outputs.
 
 Jensen-Shannon needs both normalised log-probs inside its sum, so it takes a second pass over
-the row once both log-sum-exps are known (KL is then also summed directly, which is more
-accurate than the one-pass identity).
+the row once both log-sum-exps are known; the re-read rows may still be in L2. KL always
+comes from the one-pass identity (same value with and without JS).
 
-Bad rows (NaN, +inf, all -inf) are flagged in a per-row status word and reported by the
-wrapper with the same message as the torch reference.
+Cost per logit was kept low on purpose (the target is the memory-bandwidth floor): per block
+and teacher a handful of row reductions (max, lowest-id argmax, sum of exponentials, KL sum,
+and one packed integer sum for rank + support violations).
+
+Bad rows (NaN, +inf, all -inf) are not tested element by element (that would cost several
+operations per logit): NaN or +inf make the row's sum of exponentials NaN (or its max +inf),
+all -inf leaves its max at -inf, and the kernel flags those rows. The wrapper then inspects
+the first flagged row in torch and raises the same message as the torch reference.
 """
 
 from __future__ import annotations
@@ -26,15 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Shapes, check_logit_inputs, finish, raise_if_bad
-
-
-@triton.jit
-def _bad_bits(x, mask):
-    """Per-row NaN (1) / +inf (2) bits of a [R, BV] block."""
-    nan = tl.max(tl.where(mask & (x != x), 1, 0), axis=1)
-    pinf = tl.max(tl.where(mask & (x == float("inf")), 1, 0), axis=1)
-    return nan * 1 + pinf * 2
+from ._checks import Shapes, check_logit_inputs, finish, raise_if_flagged
 
 
 @triton.jit
@@ -49,13 +47,14 @@ def _put(state, sel, value):
 
 
 @triton.jit
-def _factual_step(lf, ids, fmask, m_f, s_f, top2, am_f, bad_f):
-    """Fold one factual block lf [R, BV] into the running state ([R] each).
+def _factual_step(lf, ids, m_f, s_f, top2, am_f):
+    """Fold one factual block lf [R, BV] (-inf outside the valid ids/rows) into the running state.
 
-    m_f is the running max (= top-1); returns the new state plus alpha (rescale factor of
-    sums taken relative to the old max) and e_f = exp(lf - new max) for the counterfactual steps.
+    m_f is the running max (= top-1); returns the new state plus alpha (rescale factor of sums
+    taken relative to the old max) and e_f = exp(lf - new max) for the counterfactual steps.
+    NaN / +inf are not tested per element: they turn s_f into NaN (or m_f into +inf), which
+    the end of the kernel flags.
     """
-    bad_f = bad_f | _bad_bits(lf, fmask)
     b1 = tl.max(lf, axis=1)
     i1 = tl.min(tl.where(lf == b1[:, None], ids[None, :], 2147483647), axis=1)
     b2 = tl.max(tl.where(ids[None, :] == i1[:, None], float("-inf"), lf), axis=1)
@@ -66,19 +65,21 @@ def _factual_step(lf, ids, fmask, m_f, s_f, top2, am_f, bad_f):
     alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_f - m_use))
     e_f = tl.exp(lf - m_use[:, None])  # 0 where lf is -inf (masked ids and padding)
     s_f = s_f * alpha + tl.sum(e_f, axis=1)
-    return m_new, s_f, top2, am_f, bad_f, alpha, e_f
+    return m_new, s_f, top2, am_f, alpha, e_f
 
 
 @triton.jit
-def _counterfactual_step(lc, lf, e_f, alpha, ids, fmask, tok, lc_tok,
-                         m_c, s_c, am_c, akl, viol, rank, bad_c):
-    """Fold one counterfactual block lc [R, BV] (teacher k) into its running state ([R] each).
+def _counterfactual_step(lc, lf, e_f, alpha, ids, tok, lc_tok, m_c, s_c, am_c, akl, viol, rank,
+                         SKIP_TOKEN: tl.constexpr):
+    """Fold one counterfactual block lc [R, BV] (teacher k; -inf outside the valid ids/rows) into
+    its running state ([R] each).
 
     akl accumulates sum exp(lf - m_f) (lf - lc) over ids where both are finite, rescaled with the
-    factual max like s_f; viol marks factual mass on a counterfactual -inf (KL = +inf). The rank
-    counts ids above the data token (ties: lower ids), never the token itself.
+    factual max like s_f; viol counts factual mass on a counterfactual -inf (KL = +inf). The rank
+    counts ids above the data token (ties: lower ids); SKIP_TOKEN never counts the token itself
+    (needed when lc_tok was computed apart from lc). Rank and violations share one integer
+    reduction (rank in the low 16 bits: BLOCK_V < 65536).
     """
-    bad_c = bad_c | _bad_bits(lc, fmask)
     cb1 = tl.max(lc, axis=1)
     ci1 = tl.min(tl.where(lc == cb1[:, None], ids[None, :], 2147483647), axis=1)
     am_c = tl.where(cb1 > m_c, ci1.to(tl.int64), am_c)
@@ -88,62 +89,60 @@ def _counterfactual_step(lc, lf, e_f, alpha, ids, fmask, tok, lc_tok,
     s_c = s_c * alpha_c + tl.sum(tl.exp(lc - mc_use[:, None]), axis=1)
     has_f = lf > float("-inf")
     has_c = lc > float("-inf")
-    diff = tl.where(has_f & has_c, lf - lc, 0.0)
-    akl = akl * alpha + tl.sum(e_f * diff, axis=1)
-    viol = viol | tl.max(tl.where(has_f & (~has_c) & fmask, 1, 0), axis=1)
+    akl = akl * alpha + tl.sum(tl.where(has_f & has_c, e_f * (lf - lc), 0.0), axis=1)
     t = lc_tok[:, None]
-    above = (lc > t) | ((lc == t) & (ids[None, :] < tok[:, None]))
-    above = above & (ids[None, :] != tok[:, None]) & fmask
-    rank = rank + tl.sum(tl.where(above, 1, 0), axis=1).to(tl.int64)
-    return mc_new, s_c, am_c, akl, viol, rank, bad_c
+    above = tl.where(ids[None, :] < tok[:, None], lc >= t, lc > t)
+    if SKIP_TOKEN:
+        above = above & (ids[None, :] != tok[:, None])
+    packed = tl.sum(above.to(tl.int32) + ((has_f & (~has_c)).to(tl.int32) << 16), axis=1)
+    rank = rank + (packed & 65535).to(tl.int64)
+    viol = viol | (packed >> 16)
+    return mc_new, s_c, am_c, akl, viol, rank
 
 
 @triton.jit
 def _js_step(lpf, lc, lse_c):
-    """Jensen-Shannon and KL contributions ([R]) of one block, given normalised factual
-    log-probs lpf [R, BV] and raw counterfactual logits lc [R, BV] with their lse_c [R]."""
+    """Jensen-Shannon contribution ([R]) of one block, given normalised factual log-probs
+    lpf [R, BV] and raw counterfactual logits lc [R, BV] with their lse_c [R]. Where p > 0 the
+    mixture (p + q) / 2 > 0, so log m is finite wherever its term counts."""
     lpc = lc - lse_c[:, None]
-    has_f = lpf > float("-inf")
-    has_c = lpc > float("-inf")
-    hi = tl.maximum(lpf, lpc)
-    lo = tl.minimum(lpf, lpc)
-    hi_use = tl.where(hi == float("-inf"), 0.0, hi)
-    lm = hi + tl.log(1.0 + tl.exp(lo - hi_use)) - 0.6931471805599453  # log((p + q) / 2)
     pf = tl.exp(lpf)
     pc = tl.exp(lpc)
-    tf = tl.where(has_f, pf * (lpf - lm), 0.0)
-    tc = tl.where(has_c, pc * (lpc - lm), 0.0)
-    js = 0.5 * tl.sum(tf + tc, axis=1)
-    kl = tl.sum(tl.where(has_f & has_c, pf * (lpf - lpc), 0.0), axis=1)
-    return js, kl
+    lm = tl.log(0.5 * (pf + pc))
+    tf = tl.where(pf > 0.0, pf * (lpf - lm), 0.0)
+    tc = tl.where(pc > 0.0, pc * (lpc - lm), 0.0)
+    return 0.5 * tl.sum(tf + tc, axis=1)
 
 
 @triton.jit
-def _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f, bad_f,
-                   m_c, s_c, am_c, akl, viol, rank, bad_c, js, kld,
+def _bad(m, s):
+    """1 where a row had NaN (s is NaN), +inf (m = +inf) or only -inf (m = -inf)."""
+    return tl.where((s != s) | (m == float("inf")) | (m == float("-inf")), 1, 0)
+
+
+@triton.jit
+def _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f,
+                   m_c, s_c, am_c, akl, viol, rank, js,
                    am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
                    am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS: tl.constexpr):
-    """Finish the online statistics and write every output element of this row block."""
+    """Finish the online statistics and write every output element of this row block.
+
+    KL = A / S_f + lse_c - lse_f (see the module docstring), +inf on a support violation."""
     lse_f = m_f + tl.log(s_f)
     lse_c = m_c + tl.log(s_c)
-    bad_f = bad_f | tl.where(m_f == float("-inf"), 4, 0)
-    bad_c = bad_c | tl.where(m_c == float("-inf"), 4, 0)
-    if WITH_JS:
-        kl = kld
-    else:
-        kl = akl / s_f[:, None] + lse_c - lse_f[:, None]
+    kl = akl / s_f[:, None] + lse_c - lse_f[:, None]
     kl = tl.where(viol != 0, float("inf"), kl)
     tl.store(am_f_ptr + rows, am_f, mask=row_ok)
     tl.store(lp_f_ptr + rows, lf_tok - lse_f, mask=row_ok)
     tl.store(margin_ptr + rows, tl.where(top2 == float("-inf"), float("inf"), m_f - top2), mask=row_ok)
-    tl.store(status_f_ptr + rows, bad_f, mask=row_ok)
+    tl.store(status_f_ptr + rows, _bad(m_f, s_f), mask=row_ok)
     out_c = ks.to(tl.int64)[None, :] * N + rows[:, None]
     cmask = row_ok[:, None] & k_ok[None, :]
     tl.store(am_c_ptr + out_c, am_c, mask=cmask)
     tl.store(lp_c_ptr + out_c, lc_tok - lse_c, mask=cmask)
     tl.store(kl_ptr + out_c, kl, mask=cmask)
     tl.store(rank_ptr + out_c, rank, mask=cmask)
-    tl.store(status_c_ptr + out_c, bad_c, mask=cmask)
+    tl.store(status_c_ptr + out_c, _bad(m_c, s_c), mask=cmask)
     if WITH_JS:
         tl.store(js_ptr + out_c, js, mask=cmask)
 
@@ -174,39 +173,34 @@ def _divergence_kernel(
     s_f = tl.zeros((ROWS,), tl.float32)
     top2 = tl.full((ROWS,), float("-inf"), tl.float32)
     am_f = tl.zeros((ROWS,), tl.int64)
-    bad_f = tl.zeros((ROWS,), tl.int32)
     m_c = tl.full((ROWS, K_PAD), float("-inf"), tl.float32)
     s_c = tl.zeros((ROWS, K_PAD), tl.float32)
     am_c = tl.zeros((ROWS, K_PAD), tl.int64)
     akl = tl.zeros((ROWS, K_PAD), tl.float32)
     viol = tl.zeros((ROWS, K_PAD), tl.int32)
     rank = tl.zeros((ROWS, K_PAD), tl.int64)
-    bad_c = tl.zeros((ROWS, K_PAD), tl.int32)
 
     for start in range(0, V, BLOCK_V):
         ids = start + offs
         fmask = row_ok[:, None] & (ids < V)[None, :]
         lf = tl.load(f_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
-        m_f, s_f, top2, am_f, bad_f, alpha, e_f = _factual_step(lf, ids, fmask, m_f, s_f, top2, am_f, bad_f)
+        m_f, s_f, top2, am_f, alpha, e_f = _factual_step(lf, ids, m_f, s_f, top2, am_f)
         ck_rows = c_rows
         for k in range(0, K):
             sel = (ks == k)[None, :]
             lc = tl.load(ck_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
-            m1, s1, a1, kl1, v1, r1, b1 = _counterfactual_step(
-                lc, lf, e_f, alpha, ids, fmask, tok, _col(lc_tok, sel),
-                _col(m_c, sel), _col(s_c, sel), _col(am_c, sel), _col(akl, sel), _col(viol, sel),
-                _col(rank, sel), _col(bad_c, sel))
+            m1, s1, a1, kl1, v1, r1 = _counterfactual_step(
+                lc, lf, e_f, alpha, ids, tok, _col(lc_tok, sel), _col(m_c, sel), _col(s_c, sel),
+                _col(am_c, sel), _col(akl, sel), _col(viol, sel), _col(rank, sel), False)
             m_c = _put(m_c, sel, m1)
             s_c = _put(s_c, sel, s1)
             am_c = _put(am_c, sel, a1)
             akl = _put(akl, sel, kl1)
             viol = _put(viol, sel, v1)
             rank = _put(rank, sel, r1)
-            bad_c = _put(bad_c, sel, b1)
             ck_rows += stride_ck
 
     js = tl.zeros((ROWS, K_PAD), tl.float32)
-    kld = tl.zeros((ROWS, K_PAD), tl.float32)
     if WITH_JS:  # second pass: needs both log-sum-exps inside the sum
         lse_f = m_f + tl.log(s_f)
         lse_c = m_c + tl.log(s_c)
@@ -219,13 +213,11 @@ def _divergence_kernel(
             for k in range(0, K):
                 sel = (ks == k)[None, :]
                 lc = tl.load(ck_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
-                js1, kl1 = _js_step(lpf, lc, _col(lse_c, sel))
-                js = _put(js, sel, _col(js, sel) + js1)
-                kld = _put(kld, sel, _col(kld, sel) + kl1)
+                js = _put(js, sel, _col(js, sel) + _js_step(lpf, lc, _col(lse_c, sel)))
                 ck_rows += stride_ck
 
-    _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f, bad_f,
-                   m_c, s_c, am_c, akl, viol, rank, bad_c, js, kld,
+    _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f,
+                   m_c, s_c, am_c, akl, viol, rank, js,
                    am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
                    am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS)
 
@@ -248,6 +240,8 @@ def launch_config(n: int, v: int, k: int, block_v: int | None = None, num_warps:
                   rows: int | None = None) -> LaunchConfig:
     """Block sizes for a call; block_v / num_warps / rows override the defaults (for tuning)."""
     bv = block_v if block_v is not None else TILE_ELEMENTS
+    if bv < 16 or bv > 32768 or bv & (bv - 1):
+        raise ValueError(f"block_v must be a power of two in [16, 32768], got {bv}")  # rank packs 16 bits
     bv = min(bv, max(16, triton.next_power_of_2(v)))
     if rows is None:
         rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // bv, triton.next_power_of_2(max(n, 1))))
@@ -307,7 +301,8 @@ def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor,
             shapes.n, shapes.v, shapes.k,
             K_PAD=cfg.k_pad, ROWS=cfg.rows, BLOCK_V=cfg.block_v, WITH_JS=with_js, num_warps=cfg.num_warps,
         )
-        raise_if_bad(buf["status_factual"], buf["status_counterfactual"])
+        raise_if_flagged(buf["status_factual"], buf["status_counterfactual"],
+                         lambda k, r: factual[r] if k is None else cf3[k, r])
     result = {key: buf[key] for key in ("argmax_factual", "argmax_counterfactual", "logp_factual",
                                          "logp_counterfactual", "kl", "js", "margin", "rank")}
     return finish(result, shapes, with_js)

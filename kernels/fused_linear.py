@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._checks import Shapes, finish, raise_if_bad
+from ._checks import Shapes, finish, raise_if_flagged
 from .divergence_triton import (
     _col,
     _counterfactual_step,
@@ -115,7 +115,6 @@ def _fused_linear_kernel(
     s_f = tl.zeros((ROWS,), tl.float32)
     top2 = tl.full((ROWS,), float("-inf"), tl.float32)
     am_f = tl.zeros((ROWS,), tl.int64)
-    bad_f = tl.zeros((ROWS,), tl.int32)
     lf_tok = tl.zeros((ROWS,), tl.float32)
     m_c = tl.full((ROWS, K_PAD), float("-inf"), tl.float32)
     s_c = tl.zeros((ROWS, K_PAD), tl.float32)
@@ -123,7 +122,6 @@ def _fused_linear_kernel(
     akl = tl.zeros((ROWS, K_PAD), tl.float32)
     viol = tl.zeros((ROWS, K_PAD), tl.int32)
     rank = tl.zeros((ROWS, K_PAD), tl.int64)
-    bad_c = tl.zeros((ROWS, K_PAD), tl.int32)
     lc_tok = tl.zeros((ROWS, K_PAD), tl.float32)
 
     for start in range(0, V, BLOCK_V):
@@ -134,30 +132,27 @@ def _fused_linear_kernel(
         lf = _logits_block(hf_ptr, stride_hf_n, wf_ptr, stride_wf_v, bf_ptr, rows, row_ok, ids, v_ok, D,
                            HAS_BF, F_IEEE, ROWS, BLOCK_V, BLOCK_D, UPCAST)
         lf_tok += tl.sum(tl.where(is_tok & fmask, lf, 0.0), axis=1)
-        m_f, s_f, top2, am_f, bad_f, alpha, e_f = _factual_step(lf, ids, fmask, m_f, s_f, top2, am_f, bad_f)
+        m_f, s_f, top2, am_f, alpha, e_f = _factual_step(lf, ids, m_f, s_f, top2, am_f)
         hk, wk, bk = hc_ptr, wc_ptr, bc_ptr
         for k in range(0, K):
             sel = (ks == k)[None, :]
             lc = _logits_block(hk, stride_hc_n, wk, stride_wc_v, bk, rows, row_ok, ids, v_ok, D,
                                HAS_BC, C_IEEE, ROWS, BLOCK_V, BLOCK_D, UPCAST)
             lc_tok = _put(lc_tok, sel, _col(lc_tok, sel) + tl.sum(tl.where(is_tok & fmask, lc, 0.0), axis=1))
-            m1, s1, a1, kl1, v1, r1, b1 = _counterfactual_step(
-                lc, lf, e_f, alpha, ids, fmask, tok, _col(lc_tok_rank, sel),
-                _col(m_c, sel), _col(s_c, sel), _col(am_c, sel), _col(akl, sel), _col(viol, sel),
-                _col(rank, sel), _col(bad_c, sel))
+            m1, s1, a1, kl1, v1, r1 = _counterfactual_step(
+                lc, lf, e_f, alpha, ids, tok, _col(lc_tok_rank, sel), _col(m_c, sel), _col(s_c, sel),
+                _col(am_c, sel), _col(akl, sel), _col(viol, sel), _col(rank, sel), True)
             m_c = _put(m_c, sel, m1)
             s_c = _put(s_c, sel, s1)
             am_c = _put(am_c, sel, a1)
             akl = _put(akl, sel, kl1)
             viol = _put(viol, sel, v1)
             rank = _put(rank, sel, r1)
-            bad_c = _put(bad_c, sel, b1)
             hk += stride_hc_k
             wk += stride_wc_k
             bk += stride_bc_k
 
     js = tl.zeros((ROWS, K_PAD), tl.float32)
-    kld = tl.zeros((ROWS, K_PAD), tl.float32)
     if WITH_JS:  # second pass recomputes the logit blocks
         lse_f = m_f + tl.log(s_f)
         lse_c = m_c + tl.log(s_c)
@@ -172,15 +167,13 @@ def _fused_linear_kernel(
                 sel = (ks == k)[None, :]
                 lc = _logits_block(hk, stride_hc_n, wk, stride_wc_v, bk, rows, row_ok, ids, v_ok, D,
                                    HAS_BC, C_IEEE, ROWS, BLOCK_V, BLOCK_D, UPCAST)
-                js1, kl1 = _js_step(lpf, lc, _col(lse_c, sel))
-                js = _put(js, sel, _col(js, sel) + js1)
-                kld = _put(kld, sel, _col(kld, sel) + kl1)
+                js = _put(js, sel, _col(js, sel) + _js_step(lpf, lc, _col(lse_c, sel)))
                 hk += stride_hc_k
                 wk += stride_wc_k
                 bk += stride_bc_k
 
-    _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f, bad_f,
-                   m_c, s_c, am_c, akl, viol, rank, bad_c, js, kld,
+    _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f,
+                   m_c, s_c, am_c, akl, viol, rank, js,
                    am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
                    am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS)
 
@@ -193,6 +186,18 @@ def _dot_operands(h: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch
     h = h if h.stride(-1) == 1 else h.contiguous()
     w = w if w.stride(-1) == 1 else w.contiguous()
     return h, w, h.dtype == torch.float32
+
+
+def _row_logits(hf: torch.Tensor, wf: torch.Tensor, bf: torch.Tensor | None, hc: torch.Tensor, wc: torch.Tensor,
+                bc: torch.Tensor | None, k: int | None, r: int) -> torch.Tensor:
+    """One row of logits in fp32 (only on the error path, to name what is wrong with it)."""
+    if k is None:
+        h, w, b = hf[r], wf, bf
+    else:
+        h, w = hc[k, r], wc[k % wc.shape[0]]
+        b = None if bc is None else bc[k % bc.shape[0]]
+    out = w.float() @ h.float()
+    return out + b.float() if b is not None else out
 
 
 def fused_block_sizes(n: int, v: int, d: int, rows: int | None = None, block_v: int | None = None,
@@ -236,7 +241,8 @@ def fused_linear_stats_triton(hidden_f: torch.Tensor, weight_f: torch.Tensor, bi
             WITH_JS=with_js, UPCAST=hf.device.type != "cuda" and torch.bfloat16 in (hf.dtype, hc.dtype),
             num_warps=num_warps if num_warps is not None else (8 if r * bv >= 8192 else 4),
         )
-        raise_if_bad(buf["status_factual"], buf["status_counterfactual"])
+        raise_if_flagged(buf["status_factual"], buf["status_counterfactual"],
+                         lambda k, r: _row_logits(hf, wf, bias_f, hc, wc, bc, k, r))
     result = {key: buf[key] for key in ("argmax_factual", "argmax_counterfactual", "logp_factual",
                                          "logp_counterfactual", "kl", "js", "margin", "rank")}
     return finish(result, shapes, with_js)
