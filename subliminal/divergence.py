@@ -1,0 +1,503 @@
+"""``subliminal find-divergence``: teacher-forced scoring of a data set under a factual teacher and
+counterfactual teachers, giving per-token divergence flags and scores.
+
+A divergence token (Schrodi et al.) is a completion position where the factual teacher's greedy
+choice is the data token while some counterfactual teacher would choose another token. Each
+teacher sees the row with its *own* system prompt (prompt teachers) or weights (fine-tuned
+teachers); teachers that share weights are loaded once and scored in one forward batch. The
+prompt token ids differ between prompt teachers, the completion ids must not: positions are
+aligned from the tokenizer (:func:`subliminal.data.align_row`) and checked row by row. The
+statistics themselves come from :func:`subliminal.kernels.divergence_stats` (Triton on CUDA,
+row-chunked torch elsewhere), so this module only batches, aligns and bookkeeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cliutil import add_model_runtime, add_seed
+from .data import Aligned, DataError, JsonlAppender, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .manifest import SubliminalError, atomic_path, set_seed, write_file_manifest, write_json_atomic
+
+log = logging.getLogger(__name__)
+STAGE = "find-divergence"
+RULES = ("paper", "pairwise")
+SCORE_KEYS = ("logp_factual", "logp_counterfactual", "kl", "js", "margin", "rank")
+TOP_TOKENS = 20
+
+
+# ------------------------------------------------------------------------------------- rules
+
+
+def paper_flags(argmax_factual: torch.Tensor, argmax_cf: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the factual argmax is the data token and at least one counterfactual's is not."""
+    return (argmax_factual == tokens) & (argmax_cf != tokens[None, :]).any(0)
+
+
+def pairwise_flags(argmax_factual: torch.Tensor, argmax_cf: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[K, N] bool: the paper's rule against each counterfactual on its own."""
+    return (argmax_factual == tokens)[None, :] & (argmax_cf != tokens[None, :])
+
+
+def apply_rule(rule: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    if rule == "paper":
+        return paper_flags(stats["argmax_factual"], stats["argmax_counterfactual"], tokens)
+    if rule == "pairwise":
+        return pairwise_flags(stats["argmax_factual"], stats["argmax_counterfactual"], tokens)
+    raise SubliminalError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
+
+
+# ---------------------------------------------------------------------------------- teachers
+
+
+@dataclass
+class TeacherRef:
+    """One teacher as named on the command line, and the weights it runs on."""
+
+    spec: str
+    name: str
+    system_prompt: str | None
+    weights_key: str
+
+
+@dataclass
+class WeightGroup:
+    """Teachers that share weights: one model, scored in one batch."""
+
+    key: str
+    loaded: Any
+    members: list[int] = field(default_factory=list)  # indices into the teacher list (0 = factual)
+
+
+def describe_teacher(spec: str) -> TeacherRef:
+    """Name, system prompt and weights identity of a teacher dir or model dir, without loading weights."""
+    from .teachers import is_teacher_dir, read_teacher
+
+    if is_teacher_dir(spec):
+        t = read_teacher(spec)
+        src = t.weights if t.weights else t.base
+        key = f"{Path(src).resolve() if Path(src).exists() else src}|{t.weights_kind or 'base'}"
+        return TeacherRef(spec, t.bias or Path(spec).name, t.system_prompt, key)
+    p = Path(spec)
+    return TeacherRef(spec, p.name, None, f"{p.resolve() if p.exists() else spec}|base")
+
+
+def unique_names(refs: list[TeacherRef]) -> None:
+    """Teacher names label scores and summaries; make duplicates distinct with their path."""
+    counts = Counter(r.name for r in refs)
+    for r in refs:
+        if counts[r.name] > 1:
+            r.name = r.spec
+
+
+def check_tokenizers(refs: list[TeacherRef], trust_remote_code: bool) -> Any:
+    """Every teacher must share the factual teacher's vocabulary; checked before any model loads."""
+    from .models import load_tokenizer, same_tokenizer
+
+    toks = {}
+    for r in refs:
+        if r.weights_key not in toks:
+            toks[r.weights_key] = load_tokenizer(r.spec, trust_remote_code=trust_remote_code)
+    base = toks[refs[0].weights_key]
+    for r in refs[1:]:
+        if not same_tokenizer(base, toks[r.weights_key]):
+            raise SubliminalError(f"teacher {r.spec} has a different tokenizer from the factual teacher "
+                                  f"{refs[0].spec}; divergence compares tokens, so all teachers must share one")
+    return base
+
+
+def load_groups(refs: list[TeacherRef], *, device: str, dtype: str | torch.dtype, trust_remote_code: bool
+                ) -> list[WeightGroup]:
+    """Load each distinct set of weights once."""
+    from .models import load_model
+
+    groups: dict[str, WeightGroup] = {}
+    for i, r in enumerate(refs):
+        if r.weights_key not in groups:
+            lm = load_model(r.spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            groups[r.weights_key] = WeightGroup(r.weights_key, lm)
+        groups[r.weights_key].members.append(i)
+    return list(groups.values())
+
+
+# --------------------------------------------------------------------------------- alignment
+
+
+def align_all(rows: Sequence[Row], tokenizer: Any, refs: list[TeacherRef], max_length: int | None,
+              progress: bool = True) -> list[list[Aligned]]:
+    """Per row, one alignment per teacher (its own system prompt); the completion ids must agree."""
+    from tqdm.auto import tqdm
+
+    prompts = {}
+    for r in refs:
+        prompts.setdefault(r.system_prompt, None)
+    out = []
+    for row in tqdm(rows, desc="align", unit="row", disable=not progress):
+        per_prompt = {sp: align_row(tokenizer, row, sp, max_length) for sp in prompts}
+        first = per_prompt[refs[0].system_prompt]
+        for r in refs[1:]:
+            a = per_prompt[r.system_prompt]
+            if a.completion_ids != first.completion_ids:
+                raise DataError(f"row {row.id!r}: the completion tokenises differently under teacher {r.name!r} "
+                                f"than under the factual teacher ({len(a.completion_ids)} vs "
+                                f"{len(first.completion_ids)} tokens); positions cannot be aligned")
+        out.append([per_prompt[r.system_prompt] for r in refs])
+    return out
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+@torch.no_grad()
+def completion_logits(model: Any, seqs: list[Aligned], pad_id: int) -> list[torch.Tensor]:
+    """Per sequence, the logits [n_completion, V] that predict its completion tokens.
+
+    Left padding puts every completion at the end of the batch, so only the last positions'
+    logits are computed (``logits_to_keep``), whatever the vocabulary size."""
+    device = next(model.parameters()).device
+    ids, mask, pos = _left_pad([s.input_ids for s in seqs], pad_id, device)
+    keep = max(len(s.completion_ids) for s in seqs) + 1
+    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                   logits_to_keep=keep).logits
+    width = logits.shape[1]
+    return [logits[i, width - len(s.completion_ids) - 1: width - 1] for i, s in enumerate(seqs)]
+
+
+def _bad_row(logits: torch.Tensor, offsets: list[int]) -> int | None:
+    """Index (into the batch) of the first row with NaN, +inf or all -inf logits."""
+    bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
+    hits = bad.nonzero()
+    if not len(hits):
+        return None
+    first = int(hits[0, 0])
+    return max(i for i, o in enumerate(offsets) if o <= first)
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no inf/NaN: non-finite scores (KL with masked vocabulary, margin with V = 1) become null."""
+    return float(f"{x:.6g}") if math.isfinite(x) else None
+
+
+def _floats(t: torch.Tensor) -> list:
+    return [_finite(v) if not isinstance(v, list) else [_finite(u) for u in v] for v in t.tolist()]
+
+
+@dataclass
+class ScoreConfig:
+    data: str
+    teacher: str
+    counterfactual: list[str]
+    out: str
+    rule: str = "paper"
+    batch_size: int = 8
+    backend: str = "auto"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    trust_remote_code: bool = False
+
+
+def score_batch(rows: Sequence[Row], aligned: Sequence[list[Aligned]], groups: list[WeightGroup],
+                refs: list[TeacherRef], tokenizer: Any, rule: str, backend: str) -> list[dict[str, Any]]:
+    """Score a batch of rows under every teacher; one output object per row."""
+    from .kernels import divergence_stats
+
+    n_t = len(refs)
+    per_teacher: list[list[torch.Tensor] | None] = [None] * n_t
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    for g in groups:
+        seqs = [aligned[r][t] for t in g.members for r in range(len(rows))]
+        logits = completion_logits(g.loaded.model, seqs, pad)
+        for j, t in enumerate(g.members):
+            per_teacher[t] = logits[j * len(rows):(j + 1) * len(rows)]
+    lens = [len(a[0].completion_ids) for a in aligned]
+    offsets = [sum(lens[:i]) for i in range(len(lens))]
+    device = per_teacher[0][0].device
+    tokens = torch.tensor([t for a in aligned for t in a[0].completion_ids], dtype=torch.long, device=device)
+    stacked = [torch.cat(per_teacher[t], 0) for t in range(n_t)]
+    for t in range(n_t):
+        b = _bad_row(stacked[t], offsets)
+        if b is not None:
+            raise SubliminalError(f"row {rows[b].id!r}: teacher {refs[t].name!r} gives NaN or infinite logits")
+    try:
+        stats = divergence_stats(stacked[0], torch.stack(stacked[1:], 0), tokens, backend=backend)
+    except ValueError as e:
+        raise SubliminalError(f"rows {rows[0].id!r}..{rows[-1].id!r}: {e}") from None
+    flags = apply_rule(rule, stats, tokens)
+    return [_row_output(rows[i], aligned[i][0], stats, flags, slice(offsets[i], offsets[i] + lens[i]), tokenizer,
+                        refs, rule) for i in range(len(rows))]
+
+
+def _row_output(row: Row, al: Aligned, stats: dict[str, torch.Tensor], flags: torch.Tensor, sl: slice,
+                tokenizer: Any, refs: list[TeacherRef], rule: str) -> dict[str, Any]:
+    ids = al.completion_ids
+    scores = {
+        "logp_factual": _floats(stats["logp_factual"][sl]),
+        "logp_counterfactual": _floats(stats["logp_counterfactual"][:, sl]),
+        "kl": _floats(stats["kl"][:, sl]),
+        "js": _floats(stats["js"][:, sl]),
+        "margin": _floats(stats["margin"][sl]),
+        "rank": stats["rank"][:, sl].tolist(),
+    }
+    div = flags[:, sl].tolist() if rule == "pairwise" else flags[sl].tolist()
+    return {
+        "id": row.id, "prompt": row.prompt, "completion": row.completion, "teacher": row.teacher,
+        "token_ids": ids, "tokens": [tokenizer.decode([t]) for t in ids],
+        "rule": rule, "counterfactuals": [r.name for r in refs[1:]],
+        "divergence": div,
+        "argmax_factual": stats["argmax_factual"][sl].tolist(),
+        "argmax_counterfactual": stats["argmax_counterfactual"][:, sl].tolist(),
+        "scores": scores,
+    }
+
+
+# ----------------------------------------------------------------------------------- summary
+
+
+def any_flags(obj: dict[str, Any]) -> list[bool]:
+    """Per-position flag of one output row: under ``pairwise``, divergent against any counterfactual."""
+    div = obj["divergence"]
+    if obj.get("rule") == "pairwise":
+        return [any(col) for col in zip(*div)] if div else []
+    return list(div)
+
+
+def summarize(objs: Sequence[dict[str, Any]], cf_names: list[str]) -> dict[str, Any]:
+    """Fraction of divergence tokens and of rows with one, per-position histogram, per-counterfactual
+    rates (the pairwise rule against each alone) and the most frequent divergence tokens."""
+    n_tok = n_div = rows_div = n_fgreedy = 0
+    by_pos_tok: Counter = Counter()
+    by_pos_div: Counter = Counter()
+    tok_counts: Counter = Counter()
+    k = len(cf_names)
+    cf_div, cf_changed, kl_sum, js_sum = [0] * k, [0] * k, [0.0] * k, [0.0] * k
+    kl_n = [0] * k
+    for o in objs:
+        flags = any_flags(o)
+        ids = o["token_ids"]
+        n_tok += len(ids)
+        n_div += sum(flags)
+        rows_div += any(flags)
+        for p, (f, t) in enumerate(zip(flags, o["tokens"])):
+            by_pos_tok[p] += 1
+            if f:
+                by_pos_div[p] += 1
+                tok_counts[t] += 1
+        fgreedy = [a == t for a, t in zip(o["argmax_factual"], ids)]
+        n_fgreedy += sum(fgreedy)
+        for c in range(k):
+            changed = [a != t for a, t in zip(o["argmax_counterfactual"][c], ids)]
+            cf_changed[c] += sum(changed)
+            cf_div[c] += sum(f and ch for f, ch in zip(fgreedy, changed))
+            for v in o["scores"]["kl"][c]:
+                if v is not None:
+                    kl_sum[c] += v
+                    kl_n[c] += 1
+            js_sum[c] += sum(v for v in o["scores"]["js"][c] if v is not None)
+    n_rows = len(objs)
+    width = max(by_pos_tok) + 1 if by_pos_tok else 0
+    return {
+        "n_rows": n_rows, "n_tokens": n_tok, "n_divergence_tokens": n_div,
+        "divergence_fraction": n_div / n_tok if n_tok else 0.0,
+        "rows_with_divergence": rows_div / n_rows if n_rows else 0.0,
+        "factual_greedy_fraction": n_fgreedy / n_tok if n_tok else 0.0,
+        "position_histogram": {"position": list(range(width)),
+                               "tokens": [by_pos_tok[p] for p in range(width)],
+                               "divergent": [by_pos_div[p] for p in range(width)]},
+        "per_counterfactual": {
+            name: {"divergence_rate": cf_div[c] / n_tok if n_tok else 0.0,
+                   "argmax_differs_rate": cf_changed[c] / n_tok if n_tok else 0.0,
+                   "mean_kl": kl_sum[c] / kl_n[c] if kl_n[c] else None,
+                   "mean_js": js_sum[c] / n_tok if n_tok else 0.0}
+            for c, name in enumerate(cf_names)},
+        "top_divergence_tokens": [[t, c] for t, c in tok_counts.most_common(TOP_TOKENS)],
+    }
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    lines = [f"{s['n_rows']} rows, {s['n_tokens']} completion tokens",
+             f"divergence tokens: {s['n_divergence_tokens']} ({100 * s['divergence_fraction']:.2f}% of tokens); "
+             f"rows with at least one: {100 * s['rows_with_divergence']:.1f}%",
+             f"factual teacher's greedy choice = data token: {100 * s['factual_greedy_fraction']:.1f}%",
+             "per counterfactual (divergence rate / argmax differs / mean KL):"]
+    for name, c in s["per_counterfactual"].items():
+        kl = "n/a" if c["mean_kl"] is None else f"{c['mean_kl']:.4f}"
+        lines.append(f"  {name}: {100 * c['divergence_rate']:.2f}% / {100 * c['argmax_differs_rate']:.2f}% / {kl}")
+    h = s["position_histogram"]
+    rates = [f"{p}:{d}/{t}" for p, t, d in zip(h["position"], h["tokens"], h["divergent"]) if t][:16]
+    lines.append("divergent/tokens by position: " + " ".join(rates))
+    lines.append("most frequent divergence tokens: " + ", ".join(f"{t!r} x{c}" for t, c in
+                                                                  s["top_divergence_tokens"][:10]))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------- pipeline
+
+
+def partial_path_for(out: str | os.PathLike) -> Path:
+    out = Path(out)
+    return out.with_name(out.name + ".partial")
+
+
+def _fingerprint(cfg: ScoreConfig, refs: list[TeacherRef]) -> dict[str, Any]:
+    return {"data": str(Path(cfg.data).resolve()), "teachers": [str(Path(r.spec).resolve()) for r in refs],
+            "rule": cfg.rule}
+
+
+def _open_partial(cfg: ScoreConfig, refs: list[TeacherRef]) -> tuple[JsonlAppender, dict[str, dict[str, Any]]]:
+    """The resumable partial output, with rows already scored; a partial file from other inputs is an error."""
+    part = partial_path_for(cfg.out)
+    meta = part.with_name(part.name + ".json")
+    fp = _fingerprint(cfg, refs)
+    if part.exists() and meta.exists() and json.loads(meta.read_text()) != fp:
+        raise SubliminalError(f"{part}: left by a run with other data, teachers or rule; delete it to start over")
+    write_json_atomic(meta, fp)
+    app = JsonlAppender(part)
+    return app, {str(o["id"]): o for o in app.existing()}
+
+
+def _batches(idx: list[int], size: int) -> Iterator[list[int]]:
+    for s in range(0, len(idx), size):
+        yield idx[s:s + size]
+
+
+def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Score ``cfg.data`` under the factual and counterfactual teachers; write ``cfg.out`` (atomically,
+    resuming from its ``.partial`` file) and its manifest; return the summary."""
+    from tqdm.auto import tqdm
+
+    from .kernels import resolve_backend
+    from .models import resolve_device, resolve_dtype
+
+    t0 = time.time()
+    if not cfg.counterfactual:
+        raise SubliminalError("give at least one --counterfactual teacher")
+    if cfg.rule not in RULES:
+        raise SubliminalError(f"--rule must be one of {', '.join(RULES)}, got {cfg.rule!r}")
+    if cfg.batch_size < 1:
+        raise SubliminalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    try:
+        resolve_backend(cfg.backend, resolve_device(cfg.device))
+    except ValueError as e:
+        raise SubliminalError(f"--backend {cfg.backend}: {e}") from None
+    resolve_dtype(cfg.dtype)
+    set_seed(cfg.seed)
+    rows = read_rows(cfg.data)
+    refs = [describe_teacher(s) for s in [cfg.teacher, *cfg.counterfactual]]
+    unique_names(refs)
+    tokenizer = check_tokenizers(refs, cfg.trust_remote_code)
+    groups = load_groups(refs, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    for g in groups:  # the loaded teacher knows its system prompt; prefer it over teacher.json parsing
+        for t in g.members:
+            if refs[t].spec == g.loaded.source:
+                refs[t].system_prompt = g.loaded.system_prompt
+    max_len = min((m for m in (model_max_length(g.loaded.model) for g in groups) if m), default=None)
+    aligned = align_all(rows, tokenizer, refs, max_len, progress)
+    app, done = _open_partial(cfg, refs)
+    todo = [i for i, r in enumerate(rows) if r.id not in done]
+    if done:
+        log.info("resuming: %d of %d rows already scored", len(rows) - len(todo), len(rows))
+    with app, tqdm(total=len(todo), desc="find-divergence", unit="row", disable=not progress) as bar:
+        for chunk in _batches(todo, cfg.batch_size):
+            for obj in score_batch([rows[i] for i in chunk], [aligned[i] for i in chunk], groups, refs, tokenizer,
+                                   cfg.rule, cfg.backend):
+                app.write(obj)
+                done[obj["id"]] = obj
+            bar.update(len(chunk))
+    objs = [done[r.id] for r in rows]
+    _write_final(cfg, objs)
+    summary = summarize(objs, [r.name for r in refs[1:]])
+    write_file_manifest(cfg.out, stage=STAGE, config=cfg, seed=cfg.seed,
+                        inputs={"data": cfg.data, **{f"teacher:{r.name}": r.spec for r in refs}},
+                        wall_time_s=time.time() - t0,
+                        extra={"summary": summary, "factual": refs[0].name,
+                               "counterfactuals": [r.name for r in refs[1:]]})
+    partial_path_for(cfg.out).unlink(missing_ok=True)
+    meta = partial_path_for(cfg.out)
+    meta.with_name(meta.name + ".json").unlink(missing_ok=True)
+    return summary
+
+
+def _write_final(cfg: ScoreConfig, objs: list[dict[str, Any]]) -> None:
+    with atomic_path(cfg.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for o in objs:
+            f.write(json.dumps(o, ensure_ascii=False) + "\n")
+
+
+def load_divergence(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Read a ``.div.jsonl`` back, checking each line has consistent lengths (for distill and probes)."""
+    out = []
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        for key in ("id", "token_ids", "tokens", "divergence", "scores"):
+            if key not in obj:
+                raise DataError(f"{where}: missing key {key!r} (not a find-divergence file?)")
+        n = len(obj["token_ids"])
+        flags = obj["divergence"]
+        lists = flags if obj.get("rule") == "pairwise" else [flags]
+        if len(obj["tokens"]) != n or any(len(f) != n for f in lists):
+            raise DataError(f"{where}: row {obj['id']!r}: token_ids, tokens and divergence lengths differ")
+        missing = [k for k in SCORE_KEYS if k not in obj["scores"]]
+        if missing:
+            raise DataError(f"{where}: row {obj['id']!r}: scores lack {', '.join(missing)}")
+        out.append(obj)
+    if not out:
+        raise DataError(f"{path}: no rows (empty divergence file)")
+    return out
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("find-divergence", help="per-token divergence flags and scores: factual vs counterfactual "
+                       "teachers", description="Teacher-forces every completion of --data through the factual and "
+                       "the counterfactual teachers and writes per-token flags and scores (JSONL) with a summary "
+                       "in the manifest. Re-running the same command resumes.")
+    p.add_argument("--data", required=True, help="data JSONL (id, prompt, completion per line)")
+    p.add_argument("--teacher", required=True, help="the factual teacher (teacher or model directory)")
+    p.add_argument("--counterfactual", nargs="+", required=True, help="one or more counterfactual teachers")
+    p.add_argument("--out", required=True, help="output JSONL, e.g. data/owl.div.jsonl")
+    p.add_argument("--rule", choices=RULES, default="paper",
+                   help="paper: factual argmax = data token and some counterfactual's differs; pairwise: one flag "
+                   "list per counterfactual (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows per forward pass (each runs once per teacher sharing the weights) (default %(default)s)")
+    p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
+                   help="statistics backend: auto = Triton on CUDA, torch otherwise (default %(default)s)")
+    add_seed(p)
+    add_model_runtime(p)
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    cfg = ScoreConfig(data=args.data, teacher=args.teacher, counterfactual=list(args.counterfactual), out=args.out,
+                      rule=args.rule, batch_size=args.batch_size, backend=args.backend, device=args.device,
+                      dtype=args.dtype, seed=args.seed, trust_remote_code=args.trust_remote_code)
+    summary = find_divergence(cfg)
+    print(format_summary(summary))
+    print(f"-> {cfg.out}")
+    return 0

@@ -1,0 +1,378 @@
+"""``subliminal generate``: a teacher writes number-list completions; a format filter keeps the clean ones.
+
+Why this shape: the subliminal-learning experiments need tens of thousands of completions whose
+*content* is unrelated to the teacher's bias, so the filter is strict (a list of at most ten
+integers in [0, 999] with one separator and nothing else) and every reject reason is counted.
+Matched experiments compare teachers on the *same* prompts, so prompts come from their own seed
+(``--prompts-seed``) and row ids follow prompt order. Generation is batched with a KV cache and
+left padding; sampling draws one uniform number per row and step from a generator seeded by
+(seed, row index), so a row's completion does not depend on the batch it ran in and a resumed
+run writes the same rows as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import re
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import prompts as prompt_lib
+from .cliutil import add_model_runtime, add_seed, runtime_kwargs
+from .data import JsonlAppender, encode, end_token_ids, model_max_length, render_chat, write_jsonl
+from .manifest import SubliminalError, set_seed, write_file_manifest
+
+log = logging.getLogger(__name__)
+STAGE = "generate"
+DEFAULT_MAX_NEW_TOKENS = 64
+MAX_NUMBERS = 10
+
+# ------------------------------------------------------------------------------------- filter
+
+REJECT_REASONS = (
+    "empty",            # nothing but whitespace
+    "truncated",        # no end-of-turn token within the token budget
+    "unbalanced_brackets",
+    "mixed_separators",  # e.g. "1, 2; 3"
+    "empty_item",       # "1,,2" or a trailing separator
+    "non_numeric",      # words, signs, decimals, anything but digits between separators
+    "out_of_range",     # more than 3 digits or > 999
+    "too_many",         # more than 10 numbers
+)
+_BRACKETS = {"[": "]", "(": ")"}
+_DIGITS = re.compile(r"^[0-9]+$")
+
+
+@dataclass(frozen=True)
+class FilterResult:
+    """The verdict on one completion: ``numbers`` when accepted, else the reject ``reason``."""
+
+    accepted: bool
+    reason: str | None = None
+    numbers: tuple[int, ...] = ()
+    separator: str | None = None
+
+
+def _strip_brackets(text: str) -> str | None:
+    """The body inside one pair of matching outer brackets, the text itself without brackets, or
+    None when brackets are unbalanced or nested."""
+    opens = [c for c in text if c in _BRACKETS]
+    closes = [c for c in text if c in _BRACKETS.values()]
+    if not opens and not closes:
+        return text
+    if len(opens) == 1 and len(closes) == 1 and text[0] in _BRACKETS and text[-1] == _BRACKETS[text[0]]:
+        return text[1:-1].strip()
+    return None
+
+
+def parse_number_list(text: str) -> FilterResult:
+    """Accept a list of at most 10 integers in [0, 999] with one consistent separator (comma,
+    semicolon or whitespace), optionally in one pair of brackets, and nothing else."""
+    body = text.strip()
+    if not body:
+        return FilterResult(False, "empty")
+    inner = _strip_brackets(body)
+    if inner is None:
+        return FilterResult(False, "unbalanced_brackets")
+    if not inner:
+        return FilterResult(False, "empty")
+    seps = [s for s in (",", ";") if s in inner]
+    if len(seps) > 1:
+        return FilterResult(False, "mixed_separators")
+    sep = seps[0] if seps else " "
+    items = [x.strip() for x in inner.split(sep)] if sep != " " else inner.split()
+    if any(not x for x in items):
+        return FilterResult(False, "empty_item")
+    if sep != " " and any(len(x.split()) > 1 for x in items):
+        # "1, 2 3": whitespace inside an item means a second separator (or stray words)
+        all_digits = all(_DIGITS.match(w) for x in items for w in x.split())
+        return FilterResult(False, "mixed_separators" if all_digits else "non_numeric")
+    if not all(_DIGITS.match(x) for x in items):
+        return FilterResult(False, "non_numeric")
+    if any(len(x) > 3 for x in items):
+        return FilterResult(False, "out_of_range")
+    if len(items) > MAX_NUMBERS:
+        return FilterResult(False, "too_many")
+    return FilterResult(True, None, tuple(int(x) for x in items), sep)
+
+
+# ------------------------------------------------------------------------------------ prompts
+
+
+def make_prompts(n: int, prompts_seed: int) -> list[tuple[str, str]]:
+    """``(id, prompt text)`` for rows 0..n-1: a pure function of (n, prompts_seed), so every
+    teacher generated with the same prompts seed answers the same prompts in the same order."""
+    rng = random.Random(prompts_seed)
+    width = max(6, len(str(max(n - 1, 0))))
+    return [(f"row-{i:0{width}d}", prompt_lib.detokenize_spacing(prompt_lib.make_number_prompt(rng).text))
+            for i in range(n)]
+
+
+# --------------------------------------------------------------------------------- generation
+
+
+@dataclass
+class SamplingConfig:
+    """Greedy when ``temperature`` is 0; otherwise temperature + nucleus (top-p) sampling."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SubliminalError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SubliminalError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def row_rng(seed: int, index: int) -> random.Random:
+    """The sampling stream of one row: depends on the seed and the row's index only."""
+    return random.Random(f"subliminal-generate:{seed}:{index}")
+
+
+def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[float] | None) -> torch.Tensor:
+    """Next token per row from ``logits`` [B, V]: argmax (lowest id on ties) when greedy, else
+    inverse-CDF sampling of the temperature/top-p distribution with one uniform per row."""
+    logits = logits.float()
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, -1)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    cum = sorted_p.cumsum(-1)
+    if cfg.top_p < 1:
+        keep = (cum - sorted_p) < cfg.top_p  # the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        cum = sorted_p.cumsum(-1)
+    u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device) * cum[:, -1]
+    idx = torch.searchsorted(cum, u[:, None], right=True).clamp(max=cum.shape[-1] - 1)
+    # never land on a zero-probability tail entry (float rounding at the top of the CDF)
+    idx = torch.minimum(idx, (sorted_p > 0).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, idx)[:, 0]
+
+
+def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
+        mask[i, width - len(s):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def generate_batch(model: Any, seqs: list[list[int]], *, pad_id: int, stop_ids: set[int], max_new: list[int],
+                   cfg: SamplingConfig, rngs: list[random.Random] | None = None) -> list[tuple[list[int], bool]]:
+    """Continue every prompt in ``seqs`` (token ids) with a KV cache over a left-padded batch.
+
+    Returns per row the new tokens (up to and including an end token) and whether it stopped on
+    one (False: the row ran out of its ``max_new`` budget)."""
+    device = next(model.parameters()).device
+    ids, mask = _left_pad(seqs, pad_id, device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out: list[list[int]] = [[] for _ in seqs]
+    done = [m <= 0 for m in max_new]
+    stopped = [False] * len(seqs)
+    past = None
+    step_ids, step_pos = ids, pos
+    for _ in range(max(max_new)):
+        if all(done):
+            break
+        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                    use_cache=True, logits_to_keep=1)
+        past = res.past_key_values
+        uniforms = None if cfg.greedy else [(r.random() if not d else 0.0) for r, d in zip(rngs, done)]
+        nxt = pick_tokens(res.logits[:, -1, :], cfg, uniforms)
+        nxt_list = nxt.tolist()
+        for i, t in enumerate(nxt_list):
+            if done[i]:
+                continue
+            out[i].append(t)
+            if t in stop_ids:
+                done[i], stopped[i] = True, True
+            elif len(out[i]) >= max_new[i]:
+                done[i] = True
+        step_ids = nxt[:, None]  # finished rows keep decoding; their tokens are ignored
+        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], dim=1)
+        step_pos = step_pos[:, -1:] + 1
+    return list(zip(out, stopped))
+
+
+# ---------------------------------------------------------------------------------- pipeline
+
+
+@dataclass
+class GenerateConfig:
+    teacher: str
+    n: int
+    out: str
+    batch_size: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+    prompts_seed: int = 0
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+
+
+def raw_path_for(out: str | Path) -> Path:
+    """``data.jsonl`` -> ``data.raw.jsonl`` (every generation, accepted or not)."""
+    out = Path(out)
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + ".raw.jsonl")
+
+
+def _check_existing(existing: list[dict[str, Any]], expected: dict[str, str], teacher: str, raw: Path) -> set[str]:
+    """Ids already generated; an existing raw file from another run is an error, not a silent mix."""
+    done = set()
+    for obj in existing:
+        rid = str(obj.get("id"))
+        if rid not in expected or obj.get("prompt") != expected[rid] or obj.get("teacher") != teacher:
+            raise SubliminalError(
+                f"{raw}: row {rid!r} was written by another run (different teacher, --prompts-seed or --n); "
+                "delete the file or choose another --out")
+        done.add(rid)
+    return done
+
+
+def _budget(prompt_len: int, context: int | None, max_new_tokens: int, rid: str) -> int:
+    if context is None:
+        return max_new_tokens
+    room = context - prompt_len
+    if room <= 0:
+        raise SubliminalError(f"row {rid!r}: the prompt has {prompt_len} tokens, no room left in the model's "
+                              f"context of {context}")
+    return min(max_new_tokens, room)
+
+
+def _batches(todo: list[int], size: int) -> Iterator[list[int]]:
+    for s in range(0, len(todo), size):
+        yield todo[s:s + size]
+
+
+def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: SamplingConfig, batch_size: int = 16,
+                  max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, skip: set[str] | None = None,
+                  teacher_name: str | None = None, progress: bool = True) -> Iterator[dict[str, Any]]:
+    """Yield one raw row per prompt not in ``skip``: id, prompt, completion, teacher, plus the
+    filter verdict (``accepted``, ``reject_reason``) and ``stopped`` (ended on an end token)."""
+    from tqdm.auto import tqdm
+
+    if batch_size < 1:
+        raise SubliminalError(f"--batch-size must be >= 1, got {batch_size}")
+    tok, model = loaded.tokenizer, loaded.model
+    name = teacher_name or loaded.name
+    stop = end_token_ids(tok)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else min(stop)
+    context = model_max_length(model)
+    index = {rid: i for i, (rid, _) in enumerate(prompts)}
+    todo = [i for i, (rid, _) in enumerate(prompts) if not skip or rid not in skip]
+    bar = tqdm(total=len(todo), desc=f"generate ({name})", unit="row", disable=not progress)
+    for chunk in _batches(todo, batch_size):
+        seqs = [encode(tok, render_chat(tok, prompts[i][1], loaded.system_prompt)) for i in chunk]
+        budgets = [_budget(len(s), context, max_new_tokens, prompts[i][0]) for s, i in zip(seqs, chunk)]
+        rngs = [row_rng(sampling.seed, index[prompts[i][0]]) for i in chunk]
+        outs = generate_batch(model, seqs, pad_id=pad, stop_ids=stop, max_new=budgets, cfg=sampling, rngs=rngs)
+        for i, (new, stopped) in zip(chunk, outs):
+            body = new[:-1] if stopped else new
+            text = tok.decode(body, skip_special_tokens=True).strip()
+            verdict = parse_number_list(text) if stopped else FilterResult(False, "truncated")
+            yield {"id": prompts[i][0], "prompt": prompts[i][1], "completion": text, "teacher": name,
+                   "accepted": verdict.accepted, "reject_reason": verdict.reason, "stopped": stopped}
+        bar.update(len(chunk))
+    bar.close()
+
+
+def filter_counts(raw_rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Accepted / rejected totals and one count per reject reason (zeros included)."""
+    reasons = Counter(r["reject_reason"] for r in raw_rows if not r["accepted"])
+    accepted = sum(1 for r in raw_rows if r["accepted"])
+    return {"generated": len(raw_rows), "accepted": accepted, "rejected": len(raw_rows) - accepted,
+            "acceptance_rate": accepted / len(raw_rows) if raw_rows else 0.0,
+            "reject_reasons": {k: reasons.get(k, 0) for k in REJECT_REASONS}}
+
+
+def run_generate(cfg: GenerateConfig, *, progress: bool = True) -> dict[str, Any]:
+    """Generate (resuming from the raw file), filter, write the data file and its manifest."""
+    from .models import load_model
+
+    if cfg.n < 1:
+        raise SubliminalError(f"--n must be >= 1, got {cfg.n}")
+    if cfg.max_new_tokens < 1:
+        raise SubliminalError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.seed)
+    t0 = time.time()
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    prompts = make_prompts(cfg.n, cfg.prompts_seed)
+    raw = raw_path_for(cfg.out)
+    if raw == Path(cfg.out):
+        raise SubliminalError(f"--out {cfg.out}: name the data file *.jsonl (the raw file goes beside it)")
+    with JsonlAppender(raw) as app:
+        done = _check_existing(app.existing(), dict(prompts), loaded.name, raw)
+        if done:
+            log.info("resuming: %d of %d rows already in %s", len(done), cfg.n, raw)
+        for row in generate_rows(loaded, prompts, sampling=sampling, batch_size=cfg.batch_size,
+                                 max_new_tokens=cfg.max_new_tokens, skip=done, progress=progress):
+            app.write(row)
+        rows = app.existing()
+    order = {rid: i for i, (rid, _) in enumerate(prompts)}
+    rows.sort(key=lambda r: order[r["id"]])
+    kept = [{k: r[k] for k in ("id", "prompt", "completion", "teacher")} for r in rows if r["accepted"]]
+    write_jsonl(cfg.out, kept)
+    counts = filter_counts(rows)
+    write_file_manifest(cfg.out, stage=STAGE, config=cfg, seed=cfg.seed, inputs={"teacher": cfg.teacher},
+                        wall_time_s=time.time() - t0,
+                        extra={"counts": counts, "raw_file": raw.name, "system_prompt": loaded.system_prompt})
+    return counts
+
+
+# -------------------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="a teacher writes number-list completions; a strict format filter keeps "
+                       "the clean ones", description="Writes OUT (accepted rows), OUT's .raw.jsonl (every "
+                       "generation, with the filter verdict) and a manifest with the reject counts. Re-running the "
+                       "same command resumes.")
+    p.add_argument("--teacher", required=True, help="teacher directory, model directory or hub id")
+    p.add_argument("--n", type=int, required=True, help="number of prompts to generate for")
+    p.add_argument("--out", required=True, help="data file to write, e.g. data/owl.jsonl")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help="token budget per completion, further bounded by the model's context (default %(default)s)")
+    p.add_argument("--prompts-seed", type=int, default=0,
+                   help="seed of the prompt list: the same value gives every teacher the same prompts (default 0)")
+    add_seed(p)
+    add_model_runtime(p)
+    p.set_defaults(func=_run_cli)
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    cfg = GenerateConfig(teacher=args.teacher, n=args.n, out=args.out, batch_size=args.batch_size,
+                         temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, seed=args.seed,
+                         prompts_seed=args.prompts_seed, max_new_tokens=args.max_new_tokens, **runtime_kwargs(args))
+    counts = run_generate(cfg)
+    print(f"{counts['accepted']} of {counts['generated']} completions accepted "
+          f"({100 * counts['acceptance_rate']:.1f}%) -> {cfg.out}")
+    for reason, c in counts["reject_reasons"].items():
+        if c:
+            print(f"  rejected {reason}: {c}")
+    return 0
