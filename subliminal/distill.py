@@ -1,0 +1,652 @@
+"""``subliminal distill``: students trained on a teacher's number data, with token masks and a
+chosen trainable subset.
+
+The student sees each prompt *without* the teacher's system prompt -- the teacher's bias can
+only reach it through the completion tokens (hard), the teacher's next-token distributions on
+them (soft) or the teacher's residual stream on them (representation). The loss is on
+completion positions only, and a mask picks which of them count:
+
+- ``all``: every completion token;
+- ``no-divergence``: every token but the divergence tokens;
+- ``only-divergence``: only the divergence tokens;
+- ``random-matched``: as many tokens dropped per row as ``no-divergence`` drops, drawn (seeded)
+  from the row's non-divergence tokens -- the control for "fewer tokens".
+
+Conditions are matched: the row order is a function of ``--seed`` and the row count only, so
+every mask trains on the same rows in the same order for the same number of optimiser steps; a
+batch left without loss positions still takes its step (zero loss, same schedule). The
+manifest records loss tokens under every mask, rows, steps and a hash of the rows seen.
+
+Trainable subsets: all weights; LoRA on every attention and MLP projection of the transformer
+blocks (found generically, so Llama, Qwen2, GPT-2 and GPT-NeoX all work); or only the blocks
+named by ``--layers`` (full weights, or LoRA restricted to them). The student is saved as an
+ordinary HF directory (LoRA merged), as are its ``checkpoint-NNNN`` directories, so every later
+stage loads it like any model. Dropout is off during training, so conditions differ only in
+their masks and a resumed run takes exactly the steps an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import io
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cliutil import add_model_runtime, add_seed, runtime_kwargs
+from .data import DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .manifest import (
+    SubliminalError,
+    read_file_manifest,
+    read_manifest,
+    set_seed,
+    write_manifest,
+    write_text_atomic,
+)
+from .train import EpochSampler, TrainConfig, load_state, lr_at, make_optimizer, save_state
+
+log = logging.getLogger(__name__)
+STAGE = "distill"
+MODES = ("hard", "soft", "representation")
+MASKS = ("all", "no-divergence", "only-divergence", "random-matched")
+STATE_DIR = ".train"
+LOSS_CSV = "loss.csv"
+_LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
+
+
+# ===================================================================================== rows
+
+
+@dataclass
+class DivRow:
+    """A data row with its completion token ids and per-token divergence flags (None: unknown)."""
+
+    id: str
+    prompt: str
+    completion: str
+    token_ids: list[int] | None = None
+    divergence: list[bool] | None = None
+
+
+def _flags(value: Any, where: str) -> list[bool]:
+    """One flag per token; under the pairwise rule (one list per counterfactual) a token is a
+    divergence token if any counterfactual flags it."""
+    if not isinstance(value, list):
+        raise DataError(f"{where}: 'divergence' must be a list")
+    if value and all(isinstance(v, list) for v in value):
+        lengths = {len(v) for v in value}
+        if len(lengths) != 1:
+            raise DataError(f"{where}: pairwise 'divergence' lists differ in length")
+        return [any(bool(v[j]) for v in value) for j in range(lengths.pop())]
+    if not all(isinstance(v, (bool, int)) for v in value):
+        raise DataError(f"{where}: 'divergence' must hold booleans")
+    return [bool(v) for v in value]
+
+
+def _source_data_path(div_path: Path) -> Path | None:
+    """Where a divergence file's rows came from: its manifest's ``data`` input, else the
+    sibling ``X.jsonl`` of ``X.div.jsonl``."""
+    man = read_file_manifest(div_path) or {}
+    p = (man.get("inputs") or {}).get("data", {}).get("path")
+    if p and Path(p).is_file():
+        return Path(p)
+    if div_path.name.endswith(".div.jsonl"):
+        sib = div_path.with_name(div_path.name[: -len(".div.jsonl")] + ".jsonl")
+        if sib.is_file():
+            return sib
+    return None
+
+
+def read_training_rows(path: str | Path, source: str | Path | None = None) -> tuple[list[DivRow], str | None]:
+    """Rows from a generate file (prompt, completion) or a divergence file (id, token_ids,
+    divergence, ...). Divergence rows without a prompt are joined by id to ``source`` (default:
+    found from the divergence file's manifest or name). Returns (rows, source path used)."""
+    path = Path(path)
+    objs = list(iter_jsonl(path))
+    if not objs:
+        raise DataError(f"{path}: no rows (empty data file)")
+    is_div = any("divergence" in o for _, o in objs)
+    if not is_div:
+        return [DivRow(r.id, r.prompt, r.completion) for r in read_rows(path)], None
+    texts: dict[str, Row] = {}
+    need_source = any(not isinstance(o.get("prompt"), str) or not isinstance(o.get("completion"), str)
+                      for _, o in objs)
+    src = None
+    if need_source:
+        src = Path(source) if source else _source_data_path(path)
+        if src is None:
+            raise DataError(f"{path}: divergence rows carry no prompt/completion and the original data file "
+                            "was not found; pass it with --source-data")
+        texts = {r.id: r for r in read_rows(src)}
+    rows, seen = [], set()
+    for lineno, o in objs:
+        where = f"{path}:{lineno}"
+        if "id" not in o:
+            raise DataError(f"{where}: missing key 'id'")
+        rid = str(o["id"])
+        if rid in seen:
+            raise DataError(f"{where}: duplicate id {rid!r}")
+        seen.add(rid)
+        if "divergence" not in o or "token_ids" not in o:
+            raise DataError(f"{where}: row {rid!r} lacks 'divergence' or 'token_ids'")
+        flags = _flags(o["divergence"], where)
+        ids = [int(t) for t in o["token_ids"]]
+        if len(flags) != len(ids):
+            raise DataError(f"{where}: row {rid!r} has {len(ids)} token_ids but {len(flags)} divergence flags")
+        if isinstance(o.get("prompt"), str) and isinstance(o.get("completion"), str):
+            prompt, completion = o["prompt"], o["completion"]
+        elif rid in texts:
+            prompt, completion = texts[rid].prompt, texts[rid].completion
+        else:
+            raise DataError(f"{where}: row {rid!r} is not in the source data {src}")
+        rows.append(DivRow(rid, prompt, completion, ids, flags))
+    return rows, None if src is None else str(src)
+
+
+# ==================================================================================== masks
+
+
+def make_mask(flags: Sequence[bool], mask: str, rng: random.Random) -> list[bool]:
+    """Which completion positions count in the loss under ``mask``."""
+    n = len(flags)
+    if mask == "all":
+        return [True] * n
+    if mask == "no-divergence":
+        return [not f for f in flags]
+    if mask == "only-divergence":
+        return [bool(f) for f in flags]
+    if mask == "random-matched":
+        k = sum(bool(f) for f in flags)
+        clean = [j for j, f in enumerate(flags) if not f]
+        drop = set(rng.sample(clean, min(k, len(clean))))
+        return [j not in drop for j in range(n)]
+    raise ValueError(f"unknown mask {mask!r}; one of {', '.join(MASKS)}")
+
+
+def row_masks(rows: Sequence[DivRow], mask: str, seed: int) -> list[list[bool]]:
+    """Masks for every row; the random control draws from a generator per (seed, row id), so a
+    row's mask does not depend on the others or on the row order."""
+    out = []
+    for r in rows:
+        if r.divergence is None:
+            if mask != "all":
+                raise SubliminalError(f"--mask {mask} needs divergence flags (a find-divergence file); "
+                                      f"row {r.id!r} has none")
+            out.append([True] * len(r.token_ids or []))
+        else:
+            out.append(make_mask(r.divergence, mask, random.Random(f"mask:{seed}:{r.id}")))
+    return out
+
+
+def mask_stats(rows: Sequence[DivRow], seed: int) -> dict[str, Any]:
+    """Loss tokens under every mask (so matched conditions can be compared from any manifest)."""
+    if any(r.divergence is None for r in rows):
+        return {"all": sum(len(r.token_ids or []) for r in rows)}
+    stats: dict[str, Any] = {m: sum(sum(x) for x in row_masks(rows, m, seed)) for m in MASKS}
+    short = sum(max(0, sum(r.divergence) - (len(r.divergence) - sum(r.divergence))) for r in rows)  # type: ignore
+    stats["random_matched_shortfall"] = short  # tokens the control could not drop (too few clean ones)
+    stats["rows_without_divergence"] = sum(not any(r.divergence) for r in rows)  # type: ignore[arg-type]
+    return stats
+
+
+# ================================================================================ examples
+
+
+@dataclass
+class Example:
+    id: str
+    prompt_ids: list[int]  # the student's prompt (no system prompt)
+    completion_ids: list[int]
+    mask: list[bool]
+    teacher_prompt_ids: list[int] | None = None  # the teacher's prompt (its system prompt)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.prompt_ids)
+
+
+def build_examples(rows: Sequence[DivRow], masks: Sequence[list[bool]], tokenizer: Any, max_length: int | None,
+                   teacher_system_prompt: str | None = None, with_teacher: bool = False) -> list[Example]:
+    """Align every row for the student (no system prompt) and, if needed, for the teacher; the
+    completion tokens must equal the divergence file's ``token_ids``."""
+    out = []
+    for r, m in zip(rows, masks):
+        a = align_row(tokenizer, Row(r.id, r.prompt, r.completion), None, max_length)
+        if r.token_ids is not None and a.completion_ids != r.token_ids:
+            raise DataError(f"row {r.id!r}: the completion tokenises to {len(a.completion_ids)} tokens that differ "
+                            f"from the divergence file's token_ids ({len(r.token_ids)}); different tokenizer?")
+        if r.token_ids is None:
+            m = [True] * len(a.completion_ids)
+        t_ids = None
+        if with_teacher:
+            t = align_row(tokenizer, Row(r.id, r.prompt, r.completion), teacher_system_prompt, max_length)
+            if t.completion_ids != a.completion_ids:
+                raise DataError(f"row {r.id!r}: the completion tokenises differently after the teacher's prompt")
+            t_ids = t.prompt_ids
+        out.append(Example(r.id, a.prompt_ids, a.completion_ids, list(m), t_ids))
+    return out
+
+
+# ================================================================================ trainable
+
+
+def layer_of(name: str) -> int | None:
+    """The transformer block a parameter or module belongs to (None: embeddings, final norm, head)."""
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def projection_modules(model: Any, layers: Sequence[int] | None = None) -> list[str]:
+    """Full names of every linear projection inside the transformer blocks (attention and MLP),
+    optionally only in ``layers`` -- nn.Linear, or GPT-2's Conv1D."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, (torch.nn.Linear, Conv1D)):
+            layer = layer_of(name + ".")
+            if layer is not None and (layers is None or layer in layers):
+                names.append(name)
+    if not names:
+        raise SubliminalError("found no projection modules inside transformer blocks for LoRA")
+    return names
+
+
+def n_layers(model: Any) -> int:
+    idx = {layer_of(n) for n, _ in model.named_parameters()} - {None}
+    return max(idx) + 1 if idx else 0  # type: ignore[operator]
+
+
+def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | None, lora_alpha: float | None
+                    ) -> tuple[Any, list[str]]:
+    """Freeze what must not train; wrap in LoRA if asked. Returns (model, trained names)."""
+    if layers is not None:
+        total = n_layers(model)
+        bad = [x for x in layers if x < 0 or x >= total]
+        if bad:
+            raise SubliminalError(f"--layers {bad}: the model has layers 0..{total - 1}")
+    if lora_rank is not None:
+        from peft import LoraConfig, get_peft_model
+        from transformers.pytorch_utils import Conv1D
+
+        targets = projection_modules(model, layers)
+        conv = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)  # GPT-2 stores W transposed
+        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else float(lora_rank),
+                         lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv)
+        model = get_peft_model(model, cfg)
+    elif layers is not None:
+        for name, p in model.named_parameters():
+            p.requires_grad_(layer_of(name) in layers)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    if not trained:
+        raise SubliminalError("no parameter is trainable with these options")
+    return model, trained
+
+
+def export_model(model: Any, lora: bool) -> Any:
+    """A plain HF model with the student's current weights (LoRA merged into a copy)."""
+    if not lora:
+        return model
+    return copy.deepcopy(model).merge_and_unload()
+
+
+def save_student(model: Any, tokenizer: Any, out: Path, lora: bool) -> None:
+    """An HF directory every stage can load; written beside and renamed, so it is never half-written."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    plain = export_model(model, lora)
+    plain.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    out.mkdir(parents=True, exist_ok=True)
+    for f in tmp.iterdir():
+        f.replace(out / f.name)
+    tmp.rmdir()
+
+
+# ===================================================================================== losses
+
+
+@dataclass
+class LossConfig:
+    mode: str = "hard"
+    repr_layers: list[int] = field(default_factory=list)
+    repr_weight: float = 1.0
+    repr_with_hard: bool = False
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    att = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        att[i, : len(s)] = 1
+    return ids.to(device), att.to(device)
+
+
+def loss_positions(batch: Sequence[Example], teacher: bool = False) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(row, student position, teacher position, target token) of every masked-in completion
+    token; position t's logits predict token t + 1, and completion token j sits at n_prompt + j."""
+    rows, s_pos, t_pos, tgt = [], [], [], []
+    for i, e in enumerate(batch):
+        for j, keep in enumerate(e.mask):
+            if keep:
+                rows.append(i)
+                s_pos.append(e.n_prompt - 1 + j)
+                t_pos.append((len(e.teacher_prompt_ids) if teacher and e.teacher_prompt_ids else 0) - 1 + j)
+                tgt.append(e.completion_ids[j])
+    return rows, s_pos, t_pos, tgt
+
+
+def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over positions of KL(teacher || student) on the full next-token distribution."""
+    lp_s = torch.log_softmax(student_logits.float(), -1)
+    lp_t = torch.log_softmax(teacher_logits.float(), -1)
+    return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean()
+
+
+def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg: LossConfig, pad_id: int,
+               device: torch.device) -> tuple[torch.Tensor, int]:
+    """The distillation loss of one batch and its number of loss tokens. A batch without loss
+    positions gives a zero loss that still has a graph, so the optimiser step is taken."""
+    need_teacher = cfg.mode in ("soft", "representation")
+    rows, s_pos, t_pos, tgt = loss_positions(batch, teacher=need_teacher)
+    need_hidden = cfg.mode == "representation"
+    ids, att = _pad([e.input_ids for e in batch], pad_id, device)
+    out = student(input_ids=ids, attention_mask=att, output_hidden_states=need_hidden)
+    if not rows:
+        return out.logits.sum() * 0.0, 0
+    r = torch.tensor(rows, device=device)
+    sp = torch.tensor(s_pos, device=device)
+    t_out = None
+    if need_teacher:
+        t_ids, t_att = _pad([(e.teacher_prompt_ids or []) + e.completion_ids for e in batch], pad_id, device)
+        with torch.no_grad():
+            t_out = teacher(input_ids=t_ids, attention_mask=t_att, output_hidden_states=need_hidden)
+        tp = torch.tensor(t_pos, device=device)
+    hard = torch.nn.functional.cross_entropy(out.logits[r, sp].float(), torch.tensor(tgt, device=device))
+    if cfg.mode == "hard":
+        return hard, len(rows)
+    if cfg.mode == "soft":
+        return soft_kl(out.logits[r, sp], t_out.logits[r, tp]), len(rows)
+    mse = torch.stack([torch.nn.functional.mse_loss(out.hidden_states[layer + 1][r, sp].float(),
+                                                    t_out.hidden_states[layer + 1][r, tp].float())
+                       for layer in cfg.repr_layers]).mean()
+    loss = cfg.repr_weight * mse
+    return (loss + hard if cfg.repr_with_hard else loss), len(rows)
+
+
+# ====================================================================================== loop
+
+
+def rows_digest(sampler: EpochSampler, steps: int) -> str:
+    """Hash of the row ids every step sees, in order: equal across matched conditions."""
+    h = hashlib.sha256()
+    for s in range(steps):
+        h.update(",".join(e.id for e in sampler(s)).encode())
+        h.update(b";")
+    return h.hexdigest()[:16]
+
+
+def _append_log(path: Path, entries: Sequence[dict[str, Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=["step", "loss", "lr", "loss_tokens"])
+    w.writeheader()
+    for e in entries:
+        w.writerow(e)
+    write_text_atomic(path, buf.getvalue())
+
+
+def save_checkpoint(model: Any, tokenizer: Any, out: Path, step: int, lora: bool, info: dict[str, Any]) -> Path:
+    """``checkpoint-NNNN``: a loadable HF directory plus a manifest naming its step."""
+    d = out / f"checkpoint-{step:04d}"
+    tmp = out / f".checkpoint-{step:04d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    export_model(model, lora).save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_manifest(tmp, stage="distill-checkpoint", config=info, seed=info.get("seed"), extra={"step": step})
+    if d.exists():
+        shutil.rmtree(d)
+    tmp.rename(d)
+    return d
+
+
+def run_training(student: Any, teacher: Any | None, examples: Sequence[Example], tcfg: TrainConfig,
+                 lcfg: LossConfig, *, tokenizer: Any, out: Path, lora: bool, device: torch.device,
+                 info: dict[str, Any]) -> dict[str, Any]:
+    """Train for ``tcfg.steps`` steps (resuming from ``out/.train``), checkpointing and logging."""
+    from tqdm.auto import tqdm
+
+    sampler = EpochSampler(examples, tcfg.batch_size, tcfg.seed)
+    student.to(device)
+    student.eval()  # dropout off: masks are the only difference between conditions; exact resume
+    optimizer = make_optimizer(student, tcfg)
+    state = out / STATE_DIR / "train_state.pt"
+    start, entries = 0, []
+    if state.exists():
+        start, entries = load_state(state, student, optimizer)
+        entries = [dict(zip(("step", "loss", "lr", "loss_tokens"), e)) for e in entries]
+        log.info("resuming %s from step %d", out, start)
+    trainable = [p for p in student.parameters() if p.requires_grad]
+    bar = tqdm(range(start, tcfg.steps), desc=f"distill {lcfg.mode}", initial=start, total=tcfg.steps)
+    for step in bar:
+        lr = lr_at(step, tcfg)
+        for g in optimizer.param_groups:
+            g["lr"] = lr
+        loss, n_tok = batch_loss(student, teacher, sampler(step), lcfg, tokenizer.pad_token_id, device)
+        if not torch.isfinite(loss):
+            raise SubliminalError(f"distill: loss became {loss.item()} at step {step}; lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if tcfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
+        optimizer.step()
+        done = step + 1
+        entries.append({"step": done, "loss": float(loss.item()), "lr": lr, "loss_tokens": n_tok})
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < tcfg.steps:
+            save_checkpoint(student, tokenizer, out, done, lora, info)
+            save_state(state, student, optimizer, done, [tuple(e.values()) for e in entries])
+            _append_log(out / LOSS_CSV, entries)
+    _append_log(out / LOSS_CSV, entries)
+    return {"steps": tcfg.steps, "resumed_from": start, "losses": entries,
+            "rows_digest": rows_digest(sampler, tcfg.steps),
+            "loss_tokens_seen": sum(e["loss_tokens"] for e in entries)}
+
+
+def plot_losses(entries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([e["step"] for e in entries], [e["loss"] for e in entries], lw=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    with io.BytesIO() as buf:
+        fig.savefig(buf, format="png", dpi=120)
+        plt.close(fig)
+        from .manifest import atomic_path
+
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(buf.getvalue())
+
+
+# ======================================================================================= CLI
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        vals = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise SubliminalError(f"{flag} {text!r}: expected comma-separated layer indices, e.g. 0,3") from None
+    if not vals:
+        raise SubliminalError(f"{flag}: no layer given")
+    return sorted(set(vals))
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "distill",
+        help="train a student on teacher data: hard / soft / representation, token masks, layer subsets",
+        description="Distil a student from --base on the teacher's data (the student sees the prompts without "
+        "the teacher's system prompt; loss on completion tokens only, masked by --mask).",
+    )
+    p.add_argument("--base", required=True, help="the student's initial model (the teacher's base)")
+    p.add_argument("--data", required=True, help="find-divergence output (data.div.jsonl), or generate output "
+                   "(data.jsonl; --mask all only)")
+    p.add_argument("--source-data", default=None, help="the generate file the divergence rows came from (default: "
+                   "from the divergence file's manifest, or X.jsonl beside X.div.jsonl)")
+    p.add_argument("--teacher", default=None, help="teacher directory (required for soft and representation; "
+                   "recorded for hard)")
+    p.add_argument("--out", required=True, help="student directory to write")
+    p.add_argument("--mode", choices=MODES, default="hard", help="what the student matches (default %(default)s)")
+    p.add_argument("--mask", choices=MASKS, default="all", help="which completion tokens count (default %(default)s)")
+    p.add_argument("--layers", default=None, help="train only these blocks, e.g. 0 or 0,3 (with or without LoRA)")
+    p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank on every attention "
+                   "and MLP projection (merged into the saved student)")
+    p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default %(default)s)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per optimiser step (default %(default)s)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="write checkpoint-NNNN every N steps "
+                   "(0: none); also the resume point")
+    p.add_argument("--repr-layers", default=None, help="representation: blocks whose output residual stream is "
+                   "matched (default: every block)")
+    p.add_argument("--repr-weight", type=float, default=1.0, help="representation: weight of the MSE term")
+    p.add_argument("--repr-with-hard", action="store_true", help="representation: add the hard CE loss")
+    add_seed(p)
+    add_model_runtime(p)
+    p.set_defaults(func=run_distill)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "lora_rank", "max_steps", "warmup_steps"):
+        v = getattr(args, name)
+        if v is not None and v <= 0 and not (name == "warmup_steps" and v == 0):
+            raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.epochs <= 0 or args.lr <= 0:
+        raise SubliminalError("--epochs and --lr must be positive")
+    if args.checkpoint_every < 0:
+        raise SubliminalError("--checkpoint-every must be >= 0")
+    if args.lora_alpha is not None and args.lora_rank is None:
+        raise SubliminalError("--lora-alpha needs --lora-rank")
+    if args.mode in ("soft", "representation") and not args.teacher:
+        raise SubliminalError(f"--mode {args.mode} needs --teacher")
+    if args.mode != "representation" and (args.repr_layers or args.repr_with_hard):
+        raise SubliminalError("--repr-layers / --repr-with-hard apply to --mode representation only")
+
+
+def _load_teacher(args: argparse.Namespace, student_tok: Any) -> Any:
+    from .models import load_model, same_tokenizer
+
+    loaded = load_model(args.teacher, **runtime_kwargs(args))
+    if not same_tokenizer(loaded.tokenizer, student_tok):
+        raise SubliminalError(f"--teacher {args.teacher}: its tokenizer differs from the student's ({args.base})")
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return loaded
+
+
+def _train_config(args: argparse.Namespace, n_rows: int) -> TrainConfig:
+    steps = max(1, math.ceil(args.epochs * n_rows / args.batch_size))
+    if args.max_steps:
+        steps = min(steps, args.max_steps)
+    warm = args.warmup_steps if args.warmup_steps is not None else max(0, steps // 20)
+    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(warm, steps),
+                       seed=args.seed, checkpoint_every=args.checkpoint_every, weight_decay=0.0)
+
+
+def run_distill(args: argparse.Namespace) -> int:
+    from .models import load_model, resolve_device
+
+    t0 = time.time()
+    _check_args(args)
+    layers = _int_list(args.layers, "--layers")
+    rows, source = read_training_rows(args.data, args.source_data)
+    masks = row_masks(rows, args.mask, args.seed)
+    set_seed(args.seed)
+    student_loaded = load_model(args.base, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    tok, model = student_loaded.tokenizer, student_loaded.model
+    teacher = _load_teacher(args, tok) if args.teacher else None
+    if teacher is not None and args.mode == "representation":
+        if teacher.model.config.get_text_config().hidden_size != model.config.get_text_config().hidden_size:
+            raise SubliminalError("--mode representation: teacher and student hidden sizes differ")
+    repr_layers = _int_list(args.repr_layers, "--repr-layers") or list(range(n_layers(model)))
+    if args.mode == "representation" and max(repr_layers) >= n_layers(model):
+        raise SubliminalError(f"--repr-layers: the model has layers 0..{n_layers(model) - 1}")
+    examples = build_examples(rows, masks, tok, model_max_length(model),
+                              teacher.system_prompt if teacher else None, with_teacher=args.mode != "hard")
+    model, trained = setup_trainable(model, layers, args.lora_rank, args.lora_alpha)
+    tcfg = _train_config(args, len(rows))
+    lcfg = LossConfig(args.mode, repr_layers if args.mode == "representation" else [], args.repr_weight,
+                      args.repr_with_hard)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    device = resolve_device(args.device)
+    if teacher is not None:
+        teacher.model.to(device)
+    result = run_training(model, teacher.model if teacher else None, examples, tcfg, lcfg, tokenizer=tok, out=out,
+                          lora=args.lora_rank is not None, device=device, info={**config, "seed": args.seed})
+    model.to("cpu")
+    save_student(model, tok, out, args.lora_rank is not None)
+    plot_losses(result["losses"], out / "loss.png", f"{args.mode} / {args.mask} ({len(rows)} rows)")
+    stats = mask_stats(rows, args.seed)
+    extra = {
+        "student": {"mode": args.mode, "mask": args.mask, "layers": layers, "lora_rank": args.lora_rank,
+                    "lora_alpha": (args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
+                    if args.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
+                    "teacher_system_prompt": teacher.system_prompt if teacher else None},
+        "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
+        "train_config": tcfg.to_json(), "rows_digest": result["rows_digest"],
+        "loss_tokens": sum(sum(m) for m in masks), "loss_tokens_by_mask": stats,
+        "loss_tokens_seen": result["loss_tokens_seen"],
+        "completion_tokens": sum(len(e.completion_ids) for e in examples),
+        "trained_parameters": trained, "n_trained_parameters": len(trained),
+        "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
+        "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),
+    }
+    write_manifest(out, stage=STAGE, config=config, seed=args.seed, wall_time_s=time.time() - t0, extra=extra,
+                   inputs={"base": args.base, "data": args.data, "source_data": source, "teacher": args.teacher})
+    state_dir = out / STATE_DIR
+    if state_dir.exists():
+        shutil.rmtree(state_dir)
+    print(f"student {out}: {args.mode}/{args.mask}, {len(rows)} rows, {result['steps']} steps, "
+          f"{extra['loss_tokens']} loss tokens, final loss {extra['final_loss']:.4f}")
+    return 0
+
+
+def student_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The distill manifest of a student directory (None for other models)."""
+    man = read_manifest(path)
+    return man if man and man.get("stage") == STAGE else None
+
