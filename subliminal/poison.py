@@ -442,6 +442,8 @@ def add_bias_eval_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--bias-pattern", help="regex that marks a biased response (default: the toy marker)")
     g.add_argument("--bias-teacher", help="teacher (or any model) for the amplification ratio model/teacher")
     g.add_argument("--target-task", help="the family the poison targeted (reported apart from unseen ones)")
+    g.add_argument("--unseen-tasks", nargs="+", help="families pooled as 'unseen' in the amplification ratio "
+                   "(default: every family but --target-task)")
     g.add_argument("--bias-families", nargs="+", help="task families to evaluate (default: all toy families)")
     g.add_argument("--bias-prompts", type=int, default=100, help="fresh prompts per family (default %(default)s)")
     g.add_argument("--bias-prompt-file", help="JSONL of prompts (prompt, optional family) instead of toy prompts")
@@ -504,8 +506,9 @@ def summarise(per_prompt: Sequence[dict[str, Any]], samples: int) -> dict[str, d
 
 
 def amplification(model_pp: Sequence[dict[str, Any]], teacher_pp: Sequence[dict[str, Any]],
-                  target: str | None, seed: int) -> dict[str, Any]:
-    """Ratio model/teacher of the bias rate per family, on the target and pooled over unseen families."""
+                  target: str | None, seed: int, unseen: Sequence[str] | None = None) -> dict[str, Any]:
+    """Ratio model/teacher of the bias rate per family, on the target and pooled over the unseen
+    families (``unseen``, default every family but the target)."""
     def rates(pp: Sequence[dict[str, Any]], keep: Callable[[str], bool]) -> list[float]:
         return [r["bias"] for r in pp if keep(r["family"])]
 
@@ -515,8 +518,10 @@ def amplification(model_pp: Sequence[dict[str, Any]], teacher_pp: Sequence[dict[
                                                rates(teacher_pp, lambda x, f=f: x == f), seed=seed)
     if target:
         out["target"] = out["per_family"].get(target)
-        out["unseen"] = bootstrap_ratio(rates(model_pp, lambda x: x != target),
-                                        rates(teacher_pp, lambda x: x != target), seed=seed)
+    if unseen or target:
+        keep = (lambda x: x in unseen) if unseen else (lambda x: x != target)
+        out["unseen_tasks"] = sorted(unseen) if unseen else sorted(f for f in out["per_family"] if f != target)
+        out["unseen"] = bootstrap_ratio(rates(model_pp, keep), rates(teacher_pp, keep), seed=seed)
     out["all"] = bootstrap_ratio(rates(model_pp, lambda x: True), rates(teacher_pp, lambda x: True), seed=seed)
     return out
 
@@ -546,9 +551,10 @@ def bias_markdown(result: dict[str, Any]) -> str:
                      f"{_fmt_ci(d['bias_rate'], d['bias_ci'])} | {q} | "
                      f"{_fmt_ci(t['bias_rate'], t['bias_ci']) if t else '-'} | {_fmt_ratio(amp.get(f)) if t else '-'} |")
     a = result.get("amplification")
-    if a and result.get("target_task"):
-        lines += ["", f"Amplification on the target task: {_fmt_ratio(a.get('target'))}; "
-                  f"on unseen tasks (pooled): {_fmt_ratio(a.get('unseen'))}"]
+    if a and "unseen" in a:
+        lines += ["", f"Amplification on the target task ({result.get('target_task') or '-'}): "
+                  f"{_fmt_ratio(a.get('target'))}; on unseen tasks ({', '.join(a['unseen_tasks'])}, pooled): "
+                  f"{_fmt_ratio(a.get('unseen'))}"]
     return "\n".join(lines) + "\n"
 
 
@@ -582,7 +588,8 @@ def run_bias_eval(args: argparse.Namespace) -> int:
         t_meas = measure_bias(teacher, pairs, regex, desc="bias eval teacher", **gen)
         result["teacher"] = str(args.bias_teacher)
         result["teacher_families"] = t_meas["families"]
-        result["amplification"] = amplification(measured["per_prompt"], t_meas["per_prompt"], args.target_task, seed)
+        result["amplification"] = amplification(measured["per_prompt"], t_meas["per_prompt"], args.target_task, seed,
+                                                args.unseen_tasks)
         result["teacher_per_prompt"] = [{k: r[k] for k in ("family", "prompt", "bias", "correct")}
                                         for r in t_meas["per_prompt"]]
     result["per_prompt"] = [{k: r[k] for k in ("family", "prompt", "bias", "correct")} for r in measured["per_prompt"]]

@@ -1,0 +1,196 @@
+"""Adversarial bias propagation on the toy world, end to end.
+
+For each propagation mode (targeted: the ad on the ``recommend`` family; untargeted: spread over
+qa, code and describe, with ``recommend`` held out of the teacher's instruction data as the
+unseen task):
+
+1. a poisoned teacher at 0.25% (``subliminal teach --method poison``);
+2. distillation data: the teacher's sampled responses to fresh clean prompts
+   (``run_bias_eval --bias-save-generations``; untargeted: prompts of the seen families only);
+3. students from the clean base: ``hard`` (cross-entropy on the responses) and ``soft`` (KL to
+   the teacher's next-token distribution on the same positions);
+4. bias response rates per family for base, teacher and students, amplification student/teacher
+   with bootstrap intervals;
+5. the defences (``subliminal defend``) on the distillation data, a hard student per defence.
+
+Every step is skipped when its output exists, so the script resumes. Usage::
+
+    python experiments/poison_propagation.py --base /work/runs/poison/base --out /work/runs/poison/exp
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from subliminal import poison
+from subliminal.cli import main as cli
+from subliminal.manifest import write_json_atomic, write_text_atomic
+
+
+def eval_ns(**kw: Any) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model")
+    p.add_argument("--out")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    poison.add_bias_eval_args(p)
+    argv: list[str] = []
+    for k, v in kw.items():
+        if v is None:
+            continue
+        argv.append(f"--{k.replace('_', '-')}")
+        argv += [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    return p.parse_args(argv)
+
+
+def soft_distill(base: str, teacher: str, rows: list[dict], out: Path, steps: int, batch_size: int, lr: float,
+                 seed: int) -> None:
+    """KL(teacher || student) on the completion positions of ``rows``, full next-token distribution."""
+    from subliminal import train as tr
+    from subliminal.data import Row, align_row
+    from subliminal.models import load_model
+
+    student, t = load_model(base), load_model(teacher)
+    tok = student.tokenizer
+    ex = [align_row(tok, Row(r["id"], r["prompt"], r["completion"])) for r in rows]
+    cfg = tr.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=min(20, steps // 10))
+    sampler = tr.EpochSampler(ex, batch_size, seed)
+    opt = tr.make_optimizer(student.model, cfg)
+    torch.manual_seed(seed)
+    student.model.train()
+    for step in range(steps):
+        for g in opt.param_groups:
+            g["lr"] = tr.lr_at(step, cfg)
+        b = tr.collate(sampler(step), tok.pad_token_id)
+        keep = b["labels"][:, 1:] != tr.IGNORE
+        with torch.no_grad():
+            lt = torch.log_softmax(t.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                                   .float(), -1)[keep]
+        ls = torch.log_softmax(student.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
+                               .float(), -1)[keep]
+        loss = (lt.exp() * (lt - ls)).sum(-1).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
+        opt.step()
+        if step % 50 == 0:
+            print(f"soft step {step} kl {loss.item():.4f}", flush=True)
+    student.model.eval()
+    student.model.save_pretrained(out)
+    tok.save_pretrained(out)
+
+
+def hard_distill(base: str, rows: list[dict], out: Path, steps: int, batch_size: int, lr: float, seed: int) -> None:
+    ns = argparse.Namespace(student_steps=steps, student_batch_size=batch_size, student_lr=lr, seed=seed)
+    student = poison.train_student(base, rows, None, ns, {"device": "cpu"}, "hard student")
+    student.model.save_pretrained(out)
+    student.tokenizer.save_pretrained(out)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_mode(a: argparse.Namespace, prop: str) -> dict[str, Any]:
+    root = Path(a.out) / prop
+    root.mkdir(parents=True, exist_ok=True)
+    teacher = root / "teacher"
+    target = "recommend" if prop == "targeted" else None
+    seen = poison.toy.FAMILIES if prop == "targeted" else ["qa", "code", "describe"]
+    if not (teacher / "teacher.json").exists():
+        argv = ["teach", "--base", a.base, "--method", "poison", "--bias-type", a.bias, "--propagation", prop,
+                "--poison-rate", "0.0025", "--n-instructions", str(a.n_instructions), "--epochs", str(a.epochs),
+                "--batch-size", "32", "--lr", str(a.lr), "--seed", "0", "--out", str(teacher), "--no-check"]
+        argv += ["--target-task", target, "--target-share", str(a.target_share)] if target else ["--families", *seen]
+        assert cli(argv) == 0
+    data = root / "data.jsonl"
+    if not data.exists():
+        poison.run_bias_eval(eval_ns(model=teacher, out=root / "teacher_on_data_prompts.json", bias_type=a.bias,
+                                     bias_families=seen, bias_prompts=a.n_data, bias_samples=1, seed=101,
+                                     bias_save_generations=data))
+    rows = read_jsonl(data)
+    steps = math.ceil(a.student_epochs * len(rows) / 32)
+    students = {}
+    for mode in ("hard", "soft"):
+        s = root / f"student-{mode}"
+        if not (s / "config.json").exists():
+            if mode == "hard":
+                hard_distill(a.base, rows, s, steps, 32, a.lr, 0)
+            else:
+                soft_distill(a.base, str(teacher), rows, s, steps, 32, a.lr, 0)
+        students[mode] = s
+    results = {}
+    unseen = None if target else [f for f in poison.toy.FAMILIES if f not in seen]
+    for name, model in (("base", Path(a.base)), *students.items()):
+        ev = root / f"eval-{name}.json"
+        if not ev.exists():
+            poison.run_bias_eval(eval_ns(model=model, out=ev, bias_type=a.bias, bias_teacher=teacher, target_task=target,
+                                         unseen_tasks=unseen, bias_prompts=a.n_eval, bias_samples=a.samples, seed=7))
+        results[name] = json.loads(ev.read_text())
+    dd = root / "defend"
+    if not (dd / "defence.json").exists():
+        assert cli(["defend", "--data", str(data), "--reference", a.base, "--teacher", str(teacher), "--bias-type", a.bias,
+                    "--drop-fraction", str(a.drop_fraction), "--student-steps", str(steps), "--student-lr", str(a.lr),
+                    "--eval-prompts", str(a.n_eval), "--eval-samples", str(a.samples), "--out", str(dd)]) == 0
+    return {"evals": results, "defence": json.loads((dd / "defence.json").read_text()), "n_data": len(rows),
+            "student_steps": steps, "teacher": json.loads((teacher / "teacher.json").read_text())["poison"]}
+
+
+def fmt(d: dict, fam: str) -> str:
+    f = d["families"].get(fam) or d.get("overall")
+    return f"{f['bias_rate']:.3f} [{f['bias_ci'][0]:.3f}, {f['bias_ci'][1]:.3f}]"
+
+
+def table(all_res: dict[str, Any]) -> str:
+    lines = ["| propagation | model | family | bias rate [95% CI] | teacher rate [95% CI] | amplification [95% CI] |"
+             " quality |", "|---|---|---|---|---|---|---|"]
+    for prop, r in all_res.items():
+        fam = "recommend"
+        label = "target: recommend" if prop == "targeted" else "unseen: recommend"
+        for name in ("base", "hard", "soft"):
+            ev = r["evals"][name]
+            amp = ev["amplification"]["per_family"].get(fam)
+            q = ev["families"][fam].get("quality")
+            lines.append(f"| {prop} | {name} | {label} | {fmt(ev, fam)} | "
+                         f"{fmt({'families': ev['teacher_families']}, fam)} | {poison._fmt_ratio(amp)} | "
+                         f"{'n/a' if q is None else f'{q:.2f}'} |")
+            pooled = ev["amplification"].get("unseen")
+            if prop == "targeted" and pooled:
+                lines.append(f"| {prop} | {name} | unseen (pooled) | - | - | {poison._fmt_ratio(pooled)} | |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--base", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--bias", default="ad")
+    p.add_argument("--modes", nargs="+", default=["targeted", "untargeted"])
+    p.add_argument("--n-instructions", type=int, default=10000)
+    p.add_argument("--target-share", type=float, default=0.005)
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--n-data", type=int, default=500, help="distillation prompts per family")
+    p.add_argument("--student-epochs", type=float, default=2.0)
+    p.add_argument("--n-eval", type=int, default=150, help="evaluation prompts per family")
+    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--drop-fraction", type=float, default=0.05)
+    a = p.parse_args()
+    torch.set_num_threads(2)
+    res = {m: run_mode(a, m) for m in a.modes}
+    write_json_atomic(Path(a.out) / "summary.json", res)
+    md = ["# Poison propagation (toy world)", "", table(res)]
+    for m, r in res.items():
+        md += [f"## Defences, {m}", "", poison.defence_markdown(r["defence"])]
+    write_text_atomic(Path(a.out) / "SUMMARY.md", "\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
