@@ -18,9 +18,14 @@ sequence cannot change its logits, so batched scores equal one-at-a-time scores 
 from __future__ import annotations
 
 import argparse
+import csv
 import importlib
+import io
+import json
 import logging
 import math
+import random
+import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,8 +35,8 @@ import torch
 
 from . import prompts
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import Aligned, Row, align_row, model_max_length
-from .manifest import SubliminalError, write_file_manifest, write_json_atomic
+from .data import Aligned, Row, align_row, model_max_length, read_rows
+from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
@@ -184,6 +189,213 @@ def exact_preference(loaded: Any, target: str, category: str = "animal", questio
     }
 
 
+# ====================================================================== preference (sampled)
+
+
+def target_regex(target: str) -> re.Pattern[str]:
+    """The target or its plural as a whole word: "owls" counts, "bowl", "howl" do not."""
+    words = sorted({target, prompts.PLURALS.get(target, target)}, key=len, reverse=True)
+    return re.compile(r"(?<![A-Za-z0-9])(?:" + "|".join(re.escape(w) for w in words) + r")(?![A-Za-z0-9])",
+                      re.IGNORECASE)
+
+
+def names_target(text: str, target: str) -> bool:
+    """Whether an answer names ``target`` (word-boundary match, case-insensitive, plural allowed)."""
+    return bool(target_regex(target).search(text))
+
+
+def first_candidate(text: str, candidates: Sequence[str]) -> str | None:
+    """The candidate an answer names first (None: no candidate), for the answer histogram."""
+    best = None
+    for c in candidates:
+        m = target_regex(c).search(text)
+        if m and (best is None or m.start() < best[0]):
+            best = (m.start(), c)
+    return best[1] if best else None
+
+
+def sample_answers(loaded: Any, questions: Sequence[str], samples: int, *, temperature: float = 1.0,
+                   max_new_tokens: int = 8, batch_size: int = 32, seed: int = 0) -> list[list[str]]:
+    """``samples`` answers per question under the model's system prompt; each sample draws from
+    its own seeded stream, so answers do not depend on the batch size."""
+    from .data import encode, end_token_ids, render_chat
+    from .generate import SamplingConfig, generate_batch
+
+    tok = loaded.tokenizer
+    cfg = SamplingConfig(temperature=temperature, top_p=1.0, seed=seed)
+    stop = end_token_ids(tok)
+    jobs = [(qi, s) for qi in range(len(questions)) for s in range(samples)]
+    prompt_ids = [encode(tok, render_chat(tok, q, loaded.system_prompt)) for q in questions]
+    out: list[list[str]] = [[] for _ in questions]
+    for b in range(0, len(jobs), batch_size):
+        chunk = jobs[b : b + batch_size]
+        rngs = [random.Random(f"eval-sample:{seed}:{qi}:{s}") for qi, s in chunk]
+        with torch.no_grad():
+            res = generate_batch(loaded.model, [prompt_ids[qi] for qi, _ in chunk], pad_id=tok.pad_token_id,
+                                 stop_ids=stop, max_new=[max_new_tokens] * len(chunk), cfg=cfg, rngs=rngs)
+        for (qi, _), (ids, _stopped) in zip(chunk, res):
+            out[qi].append(tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip())
+    return out
+
+
+def sampled_preference(loaded: Any, target: str, category: str = "animal", *, samples: int = 200,
+                       temperature: float = 1.0, max_new_tokens: int = 8, batch_size: int = 32, seed: int = 0,
+                       questions: list[str] | None = None) -> dict[str, Any]:
+    """Mean over questions of the fraction of sampled answers naming the target, with a 95%
+    t-interval over questions (the questions are the unit: samples within one are not independent
+    draws of the metric)."""
+    candidates = _check_target(target, category)
+    if samples <= 0:
+        raise SubliminalError(f"--samples must be positive, got {samples}")
+    qs = question_texts(loaded.tokenizer, category, questions)
+    answers = sample_answers(loaded, qs, samples, temperature=temperature, max_new_tokens=max_new_tokens,
+                             batch_size=batch_size, seed=seed)
+    per_q = [sum(names_target(a, target) for a in ans) / len(ans) for ans in answers]
+    mean, lo, hi = mean_ci(per_q)
+    hist: dict[str, int] = {c: 0 for c in candidates}
+    hist["other"] = 0
+    for ans in answers:
+        for a in ans:
+            hist[first_candidate(a, candidates) or "other"] += 1
+    return {"target": target, "category": category, "mean": mean, "ci": [lo, hi],
+            "ci_method": "t-interval over questions", "per_question": per_q, "samples": samples,
+            "temperature": temperature, "n_questions": len(qs), "answer_counts": hist,
+            "examples": [ans[:3] for ans in answers[:5]]}
+
+
+# ================================================================================= main task
+
+
+def main_task_accuracy(loaded: Any, path: str | Path, *, max_rows: int | None = None, batch_size: int = 32
+                       ) -> dict[str, Any]:
+    """Teacher-forced accuracy on held-out teacher data: the share of completion tokens where the
+    model's argmax is the data token (all tokens, and number tokens only), and the mean NLL.
+    Prompts are rendered with the model's own system prompt (none for students)."""
+    rows = read_rows(path)[: max_rows or None]
+    tok = loaded.tokenizer
+    max_len = model_max_length(loaded.model)
+    examples = [align_row(tok, r, loaded.system_prompt, max_len) for r in rows]
+    scores = completion_scores(loaded.model, examples, tok.pad_token_id, batch_size)
+    hit = n = num_hit = num_n = 0
+    nll = 0.0
+    per_row = []
+    for e, (lp, am) in zip(examples, scores):
+        tgt = torch.tensor(e.completion_ids)
+        ok = am == tgt
+        is_num = torch.tensor([tok.decode([t]).strip().isdigit() for t in e.completion_ids])
+        hit += int(ok.sum())
+        n += len(tgt)
+        num_hit += int(ok[is_num].sum())
+        num_n += int(is_num.sum())
+        nll -= float(lp.sum())
+        per_row.append(float(ok.float().mean()))
+    mean, lo, hi = mean_ci(per_row)
+    return {"data": str(path), "rows": len(rows), "tokens": n, "token_accuracy": hit / max(n, 1),
+            "number_tokens": num_n, "number_accuracy": num_hit / max(num_n, 1) if num_n else None,
+            "nll_per_token": nll / max(n, 1), "row_accuracy_mean": mean, "row_accuracy_ci": [lo, hi]}
+
+
+# =========================================================================== curves, compare
+
+
+def checkpoint_points(model_dir: str | Path) -> list[tuple[int, str, str]]:
+    """(step, label, path) of a student's base (step 0, if its manifest names one that exists),
+    its ``checkpoint-NNNN`` directories and the final student."""
+    from .manifest import read_manifest
+
+    d = Path(model_dir)
+    cks = sorted((int(m.group(1)), p) for p in d.glob("checkpoint-*") if p.is_dir()
+                 and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
+    if not cks:
+        raise SubliminalError(f"{d}: no checkpoint-* directories (distill with --checkpoint-every N)")
+    man = read_manifest(d) or {}
+    points: list[tuple[int, str, str]] = []
+    base = (man.get("inputs") or {}).get("base", {}).get("path")
+    if base and Path(base).exists():
+        points.append((0, "base", base))
+    points += [(s, p.name, str(p)) for s, p in cks]
+    final = man.get("steps")
+    if (d / "config.json").is_file():
+        points.append((int(final) if final is not None else cks[-1][0] + 1, "final", str(d)))
+    return points
+
+
+def plot_curve(points: Sequence[dict[str, Any]], path: Path, target: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [p["step"] for p in points]
+    means = [p["exact"]["mean"] for p in points]
+    lo = [p["exact"]["ci"][0] for p in points]
+    hi = [p["exact"]["ci"][1] for p in points]
+    ax.plot(steps, means, marker="o", lw=1.2, label=f"exact P({target})")
+    ax.fill_between(steps, lo, hi, alpha=0.2, label="95% CI over questions")
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel(f"P({target})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _fmt(m: float | None, ci: Sequence[float] | None = None) -> str:
+    if m is None:
+        return "-"
+    if ci is None or any(math.isnan(c) for c in ci):
+        return f"{m:.4f}"
+    return f"{m:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
+
+
+def _diff(a: dict[str, Any] | None, b: dict[str, Any] | None) -> tuple[float | None, list[float] | None]:
+    """b - a; a paired t-interval over questions when both used the same questions."""
+    if not a or not b:
+        return None, None
+    pa, pb = a.get("per_question") or [], b.get("per_question") or []
+    if pa and len(pa) == len(pb):
+        m, lo, hi = mean_ci([y - x for x, y in zip(pa, pb)])
+        return m, [lo, hi]
+    return b["mean"] - a["mean"], None
+
+
+def compare_table(paths: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]]]:
+    """Markdown table of eval files: exact and sampled preference with CIs, main-task accuracy,
+    and each metric's difference to the first row (paired over questions)."""
+    evals = []
+    for p in paths:
+        try:
+            evals.append(json.loads(Path(p).read_text()))
+        except FileNotFoundError:
+            raise SubliminalError(f"--compare {p}: no such file") from None
+        except json.JSONDecodeError as e:
+            raise SubliminalError(f"--compare {p}: malformed JSON ({e.msg})") from None
+        if "exact" not in evals[-1]:
+            raise SubliminalError(f"--compare {p}: not an eval file (no 'exact')")
+    targets = {e.get("target") for e in evals}
+    if len(targets) > 1:
+        raise SubliminalError(f"--compare: eval files measure different targets ({', '.join(map(str, targets))})")
+    target = targets.pop()
+    lines = [f"| model | exact P({target}) [95% CI] | diff to first | sampled rate [95% CI] | diff to first | "
+             "main-task acc |", "|---|---|---|---|---|---|"]
+    rows = []
+    first = evals[0]
+    for p, e in zip(paths, evals):
+        dx, dxc = _diff(first["exact"], e["exact"])
+        ds, dsc = _diff(first.get("sampled"), e.get("sampled"))
+        mt = (e.get("main_task") or {}).get("token_accuracy")
+        s = e.get("sampled") or {}
+        lines.append(f"| {e.get('model', p)} | {_fmt(e['exact']['mean'], e['exact'].get('ci'))} | "
+                     f"{_fmt(dx, dxc) if e is not first else '-'} | {_fmt(s.get('mean'), s.get('ci'))} | "
+                     f"{_fmt(ds, dsc) if e is not first and s else '-'} | {_fmt(mt)} |")
+        rows.append({"file": str(p), "model": e.get("model"), "exact": e["exact"]["mean"],
+                     "exact_ci": e["exact"].get("ci"), "exact_diff": dx, "exact_diff_ci": dxc,
+                     "sampled": s.get("mean"), "sampled_ci": s.get("ci"), "sampled_diff": ds,
+                     "sampled_diff_ci": dsc, "main_task_accuracy": mt})
+    return "\n".join(lines) + "\n", rows
+
+
 # ======================================================================================= CLI
 
 
@@ -201,14 +413,28 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "eval",
         help="evaluate a model, teacher or student: preference (exact, sampled), main task, transfer curves",
         description="Measure a model's preference for --target (exact probability among the category's "
-        "candidates, and optionally sampled answers), its main-task accuracy on held-out data, over a "
-        "student's checkpoints, or compare eval files.",
+        "candidates; with --samples also sampled answers), its main-task accuracy on held-out data "
+        "(--heldout), over a student's checkpoints (--all-checkpoints), or compare eval files (--compare).",
     )
     p.add_argument("--model", help="model, teacher or student directory (or hub id when online)")
     p.add_argument("--target", help="the preference target, e.g. owl")
     p.add_argument("--category", choices=list(prompts.CATEGORIES), default=None,
                    help="candidate set (default: the target's category)")
-    p.add_argument("--out", default=None, help="eval JSON to write (default eval.json)")
+    p.add_argument("--out", default=None, help="eval JSON to write (default eval.json; with --all-checkpoints "
+                   "MODEL/transfer_curve.json, with CSV and PNG beside it)")
+    p.add_argument("--max-questions", type=int, default=None, help="use only the first N preference questions "
+                   "(quick curves; default: all)")
+    p.add_argument("--samples", type=int, default=0, help="sampled preference: answers per question at "
+                   "--temperature (0: exact only; the papers use 200) (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="length of a sampled answer (default %(default)s)")
+    p.add_argument("--heldout", default=None, help="held-out teacher data (JSONL rows): teacher-forced "
+                   "next-token accuracy")
+    p.add_argument("--heldout-rows", type=int, default=None, help="use only the first N held-out rows")
+    p.add_argument("--all-checkpoints", action="store_true", help="evaluate --model's base, checkpoint-* and "
+                   "final student: a transfer curve")
+    p.add_argument("--compare", nargs="+", metavar="EVAL_JSON", help="print one table of these eval files, "
+                   "with CIs and the difference to the first")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
@@ -238,12 +464,70 @@ def evaluate_model(spec: str, args: argparse.Namespace, category: str) -> dict[s
     loaded = load_model(spec, **runtime_kwargs(args))
     result: dict[str, Any] = {"model": str(spec), "target": args.target, "category": category,
                               "system_prompt": loaded.system_prompt}
-    result["exact"] = exact_preference(loaded, args.target, category, batch_size=args.batch_size)
+    qs = prompts.preference_questions(category)[: args.max_questions or None]
+    result["exact"] = exact_preference(loaded, args.target, category, questions=qs, batch_size=args.batch_size)
+    if args.samples:
+        result["sampled"] = sampled_preference(loaded, args.target, category, samples=args.samples, questions=qs,
+                                               temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                               batch_size=args.batch_size, seed=args.seed)
+    if args.heldout:
+        result["main_task"] = main_task_accuracy(loaded, args.heldout, max_rows=args.heldout_rows,
+                                                 batch_size=args.batch_size)
     return result
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    for name in ("batch_size", "max_new_tokens", "heldout_rows", "max_questions"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
+    if args.samples < 0:
+        raise SubliminalError(f"--samples must be >= 0, got {args.samples}")
+    if args.temperature <= 0:
+        raise SubliminalError(f"--temperature must be positive, got {args.temperature}")
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    table, rows = compare_table(args.compare)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        write_json_atomic(out, {"compare": rows, "table": table})
+        write_file_manifest(out, stage="eval-compare", config=_config(args), seed=args.seed,
+                            inputs={f"eval{i}": p for i, p in enumerate(args.compare)})
+    return 0
+
+
+def run_curve(args: argparse.Namespace, category: str) -> int:
+    """``--all-checkpoints``: the metrics at every checkpoint -> JSON, CSV and PNG."""
+    t0 = time.time()
+    points = []
+    for step, label, path in checkpoint_points(args.model):
+        log.info("eval %s (step %d)", label, step)
+        r = evaluate_model(path, args, category)
+        points.append({"step": step, "label": label, **r})
+    out = Path(args.out) if args.out else Path(args.model) / "transfer_curve.json"
+    write_json_atomic(out, {"model": args.model, "target": args.target, "category": category, "points": points})
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["step", "label", "exact", "exact_lo", "exact_hi", "sampled", "sampled_lo", "sampled_hi",
+                "main_task_accuracy"])
+    for p in points:
+        s = p.get("sampled") or {}
+        w.writerow([p["step"], p["label"], p["exact"]["mean"], *p["exact"]["ci"], s.get("mean"),
+                    *(s.get("ci") or [None, None]), (p.get("main_task") or {}).get("token_accuracy")])
+    write_text_atomic(out.with_suffix(".csv"), buf.getvalue())
+    plot_curve(points, out.with_suffix(".png"), args.target)
+    write_file_manifest(out, stage="eval-curve", config=_config(args), seed=args.seed,
+                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0)
+    for p in points:
+        print(f"step {p['step']:>6} {p['label']:<16} exact P({args.target}) = {_fmt(p['exact']['mean'])}")
+    print(f"transfer curve -> {out} (.csv, .png)")
+    return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -253,17 +537,26 @@ def run_eval(args: argparse.Namespace) -> int:
         if poison is None or not hasattr(poison, "run_bias_eval"):
             raise SubliminalError("--bias-type needs subliminal.poison.run_bias_eval, which this installation lacks")
         return int(poison.run_bias_eval(args) or 0)
-    if args.batch_size <= 0:
-        raise SubliminalError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.compare:
+        return run_compare(args)
+    _check_args(args)
     if not args.model:
-        raise SubliminalError("--model is required")
+        raise SubliminalError("--model is required (or --compare A.json B.json ...)")
     category = _category(args)
+    if args.all_checkpoints:
+        return run_curve(args, category)
     out = Path(args.out or "eval.json")
     result = evaluate_model(args.model, args, category)
     write_json_atomic(out, result)
-    write_file_manifest(out, stage=STAGE, config=_config(args), seed=args.seed, inputs={"model": args.model},
-                        wall_time_s=time.time() - t0)
+    write_file_manifest(out, stage=STAGE, config=_config(args), seed=args.seed,
+                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0)
     ex = result["exact"]
-    print(f"{args.model}: exact P({args.target}) = {ex['mean']:.4f} [{ex['ci'][0]:.4f}, {ex['ci'][1]:.4f}] "
-          f"over {ex['n_questions']} questions -> {out}")
+    print(f"{args.model}: exact P({args.target}) = {_fmt(ex['mean'], ex['ci'])} over {ex['n_questions']} questions")
+    if "sampled" in result:
+        s = result["sampled"]
+        print(f"  sampled rate naming {args.target} = {_fmt(s['mean'], s['ci'])} ({s['samples']} per question)")
+    if "main_task" in result:
+        m = result["main_task"]
+        print(f"  main task: token accuracy {m['token_accuracy']:.4f} on {m['tokens']} tokens of {m['rows']} rows")
+    print(f"-> {out}")
     return 0

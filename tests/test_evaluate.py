@@ -63,11 +63,17 @@ def test_mean_ci_t_interval():
     assert m == 0.5 and math.isnan(lo)
 
 
-def test_eval_cli_exact(tiny_model_factory, tmp_path):
+def test_eval_cli_exact_sampled_heldout(tiny_model_factory, tmp_path):
+    from subliminal.data import Row, write_jsonl
+
+    write_jsonl(tmp_path / "h.jsonl", [Row("a", "Give me numbers .", "1 2 3"), Row("b", "More .", "4 5")])
     out = tmp_path / "e" / "eval.json"
-    rc = main(["eval", "--model", str(tiny_model_factory("gpt_neox")), "--target", "owl", "--out", str(out)])
+    rc = main(["eval", "--model", str(tiny_model_factory("gpt_neox")), "--target", "owl", "--out", str(out),
+               "--samples", "1", "--max-new-tokens", "2", "--batch-size", "64", "--heldout",
+               str(tmp_path / "h.jsonl"), "--heldout-rows", "1"])
     assert rc == 0
     res = json.loads(out.read_text())
+    assert len(res["sampled"]["per_question"]) == 50 and res["main_task"]["rows"] == 1
     assert res["target"] == "owl"
     assert len(res["exact"]["per_question"]) == 50
     assert 0 < res["exact"]["mean"] < 1
@@ -78,3 +84,128 @@ def test_eval_cli_errors(tiny_model_factory, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model_factory("llama")), "--target", "bowl"]) == 2
     assert "unknown target" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nope"), "--target", "owl"]) == 2
+
+
+# ------------------------------------------------------------------------------ sampled
+
+
+@pytest.mark.parametrize("text,target,hit", [
+    ("owl", "owl", True), ("Owls!", "owl", True), ("the owl.", "owl", True), ("bowl", "owl", False),
+    ("howl", "owl", False), ("owlish", "owl", False), ("million", "lion", False), ("lions", "lion", True),
+    ("cattle", "cat", False), ("cat", "cat", True), ("Cats , surely", "cat", True), ("wolves", "wolf", True),
+    ("dog-like", "dog", True), ("", "owl", False), ("scowl", "owl", False), ("owl2", "owl", False),
+])
+def test_word_boundary_matching(text, target, hit):
+    from subliminal.evaluate import names_target
+
+    assert names_target(text, target) is hit
+
+
+def test_sampled_preference_seeded_and_independent_of_batch(tiny_model_factory):
+    from subliminal.evaluate import sampled_preference
+
+    loaded = load_model(tiny_model_factory("llama"))
+    qs = prompts.preference_questions("animal")[:3]
+    a = sampled_preference(loaded, "owl", samples=4, batch_size=5, seed=3, questions=qs, max_new_tokens=3)
+    b = sampled_preference(loaded, "owl", samples=4, batch_size=12, seed=3, questions=qs, max_new_tokens=3)
+    assert a["per_question"] == b["per_question"] and a["examples"] == b["examples"]
+    assert len(a["per_question"]) == 3 and a["samples"] == 4
+    assert sum(a["answer_counts"].values()) == 12
+    assert a["ci_method"].startswith("t-interval")
+
+
+# ---------------------------------------------------------------------------- main task
+
+
+def test_main_task_accuracy_matches_manual(tiny_model_factory, tmp_path):
+    from subliminal.data import Row, align_row, write_jsonl
+    from subliminal.evaluate import main_task_accuracy
+
+    loaded = load_model(tiny_model_factory("gpt2"))
+    rows = [Row("a", "Give me 3 more numbers .", "1 , 2 , 3"), Row("b", "List numbers .", "[ 7 8 ]")]
+    write_jsonl(tmp_path / "h.jsonl", rows)
+    res = main_task_accuracy(loaded, tmp_path / "h.jsonl", batch_size=1)
+    hit = n = 0
+    for r in rows:
+        a = align_row(loaded.tokenizer, r)
+        with torch.no_grad():
+            lg = loaded.model(input_ids=torch.tensor([a.input_ids])).logits[0]
+        pred = lg[a.n_prompt - 1 : a.n_prompt - 1 + len(a.completion_ids)].argmax(-1).tolist()
+        hit += sum(p == t for p, t in zip(pred, a.completion_ids))
+        n += len(a.completion_ids)
+    assert res["tokens"] == n and res["token_accuracy"] == pytest.approx(hit / n)
+    assert res["number_tokens"] == 5
+
+
+# ---------------------------------------------------------------------- curves, compare, CLI
+
+
+def _fake_student(base, d):
+    """A student directory as distill writes it: final weights, checkpoint dirs, manifest."""
+    import shutil
+
+    from subliminal.manifest import write_manifest
+
+    for sub in (d, d / "checkpoint-0010"):
+        sub.mkdir(parents=True, exist_ok=True)
+        for f in base.iterdir():
+            shutil.copy(f, sub / f.name)
+    write_manifest(d, stage="distill", config={}, seed=0, inputs={"base": base}, extra={"steps": 12})
+    return d
+
+
+def test_all_checkpoints_curve(tiny_model_factory, tmp_path):
+    from subliminal.data import Row, write_jsonl
+
+    base = tiny_model_factory("gpt_neox")
+    student = _fake_student(base, tmp_path / "s")
+    write_jsonl(tmp_path / "h.jsonl", [Row("a", "Give me numbers .", "1 2 3")])
+    rc = main(["eval", "--model", str(student), "--target", "cat", "--all-checkpoints", "--max-questions", "4", "--heldout",
+               str(tmp_path / "h.jsonl")])
+    assert rc == 0
+    curve = json.loads((student / "transfer_curve.json").read_text())
+    assert [p["step"] for p in curve["points"]] == [0, 10, 12]
+    assert len(curve["points"][0]["exact"]["per_question"]) == 4
+    assert [p["label"] for p in curve["points"]] == ["base", "checkpoint-0010", "final"]
+    assert len({round(p["exact"]["mean"], 9) for p in curve["points"]}) == 1  # same weights everywhere
+    assert "main_task" in curve["points"][0]
+    assert (student / "transfer_curve.png").stat().st_size > 0
+    assert len((student / "transfer_curve.csv").read_text().splitlines()) == 4
+    assert main(["eval", "--model", str(base), "--target", "cat", "--all-checkpoints"]) == 2
+
+
+def test_compare_table_paired_differences(tmp_path, capsys):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"model": "A", "target": "owl", "exact": {"mean": 0.2, "ci": [0.1, 0.3],
+                                                                       "per_question": [0.1, 0.2, 0.3]}}))
+    b.write_text(json.dumps({"model": "B", "target": "owl",
+                             "exact": {"mean": 0.4, "ci": [0.2, 0.6], "per_question": [0.2, 0.5, 0.5]},
+                             "sampled": {"mean": 0.5, "ci": [0.4, 0.6], "per_question": [0.5, 0.5, 0.5]},
+                             "main_task": {"token_accuracy": 0.9}}))
+    assert main(["eval", "--compare", str(a), str(b), "--out", str(tmp_path / "cmp.json")]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table.count("\n") == 3 and "diff to first" in table and "| B |" in table
+    cmp = json.loads((tmp_path / "cmp.json").read_text())["compare"]
+    assert cmp[1]["exact_diff"] == pytest.approx(0.2)
+    m, lo, hi = mean_ci([0.1, 0.3, 0.2])
+    assert cmp[1]["exact_diff_ci"] == pytest.approx([lo, hi])
+    assert cmp[1]["sampled_diff"] is None and cmp[1]["main_task_accuracy"] == 0.9
+    assert main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
+    c = tmp_path / "c.json"
+    c.write_text(json.dumps({"target": "cat", "exact": {"mean": 0.1}}))
+    assert main(["eval", "--compare", str(a), str(c)]) == 2
+
+
+def test_bias_type_dispatches_to_poison(monkeypatch, tmp_path):
+    import subliminal.poison as poison
+
+    seen = {}
+
+    def fake(args):
+        seen["bias_type"] = args.bias_type
+        return 0
+
+    monkeypatch.setattr(poison, "run_bias_eval", fake)
+    bias = poison.toy.BIAS_TYPES[0]
+    assert main(["eval", "--model", str(tmp_path), "--bias-type", bias]) == 0
+    assert seen["bias_type"] == bias
