@@ -21,7 +21,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -430,7 +430,7 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
     objs = [done[r.id] for r in rows]
     _write_final(cfg, objs)
     summary = summarize(objs, [r.name for r in refs[1:]])
-    write_file_manifest(cfg.out, stage=STAGE, config=cfg, seed=cfg.seed,
+    write_file_manifest(cfg.out, stage=STAGE, config=replace(cfg, dtype=str(cfg.dtype)), seed=cfg.seed,
                         inputs={"data": cfg.data, **{f"teacher:{r.name}": r.spec for r in refs}},
                         wall_time_s=time.time() - t0,
                         extra={"summary": summary, "factual": refs[0].name,

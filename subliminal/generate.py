@@ -19,7 +19,7 @@ import re
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -335,7 +335,7 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True) -> dict[str, Any
     kept = [{k: r[k] for k in ("id", "prompt", "completion", "teacher")} for r in rows if r["accepted"]]
     write_jsonl(cfg.out, kept)
     counts = filter_counts(rows)
-    write_file_manifest(cfg.out, stage=STAGE, config=cfg, seed=cfg.seed, inputs={"teacher": cfg.teacher},
+    write_file_manifest(cfg.out, stage=STAGE, config=replace(cfg, dtype=str(cfg.dtype)), seed=cfg.seed, inputs={"teacher": cfg.teacher},
                         wall_time_s=time.time() - t0,
                         extra={"counts": counts, "raw_file": raw.name, "system_prompt": loaded.system_prompt})
     return counts
