@@ -161,6 +161,9 @@ def test_cli_sampled_is_seeded_batch_independent_and_resumes(teachers, tmp_path)
     assert (tmp_path / "c.raw.jsonl").read_text() == raw_a
     _gen(teachers["owl"], tmp_path / "d.jsonl", "--batch-size", "4", "--seed", "4", "--top-p", "0.9")
     assert (tmp_path / "d.raw.jsonl").read_text() != raw_a
+    _gen(teachers["owl"], tmp_path / "e.jsonl", "--batch-size", "4", "--seed", "3", "--top-p", "0.9",
+         "--temperature", "0.3")
+    assert (tmp_path / "e.raw.jsonl").read_text() != raw_a
     man = json.loads((tmp_path / "a.jsonl.manifest.json").read_text())
     counts = man["counts"]
     assert counts["generated"] == 5 and counts["accepted"] + sum(counts["reject_reasons"].values()) == 5
