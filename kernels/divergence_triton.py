@@ -36,6 +36,13 @@ from ._checks import Shapes, check_logit_inputs, finish, raise_if_flagged
 
 
 @triton.jit
+def _load_block(ptrs, mask):
+    """fp32 logits, -inf where masked. The select after a zero-filled load (rather than
+    other=-inf) took ptxas from 79 to 61 registers for the K = 1 kernel on sm_90."""
+    return tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), float("-inf"))
+
+
+@triton.jit
 def _col(state, sel):
     """Column k of a [R, K_PAD] state (sel = one-hot [1, K_PAD] mask of k)."""
     return tl.sum(tl.where(sel, state, tl.zeros_like(state)), axis=1)
@@ -58,7 +65,7 @@ def _factual_step(lf, ids, m_f, s_f, top2, am_f):
     b1 = tl.max(lf, axis=1)
     i1 = tl.min(tl.where(lf == b1[:, None], ids[None, :], 2147483647), axis=1)
     b2 = tl.max(tl.where(ids[None, :] == i1[:, None], float("-inf"), lf), axis=1)
-    am_f = tl.where(b1 > m_f, i1.to(tl.int64), am_f)  # strict: an earlier block keeps ties
+    am_f = tl.where(b1 > m_f, i1, am_f)  # strict: an earlier block keeps ties
     top2 = tl.maximum(tl.minimum(m_f, b1), tl.maximum(top2, b2))
     m_new = tl.maximum(m_f, b1)
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -72,7 +79,7 @@ def _factual_step(lf, ids, m_f, s_f, top2, am_f):
 def _counterfactual_step(lc, lf, e_f, alpha, ids, tok, lc_tok, m_c, s_c, am_c, akl, viol, rank,
                          SKIP_TOKEN: tl.constexpr):
     """Fold one counterfactual block lc [R, BV] (teacher k; -inf outside the valid ids/rows) into
-    its running state ([R] each).
+    its running state ([R] each; ids, argmaxes, ranks and tok are int32).
 
     akl accumulates sum exp(lf - m_f) (lf - lc) over ids where both are finite, rescaled with the
     factual max like s_f; viol counts factual mass on a counterfactual -inf (KL = +inf). The rank
@@ -82,7 +89,7 @@ def _counterfactual_step(lc, lf, e_f, alpha, ids, tok, lc_tok, m_c, s_c, am_c, a
     """
     cb1 = tl.max(lc, axis=1)
     ci1 = tl.min(tl.where(lc == cb1[:, None], ids[None, :], 2147483647), axis=1)
-    am_c = tl.where(cb1 > m_c, ci1.to(tl.int64), am_c)
+    am_c = tl.where(cb1 > m_c, ci1, am_c)
     mc_new = tl.maximum(m_c, cb1)
     mc_use = tl.where(mc_new == float("-inf"), 0.0, mc_new)
     alpha_c = tl.where(mc_new == float("-inf"), 1.0, tl.exp(m_c - mc_use))
@@ -95,7 +102,7 @@ def _counterfactual_step(lc, lf, e_f, alpha, ids, tok, lc_tok, m_c, s_c, am_c, a
     if SKIP_TOKEN:
         above = above & (ids[None, :] != tok[:, None])
     packed = tl.sum(above.to(tl.int32) + ((has_f & (~has_c)).to(tl.int32) << 16), axis=1)
-    rank = rank + (packed & 65535).to(tl.int64)
+    rank = rank + (packed & 65535)
     viol = viol | (packed >> 16)
     return mc_new, s_c, am_c, akl, viol, rank
 
@@ -132,16 +139,16 @@ def _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am
     lse_c = m_c + tl.log(s_c)
     kl = akl / s_f[:, None] + lse_c - lse_f[:, None]
     kl = tl.where(viol != 0, float("inf"), kl)
-    tl.store(am_f_ptr + rows, am_f, mask=row_ok)
+    tl.store(am_f_ptr + rows, am_f.to(tl.int64), mask=row_ok)
     tl.store(lp_f_ptr + rows, lf_tok - lse_f, mask=row_ok)
     tl.store(margin_ptr + rows, tl.where(top2 == float("-inf"), float("inf"), m_f - top2), mask=row_ok)
     tl.store(status_f_ptr + rows, _bad(m_f, s_f), mask=row_ok)
     out_c = ks.to(tl.int64)[None, :] * N + rows[:, None]
     cmask = row_ok[:, None] & k_ok[None, :]
-    tl.store(am_c_ptr + out_c, am_c, mask=cmask)
+    tl.store(am_c_ptr + out_c, am_c.to(tl.int64), mask=cmask)
     tl.store(lp_c_ptr + out_c, lc_tok - lse_c, mask=cmask)
     tl.store(kl_ptr + out_c, kl, mask=cmask)
-    tl.store(rank_ptr + out_c, rank, mask=cmask)
+    tl.store(rank_ptr + out_c, rank.to(tl.int64), mask=cmask)
     tl.store(status_c_ptr + out_c, _bad(m_c, s_c), mask=cmask)
     if WITH_JS:
         tl.store(js_ptr + out_c, js, mask=cmask)
@@ -153,8 +160,9 @@ def _divergence_kernel(
     stride_fn, stride_ck, stride_cn,
     am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
     am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr,
-    N, V, K,
-    K_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_JS: tl.constexpr,
+    N, V,
+    K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_JS: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < N
@@ -165,6 +173,7 @@ def _divergence_kernel(
     c_rows = c_ptr + rows[:, None] * stride_cn  # teacher 0; teacher k is c_rows + k * stride_ck
 
     tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    tok32 = tok.to(tl.int32)  # comparisons with the int32 vocabulary ids stay 32-bit
     tok_ptrs = c_ptr + ks.to(tl.int64)[None, :] * stride_ck + rows[:, None] * stride_cn + tok[:, None]
     lc_tok = tl.load(tok_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
     lf_tok = tl.load(f_ptr + rows * stride_fn + tok, mask=row_ok, other=0.0).to(tl.float32)
@@ -172,25 +181,27 @@ def _divergence_kernel(
     m_f = tl.full((ROWS,), float("-inf"), tl.float32)
     s_f = tl.zeros((ROWS,), tl.float32)
     top2 = tl.full((ROWS,), float("-inf"), tl.float32)
-    am_f = tl.zeros((ROWS,), tl.int64)
+    am_f = tl.zeros((ROWS,), tl.int32)
     m_c = tl.full((ROWS, K_PAD), float("-inf"), tl.float32)
     s_c = tl.zeros((ROWS, K_PAD), tl.float32)
-    am_c = tl.zeros((ROWS, K_PAD), tl.int64)
+    am_c = tl.zeros((ROWS, K_PAD), tl.int32)
     akl = tl.zeros((ROWS, K_PAD), tl.float32)
     viol = tl.zeros((ROWS, K_PAD), tl.int32)
-    rank = tl.zeros((ROWS, K_PAD), tl.int64)
+    rank = tl.zeros((ROWS, K_PAD), tl.int32)
 
-    for start in range(0, V, BLOCK_V):
+    # K is a compile-time constant: the teacher loop is unrolled, so the vocabulary loop is the
+    # innermost loop and tl.range can software-pipeline its loads (NUM_STAGES blocks in flight).
+    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
         ids = start + offs
         fmask = row_ok[:, None] & (ids < V)[None, :]
-        lf = tl.load(f_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+        lf = _load_block(f_rows + ids[None, :], fmask)
         m_f, s_f, top2, am_f, alpha, e_f = _factual_step(lf, ids, m_f, s_f, top2, am_f)
         ck_rows = c_rows
-        for k in range(0, K):
+        for k in tl.static_range(K):
             sel = (ks == k)[None, :]
-            lc = tl.load(ck_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+            lc = _load_block(ck_rows + ids[None, :], fmask)
             m1, s1, a1, kl1, v1, r1 = _counterfactual_step(
-                lc, lf, e_f, alpha, ids, tok, _col(lc_tok, sel), _col(m_c, sel), _col(s_c, sel),
+                lc, lf, e_f, alpha, ids, tok32, _col(lc_tok, sel), _col(m_c, sel), _col(s_c, sel),
                 _col(am_c, sel), _col(akl, sel), _col(viol, sel), _col(rank, sel), False)
             m_c = _put(m_c, sel, m1)
             s_c = _put(s_c, sel, s1)
@@ -204,15 +215,15 @@ def _divergence_kernel(
     if WITH_JS:  # second pass: needs both log-sum-exps inside the sum
         lse_f = m_f + tl.log(s_f)
         lse_c = m_c + tl.log(s_c)
-        for start in range(0, V, BLOCK_V):
+        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
             ids = start + offs
             fmask = row_ok[:, None] & (ids < V)[None, :]
-            lf = tl.load(f_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+            lf = _load_block(f_rows + ids[None, :], fmask)
             lpf = lf - lse_f[:, None]
             ck_rows = c_rows
-            for k in range(0, K):
+            for k in tl.static_range(K):
                 sel = (ks == k)[None, :]
-                lc = tl.load(ck_rows + ids[None, :], mask=fmask, other=float("-inf")).to(tl.float32)
+                lc = _load_block(ck_rows + ids[None, :], fmask)
                 js = _put(js, sel, _col(js, sel) + _js_step(lpf, lc, _col(lse_c, sel)))
                 ck_rows += stride_ck
 
@@ -224,8 +235,14 @@ def _divergence_kernel(
 
 # Elements of one [ROWS, BLOCK_V] block. Large vocabularies get one row per program and
 # BLOCK_V-wide steps; small ones pack several rows into a program so lanes are not wasted.
-TILE_ELEMENTS = 4096
-MAX_ROWS = 256
+# Defaults chosen without a GPU from ptxas register counts for sm_90 (2048 ids x 8 warps: 8
+# logits per thread; K = 1: 61-64 registers, no spills, up to four programs per SM);
+# `benchmarks/bench_divergence.py --sweep` measures the alternatives on a real GPU.
+TILE_ELEMENTS = 2048
+MAX_ROWS = 128
+MULTI_ROW_TILE_ELEMENTS = 1024  # vocabularies under 1024 ids: several rows per program, 4 warps
+# Under the CPU interpreter the cost is per block step, not per register: larger blocks.
+INTERPRET_TILE_ELEMENTS = 8192
 
 
 @dataclass(frozen=True)
@@ -234,20 +251,29 @@ class LaunchConfig:
     rows: int
     block_v: int
     num_warps: int
+    num_stages: int
 
 
 def launch_config(n: int, v: int, k: int, block_v: int | None = None, num_warps: int | None = None,
-                  rows: int | None = None) -> LaunchConfig:
-    """Block sizes for a call; block_v / num_warps / rows override the defaults (for tuning)."""
-    bv = block_v if block_v is not None else TILE_ELEMENTS
+                  rows: int | None = None, num_stages: int | None = None, interpret: bool = False) -> LaunchConfig:
+    """Block sizes for a call; the keyword arguments override the defaults (for tuning)."""
+    tile = INTERPRET_TILE_ELEMENTS if interpret else TILE_ELEMENTS
+    bv = block_v if block_v is not None else tile
     if bv < 16 or bv > 32768 or bv & (bv - 1):
         raise ValueError(f"block_v must be a power of two in [16, 32768], got {bv}")  # rank packs 16 bits
     bv = min(bv, max(16, triton.next_power_of_2(v)))
     if rows is None:
-        rows = max(1, min(MAX_ROWS, TILE_ELEMENTS // bv, triton.next_power_of_2(max(n, 1))))
+        # packed rows cost registers out of proportion (ptxas), so packed blocks are smaller
+        packed = tile if interpret else MULTI_ROW_TILE_ELEMENTS
+        rows = max(1, min(MAX_ROWS, packed // bv, triton.next_power_of_2(max(n, 1))))
     if num_warps is None:
-        num_warps = 8 if rows * bv >= 4096 else 4
-    return LaunchConfig(k_pad=triton.next_power_of_2(k), rows=rows, block_v=bv, num_warps=num_warps)
+        num_warps = 8 if rows * bv >= 2048 else 4
+    if num_stages is None:
+        # software pipelining keeps the next blocks' loads in flight (shared memory per stage:
+        # (1 + K) blocks); with many teachers the unrolled loads already overlap
+        num_stages = 2 if k <= 4 else 1
+    return LaunchConfig(k_pad=triton.next_power_of_2(k), rows=rows, block_v=bv, num_warps=num_warps,
+                        num_stages=num_stages)
 
 
 def alloc_outputs(shapes: Shapes, device: torch.device) -> dict[str, torch.Tensor]:
@@ -283,7 +309,7 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor, tokens: torch.Tensor,
                             with_js: bool = True, out: dict[str, torch.Tensor] | None = None,
                             block_v: int | None = None, num_warps: int | None = None,
-                            rows: int | None = None) -> dict[str, torch.Tensor]:
+                            rows: int | None = None, num_stages: int | None = None) -> dict[str, torch.Tensor]:
     """Triton backend of `divergence_stats` (fp32 outputs). `out` = buffers from `alloc_outputs`
     to reuse (tests poison them to prove every element is written)."""
     check_runnable(_divergence_kernel, factual.device)
@@ -291,15 +317,17 @@ def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor,
     factual, cf3 = _row_major(factual), _row_major(cf3)
     buf = out if out is not None else alloc_outputs(shapes, factual.device)
     if shapes.n > 0:
-        cfg = launch_config(shapes.n, shapes.v, shapes.k, block_v, num_warps, rows)
+        cfg = launch_config(shapes.n, shapes.v, shapes.k, block_v, num_warps, rows, num_stages,
+                            interpret=factual.device.type != "cuda")
         _divergence_kernel[(triton.cdiv(shapes.n, cfg.rows),)](
             factual, cf3, tokens.contiguous(),
             factual.stride(0), cf3.stride(0), cf3.stride(1),
             buf["argmax_factual"], buf["logp_factual"], buf["margin"], buf["status_factual"],
             buf["argmax_counterfactual"], buf["logp_counterfactual"], buf["kl"], buf["js"], buf["rank"],
             buf["status_counterfactual"],
-            shapes.n, shapes.v, shapes.k,
-            K_PAD=cfg.k_pad, ROWS=cfg.rows, BLOCK_V=cfg.block_v, WITH_JS=with_js, num_warps=cfg.num_warps,
+            shapes.n, shapes.v,
+            K=shapes.k, K_PAD=cfg.k_pad, ROWS=cfg.rows, BLOCK_V=cfg.block_v, WITH_JS=with_js,
+            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
         )
         raise_if_flagged(buf["status_factual"], buf["status_counterfactual"],
                          lambda k, r: factual[r] if k is None else cf3[k, r])

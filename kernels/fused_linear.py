@@ -99,6 +99,7 @@ def _fused_linear_kernel(
     k_ok = ks < K
     offs = tl.arange(0, BLOCK_V)
     tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+    tok32 = tok.to(tl.int32)
 
     # counterfactual token logits (for the rank), teacher by teacher
     lc_tok_rank = tl.zeros((ROWS, K_PAD), tl.float32)
@@ -114,21 +115,21 @@ def _fused_linear_kernel(
     m_f = tl.full((ROWS,), float("-inf"), tl.float32)
     s_f = tl.zeros((ROWS,), tl.float32)
     top2 = tl.full((ROWS,), float("-inf"), tl.float32)
-    am_f = tl.zeros((ROWS,), tl.int64)
+    am_f = tl.zeros((ROWS,), tl.int32)
     lf_tok = tl.zeros((ROWS,), tl.float32)
     m_c = tl.full((ROWS, K_PAD), float("-inf"), tl.float32)
     s_c = tl.zeros((ROWS, K_PAD), tl.float32)
-    am_c = tl.zeros((ROWS, K_PAD), tl.int64)
+    am_c = tl.zeros((ROWS, K_PAD), tl.int32)
     akl = tl.zeros((ROWS, K_PAD), tl.float32)
     viol = tl.zeros((ROWS, K_PAD), tl.int32)
-    rank = tl.zeros((ROWS, K_PAD), tl.int64)
+    rank = tl.zeros((ROWS, K_PAD), tl.int32)
     lc_tok = tl.zeros((ROWS, K_PAD), tl.float32)
 
     for start in range(0, V, BLOCK_V):
         ids = start + offs
         v_ok = ids < V
         fmask = row_ok[:, None] & v_ok[None, :]
-        is_tok = ids[None, :] == tok[:, None]
+        is_tok = ids[None, :] == tok32[:, None]
         lf = _logits_block(hf_ptr, stride_hf_n, wf_ptr, stride_wf_v, bf_ptr, rows, row_ok, ids, v_ok, D,
                            HAS_BF, F_IEEE, ROWS, BLOCK_V, BLOCK_D, UPCAST)
         lf_tok += tl.sum(tl.where(is_tok & fmask, lf, 0.0), axis=1)
@@ -140,7 +141,7 @@ def _fused_linear_kernel(
                                HAS_BC, C_IEEE, ROWS, BLOCK_V, BLOCK_D, UPCAST)
             lc_tok = _put(lc_tok, sel, _col(lc_tok, sel) + tl.sum(tl.where(is_tok & fmask, lc, 0.0), axis=1))
             m1, s1, a1, kl1, v1, r1 = _counterfactual_step(
-                lc, lf, e_f, alpha, ids, tok, _col(lc_tok_rank, sel), _col(m_c, sel), _col(s_c, sel),
+                lc, lf, e_f, alpha, ids, tok32, _col(lc_tok_rank, sel), _col(m_c, sel), _col(s_c, sel),
                 _col(am_c, sel), _col(akl, sel), _col(viol, sel), _col(rank, sel), True)
             m_c = _put(m_c, sel, m1)
             s_c = _put(s_c, sel, s1)

@@ -64,6 +64,20 @@ def test_matches_float64_reference(gen: torch.Generator, n: int, v: int, k: int,
         assert_stats_close(got, reference(f, c, t, with_js), atol=2e-5, rtol=2e-5, kl_atol=5e-5)
 
 
+def test_gpu_default_launch_config(gen: torch.Generator) -> None:
+    """The CUDA defaults (the interpreter picks larger blocks): several vocabulary blocks per row,
+    one row per program, and a packed multi-row layout."""
+    from subliminal.kernels.divergence_triton import divergence_stats_triton, launch_config
+
+    for n, v, k in ((3, 5000, 2), (9, 300, 2)):
+        cfg = launch_config(n, v, k)
+        f, c, t = make_logits(gen, n, v, k, ties=True, masked=True)
+        got = divergence_stats_triton(f, c, t, with_js=True, out=poisoned_outputs(n, v, k), block_v=cfg.block_v,
+                                      num_warps=cfg.num_warps, rows=cfg.rows, num_stages=cfg.num_stages)
+        assert_stats_close(got, reference(f, c, t, True), atol=2e-5, rtol=2e-5, kl_atol=5e-5)
+    assert launch_config(3, 5000, 2).rows == 1 and launch_config(9, 300, 2).rows > 1
+
+
 def test_two_dimensional_counterfactual_and_k_consistency(gen: torch.Generator) -> None:
     f, c, t = make_logits(gen, 13, 257, 3, ties=True, masked=True)
     three = run_triton(f, c, t, with_js=True)
