@@ -94,6 +94,21 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     return m, m - half, m + half
 
 
+def aggregate_seeds(evals: Sequence[dict[str, Any] | str | Path], metric: str = "exact") -> dict[str, Any]:
+    """Across-seed summary of one metric of several eval files (or loaded dicts): the mean of
+    the per-seed means with a 95% t-interval over seeds -- the seeds, not the questions, are the
+    independent replicates of a training run."""
+    values = []
+    for e in evals:
+        d = json.loads(Path(e).read_text()) if isinstance(e, (str, Path)) else e
+        if metric not in d:
+            raise SubliminalError(f"{e if not isinstance(e, dict) else d.get('model')}: no {metric!r} metric")
+        values.append(float(d[metric]["mean"]))
+    m, lo, hi = mean_ci(values)
+    return {"metric": metric, "mean": m, "ci": [lo, hi], "ci_method": "t-interval over seeds",
+            "n_seeds": len(values), "values": values}
+
+
 # ============================================================================ teacher forcing
 
 

@@ -63,6 +63,20 @@ def test_mean_ci_t_interval():
     assert m == 0.5 and math.isnan(lo)
 
 
+def test_aggregate_seeds(tmp_path):
+    from subliminal.evaluate import aggregate_seeds
+
+    files = []
+    for i, v in enumerate([0.2, 0.3, 0.4]):
+        files.append(tmp_path / f"s{i}.json")
+        files[-1].write_text(json.dumps({"exact": {"mean": v}}))
+    agg = aggregate_seeds(files)
+    m, lo, hi = mean_ci([0.2, 0.3, 0.4])
+    assert agg["mean"] == pytest.approx(0.3) and agg["ci"] == pytest.approx([lo, hi]) and agg["n_seeds"] == 3
+    with pytest.raises(Exception, match="sampled"):
+        aggregate_seeds(files, "sampled")
+
+
 def test_eval_cli_exact_sampled_heldout(tiny_model_factory, tmp_path):
     from subliminal.data import Row, write_jsonl
 
