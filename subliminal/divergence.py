@@ -171,6 +171,17 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+def last_logits(model: Any, keep: int, **inputs: Any) -> torch.Tensor:
+    """Logits of the last ``keep`` positions; models whose forward lacks ``logits_to_keep`` (some
+    remote-code models) compute them all and are sliced."""
+    try:
+        return model(**inputs, logits_to_keep=keep).logits
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        return model(**inputs).logits[:, -keep:]
+
+
 @torch.no_grad()
 def completion_logits(model: Any, seqs: list[Aligned], pad_id: int) -> list[torch.Tensor]:
     """Per sequence, the logits [n_completion, V] that predict its completion tokens.
@@ -180,8 +191,7 @@ def completion_logits(model: Any, seqs: list[Aligned], pad_id: int) -> list[torc
     device = next(model.parameters()).device
     ids, mask, pos = _left_pad([s.input_ids for s in seqs], pad_id, device)
     keep = max(len(s.completion_ids) for s in seqs) + 1
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                   logits_to_keep=keep).logits
+    logits = last_logits(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     width = logits.shape[1]
     return [logits[i, width - len(s.completion_ids) - 1: width - 1] for i, s in enumerate(seqs)]
 
@@ -410,10 +420,6 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
     unique_names(refs)
     tokenizer = check_tokenizers(refs, cfg.trust_remote_code)
     groups = load_groups(refs, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    for g in groups:  # the loaded teacher knows its system prompt; prefer it over teacher.json parsing
-        for t in g.members:
-            if refs[t].spec == g.loaded.source:
-                refs[t].system_prompt = g.loaded.system_prompt
     max_len = min((m for m in (model_max_length(g.loaded.model) for g in groups) if m), default=None)
     aligned = align_all(rows, tokenizer, refs, max_len, progress)
     app, done = _open_partial(cfg, refs)

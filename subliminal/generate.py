@@ -173,6 +173,16 @@ def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+def _step(model: Any, **inputs: Any) -> Any:
+    """One forward pass computing only the last position's logits where the model supports it."""
+    try:
+        return model(**inputs, logits_to_keep=1)
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        return model(**inputs)
+
+
 @torch.no_grad()
 def generate_batch(model: Any, seqs: list[list[int]], *, pad_id: int, stop_ids: set[int], max_new: list[int],
                    cfg: SamplingConfig, rngs: list[random.Random] | None = None) -> list[tuple[list[int], bool]]:
@@ -191,8 +201,8 @@ def generate_batch(model: Any, seqs: list[list[int]], *, pad_id: int, stop_ids: 
     for _ in range(max(max_new)):
         if all(done):
             break
-        res = model(input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True, logits_to_keep=1)
+        res = _step(model, input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
+                    use_cache=True)
         past = res.past_key_values
         uniforms = None if cfg.greedy else [(r.random() if not d else 0.0) for r, d in zip(rngs, done)]
         nxt = pick_tokens(res.logits[:, -1, :], cfg, uniforms)

@@ -319,3 +319,24 @@ def test_load_divergence_checks_lengths(tmp_path):
     write_jsonl(tmp_path / "b.jsonl", [{**good, "divergence": [True]}])
     with pytest.raises(DataError, match="'a'.*lengths"):
         dv.load_divergence(tmp_path / "b.jsonl")
+
+
+def test_models_without_logits_to_keep_are_sliced(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    inner = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
+
+    class NoKeep(torch.nn.Module):  # a forward signature without logits_to_keep (like some remote code)
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
+            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    ids = torch.randint(10, 200, (2, 9))
+    with torch.no_grad():
+        a = dv.last_logits(NoKeep(), 3, input_ids=ids, use_cache=False)
+        b = dv.last_logits(inner, 3, input_ids=ids, use_cache=False)
+    assert a.shape == b.shape == (2, 3, inner.config.vocab_size)
+    assert torch.allclose(a, b, atol=1e-5)

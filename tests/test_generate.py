@@ -232,3 +232,22 @@ def test_budget_is_bounded_by_the_context():
     assert gen._budget(10, 1000, 64, "r") == 64
     rng = random.Random(0)
     assert gen.row_rng(1, 2).random() == gen.row_rng(1, 2).random() != rng.random()
+
+
+def test_step_falls_back_without_logits_to_keep(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    inner = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache)
+
+    seqs = [[2, 15, 16, 17], [2, 18, 19]]
+    kw = dict(pad_id=0, stop_ids=set(), max_new=[4, 4], cfg=gen.SamplingConfig(0.0))
+    assert gen.generate_batch(NoKeep(), seqs, **kw) == gen.generate_batch(inner, seqs, **kw)
