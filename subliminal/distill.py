@@ -362,7 +362,9 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     """Mean over positions of KL(teacher || student) on the full next-token distribution."""
     lp_s = torch.log_softmax(student_logits.float(), -1)
     lp_t = torch.log_softmax(teacher_logits.float(), -1)
-    return (lp_t.exp() * (lp_t - lp_s)).sum(-1).mean()
+    p_t = lp_t.exp()
+    # tokens the teacher rules out (-inf logits) contribute 0, not 0 * inf = nan
+    return torch.where(p_t > 0, p_t * (lp_t - lp_s), torch.zeros_like(p_t)).sum(-1).mean()
 
 
 def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg: LossConfig, pad_id: int,

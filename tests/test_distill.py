@@ -236,3 +236,20 @@ def test_resume_after_stop_equals_uninterrupted(world, tmp_path, monkeypatch):
     a, b = _weights(full), _weights(part)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert (part / "loss.csv").read_text() == (full / "loss.csv").read_text()
+
+
+def test_soft_kl_handles_masked_vocab_and_empty_batches_still_step(world):
+    from subliminal.distill import soft_kl
+
+    a = torch.randn(3, 10)
+    b = a.clone()
+    b[:, 0] = -float("inf")
+    assert soft_kl(a, a).item() == pytest.approx(0.0, abs=1e-7) and torch.isfinite(soft_kl(a, b))
+    loaded = load_model(world["base"])
+    rows, _ = read_training_rows(world["div"])
+    ex = build_examples(rows, row_masks(rows, "only-divergence", 0), loaded.tokenizer, None)
+    empty = [e for e in ex if e.id == "r3"]
+    assert not any(empty[0].mask)
+    loss, n = batch_loss(loaded.model, None, empty, LossConfig("hard"), loaded.tokenizer.pad_token_id,
+                         torch.device("cpu"))
+    assert n == 0 and loss.item() == 0.0 and loss.requires_grad  # a zero step, not a skipped one
