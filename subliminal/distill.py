@@ -587,6 +587,12 @@ def _train_config(args: argparse.Namespace, n_rows: int) -> TrainConfig:
                        seed=args.seed, checkpoint_every=args.checkpoint_every, weight_decay=0.0)
 
 
+def _abs(path: str | None) -> str | None:
+    """Local inputs as absolute paths, so a student's manifest leads back to them from anywhere
+    (the transfer curve finds the base this way); hub ids unchanged."""
+    return str(Path(path).resolve()) if path and Path(path).exists() else path
+
+
 def run_distill(args: argparse.Namespace) -> int:
     from .models import load_model, resolve_device
 
@@ -638,7 +644,8 @@ def run_distill(args: argparse.Namespace) -> int:
         "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),
     }
     write_manifest(out, stage=STAGE, config=config, seed=args.seed, wall_time_s=time.time() - t0, extra=extra,
-                   inputs={"base": args.base, "data": args.data, "source_data": source, "teacher": args.teacher})
+                   inputs={"base": _abs(args.base), "data": _abs(args.data), "source_data": _abs(source),
+                           "teacher": _abs(args.teacher)})
     state_dir = out / STATE_DIR
     if state_dir.exists():
         shutil.rmtree(state_dir)
