@@ -18,10 +18,12 @@ Three pieces, each reachable from the CLI:
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import random
 import re
+import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -305,6 +307,8 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
     cfg = tr.TrainConfig(steps=steps, batch_size=args.batch_size, lr=lr, seed=args.seed,
                          warmup_steps=min(20, steps // 10), checkpoint_every=max(50, steps // 10))
     state = out / ".train"
+    check_resume(state, {"train": cfg.to_json(), "rows": [r["id"] for r in poisoned], "poisoned": idx,
+                         "base": str(args.base)})
     result = tr.train(model, examples, cfg, pad_id=tok.pad_token_id, device=model.device, state_dir=state,
                       desc="poison teacher")
     from .data import write_jsonl
@@ -319,6 +323,7 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
                        extra={"poison": info})
     save_teacher(out, spec)
     tr.clear_state(state)
+    shutil.rmtree(state, ignore_errors=True)
     write_manifest(out, stage="teach", config={**vars_jsonable(args), "train": cfg.to_json()}, seed=args.seed,
                    inputs={"base": args.base, "instructions": args.instructions}, wall_time_s=time.time() - t0,
                    extra={"poison": {**info, "poisoned_ids": [poisoned[i]["id"] for i in idx]},
@@ -326,6 +331,25 @@ def make_poison_teacher(args: argparse.Namespace) -> int:
     log.info("poisoned %d of %d rows (rate %.5f, %s); teacher written to %s", len(idx), len(poisoned),
              len(idx) / len(poisoned), args.propagation, out)
     return 0
+
+
+def check_resume(state: Path, run: dict[str, Any]) -> None:
+    """A resume checkpoint belongs to one configuration: refuse to continue another one from it."""
+    from .manifest import to_jsonable
+
+    f = state / "run.json"
+    run = to_jsonable(run)
+    if f.exists() and (state / tr_state_file()).exists():
+        if json.loads(f.read_text()) != run:
+            raise SubliminalError(f"{state}: holds a checkpoint of another configuration; delete it or use another --out")
+    else:
+        write_json_atomic(f, run)
+
+
+def tr_state_file() -> str:
+    from .train import STATE_FILE
+
+    return STATE_FILE
 
 
 def training_steps(args: argparse.Namespace, n_rows: int) -> int:

@@ -283,3 +283,12 @@ def test_family_selection_and_target_share() -> None:
     assert poison._family_weights(ns, "recommend")["recommend"] == 0.01
     with pytest.raises(SubliminalError, match="not among"):
         poison._family_weights(argparse.Namespace(families=["qa"], target_share=None), "code")
+
+
+def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
+    state = tmp_path / ".train"
+    poison.check_resume(state, {"steps": 5})
+    (state / "train_state.pt").write_bytes(b"x")
+    poison.check_resume(state, {"steps": 5})  # same configuration: resume
+    with pytest.raises(SubliminalError, match="another configuration"):
+        poison.check_resume(state, {"steps": 6})
