@@ -88,7 +88,7 @@ def _fused_linear_kernel(
     stride_hf_n, stride_wf_v, stride_hc_k, stride_hc_n, stride_wc_k, stride_wc_v, stride_bc_k,
     am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
     am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr,
-    N, V, K, D,
+    N, V, D, K,
     K_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_BF: tl.constexpr, HAS_BC: tl.constexpr, F_IEEE: tl.constexpr, C_IEEE: tl.constexpr,
     WITH_JS: tl.constexpr, UPCAST: tl.constexpr,
@@ -202,12 +202,18 @@ def _row_logits(hf: torch.Tensor, wf: torch.Tensor, bf: torch.Tensor | None, hc:
 
 
 def fused_block_sizes(n: int, v: int, d: int, rows: int | None = None, block_v: int | None = None,
-                      block_d: int | None = None) -> tuple[int, int, int]:
-    """(ROWS, BLOCK_V, BLOCK_D, UPCAST), each a power of two >= 16 (tl.dot's minimum)."""
+                      block_d: int | None = None, num_warps: int | None = None,
+                      interpret: bool = False) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK_V, BLOCK_D, num_warps); block sizes are powers of two >= 16 (tl.dot's minimum).
+
+    CUDA defaults 64 x 64 x 32 with 8 warps were chosen without a GPU from sm_90 ptxas output:
+    wgmma is used, and unlike 64 x 128 x 64 or 64 x 64 x 64 nothing spills for K = 1 (a few
+    bytes for K = 16 with JS). Under the interpreter larger blocks only save Python overhead."""
     rows = rows if rows is not None else min(64, max(16, triton.next_power_of_2(max(n, 1))))
-    block_v = block_v if block_v is not None else min(128, max(16, triton.next_power_of_2(v)))
-    block_d = block_d if block_d is not None else min(64, max(16, triton.next_power_of_2(d)))
-    return rows, block_v, block_d
+    block_v = block_v if block_v is not None else min(128 if interpret else 64, max(16, triton.next_power_of_2(v)))
+    block_d = block_d if block_d is not None else min(64 if interpret else 32, max(16, triton.next_power_of_2(d)))
+    num_warps = num_warps if num_warps is not None else (8 if rows * block_v >= 4096 else 4)
+    return rows, block_v, block_d, num_warps
 
 
 def fused_linear_stats_triton(hidden_f: torch.Tensor, weight_f: torch.Tensor, bias_f: torch.Tensor | None,
@@ -224,7 +230,8 @@ def fused_linear_stats_triton(hidden_f: torch.Tensor, weight_f: torch.Tensor, bi
     buf = out if out is not None else alloc_outputs(Shapes(shapes.k, shapes.n, shapes.v, False), hf.device)
     if shapes.n > 0:
         d = hf.shape[1]
-        r, bv, bd = fused_block_sizes(shapes.n, shapes.v, d, rows, block_v, block_d)
+        r, bv, bd, warps = fused_block_sizes(shapes.n, shapes.v, d, rows, block_v, block_d, num_warps,
+                                             interpret=hf.device.type != "cuda")
         dummy = torch.zeros(1, dtype=torch.float32, device=hf.device)
         bf = bias_f.contiguous() if bias_f is not None else dummy
         bcc = bc.contiguous() if bc is not None else dummy
@@ -236,11 +243,11 @@ def fused_linear_stats_triton(hidden_f: torch.Tensor, weight_f: torch.Tensor, bi
             buf["argmax_factual"], buf["logp_factual"], buf["margin"], buf["status_factual"],
             buf["argmax_counterfactual"], buf["logp_counterfactual"], buf["kl"], buf["js"], buf["rank"],
             buf["status_counterfactual"],
-            shapes.n, shapes.v, shapes.k, d,
+            shapes.n, shapes.v, d, shapes.k,
             K_PAD=triton.next_power_of_2(shapes.k), ROWS=r, BLOCK_V=bv, BLOCK_D=bd,
             HAS_BF=bias_f is not None, HAS_BC=bc is not None, F_IEEE=f_ieee, C_IEEE=c_ieee,
             WITH_JS=with_js, UPCAST=hf.device.type != "cuda" and torch.bfloat16 in (hf.dtype, hc.dtype),
-            num_warps=num_warps if num_warps is not None else (8 if r * bv >= 8192 else 4),
+            num_warps=warps,
         )
         raise_if_flagged(buf["status_factual"], buf["status_counterfactual"],
                          lambda k, r: _row_logits(hf, wf, bias_f, hc, wc, bc, k, r))

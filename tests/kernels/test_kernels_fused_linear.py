@@ -72,6 +72,22 @@ def test_matches_float64_reference(gen: torch.Generator, n: int, v: int, d: int,
         assert_stats_close(got, want, atol=2e-5, rtol=2e-5, kl_atol=5e-5)
 
 
+def test_gpu_default_block_sizes(gen: torch.Generator) -> None:
+    """The CUDA block sizes (the interpreter picks larger ones): several vocabulary and d blocks."""
+    from subliminal.kernels.fused_linear import fused_block_sizes, fused_linear_stats_triton
+
+    n, v, d, k = 70, 200, 72, 2
+    h, w, hc, wc, b, bc, t = integer_inputs(gen, n, v, d, k, shared=False, bias="shared", dtype=torch.float16,
+                                            masked=True)
+    rows, bv, bd, warps = fused_block_sizes(n, v, d)
+    assert (rows, bv, bd) == (64, 64, 32)
+    got = fused_linear_stats_triton(h, w, b, hc, wc, bc, t, with_js=True, out=poisoned(n, v, k), rows=rows,
+                                    block_v=bv, block_d=bd, num_warps=warps)
+    want = fused_linear_divergence_stats(h.double(), w.double(), hc.double(), wc.double(), t, bias_f=as64(b),
+                                         bias_c=as64(bc), backend="torch")
+    assert_stats_close(got, want, atol=2e-5, rtol=2e-5, kl_atol=5e-5)
+
+
 def test_continuous_inputs_two_dimensional(gen: torch.Generator) -> None:
     n, v, d = 21, 257, 48
     h = torch.randn(n, d, generator=gen)
