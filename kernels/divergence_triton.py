@@ -85,7 +85,7 @@ def _counterfactual_step(lc, lf, e_f, alpha, ids, tok, lc_tok, m_c, s_c, am_c, a
     factual max like s_f; viol counts factual mass on a counterfactual -inf (KL = +inf). The rank
     counts ids above the data token (ties: lower ids); SKIP_TOKEN never counts the token itself
     (needed when lc_tok was computed apart from lc). Rank and violations share one integer
-    reduction (rank in the low 16 bits: BLOCK_V < 65536).
+    reduction (rank in the low 16 bits, violations above: BLOCK_V <= 16384 keeps the sum < 2**31).
     """
     cb1 = tl.max(lc, axis=1)
     ci1 = tl.min(tl.where(lc == cb1[:, None], ids[None, :], 2147483647), axis=1)
@@ -259,8 +259,8 @@ def launch_config(n: int, v: int, k: int, block_v: int | None = None, num_warps:
     """Block sizes for a call; the keyword arguments override the defaults (for tuning)."""
     tile = INTERPRET_TILE_ELEMENTS if interpret else TILE_ELEMENTS
     bv = block_v if block_v is not None else tile
-    if bv < 16 or bv > 32768 or bv & (bv - 1):
-        raise ValueError(f"block_v must be a power of two in [16, 32768], got {bv}")  # rank packs 16 bits
+    if bv < 16 or bv > 16384 or bv & (bv - 1):
+        raise ValueError(f"block_v must be a power of two in [16, 16384], got {bv}")  # packed rank sum
     bv = min(bv, max(16, triton.next_power_of_2(v)))
     if rows is None:
         # packed rows cost registers out of proportion (ptxas), so packed blocks are smaller

@@ -78,6 +78,25 @@ def test_gpu_default_launch_config(gen: torch.Generator) -> None:
     assert launch_config(3, 5000, 2).rows == 1 and launch_config(9, 300, 2).rows > 1
 
 
+def test_many_support_violations_and_large_rank(gen: torch.Generator) -> None:
+    """Rank and support violations share one packed integer sum per block: a block full of both
+    must still give the exact rank and KL = +inf."""
+    from subliminal.kernels.divergence_triton import divergence_stats_triton
+
+    n, v = 2, 5000
+    f = torch.randn(n, v, generator=gen)
+    c = torch.randn(1, n, v, generator=gen) + 5.0
+    c[0, 0, :4000] = -math.inf  # row 0: factual mass on 4000 counterfactual-impossible ids
+    t = torch.tensor([4999, 1])
+    t[0] = int(c[0, 0, 4000:].argmin()) + 4000  # lowest finite counterfactual logit: large rank
+    for bv in (16384, 2048):
+        got = divergence_stats_triton(f, c, t, with_js=False, out=poisoned_outputs(n, v, 1), block_v=bv)
+        want = reference(f, c, t, False)
+        assert got["kl"][0, 0].item() == math.inf and math.isfinite(got["kl"][0, 1].item())
+        assert got["rank"][0, 0].item() == 999
+        assert_stats_close(got, want, atol=2e-5, rtol=2e-5, kl_atol=5e-5)
+
+
 def test_two_dimensional_counterfactual_and_k_consistency(gen: torch.Generator) -> None:
     f, c, t = make_logits(gen, 13, 257, 3, ties=True, masked=True)
     three = run_triton(f, c, t, with_js=True)
