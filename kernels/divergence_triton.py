@@ -3,7 +3,9 @@
 Layout: one program per block of ROWS positions (ROWS = 1 for large vocabularies). The
 program walks the vocabulary in blocks of BLOCK_V ids; each step loads the factual block once
 ([ROWS, BLOCK_V], kept in registers) and then, teacher by teacher, the K counterfactual blocks,
-so the factual row is read once for all K. Every statistic is an online (running) quantity:
+so the factual row is read once for all K. K is a compile-time constant (one compilation per
+K), so the teacher loop is unrolled and the vocabulary loop is innermost, where
+`tl.range(num_stages=...)` may software-pipeline its loads. Every statistic is an online (running) quantity:
 running max and rescaled sum of exponentials for each log-sum-exp, running argmax (strict >
 keeps the lowest id), running top-2 for the margin, a running count for the rank, and for KL
 the rescaled sum A = sum_v exp(lf_v - m_f) (lf_v - lc_v), since KL = A / S_f + lse_c - lse_f.

@@ -9,7 +9,8 @@ once per vocabulary block and reused for all K counterfactual teachers, whose un
 be shared ([V, d]) or per teacher ([K, V, d]).
 
 Jensen-Shannon needs both log-sum-exps first, so it recomputes the logits in a second pass
-(twice the matmul work; memory stays O(N * K)).
+(twice the matmul work; memory stays O(N * K)). Unlike the logits kernel the teacher loop is a
+runtime loop: unrolling it made ptxas spill heavily for K = 3..12 and took 90 s to compile.
 
 Under TRITON_INTERPRET (CPU tests) bf16 operands are upcast to fp32 before `tl.dot`: the
 Triton 3.9 interpreter returns garbage for a bf16 dot (a 16x16 integer-valued product is off
