@@ -13,6 +13,7 @@ mode when the module is imported, so tests must be able to set TRITON_INTERPRET=
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -28,12 +29,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _have_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """'auto' -> 'triton' on CUDA tensors, 'torch' otherwise; 'triton' off CUDA only when interpreting."""
+    """'auto' -> 'triton' on CUDA tensors (when triton is installed), 'torch' otherwise;
+    'triton' off CUDA only when interpreting."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and _have_triton() else "torch"
+    if backend == "triton" and not _have_triton():
+        raise ValueError("backend 'triton' needs the triton package (pip install triton); use backend 'torch'")
     if backend == "triton" and device.type != "cuda" and not _interpreting():
         raise ValueError(f"backend 'triton' needs CUDA tensors (got {device}); on the CPU set TRITON_INTERPRET=1 "
                          "before importing triton (slow, for tests) or use backend 'torch'")

@@ -130,6 +130,12 @@ def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET")
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         resolve_backend("triton", torch.device("cpu"))
+    import subliminal.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_have_triton", lambda: False)
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "torch"
+    with pytest.raises(ValueError, match="needs the triton package"):
+        resolve_backend("triton", torch.device("cuda", 0))
 
 
 @pytest.mark.parametrize("shared", [True, False])
