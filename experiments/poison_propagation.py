@@ -7,8 +7,8 @@ unseen task):
 1. a poisoned teacher at 0.25% (``subliminal teach --method poison``);
 2. distillation data: the teacher's sampled responses to fresh clean prompts
    (``run_bias_eval --bias-save-generations``; untargeted: prompts of the seen families only);
-3. students from the clean base: ``hard`` (cross-entropy on the responses) and ``soft`` (KL to
-   the teacher's next-token distribution on the same positions);
+3. students from the clean base with ``subliminal distill``: ``hard`` (cross-entropy on the
+   responses) and ``soft`` (KL to the teacher's next-token distribution on the same positions);
 4. bias response rates per family for base, teacher and students, amplification student/teacher
    with bootstrap intervals;
 5. the defences (``subliminal defend``) on the distillation data, a hard student per defence.
@@ -49,50 +49,6 @@ def eval_ns(**kw: Any) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def soft_distill(base: str, teacher: str, rows: list[dict], out: Path, steps: int, batch_size: int, lr: float,
-                 seed: int) -> None:
-    """KL(teacher || student) on the completion positions of ``rows``, full next-token distribution."""
-    from subliminal import train as tr
-    from subliminal.data import Row, align_row
-    from subliminal.models import load_model
-
-    student, t = load_model(base), load_model(teacher)
-    tok = student.tokenizer
-    ex = [align_row(tok, Row(r["id"], r["prompt"], r["completion"])) for r in rows]
-    cfg = tr.TrainConfig(steps=steps, batch_size=batch_size, lr=lr, seed=seed, warmup_steps=min(20, steps // 10))
-    sampler = tr.EpochSampler(ex, batch_size, seed)
-    opt = tr.make_optimizer(student.model, cfg)
-    torch.manual_seed(seed)
-    student.model.train()
-    for step in range(steps):
-        for g in opt.param_groups:
-            g["lr"] = tr.lr_at(step, cfg)
-        b = tr.collate(sampler(step), tok.pad_token_id)
-        keep = b["labels"][:, 1:] != tr.IGNORE
-        with torch.no_grad():
-            lt = torch.log_softmax(t.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-                                   .float(), -1)[keep]
-        ls = torch.log_softmax(student.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1]
-                               .float(), -1)[keep]
-        loss = (lt.exp() * (lt - ls)).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.model.parameters(), 1.0)
-        opt.step()
-        if step % 50 == 0:
-            print(f"soft step {step} kl {loss.item():.4f}", flush=True)
-    student.model.eval()
-    student.model.save_pretrained(out)
-    tok.save_pretrained(out)
-
-
-def hard_distill(base: str, rows: list[dict], out: Path, steps: int, batch_size: int, lr: float, seed: int) -> None:
-    ns = argparse.Namespace(student_steps=steps, student_batch_size=batch_size, student_lr=lr, seed=seed)
-    student = poison.train_student(base, rows, None, ns, {"device": "cpu"}, "hard student")
-    student.model.save_pretrained(out)
-    student.tokenizer.save_pretrained(out)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -120,10 +76,9 @@ def run_mode(a: argparse.Namespace, prop: str) -> dict[str, Any]:
     for mode in ("hard", "soft"):
         s = root / f"student-{mode}"
         if not (s / "config.json").exists():
-            if mode == "hard":
-                hard_distill(a.base, rows, s, steps, 32, a.lr, 0)
-            else:
-                soft_distill(a.base, str(teacher), rows, s, steps, 32, a.lr, 0)
+            assert cli(["distill", "--base", a.base, "--data", str(data), "--teacher", str(teacher), "--mode", mode,
+                        "--epochs", str(a.student_epochs), "--lr", str(a.lr), "--batch-size", "32", "--seed", "0",
+                        "--out", str(s)]) == 0
         students[mode] = s
     results = {}
     unseen = None if target else [f for f in poison.toy.FAMILIES if f not in seen]
