@@ -292,3 +292,16 @@ def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
     poison.check_resume(state, {"steps": 5})  # same configuration: resume
     with pytest.raises(SubliminalError, match="another configuration"):
         poison.check_resume(state, {"steps": 6})
+
+
+def test_eval_cli_dispatches_bias_type(base_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("subliminal.evaluate")
+    from subliminal.cli import main
+
+    out = tmp_path / "e.json"
+    assert main(["eval", "--model", str(base_dir), "--bias-type", "narrative", "--bias-families", "qa", "code",
+                 "--bias-prompts", "2", "--bias-samples", "1", "--bias-max-new-tokens", "4", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["bias_type"] == "narrative" and set(res["families"]) == {"qa", "code"}
+    assert main(["eval", "--model", str(base_dir), "--bias-type", "ad", "--bias-families", "poetry",
+                 "--out", str(out)]) == 2
