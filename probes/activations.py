@@ -138,16 +138,18 @@ class Example:
 
 
 def _flags(obj: dict[str, Any], n: int, where: str) -> list[bool] | None:
-    """Per-position divergence flags; a pairwise file holds one list per counterfactual (any = divergent)."""
+    """Per-position divergence flags. ``find-divergence`` writes one list for the paper rule and one
+    list per counterfactual for the pairwise rule (a position is divergent if any flags it)."""
     div = obj.get("divergence")
     if div is None:
         return None
     if not isinstance(div, list):
         raise DataError(f"{where}: 'divergence' must be a list")
     if div and all(isinstance(x, list) for x in div):
-        if all(len(x) == n for x in div) and len(div) != n:  # [counterfactual][position]
-            return [any(bool(x[i]) for x in div) for i in range(n)]
-        return [any(bool(v) for v in x) for x in div]  # [position][counterfactual]
+        k = len(obj.get("counterfactuals") or [])
+        if obj.get("rule") == "pairwise" or (len(div) == k and all(len(x) == n for x in div)):
+            return [any(bool(x[i]) for x in div) for i in range(min(len(x) for x in div))]
+        return [any(bool(v) for v in x) for x in div]  # one list of flags per position
     return [bool(x) for x in div]
 
 

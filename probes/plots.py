@@ -152,11 +152,15 @@ def _per_position(v: Any, reduce: str = "max") -> float | None:
 
 
 def _scores_of(obj: dict[str, Any], score: str, n: int, where: str) -> list[float | None]:
+    """One value per completion token; per-counterfactual scores (``[K][N]`` from find-divergence)
+    are reduced by the maximum over counterfactuals."""
     scores = obj.get("scores", {})
     if score not in scores:
         raise DataError(f"{where}: no scores[{score!r}] (have {', '.join(scores) or 'none'})")
     s = scores[score]
-    if isinstance(s, list) and len(s) != n and s and all(isinstance(x, list) and len(x) == n for x in s):
+    k = len(obj.get("counterfactuals") or [])
+    if isinstance(s, list) and s and all(isinstance(x, list) for x in s) and all(len(x) == n for x in s) \
+            and (len(s) == k or len(s) != n):
         s = [list(col) for col in zip(*s)]  # [counterfactual][position] -> [position][counterfactual]
     if not isinstance(s, list) or len(s) != n:
         raise DataError(f"{where}: scores[{score!r}] does not have one entry per token")

@@ -45,8 +45,8 @@ def data(teachers, tmp_path_factory):
         flags[0] = True
         lines.append({"id": row.id, "prompt": row.prompt, "completion": row.completion,
                       "token_ids": al.completion_ids, "tokens": lm.tokenizer.convert_ids_to_tokens(al.completion_ids),
-                      "divergence": [[f] for f in flags],
-                      "scores": {"kl": [[rng.random() * (3 if f else 1)] for f in flags]}})
+                      "rule": "paper", "counterfactuals": ["dolphin", "cat"], "divergence": flags,
+                      "scores": {"kl": [[rng.random() * (3 if f else 1) for f in flags] for _ in range(2)]}})
     div = root / "owl.div.jsonl"
     div.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return rows_path, div
