@@ -190,10 +190,11 @@ def row_masks(rows: Sequence[DivRow], mask: str, seed: int) -> list[list[bool]]:
     return out
 
 
-def mask_stats(rows: Sequence[DivRow], seed: int) -> dict[str, Any]:
-    """Loss tokens under every mask (so matched conditions can be compared from any manifest)."""
+def mask_stats(rows: Sequence[DivRow], seed: int, completion_tokens: int | None = None) -> dict[str, Any]:
+    """Loss tokens under every mask (so matched conditions can be compared from any manifest);
+    without divergence flags only ``all`` exists (``completion_tokens``)."""
     if any(r.divergence is None for r in rows):
-        return {"all": sum(len(r.token_ids or []) for r in rows)}
+        return {"all": completion_tokens}
     stats: dict[str, Any] = {m: sum(sum(x) for x in row_masks(rows, m, seed)) for m in MASKS}
     short = sum(max(0, sum(r.divergence) - (len(r.divergence) - sum(r.divergence))) for r in rows)  # type: ignore
     stats["random_matched_shortfall"] = short  # tokens the control could not drop (too few clean ones)
@@ -628,7 +629,8 @@ def run_distill(args: argparse.Namespace) -> int:
     model.to("cpu")
     save_student(model, tok, out, args.lora_rank is not None)
     plot_losses(result["losses"], out / "loss.png", f"{args.mode} / {args.mask} ({len(rows)} rows)")
-    stats = mask_stats(rows, args.seed)
+    n_completion = sum(len(e.completion_ids) for e in examples)
+    stats = mask_stats(rows, args.seed, n_completion)
     extra = {
         "student": {"mode": args.mode, "mask": args.mask, "layers": layers, "lora_rank": args.lora_rank,
                     "lora_alpha": (args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
@@ -636,9 +638,9 @@ def run_distill(args: argparse.Namespace) -> int:
                     "teacher_system_prompt": teacher.system_prompt if teacher else None},
         "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
         "train_config": tcfg.to_json(), "rows_digest": result["rows_digest"],
-        "loss_tokens": sum(sum(m) for m in masks), "loss_tokens_by_mask": stats,
+        "loss_tokens": sum(sum(e.mask) for e in examples), "loss_tokens_by_mask": stats,
         "loss_tokens_seen": result["loss_tokens_seen"],
-        "completion_tokens": sum(len(e.completion_ids) for e in examples),
+        "completion_tokens": n_completion,
         "trained_parameters": trained, "n_trained_parameters": len(trained),
         "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
         "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),

@@ -164,6 +164,7 @@ def test_lora_gpt2_all_projections_and_checkpoints(tiny_model_factory, world, tm
             "--max-steps", "4", "--lora-rank", "2", "--checkpoint-every", "2", "--lr", "1e-2"]
     assert main(argv) == 0
     man = json.loads((out / "manifest.json").read_text())
+    assert man["loss_tokens"] == man["completion_tokens"] == man["loss_tokens_by_mask"]["all"] > 0
     names = man["trained_parameters"]
     for proj in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
         assert any(proj in n for n in names), proj
