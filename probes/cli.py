@@ -187,14 +187,19 @@ def run_probe(args: argparse.Namespace) -> int:
 
 
 def checkpoints_of(student: str) -> list[tuple[int, str]]:
-    """``(step, dir)`` for each ``checkpoint-N`` subdir, then the final model at the last step + 1."""
+    """``(step, dir)`` for each ``checkpoint-N`` subdir, then the final model at the step count its
+    manifest records (the last checkpoint's step + 1 without one)."""
     d = Path(student)
     if not d.is_dir():
         raise SubliminalError(f"{student}: no such student directory")
     ck = sorted((int(m.group(1)), str(p)) for p in d.iterdir()
                 if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name)))
     if (d / "config.json").is_file():
-        ck.append(((ck[-1][0] + 1) if ck else 1, str(d)))
+        from subliminal.manifest import read_manifest
+
+        steps = (read_manifest(d) or {}).get("steps")  # distill records its step count
+        final = steps if isinstance(steps, int) else ((ck[-1][0] + 1) if ck else 1)
+        ck = [c for c in ck if c[0] != final] + [(final, str(d))]
     if not ck:
         raise SubliminalError(f"{student}: no checkpoint-* subdirs and no model of its own")
     return ck
