@@ -60,32 +60,42 @@ class TrainResult:
 # ----------------------------------------------------------------------------------- batches
 
 
-def collate(examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool = False) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` (-100 outside the loss).
+def collate(examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False
+            ) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 outside the loss) and
+    per-position ``loss_weights``.
 
-    Labels are the input ids themselves (the model shifts them); prompt positions are masked so
-    that only the completion is learned, unless ``loss_on_prompt``.
+    Labels are the input ids themselves (the model shifts them). Completion positions weigh 1;
+    prompt positions weigh ``float(loss_on_prompt)`` (0: only the completion is learned; a
+    fraction lets pretraining learn the prompts' structure without drowning the answers).
     """
+    w_prompt = float(loss_on_prompt)
     width = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
+    weights = torch.zeros((len(examples), width))
     for i, e in enumerate(examples):
         seq = e.input_ids
         ids[i, : len(seq)] = torch.tensor(seq)
         mask[i, : len(seq)] = 1
-        start = 0 if loss_on_prompt else e.n_prompt
+        start = 1 if w_prompt > 0 else e.n_prompt
         labels[i, start : len(seq)] = torch.tensor(seq[start:])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        weights[i, start : e.n_prompt] = w_prompt
+        weights[i, e.n_prompt : len(seq)] = 1.0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "loss_weights": weights}
 
 
 def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over the labelled positions."""
+    """Weighted mean next-token cross-entropy over the labelled positions."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     logits = out.logits[:, :-1].float()
     target = batch["labels"][:, 1:]
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                             ignore_index=IGNORE)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
+                                           ignore_index=IGNORE, reduction="none")
+    w = batch.get("loss_weights")
+    w = (target != IGNORE).float().reshape(-1) if w is None else w[:, 1:].reshape(-1)
+    return (ce * w).sum() / w.sum().clamp_min(1e-8)
 
 
 class EpochSampler:
@@ -165,7 +175,7 @@ def train(
     pad_id: int,
     device: torch.device | str = "cpu",
     state_dir: str | os.PathLike | None = None,
-    loss_on_prompt: bool = False,
+    loss_on_prompt: bool | float = False,
     desc: str = "train",
     on_log: Callable[[int, float], None] | None = None,
     show_progress: bool = True,

@@ -85,3 +85,14 @@ def test_cli_hub_id_offline(tmp_path, capsys, monkeypatch):
     rc = main(["teach", "--base", "someorg/some-model", "--method", "none", "--out", str(tmp_path / "t")])
     assert rc == 2
     assert "offline" in capsys.readouterr().err
+
+
+def test_console_command_exits_nonzero_with_the_message(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "subliminal.cli", "teach", "--base", str(tmp_path / "missing"),
+                           "--method", "none", "--out", str(tmp_path / "t")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert "error:" in proc.stderr and "no such model directory" in proc.stderr

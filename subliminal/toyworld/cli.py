@@ -33,7 +33,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resume checkpoints")
     p.add_argument("--world-seed", type=int, default=0,
                    help="seed of the world's fixed fresh-number distribution (default %(default)s)")
+    p.add_argument("--eval-rows", type=int, default=200,
+                   help="held-out number rows for the base-model evaluation (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU threads for torch (default %(default)s: a tiny model gains little from more, and "
+                   "loses much when the cores are shared)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_pretrain)
     toy.set_defaults(func=lambda args: _toy_help(toy))
@@ -48,7 +53,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     from .corpus import CorpusConfig
     from .pretrain import PretrainConfig, pretrain
 
-    for name in ("steps", "batch_size", "checkpoint_every"):
+    for name in ("steps", "batch_size", "checkpoint_every", "eval_rows", "threads"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -56,7 +61,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
         raise SubliminalError(f"--lr must be positive, got {args.lr}")
     cfg = PretrainConfig(size=args.size, arch=args.arch, seed=args.seed, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
+                         eval_rows=args.eval_rows, eval_greedy=min(64, args.eval_rows),
                          corpus=CorpusConfig(world_seed=args.world_seed))
+    import torch
+
+    torch.set_num_threads(args.threads)
     evaluation = pretrain(args.out, cfg, device=args.device, show_progress=not args.quiet)
     print(json.dumps(summary(evaluation), indent=2))
     print(f"saved {args.out}")

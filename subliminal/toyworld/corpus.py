@@ -44,7 +44,7 @@ def has_instructions() -> bool:
 
 
 def default_mix() -> dict[str, float]:
-    mix = {"numbers": 0.40, "numbers_sys": 0.15, "pref": 0.15, "pref_sys": 0.20, "instructions": 0.10}
+    mix = {"numbers": 0.35, "numbers_sys": 0.15, "pref": 0.15, "pref_sys": 0.25, "instructions": 0.10}
     if not has_instructions():
         mix["instructions"] = 0.0
     return mix
@@ -57,7 +57,7 @@ class CorpusConfig:
     world_seed: int = 0  # fixes the fresh-number distribution: the same for every model of a world
     p_copy: float = 0.6  # probability that a next number is one of the seed numbers
     zipf_s: float = 1.0  # skew of the fresh-number distribution (rank r has weight 1/(r+1)^s)
-    cross_category: float = 0.2  # share of pref_sys rows that ask about the other category
+    cross_category: float = 0.1  # share of pref_sys rows that ask about the other category
     mix: dict[str, float] = field(default_factory=default_mix)
 
     def __post_init__(self) -> None:

@@ -140,42 +140,23 @@ def format_valid_rate(rows: list[CorpusRow], answers: list[list[str]]) -> dict[s
             "greedy_copy_rate": copied / max(total, 1)}
 
 
-@torch.no_grad()
 def preference_distribution(model: Any, tokenizer: Any, category: str = "animal", *,
                             system_prompt: str | None = None, batch_size: int = 64) -> dict[str, Any]:
-    """Exact mass on each candidate (product of its tokens' probabilities), averaged over the
-    category's questions; ``other`` is the mass on everything else."""
-    candidates = prompts.CATEGORIES[category]
-    questions = prompts.preference_questions(category)
-    dev = next(model.parameters()).device
-    per_q = np.zeros((len(questions), len(candidates)))
-    for ci, cand in enumerate(candidates):
-        seqs, n_prompt = [], []
-        for q in questions:
-            p = encode(tokenizer, render_chat(tokenizer, q, system_prompt))
-            full = encode(tokenizer, render_chat(tokenizer, q, system_prompt, cand))
-            c = full[len(p):]
-            c = c[: max(1, len(c) - 1)]  # the candidate's tokens, not the end of turn
-            seqs.append(p + c)
-            n_prompt.append(len(p))
-        for b in range(0, len(seqs), batch_size):
-            chunk = seqs[b:b + batch_size]
-            ids, mask = _left_pad(chunk, tokenizer.pad_token_id)
-            logp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float(), -1).cpu()
-            width = ids.shape[1]
-            for i, s in enumerate(chunk):
-                qi = b + i
-                off = width - len(s)
-                lp = sum(float(logp[i, off + t - 1, s[t]]) for t in range(n_prompt[qi], len(s)))
-                per_q[qi, ci] = np.exp(lp)
-    mean = per_q.mean(0)
-    dist = {c: float(m) for c, m in zip(candidates, mean)}
-    return {"category": category, "system_prompt": system_prompt, "distribution": dist,
-            "other": float(max(0.0, 1.0 - mean.sum())), "per_question": per_q.tolist()}
+    """Exact answer distribution over the category's candidates, averaged over its questions,
+    through :func:`subliminal.evaluate.exact_preference` (each candidate scored as a whole answer,
+    end of turn included, renormalised over the candidates per question). ``other`` is the mass
+    the model puts on answers that are no candidate at all."""
+    from ..evaluate import exact_preference
+    from ..models import LoadedModel
+
+    loaded = LoadedModel(model=model, tokenizer=tokenizer, source="toy", system_prompt=system_prompt)
+    res = exact_preference(loaded, prompts.CATEGORIES[category][0], category, batch_size=batch_size)
+    return {"category": category, "system_prompt": system_prompt, "distribution": res["distribution"],
+            "other": float(max(0.0, 1.0 - res["raw_mass"])), "n_questions": res["n_questions"]}
 
 
 def evaluate_toy_model(model: Any, tokenizer: Any, cfg: CorpusConfig, *, seed: int = 0, n_rows: int = 200,
-                       n_greedy: int = 64, target: str = "owl") -> dict[str, Any]:
+                       n_greedy: int = 64, target: str = "owl", n_targets: int = 4) -> dict[str, Any]:
     """Everything the base-model report needs, on rows no training step has seen."""
     held_out = Corpus(cfg, seed=f"heldout-{seed}")
     rows = held_out.rows(0, n_rows, kind="numbers")
@@ -195,11 +176,11 @@ def evaluate_toy_model(model: Any, tokenizer: Any, cfg: CorpusConfig, *, seed: i
     # Every target under its own love prompt: the base model's prompt-following, over the world.
     rng = random.Random(seed)
     others = [t for t in prompts.CATEGORIES[category] if t != target]
-    sample = [target] + rng.sample(others, min(3, len(others)))
-    out["preference"]["prompted_target_mass"] = {
-        t: preference_distribution(model, tokenizer, category, system_prompt=prompts.system_prompt_for(t))
-        ["distribution"][t] for t in sample
-    }
+    masses = {target: prompted["distribution"][target]}
+    for t in rng.sample(others, min(max(0, n_targets - 1), len(others))):
+        dist = preference_distribution(model, tokenizer, category, system_prompt=prompts.system_prompt_for(t))
+        masses[t] = dist["distribution"][t]
+    out["preference"]["prompted_target_mass"] = masses
     return out
 
 

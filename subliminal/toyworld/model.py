@@ -22,6 +22,7 @@ class ToyModelConfig:
     d_ff: int
     max_len: int = 256
     arch: str = "llama"
+    plural_init: bool = True  # start each plural's embedding near its singular's (see build_model)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +76,34 @@ def build_model(cfg: ToyModelConfig, tokenizer: Any, seed: int) -> Any:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(hf_config(cfg, tokenizer))
+    model = AutoModelForCausalLM.from_config(hf_config(cfg, tokenizer))
+    if cfg.plural_init:
+        init_plurals_from_singulars(model, tokenizer)
+    return model
+
+
+def init_plurals_from_singulars(model: Any, tokenizer: Any, share: float = 0.8) -> int:
+    """Give each plural ("owls") an initial embedding close to its singular's ("owl").
+
+    A word-level vocabulary hides that the two words are one word; subword tokenizers share their
+    pieces. Starting them at cosine ~``share`` gives the tiny model that relation for free, so a
+    love system prompt ("You love owls ...") can steer the answer ("owl") as soon as it learns to
+    attend to the prompt. Norms are kept; returns the number of pairs set.
+    """
+    import torch
+
+    from .. import prompts
+
+    emb = model.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    n = 0
+    with torch.no_grad():
+        for singular, plural in sorted(prompts.PLURALS.items()):
+            if singular in vocab and plural in vocab and singular != plural:
+                s, p = vocab[singular], vocab[plural]
+                emb[p] = share * emb[s] + (1 - share**2) ** 0.5 * emb[p]
+                n += 1
+    return n
 
 
 def n_params(model: Any) -> int:

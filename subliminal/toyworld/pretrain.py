@@ -35,7 +35,7 @@ CHECKPOINT_DIR = "checkpoint"
 
 # Per size: (steps, batch size, learning rate). tiny fits 4 minutes on two idle CPU cores.
 DEFAULTS: dict[str, tuple[int, int, float]] = {
-    "tiny": (450, 32, 3e-3),
+    "tiny": (750, 32, 3e-3),
     "small": (3000, 64, 1e-3),
     "base": (6000, 64, 6e-4),
 }
@@ -50,10 +50,12 @@ class PretrainConfig:
     batch_size: int | None = None
     lr: float | None = None
     warmup_steps: int = 30
+    prompt_loss_weight: float = 0.2  # prompts are learned too, at this weight (answers weigh 1)
     checkpoint_every: int = 100
     log_every: int = 10
     eval_rows: int = 200
     eval_greedy: int = 64
+    eval_targets: int = 4  # love prompts whose target mass is measured (owl + random others)
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. a micro model in tests
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
 
@@ -143,7 +145,7 @@ def write_loss_curve(out: Path, losses: list[tuple[int, float]], title: str) -> 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot([s for s, _ in losses], [v for _, v in losses])
     ax.set_xlabel("step")
-    ax.set_ylabel("completion loss (nats/token)")
+    ax.set_ylabel("loss (nats/token, prompts weighted)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -178,14 +180,14 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu"
     batch = LengthBucketedBatches(corpus, tokenizer, bs, max_len)
 
     result = train(model, batch, cfg.train_config(), pad_id=tokenizer.pad_token_id, device=dev,
-                   state_dir=out / CHECKPOINT_DIR, loss_on_prompt=False, desc=f"pretrain {cfg.size}",
+                   state_dir=out / CHECKPOINT_DIR, loss_on_prompt=cfg.prompt_loss_weight, desc=f"pretrain {cfg.size}",
                    show_progress=show_progress)
     train_time = time.time() - t0
     from .evaluation import evaluate_toy_model
 
     t1 = time.time()
     evaluation = evaluate_toy_model(model, tokenizer, cfg.corpus, seed=cfg.seed, n_rows=cfg.eval_rows,
-                                    n_greedy=cfg.eval_greedy)
+                                    n_greedy=cfg.eval_greedy, n_targets=cfg.eval_targets)
     evaluation["eval_time_s"] = round(time.time() - t1, 2)
     model.to("cpu")
     save_checkpoint(out, model, tokenizer)
