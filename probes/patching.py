@@ -16,7 +16,10 @@ Attribution patching replaces the L forward passes by one backward pass: the fir
 estimate of patching layer ``l`` is ``(a_F - a_C) . dm/da`` at C's run. With ``steps > 1`` the
 gradient is averaged over runs whose input embeddings are interpolated between C's and F's
 (integrated-gradients style), which needs inputs of the same length; when they differ the
-estimate falls back to the plain gradient at C, and the result says so.
+estimate falls back to the plain gradient at C, and the result says so. The path runs through
+C's weights: for prompt teachers (shared weights) its end is F's run; for teachers whose weights
+differ it is an approximation, and so is the last layer's effect, which goes through C's own
+final norm and unembedding (it can exceed 1).
 """
 
 from __future__ import annotations
