@@ -221,7 +221,8 @@ def _direction(args: argparse.Namespace, rows: list, acts: list, positions: str,
             a, _ = _capture(path, rows, out / "activations" / f"student-{_slug(s)}" / f"step-{step}", args, positions)
             proj = projection_fraction(a, biased, unbiased)
             per.append({"step": step, "dir": path, "layers": {str(k): v for k, v in proj.items()}})
-            records += [{"series": f"{_slug(s)} L{k}", "step": step, "value": v["fraction"], "layer": k}
+            records += [{"series": f"{_slug(s)} L{k}", "step": step, "value": v["fraction"], "layer": k,
+                         "group": _slug(s)}
                         for k, v in proj.items()]
         table["students"][s] = per
     write_json_atomic(out / "direction.json", table)

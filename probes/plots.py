@@ -64,7 +64,7 @@ def _band(ax: Any, xs: list[float], ys: list[float], cis: list[Any] | None, labe
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.plot(xs, ys, marker="o", label=label, **kw)
     if cis and all(c is not None and not any(math.isnan(v) for v in c) for c in cis):
-        ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], alpha=0.2, **kw)
+        ax.fill_between(xs, [c[0] for c in cis], [c[1] for c in cis], alpha=0.2, color=kw.get("color"))
 
 
 # ---------------------------------------------------------------------------------------- probe
@@ -280,10 +280,19 @@ def plot_transfer(records: list[dict[str, Any]] | str | os.PathLike, out_png: st
     for r in recs:
         series.setdefault(str(r["series"]), []).append(r)
     fig, ax = plt.subplots(figsize=(6, 3.8))
+    # records with a layer and a group (student): colour by layer, line style by student
+    by_layer = all("layer" in r and "group" in r for r in recs)
+    layers = sorted({r["layer"] for r in recs}) if by_layer else []
+    groups = list(dict.fromkeys(r["group"] for r in recs)) if by_layer else []
+    styles = ["-", "--", ":", "-."]
     for i, (name, rs) in enumerate(series.items()):
         rs = sorted(rs, key=lambda r: r["step"])
         cis = [(r["lo"], r["hi"]) for r in rs] if all("lo" in r and "hi" in r for r in rs) else None
-        _band(ax, [r["step"] for r in rs], [r["value"] for r in rs], cis, name, color=f"C{i % 10}")
+        kw: dict[str, Any] = {"color": f"C{i % 10}"}
+        if by_layer:
+            kw = {"color": f"C{layers.index(rs[0]['layer']) % 10}",
+                  "linestyle": styles[groups.index(rs[0]["group"]) % len(styles)]}
+        _band(ax, [r["step"] for r in rs], [r["value"] for r in rs], cis, name, **kw)
     ax.set_xlabel("training step")
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7, ncol=2)
