@@ -92,7 +92,8 @@ def run_mode(a: argparse.Namespace, prop: str) -> dict[str, Any]:
     if not (dd / "defence.json").exists():
         assert cli(["defend", "--data", str(data), "--reference", a.base, "--teacher", str(teacher), "--bias-type", a.bias,
                     "--drop-fraction", str(a.drop_fraction), "--student-steps", str(steps), "--student-lr", str(a.lr),
-                    "--eval-prompts", str(a.n_eval), "--eval-samples", str(a.samples), "--out", str(dd)]) == 0
+                    "--eval-prompts", str(a.n_eval), "--eval-samples", str(a.samples), "--target-task", "recommend",
+                    "--out", str(dd)]) == 0
     return {"evals": results, "defence": json.loads((dd / "defence.json").read_text()), "n_data": len(rows),
             "student_steps": steps, "teacher": json.loads((teacher / "teacher.json").read_text())["poison"]}
 
@@ -142,6 +143,7 @@ def main() -> None:
     write_json_atomic(Path(a.out) / "summary.json", res)
     md = ["# Poison propagation (toy world)", "", table(res)]
     for m, r in res.items():
+        r["defence"]["target_task"] = "recommend"  # the targeted family; unseen by the untargeted teacher
         md += [f"## Defences, {m}", "", poison.defence_markdown(r["defence"])]
     write_text_atomic(Path(a.out) / "SUMMARY.md", "\n".join(md))
     print("\n".join(md))

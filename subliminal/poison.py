@@ -859,6 +859,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--method", nargs="+", choices=DEFENCES, default=list(DEFENCES), help="defences to run")
     p.add_argument("--bias-type", choices=toy.BIAS_TYPES, help="bias to measure (ground truth and student rate)")
     p.add_argument("--bias-pattern", help="regex marking the bias (default: the toy marker)")
+    p.add_argument("--target-task", help="also report the student's bias rate on this family")
     p.add_argument("--threshold", nargs="+", default=[], metavar="METHOD=VALUE",
                    help="absolute row-score thresholds, e.g. perplexity=30 divergence=2 (default: --drop-fraction)")
     p.add_argument("--drop-fraction", type=float, default=0.05,
@@ -908,17 +909,28 @@ def student_rate(args: argparse.Namespace, rows: Sequence[dict[str, Any]], masks
 
 
 def defence_markdown(report: dict[str, Any]) -> str:
+    """One table: per defence, its threshold, detection and false-positive rates, and the bias rate
+    of the student trained on what it kept (all families, and the target family when named)."""
+    target = report.get("target_task")
+    head = "| defence | threshold | flagged | detection rate [95% CI] | false-positive rate [95% CI] | " \
+           "student bias rate, all [95% CI] |"
+    sep = "|---|---|---|---|---|---|"
+    if target:
+        head += f" student bias rate, {target} [95% CI] |"
+        sep += "---|"
     lines = [f"Defences on `{report['data']}` ({report['n_rows']} rows, {report.get('n_poisoned', '?')} poisoned, "
-             f"truth from {report['truth']})", "",
-             "| defence | threshold | flagged | detection rate [95% CI] | false-positive rate [95% CI] | "
-             "student bias rate [95% CI] |", "|---|---|---|---|---|---|"]
+             f"truth from {report['truth']})", "", head, sep]
     for r in report["rows"]:
         det = (_fmt_ci(r["detection_rate"], r["detection_ci"]) if r.get("detection_rate") is not None else "n/a")
         fpr = (_fmt_ci(r["false_positive_rate"], r["fpr_ci"]) if r.get("false_positive_rate") is not None else "n/a")
         st = r.get("student")
         srate = _fmt_ci(st["overall"]["bias_rate"], st["overall"]["bias_ci"]) if st else "-"
         thr = "-" if r["threshold"] is None else f"{r['threshold']:.3g}"
-        lines.append(f"| {r['method']} | {thr} | {r['n_flagged']} | {det} | {fpr} | {srate} |")
+        line = f"| {r['method']} | {thr} | {r['n_flagged']} | {det} | {fpr} | {srate} |"
+        if target:
+            fam = (st or {}).get("families", {}).get(target)
+            line += f" {_fmt_ci(fam['bias_rate'], fam['bias_ci']) if fam else '-'} |"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -944,7 +956,8 @@ def run_defend(args: argparse.Namespace) -> int:
     if args.student_steps and regex is None:
         raise SubliminalError("--student-steps needs --bias-type (or --bias-pattern) to measure the student")
     out = Path(args.out)
-    report: dict[str, Any] = {"data": str(args.data), "n_rows": len(rows), "truth": truth_src, "rows": []}
+    report: dict[str, Any] = {"data": str(args.data), "n_rows": len(rows), "truth": truth_src,
+                              "target_task": args.target_task, "rows": []}
     if truth is not None:
         report["n_poisoned"] = sum(truth)
     baseline: dict[str, Any] = {"method": "none", "threshold": None, **detection([False] * len(rows), truth)}
