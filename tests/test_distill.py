@@ -246,6 +246,17 @@ def test_soft_kl_handles_masked_vocab_and_empty_batches_still_step(world):
     b = a.clone()
     b[:, 0] = -float("inf")
     assert soft_kl(a, a).item() == pytest.approx(0.0, abs=1e-7) and torch.isfinite(soft_kl(a, b))
+    # the gradient is (p_s - p_t) / N: autograd's own agrees, and equal logits give exactly zero
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randn(4, 7, dtype=torch.float64)
+    soft_kl(x, t).backward()
+    ref = x.detach().clone().requires_grad_(True)
+    lp_t = torch.log_softmax(t, -1)
+    (lp_t.exp() * (lp_t - torch.log_softmax(ref, -1))).sum(-1).mean().backward()
+    assert torch.allclose(x.grad, ref.grad)
+    y = a.clone().requires_grad_(True)
+    soft_kl(y, a).backward()
+    assert torch.count_nonzero(y.grad) == 0
     loaded = load_model(world["base"])
     rows, _ = read_training_rows(world["div"])
     ex = build_examples(rows, row_masks(rows, "only-divergence", 0), loaded.tokenizer, None)
