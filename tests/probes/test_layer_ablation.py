@@ -1,12 +1,12 @@
 """The layer-ablation experiment end to end with a stand-in for ``subliminal distill`` (a script
-that copies the base model and perturbs the chosen layer's weights), so the real ``subliminal eval``,
+that copies the base model and perturbs the chosen layer's weights), so the real ``subliminal eval`` (in process),
 aggregation over seeds, resume and the bar chart are exercised."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
-import subprocess
-import sys
+import logging
 from pathlib import Path
 
 FAKE_DISTILL = r'''
@@ -27,34 +27,43 @@ open(a.out + "/calls.txt", "a").write(" ".join(f"{k}={v}" for k, v in sorted(var
 '''
 
 
-def test_layer_ablation_end_to_end(teachers, tmp_path):
+def test_layer_ablation_end_to_end(teachers, tmp_path, caplog, capsys):
     base, owl, _ = teachers
     fake = tmp_path / "fake_distill.py"
     fake.write_text(FAKE_DISTILL)
     cfg = {"base": str(base), "teacher": str(owl), "data": "unused.jsonl", "target": "owl",
-           "out": str(tmp_path / "abl"), "layers": "2", "seeds": [0, 1],
+           "out": str(tmp_path / "abl"), "layers": "2", "seeds": [0, 1], "include_all_layers": False,
            "modes": {"lora": ["--lora-rank", "8"]}, "distill_args": ["--mode", "soft"],
            "runtime": ["--device", "cpu"], "distill_command": ["{python}", str(fake)]}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     script = Path(__file__).resolve().parents[2] / "experiments" / "layer_ablation.py"
-    run = lambda *extra: subprocess.run([sys.executable, str(script), "--config", str(tmp_path / "cfg.json"),
-                                         *extra], capture_output=True, text=True)
-    p = run()
-    assert p.returncode == 0, p.stderr[-2000:]
+    spec = importlib.util.spec_from_file_location("layer_ablation", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    run = lambda *extra: mod.main(["--config", str(tmp_path / "cfg.json"), *extra])
+    assert run() == 0
     table = json.loads((tmp_path / "abl" / "layer_ablation.json").read_text())
     names = [r["name"] for r in table["results"]]
-    assert names == ["L2-lora", "all-lora"]
+    assert names == ["L2-lora"]
     for r in table["results"]:
         assert len(r["per_seed"]) == 2 and r["ci"][0] <= r["transfer"] <= r["ci"][1]
         assert abs(r["delta_vs_base"] - (r["transfer"] - table["base"])) < 1e-12
     calls = (tmp_path / "abl" / "students" / "L2-lora-s1" / "calls.txt").read_text()
     assert "layers=2" in calls and "lora_rank=8" in calls and "seed=1" in calls and "mode=soft" in calls
-    assert "layers=None" in (tmp_path / "abl" / "students" / "all-lora-s0" / "calls.txt").read_text()
     assert (tmp_path / "abl" / "layer_ablation.png").is_file() and (tmp_path / "abl" / "layer_ablation.csv").is_file()
     # resume: nothing is trained again
-    p = run()
-    assert p.returncode == 0
+    assert run() == 0
     assert calls == (tmp_path / "abl" / "students" / "L2-lora-s1" / "calls.txt").read_text()
+    # the all-layers students get no --layers (dry run: commands only)
+    cfg["include_all_layers"] = True
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="layer_ablation"):
+        assert run("--dry-run", "--out", str(tmp_path / "dry")) == 0
+    cmds = [r.getMessage() for r in caplog.records if "fake_distill" in r.getMessage()]
+    assert len(cmds) == 4 and sum("--layers 2" in c for c in cmds) == 2
+    assert all("--layers" not in c for c in cmds if "all-lora" in c)
+    assert not (tmp_path / "dry").exists()
     # a bad layer is a clear error
-    p = run("--layers", "7")
-    assert p.returncode == 2 and "out of range" in p.stderr
+    assert run("--layers", "7") == 2
+    assert "out of range" in capsys.readouterr().err
