@@ -245,9 +245,15 @@ def plot_ablation(result: dict[str, Any] | str | os.PathLike, out_png: str | os.
             lo.append(e["transfer"] - e["ci"][0])
             hi.append(e["ci"][1] - e["transfer"])
         ax.bar(xs, ys, width=w, yerr=[lo, hi], capsize=2, label=mode, color=f"C{m_i}")
+    top = max(e["ci"][1] if e["ci"][1] == e["ci"][1] else e["transfer"] for e in entries)
     for key, style, lab in (("base", ":", "base model"), ("teacher", "--", "teacher")):
-        if res.get(key) is not None:
-            ax.axhline(res[key], color="grey", ls=style, lw=1, label=lab)
+        v = res.get(key)
+        if v is None:
+            continue
+        if key == "teacher" and v > 1.5 * top:  # a line far above the bars would flatten them
+            ax.plot([], [], color="grey", ls=style, lw=1, label=f"teacher: {v:.3f} (off scale)")
+        else:
+            ax.axhline(v, color="grey", ls=style, lw=1, label=f"{lab}: {v:.3f}")
     ax.set_xticks(range(len(labels)), [f"L{lab}" if lab != "all" else "all" for lab in labels], fontsize=8)
     ax.set_xlabel("layer(s) fine-tuned")
     ax.set_ylabel(res.get("metric", "transfer"))
