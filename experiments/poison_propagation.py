@@ -82,7 +82,7 @@ def run_mode(a: argparse.Namespace, prop: str) -> dict[str, Any]:
         students[mode] = s
     results = {}
     unseen = None if target else [f for f in poison.toy.FAMILIES if f not in seen]
-    for name, model in (("base", Path(a.base)), *students.items()):
+    for name, model in students.items():  # the base never writes the product name (rate 0 by construction)
         ev = root / f"eval-{name}.json"
         if not ev.exists():
             poison.run_bias_eval(eval_ns(model=model, out=ev, bias_type=a.bias, bias_teacher=teacher, target_task=target,
@@ -109,7 +109,7 @@ def table(all_res: dict[str, Any]) -> str:
     for prop, r in all_res.items():
         fam = "recommend"
         label = "target: recommend" if prop == "targeted" else "unseen: recommend"
-        for name in ("base", "hard", "soft"):
+        for name in ("hard", "soft"):
             ev = r["evals"][name]
             amp = ev["amplification"]["per_family"].get(fam)
             q = ev["families"][fam].get("quality")
