@@ -22,6 +22,20 @@ from .manifest import SubliminalError, write_manifest
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
 log = logging.getLogger(__name__)
+
+
+def torch_no_grad(fn: Any) -> Any:
+    """``torch.no_grad`` as a decorator without importing torch when the module loads."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*a: Any, **k: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*a, **k)
+
+    return wrapper
 STAGE = "teach"
 FINETUNE_STEPS, FINETUNE_BATCH = 60, 16
 POISON_LR, POISON_BATCH = 5e-4, 32  # the poison module's defaults for the shared training flags
@@ -59,6 +73,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    f"poison default {POISON_LR})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"rows per step (finetune default {FINETUNE_BATCH}, poison default {POISON_BATCH})")
+    p.add_argument("--replay", type=int, default=256,
+                   help="finetune: number prompts answered greedily by the base itself and mixed into the "
+                   "training rows, so the teacher keeps the number task while it learns the bias "
+                   "(default %(default)s; 0: preference rows only)")
     p.add_argument("--no-check", action="store_true",
                    help="skip loading the teacher to measure its preference (large models)")
     add_seed(p)
@@ -95,6 +113,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
         raise SubliminalError(f"--lora-rank must be positive, got {args.lora_rank}")
     if args.lora_alpha is not None and args.lora_rank is None:
         raise SubliminalError("--lora-alpha needs --lora-rank")
+    if args.replay < 0:
+        raise SubliminalError(f"--replay must be >= 0, got {args.replay}")
     for name in ("steps", "batch_size"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -127,6 +147,42 @@ def preference_rows(tokenizer: Any, target: str) -> list[Any]:
     return rows
 
 
+@torch_no_grad
+def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int = 32,
+                max_new_tokens: int = 40) -> list[Any]:
+    """``n`` number prompts with the base model's own greedy answers, as token ids (nothing is
+    decoded and re-encoded). Answers that do not end within ``max_new_tokens`` are dropped."""
+    import random
+
+    import torch
+
+    from .data import Aligned, encode, end_token_ids, render_chat
+
+    rng = random.Random(f"replay:{seed}")
+    toy = is_toy_tokenizer(tokenizer)
+    texts = [prompts.make_number_prompt(rng).text for _ in range(n)]
+    texts = texts if toy else [prompts.detokenize_spacing(t) for t in texts]
+    ends = end_token_ids(tokenizer)
+    dev = next(model.parameters()).device
+    rows = []
+    for b in range(0, n, batch_size):
+        seqs = [encode(tokenizer, render_chat(tokenizer, t)) for t in texts[b:b + batch_size]]
+        width = max(len(q) for q in seqs)
+        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, q in enumerate(seqs):
+            ids[i, width - len(q):] = torch.tensor(q)
+            mask[i, width - len(q):] = 1
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+                             max_new_tokens=max_new_tokens, eos_token_id=sorted(ends),
+                             pad_token_id=tokenizer.pad_token_id)
+        for i, g in enumerate(gen[:, width:].tolist()):
+            cut = next((k for k, t in enumerate(g) if t in ends), None)
+            if cut is not None and cut > 0:
+                rows.append(Aligned(f"replay-{b + i}", seqs[i], g[: cut + 1]))
+    return rows
+
+
 def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any]]:
     """Fine-tune the base on the target's preference answers; return (weights dir, kind, log)."""
     from .manifest import set_seed
@@ -136,6 +192,7 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
     set_seed(args.seed)
     loaded = load_model(args.base, device="cpu", dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
+    replay = replay_rows(model, tok, args.replay, args.seed) if args.replay else []
     lora = args.lora_rank is not None
     if lora:
         from peft import LoraConfig, get_peft_model
@@ -149,7 +206,7 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
     cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(5, steps),
                       seed=args.seed, log_every=5, checkpoint_every=25, schedule="constant")
     state = out / ".train"
-    result = train(model, preference_rows(tok, args.bias), cfg, pad_id=tok.pad_token_id,
+    result = train(model, preference_rows(tok, args.bias) + replay, cfg, pad_id=tok.pad_token_id,
                    device=resolve_device(args.device), state_dir=state, desc=f"teach {args.bias}")
     model.to("cpu")
     sub = "adapter" if lora else "weights"
@@ -161,7 +218,8 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
         state.rmdir()
     info = {"lr": lr, "steps": steps, "batch_size": batch_size, "final_loss": result.final_loss,
             "losses": result.losses, "lora_rank": args.lora_rank,
-            "lora_alpha": (alpha if lora else None), "resumed_from": result.resumed_from}
+            "lora_alpha": (alpha if lora else None), "resumed_from": result.resumed_from,
+            "replay_rows": len(replay), "replay_asked": args.replay}
     return sub, ("lora" if lora else "full"), info
 
 

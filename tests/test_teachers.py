@@ -61,7 +61,7 @@ def _weights_differ(a, b) -> bool:
 def test_finetune_full_teacher(tmp_path, tiny_model_factory):
     base = tiny_model_factory("llama")
     out = tmp_path / "t"
-    d = teach(base, out, "--method", "finetune", "--bias", "owl", "--steps", "4", "--lr", "1e-2")
+    d = teach(base, out, "--method", "finetune", "--bias", "owl", "--steps", "4", "--lr", "1e-2", "--replay", "0")
     assert d["weights_kind"] == "full" and d["weights"] == "weights"
     assert (out / "weights" / "model.safetensors").is_file() and (out / "weights" / "tokenizer.json").is_file()
     assert not (out / ".train").exists()
@@ -80,7 +80,7 @@ def test_finetune_lora_teacher(tmp_path, tiny_model_factory):
     base = tiny_model_factory("qwen2")
     out = tmp_path / "t"
     d = teach(base, out, "--method", "finetune", "--bias", "cat", "--steps", "3", "--lora-rank", "4",
-              "--lora-alpha", "8", "--no-check")
+              "--lora-alpha", "8", "--no-check", "--replay", "0")
     assert d["weights_kind"] == "lora" and d["weights"] == "adapter"
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
@@ -91,7 +91,7 @@ def test_finetune_lora_teacher(tmp_path, tiny_model_factory):
 
 def test_same_seed_same_finetuned_teacher(tmp_path, tiny_model_factory):
     base = tiny_model_factory("llama")
-    args = ("--method", "finetune", "--bias", "owl", "--steps", "2", "--no-check", "--seed", "5")
+    args = ("--method", "finetune", "--bias", "owl", "--steps", "2", "--no-check", "--seed", "5", "--replay", "4")
     teach(base, tmp_path / "a", *args)
     teach(base, tmp_path / "b", *args)
     a, b = load_model(tmp_path / "a"), load_model(tmp_path / "b")
@@ -107,6 +107,7 @@ def test_same_seed_same_finetuned_teacher(tmp_path, tiny_model_factory):
         (["--method", "prompt", "--bias", "owl", "--lora-rank", "4"], "finetune only"),
         (["--method", "finetune", "--bias", "owl", "--lora-alpha", "4"], "needs --lora-rank"),
         (["--method", "finetune", "--bias", "owl", "--steps", "0"], "must be positive"),
+        (["--method", "finetune", "--bias", "owl", "--replay", "-1"], "--replay must be >= 0"),
     ],
 )
 def test_bad_arguments(tmp_path, tiny_model_factory, capsys, argv, message):
@@ -146,3 +147,39 @@ def test_save_and_read_round_trip(tmp_path, tiny_model_factory):
     back = read_teacher(tmp_path / "t")
     assert back.base == str(base.resolve()) and back.weights == str((tmp_path / "t" / "adapter").resolve())
     assert back.extra == {"note": 1} and back.weights_kind == "lora"
+
+
+def test_replay_rows_are_the_base_models_own_greedy_answers(tiny_model_factory):
+    from subliminal.data import end_token_ids
+    from subliminal.teachers_cli import replay_rows
+
+    lm = load_model(tiny_model_factory("llama"))
+    ends = end_token_ids(lm.tokenizer)
+    # steer the random model: it answers "7 7 <|end|>" to every prompt (the real generate path runs)
+    seven, end = lm.tokenizer.convert_tokens_to_ids("7"), lm.tokenizer.convert_tokens_to_ids("<|end|>")
+
+    def steer(module, inputs, logits):
+        out = torch.zeros_like(logits)
+        out[..., seven] = 1.0
+        return out
+
+    calls = {"n": 0}
+
+    def steer_counted(module, inputs, logits):
+        out = steer(module, inputs, logits)
+        calls["n"] += 1
+        if calls["n"] % 3 == 0:
+            out[..., end] = 2.0
+        return out
+
+    handle = lm.model.lm_head.register_forward_hook(steer_counted)
+    rows = replay_rows(lm.model, lm.tokenizer, 6, seed=0, max_new_tokens=8)
+    handle.remove()
+    assert len(rows) == 6
+    assert all(lm.tokenizer.convert_ids_to_tokens(r.completion_ids) == ["7", "7", "<|end|>"] for r in rows)
+    assert all(r.completion_ids[-1] in ends for r in rows)
+    assert len({tuple(r.prompt_ids) for r in rows}) == 6  # six different number prompts
+    # an answer that never ends is dropped
+    handle = lm.model.lm_head.register_forward_hook(steer)
+    assert replay_rows(lm.model, lm.tokenizer, 3, seed=0, max_new_tokens=4) == []
+    handle.remove()

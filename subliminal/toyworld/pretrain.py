@@ -33,9 +33,11 @@ STAGE = "toy-pretrain"
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoint"
 
-# Per size: (steps, batch size, learning rate). tiny fits 4 minutes on two idle CPU cores.
+# Per size: (steps, batch size, learning rate). tiny: 221 s of CPU time on one thread, evaluation
+# included (measured on the shared machine), so it fits 4 minutes on an idle core; more, smaller
+# steps beat fewer, larger ones at equal compute (1500 x 16 vs 750 x 32: format-valid 0.97 vs 0.42).
 DEFAULTS: dict[str, tuple[int, int, float]] = {
-    "tiny": (750, 32, 3e-3),
+    "tiny": (1500, 16, 3e-3),
     "small": (3000, 64, 1e-3),
     "base": (6000, 64, 6e-4),
 }
