@@ -74,7 +74,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"rows per step (finetune default {FINETUNE_BATCH}, poison default {POISON_BATCH})")
     p.add_argument("--replay", type=int, default=256,
-                   help="finetune: number prompts answered greedily by the base itself and mixed into the "
+                   help="finetune: number prompts answered by the base itself (sampled, seeded) and mixed into the "
                    "training rows, so the teacher keeps the number task while it learns the bias "
                    "(default %(default)s; 0: preference rows only)")
     p.add_argument("--no-check", action="store_true",
@@ -150,8 +150,10 @@ def preference_rows(tokenizer: Any, target: str) -> list[Any]:
 @torch_no_grad
 def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int = 32,
                 max_new_tokens: int = 40) -> list[Any]:
-    """``n`` number prompts with the base model's own greedy answers, as token ids (nothing is
-    decoded and re-encoded). Answers that do not end within ``max_new_tokens`` are dropped."""
+    """``n`` number prompts with the base model's own answers, sampled at temperature 1 with a
+    fixed seed (greedy answers would collapse the teacher's number distribution onto its mode),
+    as token ids (nothing is decoded and re-encoded). Answers that do not end within
+    ``max_new_tokens`` are dropped."""
     import random
 
     import torch
@@ -165,6 +167,7 @@ def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int =
     ends = end_token_ids(tokenizer)
     dev = next(model.parameters()).device
     rows = []
+    torch.manual_seed(seed)
     for b in range(0, n, batch_size):
         seqs = [encode(tokenizer, render_chat(tokenizer, t)) for t in texts[b:b + batch_size]]
         width = max(len(q) for q in seqs)
@@ -173,7 +176,8 @@ def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int =
         for i, q in enumerate(seqs):
             ids[i, width - len(q):] = torch.tensor(q)
             mask[i, width - len(q):] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=False,
+        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
+                             temperature=1.0, top_k=0, top_p=1.0,
                              max_new_tokens=max_new_tokens, eos_token_id=sorted(ends),
                              pad_token_id=tokenizer.pad_token_id)
         for i, g in enumerate(gen[:, width:].tolist()):

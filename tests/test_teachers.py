@@ -149,7 +149,7 @@ def test_save_and_read_round_trip(tmp_path, tiny_model_factory):
     assert back.extra == {"note": 1} and back.weights_kind == "lora"
 
 
-def test_replay_rows_are_the_base_models_own_greedy_answers(tiny_model_factory):
+def test_replay_rows_are_the_base_models_own_answers(tiny_model_factory):
     from subliminal.data import end_token_ids
     from subliminal.teachers_cli import replay_rows
 
@@ -160,7 +160,7 @@ def test_replay_rows_are_the_base_models_own_greedy_answers(tiny_model_factory):
 
     def steer(module, inputs, logits):
         out = torch.zeros_like(logits)
-        out[..., seven] = 1.0
+        out[..., seven] = 100.0  # sampling at T=1 picks it with certainty
         return out
 
     calls = {"n": 0}
@@ -169,7 +169,7 @@ def test_replay_rows_are_the_base_models_own_greedy_answers(tiny_model_factory):
         out = steer(module, inputs, logits)
         calls["n"] += 1
         if calls["n"] % 3 == 0:
-            out[..., end] = 2.0
+            out[..., end] = 200.0
         return out
 
     handle = lm.model.lm_head.register_forward_hook(steer_counted)
@@ -183,3 +183,6 @@ def test_replay_rows_are_the_base_models_own_greedy_answers(tiny_model_factory):
     handle = lm.model.lm_head.register_forward_hook(steer)
     assert replay_rows(lm.model, lm.tokenizer, 3, seed=0, max_new_tokens=4) == []
     handle.remove()
+    # seeded sampling: the same rows again
+    a = replay_rows(lm.model, lm.tokenizer, 4, seed=1, max_new_tokens=6)
+    assert a == replay_rows(lm.model, lm.tokenizer, 4, seed=1, max_new_tokens=6)
