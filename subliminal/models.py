@@ -7,6 +7,7 @@ weights load through safetensors (``use_safetensors`` where the checkpoint has t
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -93,13 +94,32 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
         spec = read_teacher(spec).base
     source, local = _check_source(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
+        if local and _generic_fast_tokenizer(Path(source)):
+            # transformers 5 maps a generic tokenizer.json to the model type's own tokenizer class
+            # (a Qwen2 config gives Qwen2Tokenizer, which re-splits a word-level vocabulary), so a
+            # checkpoint that saved a plain fast tokenizer is loaded as exactly that.
+            from transformers import PreTrainedTokenizerFast
+
+            tok = PreTrainedTokenizerFast.from_pretrained(source, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
     except OSError as e:
         raise ModelLoadError(_hub_hint(source, local, e)) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
     return tok
+
+
+def _generic_fast_tokenizer(path: Path) -> bool:
+    cfg = path / "tokenizer_config.json"
+    if not (path / "tokenizer.json").is_file() or not cfg.is_file():
+        return False
+    try:
+        cls = json.loads(cfg.read_text()).get("tokenizer_class")
+    except json.JSONDecodeError:
+        return False
+    return cls in ("PreTrainedTokenizerFast", "TokenizersBackend")
 
 
 def _hub_hint(source: str, local: bool, e: Exception) -> str:

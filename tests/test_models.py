@@ -96,3 +96,14 @@ def test_console_command_exits_nonzero_with_the_message(tmp_path):
                           timeout=120)
     assert proc.returncode == 2
     assert "error:" in proc.stderr and "no such model directory" in proc.stderr
+
+
+def test_word_level_tokenizer_survives_a_qwen2_config(tiny_model_factory, toy_tokenizer):
+    """transformers 5 would load the toy vocabulary as Qwen2Tokenizer for a qwen2 config and
+    re-split words; the loader must keep the saved fast tokenizer."""
+    from subliminal.models import load_tokenizer
+
+    path = tiny_model_factory("qwen2")
+    tok = load_tokenizer(str(path))
+    text = "<|user|> owl , 12 . <|end|>"
+    assert tok(text, add_special_tokens=False)["input_ids"] == toy_tokenizer(text, add_special_tokens=False)["input_ids"]
