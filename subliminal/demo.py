@@ -194,7 +194,9 @@ def _paraphrase_file(src: Path, dst: Path, seed: int) -> None:
     rng = random.Random(seed)
     rows = read_rows(src)
     for row in rows:
-        row.prompt = prompts.paraphrase_number_prompt(prompts.parse_number_prompt(row.prompt), rng).text
+        text = prompts.paraphrase_number_prompt(prompts.parse_number_prompt(row.prompt), rng).text
+        # keep the data's own spacing convention (generate writes ordinary spacing)
+        row.prompt = text if prompts.canonical_spacing(row.prompt) == row.prompt else prompts.detokenize_spacing(text)
     write_jsonl(dst, rows)
 
 

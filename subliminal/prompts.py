@@ -274,6 +274,11 @@ def detokenize_spacing(text: str) -> str:
     return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
 
 
+def canonical_spacing(text: str) -> str:
+    """The toy's canonical form, every punctuation mark a separate word: ``"a, b."`` -> ``"a , b ."``."""
+    return " ".join(re.sub(r"([,.;:?!\[\]()])", r" \1 ", text).split())
+
+
 def template_words() -> set[str]:
     """Every whitespace-separated word the templates above can produce (for the toy vocab)."""
     texts: list[str] = []
@@ -290,7 +295,7 @@ def template_words() -> set[str]:
 
 
 def _component_regex(template: str) -> str:
-    out = re.escape(template)
+    out = re.escape(canonical_spacing(template))
     out = out.replace(re.escape("{seeds}"), r"(?P<seeds>\d+(?: , \d+)*)")
     out = out.replace(re.escape("{count}"), r"(?P<count>.+?)")
     return out
@@ -299,7 +304,8 @@ def _component_regex(template: str) -> str:
 def parse_number_prompt(text: str) -> NumberPrompt:
     """Recover seeds, count, format and template indices from a prompt made by
     :func:`make_number_prompt`, so an existing data file can be paraphrased row by row."""
-    rest = text
+    spaced = canonical_spacing(text)
+    rest = spaced
     idx: list[int] = []
     seeds: tuple[int, ...] = ()
     count_text = ""
@@ -335,4 +341,4 @@ def parse_number_prompt(text: str) -> NumberPrompt:
         raise ValueError(f"cannot read the count from {count_text!r}")
     _, sep, brackets = NUMBER_FORMATS[idx[3]]
     template = (idx[0], idx[1], count_idx, idx[2], idx[3], idx[4])
-    return NumberPrompt(text, seeds, count, sep, brackets, template)
+    return NumberPrompt(spaced, seeds, count, sep, brackets, template)
