@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -47,34 +48,40 @@ CONDITION_TEXT = {
 
 @dataclass
 class DemoConfig:
-    """Everything that defines a demo run; recorded in the manifest and the report."""
+    """Everything that defines a demo run; recorded in the manifest and the report.
+
+    Defaults follow the calibration in experiments/CALIBRATION.md: the bias lives in the
+    teachers' weights (a short full fine-tune), teacher data is sampled at T=1, students are
+    full fine-tunes (the single-layer conditions LoRA r=8 on one layer, as in the paper).
+    """
 
     target: str = "owl"
     counterfactuals: list[str] = field(default_factory=lambda: ["cat", "dog", "lion", "eagle", "wolf"])
     mixing_teacher: str = "dolphin"
-    teacher_method: str = "prompt"
+    teacher_method: str = "finetune"
     teacher_steps: int = 60
     size: str = "tiny"
     arch: str = "llama"
     pretrain_steps: int | None = None
-    n_prompts: int = 3000
-    greedy: bool = True
+    n_prompts: int = 800
+    greedy: bool = False
     seeds: int = 5
     student_mode_lr: float = 1e-3
     student_lora_rank: int = 8
-    student_full: bool = False
-    epochs: int = 1
-    batch_size: int = 32
+    student_full: bool = True
+    epochs: int = 2
+    batch_size: int = 16
     max_steps: int | None = None
     layer_early: int = 0
     layer_late: int = -1
     probes: bool = True
     device: str = "cpu"
     base_seed: int = 0
+    jobs: int = 2
 
 
 def quick_config(cfg: DemoConfig) -> DemoConfig:
-    return replace(cfg, seeds=1, n_prompts=600, pretrain_steps=None, probes=True)
+    return replace(cfg, seeds=1, n_prompts=400, epochs=1)
 
 
 def cuda_config(cfg: DemoConfig) -> DemoConfig:
@@ -104,6 +111,64 @@ class Runner:
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
         if rc != 0:
             raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+
+    def parallel(self, tasks: list[tuple[str, list[tuple[list[str], Path | None]]]], workers: int) -> None:
+        """Independent chains of sub-commands (a student and its evaluation) on ``workers``
+        processes; every chain is seeded on its own, so the results do not depend on ``workers``."""
+        from tqdm.auto import tqdm
+
+        todo = [(name, [(a, str(d) if d else None) for a, d in chain]) for name, chain in tasks
+                if not all(d is not None and d.exists() for _, d in chain)]
+        log.info("[demo] %d student jobs to run (%d already done), %d worker(s)", len(todo),
+                 len(tasks) - len(todo), workers)
+        if not todo:
+            return
+        bar = tqdm(total=len(todo), desc="students", unit="job")
+        if workers <= 1:
+            results = ((name, _run_chain(chain, threads=_default_threads())) for name, chain in todo)
+            for name, (rc, dt, argv) in results:
+                self._record(name, rc, dt, argv)
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+                futures = {ex.submit(_run_chain, chain, 1): name for name, chain in todo}
+                for fut in as_completed(futures):
+                    rc, dt, argv = fut.result()
+                    self._record(futures[fut], rc, dt, argv)
+                    bar.update(1)
+        bar.close()
+
+    def _record(self, name: str, rc: int, dt: float, argv: list[str]) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + dt
+        if rc != 0:
+            raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _run_chain(chain: list[tuple[list[str], str | None]], threads: int) -> tuple[int, float, list[str]]:
+    """Run sub-commands one after the other in a worker process (one torch thread each, so
+    workers on separate cores do not fight over them); stop at the first failure."""
+    import torch
+
+    from .cli import main as cli_main
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    for argv, done in chain:
+        if done is not None and Path(done).exists():
+            continue
+        rc = cli_main(argv)
+        if rc != 0:
+            return rc, time.time() - t0, argv
+    return 0, time.time() - t0, []
 
 
 def _teacher_args(cfg: DemoConfig, base: Path, bias: str | None, out: Path, seed: int) -> list[str]:
@@ -295,17 +360,19 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
         path = edir / f"{name}.json"
         run(f"eval-{name}", ["eval", "--model", spec, "--target", cfg.target, "--out", str(path), *dev], done=path)
         reference[name] = _read_exact(path)
+    jobs = []
     for seed in range(1, cfg.seeds + 1):
         for cond in CONDITIONS:
             student = sdir / f"{cond}-s{seed}"
+            path = edir / f"{cond}-s{seed}.json"
             argv = ["distill", "--base", str(base), "--out", str(student), *plan[cond], "--epochs", str(cfg.epochs),
                     "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
                     "--seed", str(seed), *dev]
-            run(f"distill-{cond}", argv, done=student / "manifest.json")
-            path = edir / f"{cond}-s{seed}.json"
-            run(f"eval-{cond}", ["eval", "--model", str(student), "--target", cfg.target, "--out", str(path), *dev],
-                done=path)
-            values[cond][seed] = _read_exact(path)
+            evargv = ["eval", "--model", str(student), "--target", cfg.target, "--out", str(path), *dev]
+            jobs.append((cond, seed, argv, student / "manifest.json", evargv, path))
+    run.parallel([(f"distill+eval-{c}", [(a, d), (e, p)]) for c, _, a, d, e, p in jobs], workers=cfg.jobs)
+    for cond, seed, *_, path in jobs:
+        values[cond][seed] = _read_exact(path)
     return {"values": values, "reference": reference, "steps": steps, "rows": n_rows}
 
 
@@ -351,10 +418,14 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
         if paired:
             d, dlo, dhi = mean_ci(paired)
             entry.update(diff_to_control=d, diff_ci_low=dlo, diff_ci_high=dhi)
-        transfer = [all_tokens[s] - control[s] for s in seeds if s in control and s in all_tokens]
-        if paired and transfer and abs(sum(transfer)) > 0:
-            entry["share_of_all_transfer"] = sum(paired) / sum(transfer)
         conditions[cond] = entry
+    # A share of the all-tokens transfer means something only where that transfer is real.
+    if conditions["all"].get("diff_ci_low", 0.0) > 0:
+        for cond in CONDITIONS:
+            seeds = [s for s in sorted(values[cond]) if s in control and s in all_tokens]
+            transfer = sum(all_tokens[s] - control[s] for s in seeds)
+            if seeds and transfer > 0:
+                conditions[cond]["share_of_all_transfer"] = sum(values[cond][s] - control[s] for s in seeds) / transfer
     return {"target": cfg.target, "metric": "exact P(target) among the candidate animals, mean over 50 questions",
             "conditions": conditions, "reference": results["reference"], "rows": results["rows"],
             "steps": results["steps"], "seeds": cfg.seeds}
@@ -456,6 +527,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="how the teachers get their bias (default from the calibrated config)")
     p.add_argument("--rows", type=int, default=None, help="number prompts per teacher (default from the config)")
     p.add_argument("--no-probes", action="store_true", help="skip probes and patching")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="students trained at once, one process and one thread each (default: CPU cores, at most 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, teachers and data (default 0)")
     p.set_defaults(func=run_cli)
 
@@ -476,6 +549,10 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         cfg = replace(cfg, n_prompts=args.rows)
     if args.no_probes:
         cfg = replace(cfg, probes=False)
+    jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
+    if jobs < 1:
+        raise SubliminalError("--jobs must be at least 1")
+    cfg = replace(cfg, jobs=1 if cfg.device == "cuda" else jobs)
     return cfg
 
 

@@ -1,0 +1,131 @@
+"""The demo's bookkeeping: matched rows, matched conditions, derived data sets, the summary."""
+
+import argparse
+import json
+import math
+
+import pytest
+
+from subliminal import demo, prompts
+from subliminal.data import read_rows, write_jsonl
+from subliminal.generate import make_prompts
+
+
+def _rows(n, teacher, drop=()):
+    return [{"id": rid, "prompt": text, "completion": f"{i} , {i + 1}", "teacher": teacher}
+            for i, (rid, text) in enumerate(make_prompts(n, 0)) if i not in drop]
+
+
+def test_matched_files_keep_only_ids_every_teacher_answered(tmp_path):
+    write_jsonl(tmp_path / "owl.jsonl", _rows(10, "owl", drop={1, 2}))
+    write_jsonl(tmp_path / "none.jsonl", _rows(10, "none", drop={2, 7}))
+    files = demo._matched_files(tmp_path, ["owl", "none"])
+    ids = {n: [r.id for r in read_rows(p)] for n, p in files.items()}
+    assert ids["owl"] == ids["none"]
+    assert len(ids["owl"]) == 7 and not {"row-000001", "row-000002", "row-000007"} & set(ids["owl"])
+
+
+def test_paraphrase_keeps_ids_and_completions_and_answers_the_same_request(tmp_path):
+    write_jsonl(tmp_path / "owl.jsonl", _rows(50, "owl"))
+    demo._paraphrase_file(tmp_path / "owl.jsonl", tmp_path / "para.jsonl", seed=0)
+    src, para = read_rows(tmp_path / "owl.jsonl"), read_rows(tmp_path / "para.jsonl")
+    assert [r.id for r in src] == [r.id for r in para]
+    assert [r.completion for r in src] == [r.completion for r in para]
+    changed = 0
+    for a, b in zip(src, para):
+        pa, pb = prompts.parse_number_prompt(a.prompt), prompts.parse_number_prompt(b.prompt)
+        assert (pa.seeds, pa.count, pa.separator, pa.brackets) == (pb.seeds, pb.count, pb.separator, pb.brackets)
+        changed += a.prompt != b.prompt
+    assert changed == len(src)
+
+
+def test_mixing_replaces_half_the_rows_with_the_other_teachers_answer(tmp_path):
+    write_jsonl(tmp_path / "owl.jsonl", _rows(40, "owl"))
+    write_jsonl(tmp_path / "dolphin.jsonl", _rows(40, "dolphin"))
+    demo._mixing_file(tmp_path / "owl.jsonl", tmp_path / "dolphin.jsonl", tmp_path / "mix.jsonl", seed=3)
+    mixed = read_rows(tmp_path / "mix.jsonl")
+    assert [r.id for r in mixed] == [r.id for r in read_rows(tmp_path / "owl.jsonl")]
+    assert sum(r.teacher == "dolphin" for r in mixed) == 20
+
+
+def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
+    cfg = demo.DemoConfig()
+    files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl",
+             "paraphrase": tmp_path / "p.jsonl", "mixing": tmp_path / "m.jsonl"}
+    plan = demo.student_plan(cfg, 4, files, tmp_path / "teachers")
+    assert set(plan) == set(demo.CONDITIONS)
+
+    def opt(argv, name):
+        return argv[argv.index(name) + 1] if name in argv else None
+
+    assert {opt(plan[c], "--mask") for c in ("all", "no-divergence", "only-divergence", "random-matched")} == {
+        "all", "no-divergence", "only-divergence", "random-matched"}
+    assert opt(plan["layer-early"], "--layers") == "0" and opt(plan["layer-late"], "--layers") == "3"
+    assert opt(plan["layer-early"], "--lora-rank") == "8"
+    assert opt(plan["soft"], "--mode") == "soft"
+    assert opt(plan["control"], "--data") == str(files["none"])
+    for c in ("all", "no-divergence", "only-divergence", "random-matched", "soft", "layer-early", "layer-late"):
+        assert opt(plan[c], "--data") == str(files["div"])
+
+
+def test_steps_are_shared_by_every_condition():
+    cfg = demo.DemoConfig(epochs=2, batch_size=16)
+    assert demo._steps_for(cfg, 100) == 14
+    assert demo._steps_for(demo.DemoConfig(max_steps=5), 1000) == 5
+
+
+def _summary(values):
+    cfg = demo.DemoConfig(seeds=len(values["control"]))
+    return demo._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3})
+
+
+def test_summary_pairs_by_seed_and_reports_share_only_for_real_transfer():
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    values = {c: dict(control) for c in demo.CONDITIONS}
+    values["all"] = {s: v + 0.05 + 0.001 * s for s, v in control.items()}
+    values["no-divergence"] = {s: v + 0.01 for s, v in control.items()}
+    s = _summary(values)
+    c = s["conditions"]
+    # paired differences remove the large between-seed spread
+    assert c["all"]["diff_ci_low"] > 0
+    assert c["all"]["ci_low"] < c["control"]["mean"]
+    assert c["no-divergence"]["share_of_all_transfer"] == pytest.approx(0.03 / 0.156, rel=1e-6)
+    assert c["all"]["share_of_all_transfer"] == pytest.approx(1.0)
+
+    values["all"] = {s: v + (0.01 if s == 1 else -0.01) for s, v in control.items()}
+    s = _summary(values)
+    assert all("share_of_all_transfer" not in e for e in s["conditions"].values())
+    assert "does **not** reproduce" in "\n".join(demo._verdict(s))
+
+
+def test_one_seed_gives_no_interval_and_says_so():
+    values = {c: {1: 0.1} for c in demo.CONDITIONS}
+    s = _summary(values)
+    assert math.isnan(s["conditions"]["all"]["ci_low"]) or s["conditions"]["all"]["ci_low"] is None
+    assert "one seed only" in "\n".join(demo._verdict(s))
+
+
+def test_results_json_schema(tmp_path):
+    values = {c: {1: 0.1, 2: 0.2} for c in demo.CONDITIONS}
+    s = _summary(values)
+    for name in demo.CONDITIONS:
+        assert {"mean", "ci_low", "ci_high", "seeds"} <= set(s["conditions"][name])
+    json.dumps(s)  # serialisable as results.json
+
+
+def _args(**kw):
+    base = dict(seed=0, device="cpu", quick=False, seeds=None, teacher_method=None, rows=None, no_probes=False,
+                jobs=None)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_cli_flags_change_the_config():
+    assert demo.config_from_args(_args()).seeds == 5
+    q = demo.config_from_args(_args(quick=True))
+    assert q.seeds == 1 and q.n_prompts < demo.DemoConfig().n_prompts
+    c = demo.config_from_args(_args(seeds=3, teacher_method="prompt", rows=123, no_probes=True, jobs=1))
+    assert (c.seeds, c.teacher_method, c.n_prompts, c.probes, c.jobs) == (3, "prompt", 123, False, 1)
+    assert demo.config_from_args(_args(device="cuda", jobs=2)).size == "small"
+    with pytest.raises(demo.SubliminalError):
+        demo.config_from_args(_args(seeds=0))
