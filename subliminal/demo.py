@@ -391,7 +391,7 @@ def _probe_stage(cfg: DemoConfig, run: Runner, out: Path, tdir: Path, div: Path)
                              "--out", str(pdir / "divergence"), "--seed", str(cfg.base_seed), *rows, *dev],
         done=pdir / "divergence" / "manifest.json")
     run("patch", ["patch", "--models", owl, none, "--data", str(div), "--out", str(pdir / "patching"),
-                  "--max-sites", "100", "--seed", str(cfg.base_seed), *dev],
+                  "--max-sites", "100", "--max-rows", "200", "--seed", str(cfg.base_seed), *dev],
         done=pdir / "patching" / "manifest.json")
     run("heatmap", ["plot", "heatmap", str(div), "--out", str(pdir / "divergence_heatmap.png")],
         done=pdir / "divergence_heatmap.png")
@@ -415,7 +415,7 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
                                  "values": vals, "description": CONDITION_TEXT[cond]}
         # Paired by seed: the same seed gives the same row order in every condition.
         paired = [values[cond][s] - control[s] for s in seeds if s in control]
-        if paired:
+        if paired and cond != "control":
             d, dlo, dhi = mean_ci(paired)
             entry.update(diff_to_control=d, diff_ci_low=dlo, diff_ci_high=dhi)
         conditions[cond] = entry
@@ -498,8 +498,9 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
         lines += ["", "## Divergence tokens", "",
                   f"- fraction of completion tokens: {_fmt(s.get('divergence_fraction'))}",
                   f"- rows with at least one: {_fmt(s.get('rows_with_divergence'))}"]
-        if s.get("top_tokens") or s.get("most_frequent"):
-            lines.append(f"- most frequent: {s.get('top_tokens') or s.get('most_frequent')}")
+        if s.get("top_divergence_tokens"):
+            top = ", ".join(f"`{t}` x{n}" for t, n in s["top_divergence_tokens"][:8])
+            lines.append(f"- most frequent divergence tokens: {top}")
     figs = sorted(p.relative_to(out) for p in out.glob("**/*.png") if "students" not in p.parts)
     if figs:
         lines += ["", "## Figures", ""] + [f"![{p.stem}]({p})" for p in figs]
