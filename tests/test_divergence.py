@@ -60,7 +60,7 @@ def world(tiny_model_factory, tmp_path_factory):
 def _reference(teacher_paths: list[str], rows: list[dict]) -> list[dict]:
     """Per row: completion ids and each teacher's argmax / log-prob of the data token, from one
     unpadded forward pass per (row, teacher), tokenised straight from the chat template."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from subliminal.teachers import is_teacher_dir, read_teacher
 
@@ -69,7 +69,9 @@ def _reference(teacher_paths: list[str], rows: list[dict]) -> list[dict]:
         spec = read_teacher(path) if is_teacher_dir(path) else None
         src = spec.base if spec else path
         system = spec.system_prompt if spec else None
-        tok = AutoTokenizer.from_pretrained(src)
+        # the test models save the toy's plain fast tokenizer; AutoTokenizer would re-map it by
+        # model type (Qwen2Tokenizer for a qwen2 config) and re-split the word-level vocabulary
+        tok = PreTrainedTokenizerFast.from_pretrained(src)
         model = AutoModelForCausalLM.from_pretrained(src, dtype=F64).eval()
         for o, row in zip(out, rows):
             msgs = ([{"role": "system", "content": system}] if system else []) + [
