@@ -24,7 +24,13 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
+from .manifest import (
+    SubliminalError,
+    write_file_manifest,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +269,7 @@ def _paraphrase_file(src: Path, dst: Path, seed: int) -> None:
         # keep the data's own spacing convention (generate writes ordinary spacing)
         row.prompt = text if prompts.canonical_spacing(row.prompt) == row.prompt else prompts.detokenize_spacing(text)
     write_jsonl(dst, rows)
+    write_file_manifest(dst, stage="demo-paraphrase", config={"rows": len(rows)}, seed=seed, inputs={"data": src})
 
 
 def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
@@ -279,6 +286,8 @@ def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
     replace_ids = set(rng.sample(candidates, min(len(candidates), len(rows) // 2)))
     mixed = [others[r.id] if r.id in replace_ids else r for r in rows]
     write_jsonl(dst, mixed)
+    write_file_manifest(dst, stage="demo-mixing", config={"rows": len(rows), "replaced": len(replace_ids)}, seed=seed,
+                        inputs={"data": src, "other": other})
 
 
 def _matched_files(ddir: Path, names: list[str]) -> dict[str, Path]:
@@ -296,6 +305,8 @@ def _matched_files(ddir: Path, names: list[str]) -> dict[str, Path]:
         raise SubliminalError("no prompt has a valid completion from every teacher; generate more rows")
     for n, rs in rows.items():
         write_jsonl(out[n], [r for r in rs if r.id in common])
+        write_file_manifest(out[n], stage="demo-matched-rows", config={"teachers": names, "rows": len(common)},
+                            seed=None, inputs={"data": ddir / f"{n}.jsonl"})
     return out
 
 

@@ -129,3 +129,13 @@ def test_cli_flags_change_the_config():
     assert demo.config_from_args(_args(device="cuda", jobs=2)).size == "small"
     with pytest.raises(demo.SubliminalError):
         demo.config_from_args(_args(seeds=0))
+
+
+def test_derived_files_carry_manifests(tmp_path):
+    write_jsonl(tmp_path / "owl.jsonl", _rows(8, "owl"))
+    write_jsonl(tmp_path / "none.jsonl", _rows(8, "none"))
+    files = demo._matched_files(tmp_path, ["owl", "none"])
+    demo._paraphrase_file(files["owl"], tmp_path / "matched" / "owl.paraphrase.jsonl", seed=0)
+    demo._mixing_file(files["owl"], files["none"], tmp_path / "matched" / "owl.mixing.jsonl", seed=0)
+    listed = json.loads((tmp_path / "matched" / "manifest.json").read_text())["files"]
+    assert {"owl.jsonl", "none.jsonl", "owl.paraphrase.jsonl", "owl.mixing.jsonl"} <= set(listed)
