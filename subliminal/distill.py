@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
 from .manifest import (
     SubliminalError,
     read_file_manifest,
@@ -206,20 +206,12 @@ def mask_stats(rows: Sequence[DivRow], seed: int, completion_tokens: int | None 
 
 
 @dataclass
-class Example:
-    id: str
-    prompt_ids: list[int]  # the student's prompt (no system prompt)
-    completion_ids: list[int]
-    mask: list[bool]
-    teacher_prompt_ids: list[int] | None = None  # the teacher's prompt (its system prompt)
+class Example(Aligned):
+    """An aligned row (``prompt_ids``: the student's prompt, without a system prompt) with its
+    loss mask over completion positions and the teacher's own prompt ids (its system prompt)."""
 
-    @property
-    def input_ids(self) -> list[int]:
-        return self.prompt_ids + self.completion_ids
-
-    @property
-    def n_prompt(self) -> int:
-        return len(self.prompt_ids)
+    mask: list[bool] = field(default_factory=list)
+    teacher_prompt_ids: list[int] | None = None
 
 
 def build_examples(rows: Sequence[DivRow], masks: Sequence[list[bool]], tokenizer: Any, max_length: int | None,
