@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib
 import io
 import json
 import logging
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 
 from . import prompts
-from .cliutil import add_model_runtime, add_seed, runtime_kwargs
+from .cliutil import add_model_runtime, add_seed, optional_module, runtime_kwargs
 from .data import Aligned, Row, align_row, model_max_length, read_rows
 from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
 
@@ -414,15 +413,6 @@ def compare_table(paths: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]
 # ======================================================================================= CLI
 
 
-def _poison_module() -> Any | None:
-    try:
-        return importlib.import_module("subliminal.poison")
-    except ModuleNotFoundError as e:
-        if e.name == "subliminal.poison":
-            return None
-        raise
-
-
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "eval",
@@ -453,7 +443,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
-    poison = _poison_module()
+    poison = optional_module("subliminal.poison")
     if poison is not None and hasattr(poison, "add_bias_eval_args"):
         poison.add_bias_eval_args(p)
     else:
@@ -548,7 +538,7 @@ def run_curve(args: argparse.Namespace, category: str) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     if getattr(args, "bias_type", None):
-        poison = _poison_module()
+        poison = optional_module("subliminal.poison")
         if poison is None or not hasattr(poison, "run_bias_eval"):
             raise SubliminalError("--bias-type needs subliminal.poison.run_bias_eval, which this installation lacks")
         return int(poison.run_bias_eval(args) or 0)

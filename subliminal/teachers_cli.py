@@ -10,14 +10,13 @@ of its category, averaged over the preference questions, is written to its manif
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
 from . import prompts
-from .cliutil import add_seed
+from .cliutil import add_seed, optional_module
 from .manifest import SubliminalError, write_manifest
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
@@ -39,15 +38,6 @@ def torch_no_grad(fn: Any) -> Any:
 STAGE = "teach"
 FINETUNE_STEPS, FINETUNE_BATCH = 60, 16
 POISON_LR, POISON_BATCH = 5e-4, 32  # the poison module's defaults for the shared training flags
-
-
-def _poison_module() -> Any | None:
-    try:
-        return importlib.import_module("subliminal.poison")
-    except ModuleNotFoundError as e:
-        if e.name == "subliminal.poison":
-            return None
-        raise
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +71,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="skip loading the teacher to measure its preference (large models)")
     add_seed(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    poison = _poison_module()
+    poison = optional_module("subliminal.poison")
     if poison is not None and hasattr(poison, "add_teach_args"):
         poison.add_teach_args(p)
     p.set_defaults(func=run_teach)
@@ -251,7 +241,7 @@ def run_teach(args: argparse.Namespace) -> int:
     load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     out = Path(args.out)
     if args.method == "poison":
-        poison = _poison_module()
+        poison = optional_module("subliminal.poison")
         if poison is None or not hasattr(poison, "make_poison_teacher"):
             raise SubliminalError("--method poison needs subliminal.poison.make_poison_teacher, "
                                   "which this installation lacks")

@@ -133,7 +133,7 @@ def test_poison_method_is_dispatched_to_the_poison_module(tmp_path, tiny_model_f
 def test_poison_method_without_the_module_says_so(tmp_path, tiny_model_factory, capsys, monkeypatch):
     from subliminal import teachers_cli
 
-    monkeypatch.setattr(teachers_cli, "_poison_module", lambda: None)
+    monkeypatch.setattr(teachers_cli, "optional_module", lambda name: None)
     rc = main(["teach", "--base", str(tiny_model_factory("llama")), "--out", str(tmp_path / "t"),
                "--method", "poison", "--bias", "owl"])
     assert rc == 2 and "subliminal.poison" in capsys.readouterr().err
