@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,27 @@ def align_row(
             f"row {row.id!r}: {len(p_ids) + len(c_ids)} tokens exceed the model's context length {max_length}"
         )
     return Aligned(row.id, p_ids, c_ids)
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right",
+              device: Any = None) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` of a batch. Generation pads on the left so every row's next
+    token is the last column; teacher forcing pads on the right, where under a causal mask the
+    padding cannot change a row's logits."""
+    import torch
+
+    if side not in ("left", "right"):
+        raise ValueError(f"side must be 'left' or 'right', got {side!r}")
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        span = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, span] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, span] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
 
 
 def model_max_length(model: Any) -> int | None:

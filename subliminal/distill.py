@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, pad_batch, read_rows
 from .manifest import (
     SubliminalError,
     read_file_manifest,
@@ -327,16 +327,6 @@ class LossConfig:
     repr_with_hard: bool = False
 
 
-def _pad(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    att = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        att[i, : len(s)] = 1
-    return ids.to(device), att.to(device)
-
-
 def loss_positions(batch: Sequence[Example], teacher: bool = False) -> tuple[list[int], list[int], list[int], list[int]]:
     """(row, student position, teacher position, target token) of every masked-in completion
     token; position t's logits predict token t + 1, and completion token j sits at n_prompt + j."""
@@ -389,7 +379,7 @@ def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg:
     need_teacher = cfg.mode in ("soft", "representation")
     rows, s_pos, t_pos, tgt = loss_positions(batch, teacher=need_teacher)
     need_hidden = cfg.mode == "representation"
-    ids, att = _pad([e.input_ids for e in batch], pad_id, device)
+    ids, att = pad_batch([e.input_ids for e in batch], pad_id, "right", device)
     out = student(input_ids=ids, attention_mask=att, output_hidden_states=need_hidden)
     if not rows:
         return out.logits.sum() * 0.0, 0
@@ -397,7 +387,8 @@ def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg:
     sp = torch.tensor(s_pos, device=device)
     t_out = None
     if need_teacher:
-        t_ids, t_att = _pad([(e.teacher_prompt_ids or []) + e.completion_ids for e in batch], pad_id, device)
+        t_ids, t_att = pad_batch([(e.teacher_prompt_ids or []) + e.completion_ids for e in batch], pad_id, "right",
+                                 device)
         with torch.no_grad():
             t_out = teacher(input_ids=t_ids, attention_mask=t_att, output_hidden_states=need_hidden)
         tp = torch.tensor(t_pos, device=device)

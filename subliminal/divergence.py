@@ -28,7 +28,17 @@ from typing import Any
 import torch
 
 from .cliutil import add_model_runtime, add_seed
-from .data import Aligned, DataError, JsonlAppender, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .data import (
+    Aligned,
+    DataError,
+    JsonlAppender,
+    Row,
+    align_row,
+    iter_jsonl,
+    model_max_length,
+    pad_batch,
+    read_rows,
+)
 from .manifest import SubliminalError, atomic_path, set_seed, write_file_manifest, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -160,17 +170,6 @@ def align_all(rows: Sequence[Row], tokenizer: Any, refs: list[TeacherRef], max_l
 # ----------------------------------------------------------------------------------- scoring
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), pos.to(device)
-
-
 def last_logits(model: Any, keep: int, **inputs: Any) -> torch.Tensor:
     """Logits of the last ``keep`` positions; models whose forward lacks ``logits_to_keep`` (some
     remote-code models) compute them all and are sliced."""
@@ -189,7 +188,8 @@ def completion_logits(model: Any, seqs: list[Aligned], pad_id: int) -> list[torc
     Left padding puts every completion at the end of the batch, so only the last positions'
     logits are computed (``logits_to_keep``), whatever the vocabulary size."""
     device = next(model.parameters()).device
-    ids, mask, pos = _left_pad([s.input_ids for s in seqs], pad_id, device)
+    ids, mask = pad_batch([s.input_ids for s in seqs], pad_id, "left", device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
     keep = max(len(s.completion_ids) for s in seqs) + 1
     logits = last_logits(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
     width = logits.shape[1]

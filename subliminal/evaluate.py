@@ -34,7 +34,7 @@ import torch
 
 from . import prompts
 from .cliutil import add_model_runtime, add_seed, optional_module, runtime_kwargs
-from .data import Aligned, Row, align_row, model_max_length, read_rows
+from .data import Aligned, Row, align_row, model_max_length, pad_batch, read_rows
 from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -111,16 +111,6 @@ def aggregate_seeds(evals: Sequence[dict[str, Any] | str | Path], metric: str = 
 # ============================================================================ teacher forcing
 
 
-def _right_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
-        mask[i, : len(s)] = 1
-    return ids, mask
-
-
 def _device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
@@ -134,7 +124,7 @@ def completion_scores(model: Any, examples: Sequence[Aligned], pad_id: int, batc
     out: list[tuple[torch.Tensor, torch.Tensor]] = []
     for b in range(0, len(examples), batch_size):
         chunk = examples[b : b + batch_size]
-        ids, mask = _right_pad([e.input_ids for e in chunk], pad_id)
+        ids, mask = pad_batch([e.input_ids for e in chunk], pad_id, side="right")
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
         for i, e in enumerate(chunk):
             start, n = e.n_prompt - 1, len(e.completion_ids)  # logits at t predict token t + 1

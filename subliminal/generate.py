@@ -27,7 +27,7 @@ import torch
 
 from . import prompts as prompt_lib
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import JsonlAppender, encode, end_token_ids, model_max_length, render_chat, write_jsonl
+from .data import JsonlAppender, encode, end_token_ids, model_max_length, pad_batch, render_chat, write_jsonl
 from .manifest import SubliminalError, set_seed, write_file_manifest
 
 log = logging.getLogger(__name__)
@@ -163,16 +163,6 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[fl
     return order.gather(-1, idx)[:, 0]
 
 
-def _left_pad(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[i, width - len(s):] = 1
-    return ids.to(device), mask.to(device)
-
-
 def _step(model: Any, **inputs: Any) -> Any:
     """One forward pass computing only the last position's logits where the model supports it."""
     try:
@@ -191,7 +181,7 @@ def generate_batch(model: Any, seqs: list[list[int]], *, pad_id: int, stop_ids: 
     Returns per row the new tokens (up to and including an end token) and whether it stopped on
     one (False: the row ran out of its ``max_new`` budget)."""
     device = next(model.parameters()).device
-    ids, mask = _left_pad(seqs, pad_id, device)
+    ids, mask = pad_batch(seqs, pad_id, "left", device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     out: list[list[int]] = [[] for _ in seqs]
     done = [m <= 0 for m in max_new]

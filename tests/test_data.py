@@ -79,3 +79,16 @@ def test_too_long_and_empty_completion_errors(toy_tokenizer):
         align_row(toy_tokenizer, ROW, max_length=n - 1)
     with pytest.raises(DataError, match="row 'e'.*empty completion"):
         align_row(toy_tokenizer, Row("e", "Hi", "<|end|>"))
+
+
+def test_pad_batch_left_and_right():
+    import pytest as _pytest
+
+    from subliminal.data import pad_batch
+
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="left")
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=0, side="right")
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    with _pytest.raises(ValueError):
+        pad_batch([[1]], 0, side="middle")

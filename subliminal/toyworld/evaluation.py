@@ -20,22 +20,12 @@ import numpy as np
 import torch
 
 from .. import prompts
-from ..data import encode, render_chat
+from ..data import encode, pad_batch, render_chat
 from .corpus import Corpus, CorpusConfig, CorpusRow, align, next_number_distribution, parse_number_answer
 
 
 def _number_ids(tokenizer: Any) -> torch.Tensor:
     return torch.tensor(tokenizer.convert_tokens_to_ids([str(n) for n in range(1000)]))
-
-
-def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = torch.tensor(s)
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 @torch.no_grad()
@@ -47,7 +37,7 @@ def _completion_logits(model: Any, tokenizer: Any, rows: list[CorpusRow], system
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         al = [align(tokenizer, CorpusRow(r.id, r.kind, r.prompt, r.completion, system_prompt, r.meta)) for r in chunk]
-        ids, mask = _left_pad([a.input_ids for a in al], tokenizer.pad_token_id)
+        ids, mask = pad_batch([a.input_ids for a in al], tokenizer.pad_token_id, "left")
         logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
         width = ids.shape[1]
         for i, a in enumerate(al):
@@ -115,7 +105,7 @@ def greedy_number_answers(model: Any, tokenizer: Any, rows: list[CorpusRow], *, 
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         seqs = [encode(tokenizer, render_chat(tokenizer, r.prompt, system_prompt)) for r in chunk]
-        ids, mask = _left_pad(seqs, tokenizer.pad_token_id)
+        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "left")
         gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)
         for g in gen[:, ids.shape[1]:].tolist():
