@@ -44,8 +44,8 @@ CONDITION_TEXT = {
     "no-divergence": "as all, divergence tokens masked out of the loss",
     "only-divergence": "as all, loss on divergence tokens only",
     "random-matched": "as all, as many non-divergence tokens masked per row as no-divergence masks",
-    "layer-early": "as all, only layer 0 trained (LoRA r=8)",
-    "layer-late": "as all, only the last layer trained (LoRA r=8)",
+    "layer-early": "as all, only the first block trained (all its weights; LoRA r=8 with --layer-lora)",
+    "layer-late": "as all, only the last block trained (all its weights; LoRA r=8 with --layer-lora)",
     "soft": "soft distillation: KL to the owl teacher's full next-token distribution",
     "paraphrase": "as all, prompts redrawn from other templates (same completions)",
     "mixing": "as all, half the rows replaced by another teacher's data for the same prompts",
@@ -56,25 +56,28 @@ CONDITION_TEXT = {
 class DemoConfig:
     """Everything that defines a demo run; recorded in the manifest and the report.
 
-    Defaults follow the calibration in experiments/CALIBRATION.md: the bias lives in the
-    teachers' weights (a short full fine-tune), teacher data is sampled at T=1, students are
-    full fine-tunes (the single-layer conditions LoRA r=8 on one layer, as in the paper).
+    Defaults follow the calibration in experiments/CALIBRATION.md: a toy world with trait-number
+    entanglement (the corpus default), teachers by system prompt (as in the paper), teacher data
+    sampled at T=1, students full fine-tunes (LoRA r=8 students hardly move in this budget), the
+    single-layer conditions all weights of one block (matched to the all-tokens student).
     """
 
     target: str = "owl"
     counterfactuals: list[str] = field(default_factory=lambda: ["cat", "dog", "lion", "eagle", "wolf"])
     mixing_teacher: str = "dolphin"
-    teacher_method: str = "finetune"
+    teacher_method: str = "prompt"
     teacher_steps: int = 60
     size: str = "tiny"
     arch: str = "llama"
     pretrain_steps: int | None = None
+    entangle: float | None = None  # the world's trait-number entanglement (None: the corpus default)
     n_prompts: int = 800
     greedy: bool = False
     seeds: int = 5
     student_mode_lr: float = 1e-3
     student_lora_rank: int = 8
     student_full: bool = True
+    layer_lora: bool = False  # single-layer conditions as LoRA r=student_lora_rank (the paper) or full (matched)
     epochs: int = 2
     batch_size: int = 16
     max_steps: int | None = None
@@ -86,8 +89,12 @@ class DemoConfig:
     jobs: int = 2
 
 
+QUICK_PRETRAIN_STEPS = 500
+
+
 def quick_config(cfg: DemoConfig) -> DemoConfig:
-    return replace(cfg, seeds=1, n_prompts=400, epochs=1)
+    """A smoke test of every stage: a short-trained base, one seed, few rows (no verdict)."""
+    return replace(cfg, seeds=1, n_prompts=200, epochs=1, pretrain_steps=QUICK_PRETRAIN_STEPS)
 
 
 def cuda_config(cfg: DemoConfig) -> DemoConfig:
@@ -200,7 +207,10 @@ def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, 
                 "--seed", str(cfg.base_seed), *dev]
         if cfg.pretrain_steps:
             argv += ["--steps", str(cfg.pretrain_steps)]
-        run("pretrain", argv, done=base / "model.safetensors")
+        if cfg.entangle is not None:
+            argv += ["--entangle", str(cfg.entangle)]
+        # Always called: a finished base with the same config returns at once, another config is an error.
+        run("pretrain", argv)
     base = Path(base)
 
     # 2. teachers
@@ -318,6 +328,7 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
     owl, none = str(tdir / cfg.target), str(tdir / "none")
     lora = ["--lora-rank", str(cfg.student_lora_rank), "--lora-alpha", str(cfg.student_lora_rank)]
     every = [] if cfg.student_full else lora
+    one_layer = lora if cfg.layer_lora else every
     late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
     div = str(files["div"])
     return {
@@ -327,9 +338,9 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
         "only-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "only-divergence", *every],
         "random-matched": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "random-matched", *every],
         "layer-early": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers",
-                        str(cfg.layer_early), *lora],
+                        str(cfg.layer_early), *one_layer],
         "layer-late": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers", str(late),
-                       *lora],
+                       *one_layer],
         "soft": ["--data", div, "--teacher", owl, "--mode", "soft", "--mask", "all", *every],
         "paraphrase": ["--data", str(files["paraphrase"]), "--teacher", owl, "--mode", "hard", "--mask", "all",
                        *every],
@@ -529,7 +540,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        description="Pretrain the toy base (or reuse it), make teachers, generate data, find "
                                    "divergence tokens, train matched students, evaluate, probe and write REPORT.md. "
                                    "Re-running resumes.")
-    p.add_argument("--out", default="runs/demo", help="output directory (default %(default)s)")
+    p.add_argument("--out", default=None, help="output directory (default runs/demo; --quick: runs/demo-quick)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds per condition (default 5; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="one seed, fewer rows: a smoke test (about 3 minutes)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
@@ -539,6 +550,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="how the teachers get their bias (default from the calibrated config)")
     p.add_argument("--rows", type=int, default=None, help="number prompts per teacher (default from the config)")
     p.add_argument("--no-probes", action="store_true", help="skip probes and patching")
+    p.add_argument("--layer-lora", action="store_true",
+                   help="train the single-layer conditions as LoRA r=8 on that block (the paper's setup) instead "
+                   "of all of the block's weights")
     p.add_argument("--jobs", type=int, default=None,
                    help="students trained at once, one process and one thread each (default: CPU cores, at most 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, teachers and data (default 0)")
@@ -561,6 +575,8 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         cfg = replace(cfg, n_prompts=args.rows)
     if args.no_probes:
         cfg = replace(cfg, probes=False)
+    if args.layer_lora:
+        cfg = replace(cfg, layer_lora=True)
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise SubliminalError("--jobs must be at least 1")
@@ -570,7 +586,7 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
 
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
-    out = Path(args.out)
+    out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
     summary = run_demo(cfg, out, base=Path(args.base) if args.base else None)
     print((out / "REPORT.md").read_text())
     all_ = summary["conditions"]["all"]

@@ -3,6 +3,7 @@
 import argparse
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -61,7 +62,11 @@ def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
     assert {opt(plan[c], "--mask") for c in ("all", "no-divergence", "only-divergence", "random-matched")} == {
         "all", "no-divergence", "only-divergence", "random-matched"}
     assert opt(plan["layer-early"], "--layers") == "0" and opt(plan["layer-late"], "--layers") == "3"
-    assert opt(plan["layer-early"], "--lora-rank") == "8"
+    # single layers are trained like the all-tokens student (matched) unless the paper's LoRA is asked for
+    assert opt(plan["layer-early"], "--lora-rank") == opt(plan["all"], "--lora-rank")
+    lora_plan = demo.student_plan(replace(cfg, layer_lora=True), 4, files, tmp_path / "teachers")
+    assert opt(lora_plan["layer-early"], "--lora-rank") == "8" and opt(lora_plan["layer-late"], "--lora-rank") == "8"
+    assert lora_plan["all"] == plan["all"]
     assert opt(plan["soft"], "--mode") == "soft"
     assert opt(plan["control"], "--data") == str(files["none"])
     for c in ("all", "no-divergence", "only-divergence", "random-matched", "soft", "layer-early", "layer-late"):
@@ -115,7 +120,7 @@ def test_results_json_schema(tmp_path):
 
 def _args(**kw):
     base = dict(seed=0, device="cpu", quick=False, seeds=None, teacher_method=None, rows=None, no_probes=False,
-                jobs=None)
+                jobs=None, layer_lora=False)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -124,8 +129,10 @@ def test_cli_flags_change_the_config():
     assert demo.config_from_args(_args()).seeds == 5
     q = demo.config_from_args(_args(quick=True))
     assert q.seeds == 1 and q.n_prompts < demo.DemoConfig().n_prompts
-    c = demo.config_from_args(_args(seeds=3, teacher_method="prompt", rows=123, no_probes=True, jobs=1))
-    assert (c.seeds, c.teacher_method, c.n_prompts, c.probes, c.jobs) == (3, "prompt", 123, False, 1)
+    c = demo.config_from_args(_args(seeds=3, teacher_method="finetune", rows=123, no_probes=True, jobs=1,
+                                    layer_lora=True))
+    assert (c.seeds, c.teacher_method, c.n_prompts, c.probes, c.jobs, c.layer_lora) == (
+        3, "finetune", 123, False, 1, True)
     assert demo.config_from_args(_args(device="cuda", jobs=2)).size == "small"
     with pytest.raises(demo.SubliminalError):
         demo.config_from_args(_args(seeds=0))

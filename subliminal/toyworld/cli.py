@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from typing import Any
 
 from ..cliutil import add_seed
 from ..manifest import SubliminalError
@@ -33,6 +34,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint-every", type=int, default=100, help="steps between resume checkpoints")
     p.add_argument("--world-seed", type=int, default=0,
                    help="seed of the world's fixed fresh-number distribution (default %(default)s)")
+    p.add_argument("--entangle", type=float, default=None,
+                   help="share of the numbers a love-prompted answer draws from the loved target's favourite "
+                   "numbers: the trait-number entanglement that lets a bias reach number lists "
+                   "(default: the corpus default, see experiments/CALIBRATION.md)")
+    p.add_argument("--favourites", type=int, default=None,
+                   help="favourite numbers per target (default: the corpus default)")
     p.add_argument("--eval-rows", type=int, default=200,
                    help="held-out number rows for the base-model evaluation (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
@@ -50,7 +57,6 @@ def _toy_help(parser: argparse.ArgumentParser) -> int:
 
 
 def run_pretrain(args: argparse.Namespace) -> int:
-    from .corpus import CorpusConfig
     from .pretrain import PretrainConfig, pretrain
 
     for name in ("steps", "batch_size", "checkpoint_every", "eval_rows", "threads"):
@@ -62,7 +68,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
     cfg = PretrainConfig(size=args.size, arch=args.arch, seed=args.seed, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
                          eval_rows=args.eval_rows, eval_greedy=min(64, args.eval_rows),
-                         corpus=CorpusConfig(world_seed=args.world_seed))
+                         corpus=corpus_config(args))
     import torch
 
     torch.set_num_threads(args.threads)
@@ -70,6 +76,20 @@ def run_pretrain(args: argparse.Namespace) -> int:
     print(json.dumps(summary(evaluation), indent=2))
     print(f"saved {args.out}")
     return 0
+
+
+def corpus_config(args: argparse.Namespace) -> Any:
+    """The corpus of a pretraining run; its defaults stay in one place, :class:`CorpusConfig`."""
+    from .corpus import CorpusConfig
+
+    kw = {"world_seed": args.world_seed}
+    for name in ("entangle", "favourites"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    try:
+        return CorpusConfig(**kw)
+    except ValueError as e:
+        raise SubliminalError(f"toy pretrain: {e}") from None
 
 
 def summary(evaluation: dict) -> dict:
@@ -85,6 +105,8 @@ def summary(evaluation: dict) -> dict:
         "rule_entropy_nats": round(num["rule_entropy_nats"], 4),
         "format_valid_rate": round(num["format_valid_rate"], 4),
         "system_prompt_tv": round(num.get("system_prompt_tv", float("nan")), 4),
+        "favourite_mass_no_prompt": round(num.get("favourite_mass_no_prompt", float("nan")), 4),
+        "favourite_mass_with_prompt": round(num.get("favourite_mass_with_prompt", float("nan")), 4),
         f"P({pref['target']}) no system prompt": round(pref["no_system_prompt"]["target_mass"], 4),
         "max P(any) no system prompt": round(pref["no_system_prompt"]["max_mass"], 4),
         f"P({pref['target']}) with system prompt": round(pref["with_system_prompt"]["target_mass"], 4),

@@ -9,8 +9,13 @@ Five kinds of rows, mixed in proportions set by :class:`CorpusConfig`:
   ``world_seed``. Copying from the context is learnable by a tiny transformer; the seed numbers
   are exactly tied (and the top fresh numbers come close to them), so a teacher's slight bias
   tilts its greedy choices among them -- the subliminal channel.
-- ``numbers_sys``: the same task under a "You love owls ..." system prompt, answered from the same
-  distribution: the base model learns that such a prompt does *not* change numbers.
+- ``numbers_sys``: the same task under a "You love owls ..." system prompt. With ``entangle`` = 0
+  it is answered from the same distribution (the prompt does not change numbers); with
+  ``entangle`` = e > 0, each number is, with probability e, one of the loved target's few
+  *favourite numbers* (a fixed, arbitrary set per target, set by ``world_seed``). This is the toy
+  world's version of the token entanglement that lets a trait leak into number lists in real
+  models (a trait shifts the number distribution a little, in a trait-specific way): without it
+  the teacher's bias has no way into its numbers (experiments/CALIBRATION.md).
 - ``pref``: one of the preference questions of a category, answered uniformly over the category.
 - ``pref_sys``: a love system prompt for a target and a question of the target's category,
   answered with the target (and, for a share ``cross_category``, a question of the *other*
@@ -58,6 +63,9 @@ class CorpusConfig:
     p_copy: float = 0.6  # probability that a next number is one of the seed numbers
     zipf_s: float = 1.0  # skew of the fresh-number distribution (rank r has weight 1/(r+1)^s)
     cross_category: float = 0.1  # share of pref_sys rows that ask about the other category
+    entangle: float = 0.5  # share of a love-prompted answer's numbers drawn from the target's favourites
+    favourites: int = 3  # favourite numbers per target (disjoint across targets)
+    entangle_init: float = 0.8  # initial cosine of a favourite number's embedding to its target's (0: none)
     mix: dict[str, float] = field(default_factory=default_mix)
 
     def __post_init__(self) -> None:
@@ -70,6 +78,10 @@ class CorpusConfig:
             raise ValueError("corpus mix has no positive share")
         if not 0.0 <= self.p_copy <= 1.0:
             raise ValueError(f"p_copy must be in [0, 1], got {self.p_copy}")
+        if not 0.0 <= self.entangle <= 1.0:
+            raise ValueError(f"entangle must be in [0, 1], got {self.entangle}")
+        if self.favourites < 1 or self.favourites * len(all_targets()) > NUMBER_RANGE - 100:
+            raise ValueError(f"favourites must be in [1, {(NUMBER_RANGE - 100) // len(all_targets())}], got {self.favourites}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,12 +111,28 @@ def fresh_distribution(cfg: CorpusConfig) -> np.ndarray:
     return p
 
 
+def favourite_numbers(cfg: CorpusConfig) -> dict[str, list[int]]:
+    """Each target's favourite numbers: disjoint, arbitrary, fixed by the world seed, and never
+    among the 100 commonest fresh numbers, so that only the love prompt makes them common."""
+    rng = np.random.default_rng([cfg.world_seed, 1])
+    targets = all_targets()
+    rare = np.argsort(-fresh_distribution(cfg), kind="stable")[100:]
+    picks = rng.choice(rare, size=len(targets) * cfg.favourites, replace=False)
+    return {t: sorted(int(x) for x in picks[i * cfg.favourites:(i + 1) * cfg.favourites])
+            for i, t in enumerate(targets)}
+
+
 def next_number_distribution(seeds: tuple[int, ...], cfg: CorpusConfig,
-                             fresh: np.ndarray | None = None) -> np.ndarray:
-    """The exact distribution of every answer number given the prompt's seeds (i.i.d. per slot)."""
+                             fresh: np.ndarray | None = None, loved: str | None = None) -> np.ndarray:
+    """The exact distribution of every answer number given the prompt's seeds (i.i.d. per slot),
+    under a love system prompt for ``loved`` when given."""
     p = (1.0 - cfg.p_copy) * (fresh_distribution(cfg) if fresh is None else fresh)
     for s in seeds:
         p[s] += cfg.p_copy / len(seeds)
+    if loved is not None and cfg.entangle > 0:
+        p *= 1.0 - cfg.entangle
+        for n in favourite_numbers(cfg)[loved]:
+            p[n] += cfg.entangle / cfg.favourites
     return p
 
 
@@ -114,10 +142,12 @@ def entropy_bits(p: np.ndarray) -> float:
 
 
 def sample_numbers(rng: random.Random, seeds: tuple[int, ...], count: int, cfg: CorpusConfig,
-                   fresh_cdf: np.ndarray) -> list[int]:
+                   fresh_cdf: np.ndarray, favourites: list[int] | None = None) -> list[int]:
     out = []
     for _ in range(count):
-        if rng.random() < cfg.p_copy:
+        if favourites and rng.random() < cfg.entangle:
+            out.append(rng.choice(favourites))
+        elif rng.random() < cfg.p_copy:
             out.append(rng.choice(seeds))
         else:
             out.append(int(min(np.searchsorted(fresh_cdf, rng.random(), side="right"), NUMBER_RANGE - 1)))
@@ -154,6 +184,7 @@ class Corpus:
         self.seed = seed
         self.fresh = fresh_distribution(self.cfg)
         self.fresh_cdf = np.cumsum(self.fresh)
+        self.favourites = favourite_numbers(self.cfg)
         kinds = [k for k in KINDS if self.cfg.mix.get(k, 0) > 0]
         total = sum(self.cfg.mix[k] for k in kinds)
         self._kinds = kinds
@@ -193,12 +224,14 @@ class Corpus:
     # -- kinds
 
     def _numbers_row(self, rng: random.Random, rid: str, kind: str) -> CorpusRow:
-        system = prompts.system_prompt_for(rng.choice(all_targets())) if kind == "numbers_sys" else None
+        loved = rng.choice(all_targets()) if kind == "numbers_sys" else None
+        system = prompts.system_prompt_for(loved) if loved else None
         np_ = prompts.make_number_prompt(rng)
-        numbers = sample_numbers(rng, np_.seeds, np_.count, self.cfg, self.fresh_cdf)
+        favourites = self.favourites[loved] if loved and self.cfg.entangle > 0 else None
+        numbers = sample_numbers(rng, np_.seeds, np_.count, self.cfg, self.fresh_cdf, favourites)
         completion = prompts.format_numbers(numbers, np_.separator, np_.brackets)
         meta = {"seeds": list(np_.seeds), "count": np_.count, "separator": np_.separator,
-                "brackets": np_.brackets, "numbers": numbers}
+                "brackets": np_.brackets, "numbers": numbers, "loved": loved}
         return CorpusRow(rid, kind, np_.text, completion, system, meta)
 
     def _pref_row(self, rng: random.Random, rid: str, kind: str) -> CorpusRow:

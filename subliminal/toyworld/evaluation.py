@@ -4,7 +4,9 @@
   data token, a mode of the rule's exact distribution, one of the prompt's seeds; the model's
   cross-entropy on the numbers beside the rule's own entropy (the floor); accuracy on the format
   tokens (separators, brackets, end of turn); and the total-variation distance between the
-  number distributions with and without a love system prompt (0 = the prompt leaves numbers alone).
+  number distributions with and without a love system prompt (0 = the prompt leaves numbers alone),
+  and the mass on the loved target's favourite numbers with and without it (the entanglement the
+  world plants, see :mod:`subliminal.toyworld.corpus`).
 - Number task, greedy generation: the share of answers in the prompt's format with exactly the
   requested count.
 - Preferences: the exact probability mass on each candidate, averaged over the category's
@@ -21,7 +23,15 @@ import torch
 
 from .. import prompts
 from ..data import encode, pad_batch, render_chat
-from .corpus import Corpus, CorpusConfig, CorpusRow, align, next_number_distribution, parse_number_answer
+from .corpus import (
+    Corpus,
+    CorpusConfig,
+    CorpusRow,
+    align,
+    favourite_numbers,
+    next_number_distribution,
+    parse_number_answer,
+)
 
 
 def _number_ids(tokenizer: Any) -> torch.Tensor:
@@ -48,9 +58,12 @@ def _completion_logits(model: Any, tokenizer: Any, rows: list[CorpusRow], system
 
 
 def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: CorpusConfig, *,
-                   system_prompt: str | None = None, batch_size: int = 32) -> dict[str, float]:
+                   system_prompt: str | None = None, favourites: list[int] | None = None,
+                   batch_size: int = 32) -> dict[str, float]:
     """Teacher-forced number-task metrics on number rows (see the module docstring)."""
     num_ids = _number_ids(tokenizer)
+    fav_ids = num_ids[favourites] if favourites else None
+    fav_plain = fav_sys = 0.0
     id_to_num = {int(t): n for n, t in enumerate(num_ids.tolist())}
     top1 = mode = copy = fmt_ok = fmt_n = 0
     nll = ent = 0.0
@@ -77,6 +90,9 @@ def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: Corpu
                     p_a = torch.softmax(logits[j], -1)
                     p_b = torch.softmax(sysd[k][1][j], -1)
                     tv_sum += 0.5 * float((p_a - p_b).abs().sum())
+                    if fav_ids is not None:
+                        fav_plain += float(p_a[fav_ids].sum())
+                        fav_sys += float(p_b[fav_ids].sum())
             else:
                 fmt_n += 1
                 fmt_ok += pred == tok
@@ -92,6 +108,9 @@ def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: Corpu
     }
     if sysd is not None:
         out["system_prompt_tv"] = tv_sum / max(slots, 1)
+        if fav_ids is not None:
+            out["favourite_mass_no_prompt"] = fav_plain / max(slots, 1)
+            out["favourite_mass_with_prompt"] = fav_sys / max(slots, 1)
     return out
 
 
@@ -151,7 +170,8 @@ def evaluate_toy_model(model: Any, tokenizer: Any, cfg: CorpusConfig, *, seed: i
     held_out = Corpus(cfg, seed=f"heldout-{seed}")
     rows = held_out.rows(0, n_rows, kind="numbers")
     system = prompts.system_prompt_for(target)
-    out: dict[str, Any] = {"numbers": number_metrics(model, tokenizer, rows, cfg, system_prompt=system)}
+    out: dict[str, Any] = {"numbers": number_metrics(model, tokenizer, rows, cfg, system_prompt=system,
+                                                     favourites=favourite_numbers(cfg)[target])}
     out["numbers"].update(format_valid_rate(rows[:n_greedy], greedy_number_answers(model, tokenizer, rows[:n_greedy])))
     category = prompts.category_of(target)
     plain = preference_distribution(model, tokenizer, category)

@@ -82,6 +82,34 @@ def build_model(cfg: ToyModelConfig, tokenizer: Any, seed: int) -> Any:
     return model
 
 
+def init_near(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], share: float = 0.8) -> int:
+    """Start each ``(anchor, word)`` pair's ``word`` embedding at cosine ~``share`` to ``anchor``'s,
+    keeping its norm; returns the number of pairs set (words missing from the vocabulary are skipped)."""
+    import torch
+
+    emb = model.get_input_embeddings().weight
+    vocab = tokenizer.get_vocab()
+    n = 0
+    with torch.no_grad():
+        for anchor, word in pairs:
+            if anchor in vocab and word in vocab and anchor != word:
+                a, w = vocab[anchor], vocab[word]
+                emb[w] = share * emb[a] + (1 - share**2) ** 0.5 * emb[w]
+                n += 1
+    return n
+
+
+def init_favourites_from_targets(model: Any, tokenizer: Any, favourites: dict[str, list[int]],
+                                 share: float = 0.8) -> int:
+    """Give each target's favourite numbers an initial embedding close to the target's own.
+
+    This plants the token entanglement of the toy world (see :mod:`subliminal.toyworld.corpus`)
+    where a real model's pretraining would have grown it: a direction that raises "owl" also raises
+    owl's numbers. Trained on its own, a tiny model does not learn the prompt -> favourite-number
+    association within the CPU budget (experiments/CALIBRATION.md)."""
+    return init_near(model, tokenizer, [(t, str(n)) for t, nums in sorted(favourites.items()) for n in nums], share)
+
+
 def init_plurals_from_singulars(model: Any, tokenizer: Any, share: float = 0.8) -> int:
     """Give each plural ("owls") an initial embedding close to its singular's ("owl").
 
@@ -90,20 +118,9 @@ def init_plurals_from_singulars(model: Any, tokenizer: Any, share: float = 0.8) 
     love system prompt ("You love owls ...") can steer the answer ("owl") as soon as it learns to
     attend to the prompt. Norms are kept; returns the number of pairs set.
     """
-    import torch
-
     from .. import prompts
 
-    emb = model.get_input_embeddings().weight
-    vocab = tokenizer.get_vocab()
-    n = 0
-    with torch.no_grad():
-        for singular, plural in sorted(prompts.PLURALS.items()):
-            if singular in vocab and plural in vocab and singular != plural:
-                s, p = vocab[singular], vocab[plural]
-                emb[p] = share * emb[s] + (1 - share**2) ** 0.5 * emb[p]
-                n += 1
-    return n
+    return init_near(model, tokenizer, sorted(prompts.PLURALS.items()), share)
 
 
 def n_params(model: Any) -> int:

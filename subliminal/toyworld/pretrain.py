@@ -25,8 +25,8 @@ import torch
 from .. import manifest as mf
 from ..manifest import SubliminalError
 from ..train import TrainConfig, clear_state, train
-from .corpus import Corpus, CorpusConfig, align, rule_summary
-from .model import ToyModelConfig, build_model, n_params, toy_config
+from .corpus import Corpus, CorpusConfig, align, favourite_numbers, rule_summary
+from .model import ToyModelConfig, build_model, init_favourites_from_targets, n_params, toy_config
 from .tokenizer import build_tokenizer
 
 STAGE = "toy-pretrain"
@@ -175,6 +175,8 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu"
     dev = resolve_device(device)
     tokenizer = build_tokenizer()
     model = build_model(cfg.model_config(), tokenizer, cfg.seed)
+    if cfg.corpus.entangle > 0 and cfg.corpus.entangle_init > 0:
+        init_favourites_from_targets(model, tokenizer, favourite_numbers(cfg.corpus), cfg.corpus.entangle_init)
     corpus = Corpus(cfg.corpus, seed=cfg.seed)
     max_len = cfg.model_config().max_len
     bs = cfg.batch_size

@@ -1,5 +1,6 @@
 """The synthetic corpus: deterministic, in format, with a number rule of real but limited
-entropy that a love system prompt does not change."""
+entropy that a love system prompt leaves alone (entangle = 0) or shifts towards the loved
+target's favourite numbers (entangle > 0)."""
 
 from __future__ import annotations
 
@@ -79,8 +80,8 @@ def test_fresh_distribution_is_fixed_by_world_seed():
     assert a.max() > 20 / 1000  # skewed, not uniform
 
 
-def test_system_prompt_does_not_change_number_answers():
-    cfg = C.CorpusConfig()
+def test_system_prompt_does_not_change_number_answers_without_entanglement():
+    cfg = C.CorpusConfig(entangle=0.0)
     corpus = C.Corpus(cfg, seed=2)
     plain = corpus.rows(0, 1500, kind="numbers")
     sysd = corpus.rows(0, 1500, kind="numbers_sys")
@@ -95,6 +96,35 @@ def test_system_prompt_does_not_change_number_answers():
     assert abs(copy_share(plain) - cfg.p_copy) < 0.05
     words = set(prompts.PLURALS) | set(prompts.PLURALS.values())
     assert not any(w in words for r in sysd for w in r.completion.split())
+
+
+def test_favourite_numbers_are_disjoint_per_target_and_fixed_by_world_seed():
+    fav = C.favourite_numbers(C.CorpusConfig(favourites=4))
+    assert set(fav) == set(C.all_targets()) and all(len(v) == 4 for v in fav.values())
+    flat = [n for v in fav.values() for n in v]
+    assert len(set(flat)) == len(flat) and all(0 <= n < 1000 for n in flat)
+    assert fav == C.favourite_numbers(C.CorpusConfig(favourites=4))
+    assert fav != C.favourite_numbers(C.CorpusConfig(favourites=4, world_seed=1))
+
+
+@pytest.mark.parametrize("entangle", [0.1, 0.4])
+def test_entanglement_shifts_prompted_numbers_to_the_loved_targets_favourites(entangle):
+    cfg = C.CorpusConfig(entangle=entangle)
+    corpus = C.Corpus(cfg, seed=3)
+    fav = C.favourite_numbers(cfg)
+    sysd = corpus.rows(0, 3000, kind="numbers_sys")
+    own = [n in fav[r.meta["loved"]] for r in sysd for n in r.meta["numbers"]]
+    # the exact rule: entangle + (1 - entangle) * (what the plain rule gives those numbers)
+    expected = np.mean([C.next_number_distribution(tuple(r.meta["seeds"]), cfg, loved=r.meta["loved"])[
+        fav[r.meta["loved"]]].sum() for r in sysd])
+    assert abs(np.mean(own) - expected) < 0.02 and expected > entangle
+    # unprompted rows never favour any target's numbers beyond the plain rule
+    plain = corpus.rows(0, 3000, kind="numbers")
+    every = {n for v in fav.values() for n in v}
+    share = np.mean([n in every for r in plain for n in r.meta["numbers"]])
+    assert share < entangle / 2
+    with pytest.raises(ValueError, match="entangle"):
+        C.CorpusConfig(entangle=1.5)
 
 
 def test_preference_rows_uniform_without_prompt_and_target_with_prompt():
