@@ -75,9 +75,10 @@ def add_cli(sub: Any) -> None:
     add_model_runtime(q)
     q.set_defaults(func=run_patch)
 
-    r = sub.add_parser("plot", help="figures: probe, patch, heatmap, ablation, transfer (PNG + data)")
+    r = sub.add_parser("plot", help="figures: probe, patch, heatmap, ablation, transfer, conditions (PNG + data)")
     r.add_argument("kind", choices=plots.KINDS)
-    r.add_argument("input", help="probe.json / patching.json / *.div.jsonl / layer_ablation.json / transfer.json")
+    r.add_argument("input", help="probe.json / patching.json / *.div.jsonl / layer_ablation.json / transfer.json / "
+                   "results.json (demo)")
     r.add_argument("--out", required=True, help="PNG path (the data goes beside it)")
     r.add_argument("--rows", type=int, default=12, help="heatmap: rows to draw (default %(default)s)")
     r.add_argument("--score", default="kl", help="heatmap: score that shades the tokens (default %(default)s)")
@@ -323,7 +324,7 @@ def run_patch(args: argparse.Namespace) -> int:
 
 def run_plot(args: argparse.Namespace) -> int:
     fn = {"probe": plots.plot_probe, "patch": plots.plot_patch, "ablation": plots.plot_ablation,
-          "transfer": plots.plot_transfer}
+          "transfer": plots.plot_transfer, "conditions": plots.plot_conditions}
     if args.kind == "heatmap":
         out = plots.plot_heatmap(args.input, args.out, rows=args.rows, score=args.score, ids=args.ids)
     else:

@@ -3,7 +3,7 @@
 Inputs are the JSON files the stages write, so a figure can be redrawn without re-running
 anything: ``probe.json`` (``subliminal probe``), ``patching.json`` (``subliminal patch``), a
 divergence JSONL (``subliminal find-divergence``), ``layer_ablation.json``
-(``experiments/layer_ablation.py``) and transfer records (``[{series, step, value, lo, hi}]``,
+(``experiments/layer_ablation.py``), ``results.json`` (``subliminal demo``) and transfer records (``[{series, step, value, lo, hi}]``,
 e.g. ``transfer.json`` from ``subliminal probe --task direction``).
 """
 
@@ -25,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from subliminal.data import DataError, iter_jsonl  # noqa: E402
 from subliminal.manifest import SubliminalError, atomic_path, write_json_atomic  # noqa: E402
 
-KINDS = ("probe", "patch", "heatmap", "ablation", "transfer")
+KINDS = ("probe", "patch", "heatmap", "ablation", "transfer", "conditions")
 
 
 def _save(fig: Any, out_png: str | os.PathLike) -> Path:
@@ -263,6 +263,33 @@ def plot_ablation(result: dict[str, Any] | str | os.PathLike, out_png: str | os.
     _write_csv(out.with_suffix(".csv"), [
         {"layers": e["layers"], "mode": e["mode"], "transfer": e["transfer"], "lo": e["ci"][0], "hi": e["ci"][1],
          "n_seeds": len(e.get("per_seed", []))} for e in entries])
+    return out
+
+
+def plot_conditions(results: dict[str, Any] | str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Each student condition's paired difference to the control with its 95% CI (``results.json``
+    of ``subliminal demo``): the one picture of which conditions keep the transfer."""
+    res = _read_json(results) if not isinstance(results, dict) else results
+    conds = res.get("conditions") or {}
+    rows = [(name, e) for name, e in conds.items() if "diff_to_control" in e]
+    if not rows:
+        raise SubliminalError("results hold no condition with a difference to the control")
+    fig, ax = plt.subplots(figsize=(6.4, 0.38 * len(rows) + 1.4))
+    ys = list(range(len(rows)))[::-1]
+    for y, (_name, e) in zip(ys, rows):
+        d, lo, hi = e["diff_to_control"], e.get("diff_ci_low"), e.get("diff_ci_high")
+        err = None if lo is None or lo != lo else [[d - lo], [hi - d]]
+        color = "C2" if lo is not None and lo == lo and lo > 0 else "C7"
+        ax.barh(y, d, xerr=err, capsize=3, color=color)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(ys, [name for name, _ in rows], fontsize=8)
+    ax.set_xlabel(f"P({res.get('target', 'target')}) minus control, paired by seed (95% CI)")
+    seeds = max(e.get("seeds", 0) for _, e in rows)
+    ax.set_title(f"student conditions vs control ({seeds} seed(s); green: interval above zero)", fontsize=9)
+    out = _save(fig, out_png)
+    _write_csv(out.with_suffix(".csv"), [
+        {"condition": name, "diff_to_control": e["diff_to_control"], "lo": e.get("diff_ci_low"),
+         "hi": e.get("diff_ci_high"), "mean": e.get("mean"), "seeds": e.get("seeds")} for name, e in rows])
     return out
 
 

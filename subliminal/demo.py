@@ -253,6 +253,10 @@ def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, 
 
     summary = _summarise(cfg, results)
     write_json_atomic(out / "results.json", summary)
+    if cfg.seeds > 1:
+        from subliminal.probes.plots import plot_conditions
+
+        plot_conditions(summary, out / "conditions.png")
     wall = time.time() - t_start
     report = render_report(cfg, summary, out, run.timings, wall)
     write_text_atomic(out / "REPORT.md", report)
@@ -476,16 +480,19 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
     else:
         lines.append("- Transfer does **not** reproduce at these settings: the all-tokens student's paired difference "
                      "to the control has a 95% interval that includes zero (or is below it).")
-    for name, claim in [("no-divergence", "masking divergence tokens removes most of the transfer"),
-                        ("only-divergence", "training only on divergence tokens keeps the transfer"),
-                        ("layer-early", "one early layer suffices"),
-                        ("paraphrase", "paraphrasing prompts suppresses transfer"),
-                        ("mixing", "mixing teachers suppresses transfer")]:
+    # The paper's claims, each read as: does this condition keep at least half of the transfer?
+    for name, claim, keeps_most in [("no-divergence", "masking divergence tokens removes most of the transfer", False),
+                                    ("only-divergence", "training only on divergence tokens keeps the transfer", True),
+                                    ("layer-early", "one early layer suffices", True),
+                                    ("paraphrase", "paraphrasing prompts suppresses transfer", False),
+                                    ("mixing", "mixing teachers suppresses transfer", False)]:
         e = c.get(name)
         if not e or "share_of_all_transfer" not in e:
             continue
-        lines.append(f"- {name}: keeps {e['share_of_all_transfer']:.0%} of the all-tokens transfer "
-                     f"(paper's claim: {claim}).")
+        share = e["share_of_all_transfer"]
+        holds = (share >= 0.5) == keeps_most
+        lines.append(f"- {name}: keeps {share:.0%} of the all-tokens transfer; the paper's claim ({claim}) "
+                     f"{'reproduces' if holds else '**does not reproduce**'} here.")
     return lines
 
 

@@ -96,6 +96,13 @@ def test_summary_pairs_by_seed_and_reports_share_only_for_real_transfer():
     assert c["all"]["ci_low"] < c["control"]["mean"]
     assert c["no-divergence"]["share_of_all_transfer"] == pytest.approx(0.03 / 0.156, rel=1e-6)
     assert c["all"]["share_of_all_transfer"] == pytest.approx(1.0)
+    verdict = "\n".join(demo._verdict(s))
+    # masking kept 19% (the paper's claim holds); paraphrase kept 0% (suppressed: holds); one early
+    # layer kept 0% (the claim that it suffices fails)
+    assert "no-divergence: keeps 19%" in verdict and "(masking divergence tokens removes most of the transfer) " \
+        "reproduces" in verdict
+    assert "(one early layer suffices) **does not reproduce**" in verdict
+    assert "(paraphrasing prompts suppresses transfer) reproduces" in verdict
 
     values["all"] = {s: v + (0.01 if s == 1 else -0.01) for s, v in control.items()}
     s = _summary(values)
@@ -108,6 +115,18 @@ def test_one_seed_gives_no_interval_and_says_so():
     s = _summary(values)
     assert math.isnan(s["conditions"]["all"]["ci_low"]) or s["conditions"]["all"]["ci_low"] is None
     assert "one seed only" in "\n".join(demo._verdict(s))
+
+
+def test_conditions_figure_is_written_with_its_data(tmp_path):
+    from subliminal.probes.plots import plot_conditions
+
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    values = {c: {s: v + 0.01 * i for s, v in control.items()} for i, c in enumerate(demo.CONDITIONS)}
+    out = plot_conditions(_summary(values), tmp_path / "conditions.png")
+    assert out.stat().st_size > 1000
+    lines = (tmp_path / "conditions.csv").read_text().splitlines()
+    assert len(lines) == len(demo.CONDITIONS)  # header + every condition but the control
+    assert lines[1].startswith("all,0.01")
 
 
 def test_results_json_schema(tmp_path):
@@ -146,3 +165,28 @@ def test_derived_files_carry_manifests(tmp_path):
     demo._mixing_file(files["owl"], files["none"], tmp_path / "matched" / "owl.mixing.jsonl", seed=0)
     listed = json.loads((tmp_path / "matched" / "manifest.json").read_text())["files"]
     assert {"owl.jsonl", "none.jsonl", "owl.paraphrase.jsonl", "owl.mixing.jsonl"} <= set(listed)
+
+
+def test_quick_demo_runs_every_stage_end_to_end(tmp_path):
+    """The CI smoke test of the README's main job: `subliminal demo --quick` from nothing (a
+    short-trained base, one seed) writes the report, results.json and manifests for every
+    condition; a second call finds everything done and resumes without retraining."""
+    from subliminal.cli import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    report = (out / "REPORT.md").read_text()
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["conditions"]) == set(demo.CONDITIONS)
+    for name in demo.CONDITIONS:
+        assert f"| {name} |" in report
+        entry = results["conditions"][name]
+        assert entry["seeds"] == 1 and 0 < entry["mean"] < 1
+        assert (out / "students" / f"{name}-s1" / "manifest.json").exists()
+    assert "one seed only" in report
+    assert (out / "manifest.json").exists() and (out / "base" / "manifest.json").exists()
+    assert (out / "probes" / "patching" / "patching.png").exists()
+    student = out / "students" / "all-s1" / "model.safetensors"
+    mtime = student.stat().st_mtime_ns
+    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert student.stat().st_mtime_ns == mtime
