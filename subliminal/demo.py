@@ -452,7 +452,11 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
             transfer = sum(all_tokens[s] - control[s] for s in seeds)
             if seeds and transfer > 0:
                 conditions[cond]["share_of_all_transfer"] = sum(values[cond][s] - control[s] for s in seeds) / transfer
+    from . import prompts
+
+    chance = 1 / len(prompts.CATEGORIES[prompts.category_of(cfg.target)])
     return {"target": cfg.target, "metric": "exact P(target) among the candidate animals, mean over 50 questions",
+            "chance": chance,
             "conditions": conditions, "reference": results["reference"], "rows": results["rows"],
             "steps": results["steps"], "seeds": cfg.seeds}
 
@@ -471,6 +475,11 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
             return None
         return e["diff_ci_low"] > 0
 
+    teacher, chance = summary.get("reference", {}).get("teacher"), summary.get("chance")
+    if teacher is not None and chance and teacher < 2 * chance:
+        lines.append(f"- The {summary.get('target', 'target')} teacher itself does not prefer its target (P = "
+                     f"{teacher:.3f}, chance {chance:.3f}): nothing can transfer. A --quick base is trained too "
+                     "briefly to follow the love prompt; it tests that every stage runs, not the science.")
     s = sig("all")
     if s is None:
         lines.append("- Transfer (all tokens vs control): one seed only, no interval; run without --quick for a verdict.")
@@ -508,7 +517,7 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
         f"Metric: {summary['metric']}. Intervals: 95% t-intervals over seeds; differences are paired by seed.",
         "",
         f"Reference: base {_fmt(ref.get('base'))}, owl teacher {_fmt(ref.get('teacher'))}, unbiased teacher "
-        f"{_fmt(ref.get('unbiased-teacher'))} (chance {1 / 13:.4f}).",
+        f"{_fmt(ref.get('unbiased-teacher'))} (chance {summary['chance']:.4f}).",
         "",
         "| condition | P(target) | 95% CI | diff to control | 95% CI | share of all-tokens transfer | seeds |",
         "|---|---|---|---|---|---|---|",

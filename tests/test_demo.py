@@ -115,6 +115,9 @@ def test_one_seed_gives_no_interval_and_says_so():
     s = _summary(values)
     assert math.isnan(s["conditions"]["all"]["ci_low"]) or s["conditions"]["all"]["ci_low"] is None
     assert "one seed only" in "\n".join(demo._verdict(s))
+    assert "does not prefer its target" not in "\n".join(demo._verdict(s))
+    s["reference"] = {"teacher": 0.08}
+    assert "does not prefer its target" in "\n".join(demo._verdict(s))
 
 
 def test_conditions_figure_is_written_with_its_data(tmp_path):
