@@ -205,6 +205,8 @@ def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, 
         base = out / "base"
         argv = ["toy", "pretrain", "--out", str(base), "--size", cfg.size, "--arch", cfg.arch,
                 "--seed", str(cfg.base_seed), *dev]
+        if cfg.device == "cpu":  # pretraining runs alone: use the cores the students will use (same weights)
+            argv += ["--threads", str(max(1, cfg.jobs))]
         if cfg.pretrain_steps:
             argv += ["--steps", str(cfg.pretrain_steps)]
         if cfg.entangle is not None:
