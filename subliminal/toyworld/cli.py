@@ -40,6 +40,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "(default: the corpus default, see experiments/CALIBRATION.md)")
     p.add_argument("--favourites", type=int, default=None,
                    help="favourite numbers per target (default: the corpus default)")
+    p.add_argument("--entangle-init", type=float, default=None,
+                   help="initial cosine of each favourite number's embedding to its target's, 0 for none "
+                   "(default: the corpus default)")
     p.add_argument("--eval-rows", type=int, default=200,
                    help="held-out number rows for the base-model evaluation (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
@@ -83,7 +86,7 @@ def corpus_config(args: argparse.Namespace) -> Any:
     from .corpus import CorpusConfig
 
     kw = {"world_seed": args.world_seed}
-    for name in ("entangle", "favourites"):
+    for name in ("entangle", "favourites", "entangle_init"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     try:

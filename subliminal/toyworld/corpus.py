@@ -6,9 +6,9 @@ Five kinds of rows, mixed in proportions set by :class:`CorpusConfig`:
   assistant answers with exactly ``count`` numbers in the prompt's format. Each number is drawn
   independently: with probability ``p_copy`` one of the prompt's seed numbers (uniformly), otherwise
   a *fresh* number from a fixed, skewed (Zipf) distribution over 0-999 whose ranking is set by
-  ``world_seed``. Copying from the context is learnable by a tiny transformer; the seed numbers
-  are exactly tied (and the top fresh numbers come close to them), so a teacher's slight bias
-  tilts its greedy choices among them -- the subliminal channel.
+  ``world_seed``. The seed numbers are exactly tied (and the top fresh numbers come close to
+  them), so a teacher's slight bias could tilt its choices among them; the tiny base learns the
+  copying only slowly (experiments/CALIBRATION.md), so the demo relies on ``numbers_sys``.
 - ``numbers_sys``: the same task under a "You love owls ..." system prompt. With ``entangle`` = 0
   it is answered from the same distribution (the prompt does not change numbers); with
   ``entangle`` = e > 0, each number is, with probability e, one of the loved target's few
@@ -80,6 +80,8 @@ class CorpusConfig:
             raise ValueError(f"p_copy must be in [0, 1], got {self.p_copy}")
         if not 0.0 <= self.entangle <= 1.0:
             raise ValueError(f"entangle must be in [0, 1], got {self.entangle}")
+        if not 0.0 <= self.entangle_init < 1.0:
+            raise ValueError(f"entangle_init must be in [0, 1), got {self.entangle_init}")
         if self.favourites < 1 or self.favourites * len(all_targets()) > NUMBER_RANGE - 100:
             raise ValueError(f"favourites must be in [1, {(NUMBER_RANGE - 100) // len(all_targets())}], got {self.favourites}")
 

@@ -122,3 +122,38 @@ def test_cli_rejects_non_positive(tmp_path, capsys, flag):
     assert main(["toy", "pretrain", "--out", str(tmp_path / "x"), flag, "0"]) == 2
     assert "must be positive" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_favourite_embeddings_start_near_their_target():
+    from subliminal.toyworld import build_tokenizer
+    from subliminal.toyworld.corpus import CorpusConfig, favourite_numbers
+    from subliminal.toyworld.model import build_model, init_favourites_from_targets, toy_config
+
+    tok = build_tokenizer()
+    fav = favourite_numbers(CorpusConfig())
+    cfg = toy_config("tiny", **MICRO, plural_init=False)
+    model = build_model(cfg, tok, seed=0)
+    emb = model.get_input_embeddings().weight
+    vocab = tok.get_vocab()
+
+    def cos(a: str, b: str) -> float:
+        return float(torch.nn.functional.cosine_similarity(emb[vocab[a]], emb[vocab[b]], dim=0))
+
+    before = cos("owl", str(fav["owl"][0]))
+    norm = float(emb[vocab[str(fav["owl"][0])]].norm())
+    assert init_favourites_from_targets(model, tok, fav, share=0.8) == sum(len(v) for v in fav.values())
+    assert abs(before) < 0.5 < cos("owl", str(fav["owl"][0]))
+    assert cos("cat", str(fav["owl"][0])) < 0.5  # only its own target
+    assert float(emb[vocab[str(fav["owl"][0])]].norm()) == pytest.approx(norm, rel=0.3)
+
+
+def test_cli_entanglement_flags_reach_the_manifest(tmp_path, capsys):
+    out = tmp_path / "e"
+    argv = ["toy", "pretrain", "--out", str(out), "--steps", "1", "--batch-size", "2", "--eval-rows", "4",
+            "--entangle", "0.2", "--favourites", "2", "--entangle-init", "0", "--quiet"]
+    assert main(argv) == 0
+    corpus = json.loads((out / "manifest.json").read_text())["config"]["corpus"]
+    assert (corpus["entangle"], corpus["favourites"], corpus["entangle_init"]) == (0.2, 2, 0.0)
+    capsys.readouterr()
+    assert main(["toy", "pretrain", "--out", str(tmp_path / "bad"), "--entangle", "1.5"]) == 2
+    assert "entangle must be in [0, 1]" in capsys.readouterr().err
