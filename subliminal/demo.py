@@ -564,6 +564,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda scales rows, seeds and model size up (default %(default)s)")
     p.add_argument("--base", default=None, help="reuse this pretrained toy base instead of pretraining one")
+    p.add_argument("--entangle", type=float, default=None,
+                   help="trait-number entanglement of the toy world the demo pretrains (default 0.5; 0 gives the "
+                   "world without it, where no bias reaches the numbers; see experiments/CALIBRATION.md)")
     p.add_argument("--teacher-method", choices=["prompt", "finetune"], default=None,
                    help="how the teachers get their bias (default from the calibrated config)")
     p.add_argument("--rows", type=int, default=None, help="number prompts per teacher (default from the config)")
@@ -595,6 +598,12 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         cfg = replace(cfg, probes=False)
     if args.layer_lora:
         cfg = replace(cfg, layer_lora=True)
+    if args.entangle is not None:
+        if args.base:
+            raise SubliminalError("--entangle sets up the base the demo pretrains; it has no effect with --base")
+        if not 0 <= args.entangle <= 1:
+            raise SubliminalError(f"--entangle must be in [0, 1], got {args.entangle}")
+        cfg = replace(cfg, entangle=args.entangle)
     jobs = args.jobs if args.jobs is not None else min(2, os.cpu_count() or 1)
     if jobs < 1:
         raise SubliminalError("--jobs must be at least 1")

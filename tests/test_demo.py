@@ -142,7 +142,7 @@ def test_results_json_schema(tmp_path):
 
 def _args(**kw):
     base = dict(seed=0, device="cpu", quick=False, seeds=None, teacher_method=None, rows=None, no_probes=False,
-                jobs=None, layer_lora=False)
+                jobs=None, layer_lora=False, entangle=None, base=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -156,6 +156,11 @@ def test_cli_flags_change_the_config():
     assert (c.seeds, c.teacher_method, c.n_prompts, c.probes, c.jobs, c.layer_lora) == (
         3, "finetune", 123, False, 1, True)
     assert demo.config_from_args(_args(device="cuda", jobs=2)).size == "small"
+    assert demo.config_from_args(_args(entangle=0.0)).entangle == 0.0
+    with pytest.raises(demo.SubliminalError, match="no effect with --base"):
+        demo.config_from_args(_args(entangle=0.0, base="runs/base"))
+    with pytest.raises(demo.SubliminalError, match="must be in"):
+        demo.config_from_args(_args(entangle=2.0))
     with pytest.raises(demo.SubliminalError):
         demo.config_from_args(_args(seeds=0))
 
