@@ -560,7 +560,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                    "Re-running resumes.")
     p.add_argument("--out", default=None, help="output directory (default runs/demo; --quick: runs/demo-quick)")
     p.add_argument("--seeds", type=int, default=None, help="student seeds per condition (default 5; --quick: 1)")
-    p.add_argument("--quick", action="store_true", help="one seed, fewer rows: a smoke test (about 3 minutes)")
+    p.add_argument("--quick", action="store_true", help="a 500-step base, one seed, 200 prompts: a smoke test of every stage, no verdict "
+                   "(about 2 minutes on 2 cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="cuda scales rows, seeds and model size up (default %(default)s)")
     p.add_argument("--base", default=None, help="reuse this pretrained toy base instead of pretraining one")
@@ -568,7 +569,8 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="trait-number entanglement of the toy world the demo pretrains (default 0.5; 0 gives the "
                    "world without it, where no bias reaches the numbers; see experiments/CALIBRATION.md)")
     p.add_argument("--teacher-method", choices=["prompt", "finetune"], default=None,
-                   help="how the teachers get their bias (default from the calibrated config)")
+                   help="how the teachers get their bias (default prompt: fine-tuned teachers do not reach the "
+                   "toy's number channel, experiments/CALIBRATION.md run 9)")
     p.add_argument("--rows", type=int, default=None, help="number prompts per teacher (default from the config)")
     p.add_argument("--no-probes", action="store_true", help="skip probes and patching")
     p.add_argument("--layer-lora", action="store_true",
