@@ -84,7 +84,7 @@ def build_model(cfg: ToyModelConfig, tokenizer: Any, seed: int) -> Any:
 
 def init_near(model: Any, tokenizer: Any, pairs: list[tuple[str, str]], share: float = 0.8) -> int:
     """Start each ``(anchor, word)`` pair's ``word`` embedding at cosine ~``share`` to ``anchor``'s,
-    keeping its norm; returns the number of pairs set (words missing from the vocabulary are skipped)."""
+    its expected norm unchanged for independent random embeddings; returns the number of pairs set (words missing from the vocabulary are skipped)."""
     import torch
 
     emb = model.get_input_embeddings().weight
@@ -116,7 +116,7 @@ def init_plurals_from_singulars(model: Any, tokenizer: Any, share: float = 0.8) 
     A word-level vocabulary hides that the two words are one word; subword tokenizers share their
     pieces. Starting them at cosine ~``share`` gives the tiny model that relation for free, so a
     love system prompt ("You love owls ...") can steer the answer ("owl") as soon as it learns to
-    attend to the prompt. Norms are kept; returns the number of pairs set.
+    attend to the prompt. Expected norms are unchanged; returns the number of pairs set.
     """
     from .. import prompts
 
