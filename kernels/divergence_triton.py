@@ -1,29 +1,47 @@
 """Streaming Triton kernel for the divergence statistics (definitions: `reference`).
 
 Layout: one program per block of ROWS positions (ROWS = 1 for large vocabularies). The
-program walks the vocabulary in blocks of BLOCK_V ids; each step loads the factual block once
-([ROWS, BLOCK_V], kept in registers) and then, teacher by teacher, the K counterfactual blocks,
-so the factual row is read once for all K. K is a compile-time constant (one compilation per
-K), so the teacher loop is unrolled and the vocabulary loop is innermost, where
-`tl.range(num_stages=...)` may software-pipeline its loads. Every statistic is an online (running) quantity:
-running max and rescaled sum of exponentials for each log-sum-exp, running argmax (strict >
-keeps the lowest id), running top-2 for the margin, a running count for the rank, and for KL
-the rescaled sum A = sum_v exp(lf_v - m_f) (lf_v - lc_v), since KL = A / S_f + lse_c - lse_f.
-Per-teacher state lives in [ROWS, K_PAD] registers. Nothing of size [N, V] is written: the
-extra memory is the O(N * K) outputs.
+program walks the vocabulary in tiles of LANES x VEC ids: lane l of a tile holds the VEC
+consecutive ids start + l * VEC + [0, VEC), one 16-byte load for bf16 rows that start
+16-byte aligned, and each thread owns whole lanes. Every running statistic is kept *per lane*
+([ROWS, LANES] registers) and reduced across lanes once, after the last tile. Why: the
+statistics are cheap per logit (the target is the memory-bandwidth floor), and reducing every
+tile across the program costs shuffles and barriers per tile. On sm_90 the earlier
+block-reduction version compiled to 579 SASS instructions (18 barriers, 48 shuffles) per
+2,048 ids of one teacher pair; this one to 193, with no shuffle (`benchmarks/kernel_sass.py`).
+
+Each tile loads the factual block once and then, teacher by teacher, the K counterfactual
+blocks (the factual row is read once for all K). K is a compile-time constant: the teacher
+loop is unrolled, per-teacher state is a tuple of tensors, and the vocabulary loop is the
+innermost runtime loop, where `tl.range(num_stages=...)` may software-pipeline its loads.
+Only the last, partial tile is masked. Per logit the kernel does what the statistics need and
+little else:
+- log-sum-exps: running max and rescaled sum of 2^(x log2 e - max log2 e) per lane;
+- argmax: per lane only the tile where its max first appeared (strict >, so earlier tiles
+  keep ties); after the loop the lowest such block among the lanes reaching the row max is
+  re-read (VEC values) to find the lowest id;
+- margin: the runner-up is the largest of the other lanes' maxima and of the argmax lane's
+  own values across all tiles, re-read after the loop (~0.5% of a 150k-id row);
+- KL: A = sum_v exp(lf_v - m_f) (lf_v - lc_v), KL = A / S_f + lse_c - lse_f; a support
+  violation (lf finite, lc = -inf: KL = +inf) makes a term +inf or NaN, so A stays
+  non-finite, which is tested once per row instead of once per logit;
+- rank: a count of ids at or above a per-lane threshold, the token's logit for lanes wholly
+  below the token id and the next float above it otherwise (ties go to lower ids without a
+  second comparison); the one lane holding the token re-reads its ids below the token for
+  exact ties.
+Nothing of size [N, V] is written: the extra memory is the O(N * K) outputs.
 
 Jensen-Shannon needs both normalised log-probs inside its sum, so it takes a second pass over
 the row once both log-sum-exps are known; the re-read rows may still be in L2. KL always
 comes from the one-pass identity (same value with and without JS).
 
-Cost per logit was kept low on purpose (the target is the memory-bandwidth floor): per block
-and teacher a handful of row reductions (max, lowest-id argmax, sum of exponentials, KL sum,
-and one packed integer sum for rank + support violations).
-
-Bad rows (NaN, +inf, all -inf) are not tested element by element (that would cost several
-operations per logit): NaN or +inf make the row's sum of exponentials NaN (or its max +inf),
-all -inf leaves its max at -inf, and the kernel flags those rows. The wrapper then inspects
-the first flagged row in torch and raises the same message as the torch reference.
+Bad rows (NaN, +inf, all -inf) are not tested element by element: NaN or +inf make the row's
+sum of exponentials NaN (or its max +inf), all -inf leaves its max at -inf, and the kernel
+flags those rows. The wrapper then inspects the first flagged row in torch and raises the same
+message as the torch reference. Outside the kernel's exact domain (not met by real logits): a
+finite difference lf - lc beyond the float32 range (logits near 1e38) counts as a violation,
+and when the data token's logit is exactly zero, positive subnormal logits at higher ids
+count as ties (not above it).
 """
 
 from __future__ import annotations
@@ -33,127 +51,185 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
+from ._block_steps import _bad
 from ._checks import Shapes, check_logit_inputs, finish, raise_if_flagged
 
-
-@triton.jit
-def _load_block(ptrs, mask):
-    """fp32 logits, -inf where masked. The select after a zero-filled load (rather than
-    other=-inf) took ptxas from 79 to 61 registers for the K = 1 kernel on sm_90."""
-    return tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), float("-inf"))
-
-
-@triton.jit
-def _col(state, sel):
-    """Column k of a [R, K_PAD] state (sel = one-hot [1, K_PAD] mask of k)."""
-    return tl.sum(tl.where(sel, state, tl.zeros_like(state)), axis=1)
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+HALF_LN2 = tl.constexpr(0.34657359027997264)
+# Finite stand-in for -inf where a log-probability meets a zero weight (0 * -inf would be NaN).
+CLAMP = tl.constexpr(1e30)
+SMALLEST_NORMAL_BITS = tl.constexpr(0x00800000)
+INT_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit
-def _put(state, sel, value):
-    return tl.where(sel, value[:, None], state)
+def _load_tile(ptrs, ids, V, MASKED: tl.constexpr):
+    """fp32 logits of a tile; MASKED (the last, partial tile): -inf past the vocabulary (a select
+    after a zero-filled load: fewer registers on sm_90 than other=-inf)."""
+    if MASKED:
+        x = tl.where(ids < V, tl.load(ptrs, mask=ids < V, other=0.0).to(tl.float32), float("-inf"))
+    else:
+        x = tl.load(ptrs).to(tl.float32)
+    return x
 
 
 @triton.jit
-def _factual_step(lf, ids, m_f, s_f, top2, am_f):
-    """Fold one factual block lf [R, BV] (-inf outside the valid ids/rows) into the running state.
-
-    m_f is the running max (= top-1); returns the new state plus alpha (rescale factor of sums
-    taken relative to the old max) and e_f = exp(lf - new max) for the counterfactual steps.
-    NaN / +inf are not tested per element: they turn s_f into NaN (or m_f into +inf), which
-    the end of the kernel flags.
-    """
-    b1 = tl.max(lf, axis=1)
-    i1 = tl.min(tl.where(lf == b1[:, None], ids[None, :], 2147483647), axis=1)
-    b2 = tl.max(tl.where(ids[None, :] == i1[:, None], float("-inf"), lf), axis=1)
-    am_f = tl.where(b1 > m_f, i1, am_f)  # strict: an earlier block keeps ties
-    top2 = tl.maximum(tl.minimum(m_f, b1), tl.maximum(top2, b2))
-    m_new = tl.maximum(m_f, b1)
-    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.where(m_new == float("-inf"), 1.0, tl.exp(m_f - m_use))
-    e_f = tl.exp(lf - m_use[:, None])  # 0 where lf is -inf (masked ids and padding)
-    s_f = s_f * alpha + tl.sum(e_f, axis=1)
-    return m_new, s_f, top2, am_f, alpha, e_f
+def _set(t, k: tl.constexpr, value):
+    """Tuple t with element k replaced (per-teacher state; k is a compile-time index)."""
+    return t[:k] + (value,) + t[k + 1:]
 
 
 @triton.jit
-def _counterfactual_step(lc, lf, e_f, alpha, ids, tok, lc_tok, m_c, s_c, am_c, akl, viol, rank,
-                         SKIP_TOKEN: tl.constexpr):
-    """Fold one counterfactual block lc [R, BV] (teacher k; -inf outside the valid ids/rows) into
-    its running state ([R] each; ids, argmaxes, ranks and tok are int32).
-
-    akl accumulates sum exp(lf - m_f) (lf - lc) over ids where both are finite, rescaled with the
-    factual max like s_f; viol counts factual mass on a counterfactual -inf (KL = +inf). The rank
-    counts ids above the data token (ties: lower ids); SKIP_TOKEN never counts the token itself
-    (needed when lc_tok was computed apart from lc). Rank and violations share one integer
-    reduction (rank in the low 16 bits, violations above: BLOCK_V <= 16384 keeps the sum < 2**31).
-    """
-    cb1 = tl.max(lc, axis=1)
-    ci1 = tl.min(tl.where(lc == cb1[:, None], ids[None, :], 2147483647), axis=1)
-    am_c = tl.where(cb1 > m_c, ci1, am_c)
-    mc_new = tl.maximum(m_c, cb1)
-    mc_use = tl.where(mc_new == float("-inf"), 0.0, mc_new)
-    alpha_c = tl.where(mc_new == float("-inf"), 1.0, tl.exp(m_c - mc_use))
-    s_c = s_c * alpha_c + tl.sum(tl.exp(lc - mc_use[:, None]), axis=1)
-    has_f = lf > float("-inf")
-    has_c = lc > float("-inf")
-    akl = akl * alpha + tl.sum(tl.where(has_f & has_c, e_f * (lf - lc), 0.0), axis=1)
-    t = lc_tok[:, None]
-    above = tl.where(ids[None, :] < tok[:, None], lc >= t, lc > t)
-    if SKIP_TOKEN:
-        above = above & (ids[None, :] != tok[:, None])
-    packed = tl.sum(above.to(tl.int32) + ((has_f & (~has_c)).to(tl.int32) << 16), axis=1)
-    rank = rank + (packed & 65535)
-    viol = viol | (packed >> 16)
-    return mc_new, s_c, am_c, akl, viol, rank
+def _next_up(t):
+    """The smallest float above t (finite t or -inf; zero maps to the smallest normal so a
+    flush-to-zero comparison cannot count an exact zero): x >= next_up(t) is x > t."""
+    bits = t.to(tl.int32, bitcast=True)
+    up = tl.where(t > 0.0, bits + 1, tl.where(t < 0.0, bits - 1, SMALLEST_NORMAL_BITS))
+    return up.to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _js_step(lpf, lc, lse_c):
-    """Jensen-Shannon contribution ([R]) of one block, given normalised factual log-probs
-    lpf [R, BV] and raw counterfactual logits lc [R, BV] with their lse_c [R]. Where p > 0 the
-    mixture (p + q) / 2 > 0, so log m is finite wherever its term counts."""
-    lpc = lc - lse_c[:, None]
-    pf = tl.exp(lpf)
-    pc = tl.exp(lpc)
-    lm = tl.log(0.5 * (pf + pc))
-    tf = tl.where(pf > 0.0, pf * (lpf - lm), 0.0)
-    tc = tl.where(pc > 0.0, pc * (lpc - lm), 0.0)
-    return 0.5 * tl.sum(tf + tc, axis=1)
+def _rescale(m_old, m_new):
+    """Factor for a sum of 2^(x log2e - m_old log2e) to move to the new max, and the new base-2
+    shift. A lane that has seen only -inf keeps shift 0 and sum 0."""
+    m2 = tl.where(m_new == float("-inf"), 0.0, m_new * LOG2E)
+    return tl.math.exp2(m_old * LOG2E - m2), m2
 
 
 @triton.jit
-def _bad(m, s):
-    """1 where a row had NaN (s is NaN), +inf (m = +inf) or only -inf (m = -inf)."""
-    return tl.where((s != s) | (m == float("inf")) | (m == float("-inf")), 1, 0)
+def _factual_tile(lf, start, state):
+    """Fold a factual tile lf [R, L, VEC] (-inf outside valid ids) into the per-lane state: max
+    m, sum s and `best`, the tile where the lane's max first appeared (the id itself, and the
+    runner-up for the margin, are found after the loop: `_lane_first`, `_runner_up`). Also
+    returns the rescale factor alpha of sums taken relative to the old max and e = exp(lf - max)."""
+    m, s, best = state
+    b1 = tl.max(lf, axis=2)
+    best = tl.where(b1 > m, start, best)  # strict: an earlier tile keeps ties
+    m_new = tl.maximum(m, b1)
+    alpha, m2 = _rescale(m, m_new)
+    e = tl.math.exp2(lf * LOG2E - m2[:, :, None])
+    return (m_new, s * alpha + tl.sum(e, axis=2), best), alpha, e
 
 
 @triton.jit
-def _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f,
-                   m_c, s_c, am_c, akl, viol, rank, js,
-                   am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
-                   am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS: tl.constexpr):
-    """Finish the online statistics and write every output element of this row block.
+def _counterfactual_tile(lc, lf, e_f, alpha_f, start, thr, state):
+    """Fold teacher k's tile lc [R, L, VEC] into its per-lane state (max, sum, best tile, KL sum,
+    rank count). e_f/alpha_f come from `_factual_tile`; the rank counts ids at or above the
+    lane's threshold thr [R, L].
 
-    KL = A / S_f + lse_c - lse_f (see the module docstring), +inf on a support violation."""
-    lse_f = m_f + tl.log(s_f)
-    lse_c = m_c + tl.log(s_c)
-    kl = akl / s_f[:, None] + lse_c - lse_f[:, None]
-    kl = tl.where(viol != 0, float("inf"), kl)
-    tl.store(am_f_ptr + rows, am_f.to(tl.int64), mask=row_ok)
-    tl.store(lp_f_ptr + rows, lf_tok - lse_f, mask=row_ok)
-    tl.store(margin_ptr + rows, tl.where(top2 == float("-inf"), float("inf"), m_f - top2), mask=row_ok)
-    tl.store(status_f_ptr + rows, _bad(m_f, s_f), mask=row_ok)
-    out_c = ks.to(tl.int64)[None, :] * N + rows[:, None]
-    cmask = row_ok[:, None] & k_ok[None, :]
-    tl.store(am_c_ptr + out_c, am_c.to(tl.int64), mask=cmask)
-    tl.store(lp_c_ptr + out_c, lc_tok - lse_c, mask=cmask)
-    tl.store(kl_ptr + out_c, kl, mask=cmask)
-    tl.store(rank_ptr + out_c, rank.to(tl.int64), mask=cmask)
-    tl.store(status_c_ptr + out_c, _bad(m_c, s_c), mask=cmask)
-    if WITH_JS:
-        tl.store(js_ptr + out_c, js, mask=cmask)
+    KL terms e_f * (lf - lc): lf - lc is NaN where both are -inf and -inf where only lf is;
+    there e_f = 0 and the clamp (maximum ignores NaN) makes the term 0. It is +inf exactly where
+    lf is finite and lc is -inf, a support violation, and then the term is +inf or NaN: the
+    KL sum stays non-finite through every rescale, which is how the end of the kernel detects
+    violations without a test per logit."""
+    m, s, best, akl, rank = state
+    b1 = tl.max(lc, axis=2)
+    best = tl.where(b1 > m, start, best)
+    m_new = tl.maximum(m, b1)
+    alpha, m2 = _rescale(m, m_new)
+    s = s * alpha + tl.sum(tl.math.exp2(lc * LOG2E - m2[:, :, None]), axis=2)
+    akl = akl * alpha_f + tl.sum(e_f * tl.maximum(lf - lc, -CLAMP), axis=2)
+    rank += tl.sum((lc >= thr[:, :, None]).to(tl.int32), axis=2)
+    return m_new, s, best, akl, rank
+
+
+@triton.jit
+def _first_pass_tile(f_rows, c_rows, ck, start, offs, lane_end, V, tok, lc_tok, lc_up, fstate, cstate,
+                     K: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of the first pass: the factual block once, then each teacher's block. Only the
+    last, partial tile is masked (masking every tile cost a select per logit)."""
+    ids = start + offs
+    lf = _load_tile(f_rows + ids, ids, V, MASKED)
+    fstate, alpha_f, e_f = _factual_tile(lf, start, fstate)
+    below = start + lane_end <= tok  # [R, L]: the whole lane lies below the data token
+    for k in tl.static_range(K):
+        lc = _load_tile(c_rows + k * ck + ids, ids, V, MASKED)
+        thr = tl.where(below, lc_tok[k], lc_up[k])
+        cstate = _set(cstate, k, _counterfactual_tile(lc, lf, e_f, alpha_f, start, thr, cstate[k]))
+    return fstate, cstate
+
+
+@triton.jit
+def _js_tile(lpf2, pf, lc, lse2_c, FAST_LOG: tl.constexpr):
+    """Per-lane Jensen-Shannon sum (base 2, halves not applied) of one teacher's tile, given the
+    factual log2-probs lpf2 (clamped) and probs pf. Clamps keep 0 * log 0 terms at 0.
+    FAST_LOG (CUDA): the hardware lg2.approx (~1e-7 relative error) instead of the accurate
+    software log2, which took ~20 instructions per logit on sm_90; the interpreter has no
+    libdevice and uses tl.log2."""
+    lpc2 = tl.maximum(lc * LOG2E - lse2_c, -CLAMP)
+    pc = tl.math.exp2(lpc2)
+    if FAST_LOG:
+        lm2 = tl.maximum(libdevice.fast_log2f(pf + pc) - 1.0, -CLAMP)
+    else:
+        lm2 = tl.maximum(tl.log2(pf + pc) - 1.0, -CLAMP)
+    return tl.sum(pf * (lpf2 - lm2) + pc * (lpc2 - lm2), axis=2)
+
+
+@triton.jit
+def _js_pass_tile(f_rows, c_rows, ck, start, offs, V, lse2_f, lse2_c, js, K: tl.constexpr, MASKED: tl.constexpr,
+                  FAST_LOG: tl.constexpr):
+    ids = start + offs
+    lf = _load_tile(f_rows + ids, ids, V, MASKED)
+    lpf2 = tl.maximum(lf * LOG2E - lse2_f[:, None, None], -CLAMP)
+    pf = tl.math.exp2(lpf2)
+    for k in tl.static_range(K):
+        lc = _load_tile(c_rows + k * ck + ids, ids, V, MASKED)
+        js = _set(js, k, js[k] + _js_tile(lpf2, pf, lc, lse2_c[k][:, None, None], FAST_LOG))
+    return js
+
+
+@triton.jit
+def _lanes_lse(m, s):
+    """Across lanes: the row max M [R], each lane's factor to it [R, L] and the row's sum of
+    exponentials relative to M in base 2 [R] (0 for an all -inf row)."""
+    big = tl.max(m, axis=1)
+    big2 = tl.where(big == float("-inf"), 0.0, big * LOG2E)
+    scale = tl.math.exp2(m * LOG2E - big2[:, None])
+    return big, big2, scale, tl.sum(s * scale, axis=1)
+
+
+@triton.jit
+def _lane_first(row_ptr, m, best, lane_off, big, V, VEC: tl.constexpr):
+    """The lowest id holding the row max `big`, the first id of its VEC block and the mask of
+    the one lane that block belongs to.
+
+    Each lane knows the tile `best` where its max first appeared; among the lanes that reach
+    `big` the lowest id is in the lane whose VEC block starts lowest (best + lane offset), and
+    re-reading that one block (VEC values per row) gives the position inside it."""
+    vstart = tl.where(m == big[:, None], best + lane_off, V)  # [R, L]; V: no lane (masked re-read)
+    first = tl.min(vstart, axis=1)  # [R]
+    ids = first[:, None] + tl.arange(0, VEC)[None, :]  # [R, VEC]
+    x = tl.load(row_ptr[:, None] + ids, mask=ids < V, other=float("-inf")).to(tl.float32)
+    pos = tl.min(tl.where(x == big[:, None], ids, INT_MAX), axis=1)
+    return pos, first, vstart == first[:, None]
+
+
+@triton.jit
+def _ties_below(row_ptr, tok, t, VEC: tl.constexpr):
+    """Ids below the data token with exactly its logit t, inside the token's own lane (the lane
+    straddling the token was counted with the strict threshold, which misses these)."""
+    j = tl.arange(0, VEC)[None, :]
+    off = (tok % VEC)[:, None]
+    x = tl.load(row_ptr[:, None] + (tok - tok % VEC)[:, None] + j, mask=j < off, other=float("-inf")).to(tl.float32)
+    return tl.sum(((x == t[:, None]) & (j < off)).to(tl.int32), axis=1)
+
+
+@triton.jit
+def _runner_up(row_ptr, first, pos, holder, m, V, BLOCK_V: tl.constexpr, VEC: tl.constexpr,
+               N_TILES: tl.constexpr):
+    """The second largest logit of the row, counting a repeated maximum twice: the largest of
+    the other lanes' maxima and of the max's own lane without the argmax position `pos`. That
+    lane is re-read across all tiles (N_TILES x VEC values per row, ~0.5% of the row for a
+    150k vocabulary): cheaper than a running top-2 per logit. first = its first id in tile 0."""
+    lane0 = first % BLOCK_V  # [R]
+    ids = (tl.arange(0, N_TILES) * BLOCK_V)[None, :, None] + lane0[:, None, None] + tl.arange(0, VEC)[None, None, :]
+    x = tl.load(row_ptr[:, None, None] + ids, mask=ids < V, other=float("-inf")).to(tl.float32)
+    x = tl.where(ids == pos[:, None, None], float("-inf"), x)
+    own = tl.max(tl.max(x, axis=2), axis=1)
+    return tl.maximum(own, tl.max(tl.where(holder, float("-inf"), m), axis=1))
 
 
 @triton.jit
@@ -163,119 +239,157 @@ def _divergence_kernel(
     am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
     am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr,
     N, V,
-    K: tl.constexpr, K_PAD: tl.constexpr, ROWS: tl.constexpr, BLOCK_V: tl.constexpr, WITH_JS: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
+    K: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, N_TILES: tl.constexpr,
+    WITH_JS: tl.constexpr, NUM_STAGES: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
+    BLOCK_V: tl.constexpr = LANES * VEC
     rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)
     row_ok = rows < N
-    ks = tl.arange(0, K_PAD)
-    k_ok = ks < K
-    offs = tl.arange(0, BLOCK_V)
-    f_rows = f_ptr + rows[:, None] * stride_fn  # [R, 1]
-    c_rows = c_ptr + rows[:, None] * stride_cn  # teacher 0; teacher k is c_rows + k * stride_ck
+    rows_ld = tl.minimum(rows, N - 1)  # rows past N read row N - 1 (never stored): no load masks
+    lane_off = (tl.arange(0, LANES) * VEC)[None, :]  # [1, L]
+    offs = (lane_off[:, :, None] + tl.arange(0, VEC)[None, None, :])  # [1, L, VEC]
+    f_row = f_ptr + rows_ld * stride_fn  # [R]
+    ck = stride_ck.to(tl.int64)
+    c_row = c_ptr + rows_ld * stride_cn  # teacher k: + k * ck (64-bit)
+    f_rows = f_row[:, None, None]
+    c_rows = c_row[:, None, None]
 
-    tok = tl.load(tok_ptr + rows, mask=row_ok, other=0).to(tl.int64)
-    tok32 = tok.to(tl.int32)  # comparisons with the int32 vocabulary ids stay 32-bit
-    tok_ptrs = c_ptr + ks.to(tl.int64)[None, :] * stride_ck + rows[:, None] * stride_cn + tok[:, None]
-    lc_tok = tl.load(tok_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-    lf_tok = tl.load(f_ptr + rows * stride_fn + tok, mask=row_ok, other=0.0).to(tl.float32)
+    tok = tl.load(tok_ptr + rows_ld).to(tl.int32)  # [R]; ids are int32 (V < 2**31)
+    lf_tok = tl.load(f_row + tok).to(tl.float32)
+    zero = tl.zeros((ROWS,), tl.float32)
+    lc_tok, lc_up = (zero,) * K, (zero,) * K
+    for k in tl.static_range(K):
+        t = tl.load(c_row + k * ck + tok).to(tl.float32)
+        lc_tok = _set(lc_tok, k, t[:, None])
+        lc_up = _set(lc_up, k, _next_up(t)[:, None])
 
-    m_f = tl.full((ROWS,), float("-inf"), tl.float32)
-    s_f = tl.zeros((ROWS,), tl.float32)
-    top2 = tl.full((ROWS,), float("-inf"), tl.float32)
-    am_f = tl.zeros((ROWS,), tl.int32)
-    m_c = tl.full((ROWS, K_PAD), float("-inf"), tl.float32)
-    s_c = tl.zeros((ROWS, K_PAD), tl.float32)
-    am_c = tl.zeros((ROWS, K_PAD), tl.int32)
-    akl = tl.zeros((ROWS, K_PAD), tl.float32)
-    viol = tl.zeros((ROWS, K_PAD), tl.int32)
-    rank = tl.zeros((ROWS, K_PAD), tl.int32)
+    neg = tl.full((ROWS, LANES), float("-inf"), tl.float32)
+    fzero = tl.zeros((ROWS, LANES), tl.float32)
+    izero = tl.zeros((ROWS, LANES), tl.int32)
+    fstate = (neg, fzero, izero)  # m, s, best
+    cstate = ((neg, fzero, izero, fzero, izero),) * K  # per teacher: m, s, best, akl, rank
+    tok2 = tok[:, None]
+    lane_end = lane_off + VEC
 
-    # K is a compile-time constant: the teacher loop is unrolled, so the vocabulary loop is the
-    # innermost loop and tl.range can software-pipeline its loads (NUM_STAGES blocks in flight).
-    for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-        ids = start + offs
-        fmask = row_ok[:, None] & (ids < V)[None, :]
-        lf = _load_block(f_rows + ids[None, :], fmask)
-        m_f, s_f, top2, am_f, alpha, e_f = _factual_step(lf, ids, m_f, s_f, top2, am_f)
-        ck_rows = c_rows
-        for k in tl.static_range(K):
-            sel = (ks == k)[None, :]
-            lc = _load_block(ck_rows + ids[None, :], fmask)
-            m1, s1, a1, kl1, v1, r1 = _counterfactual_step(
-                lc, lf, e_f, alpha, ids, tok32, _col(lc_tok, sel), _col(m_c, sel), _col(s_c, sel),
-                _col(am_c, sel), _col(akl, sel), _col(viol, sel), _col(rank, sel), False)
-            m_c = _put(m_c, sel, m1)
-            s_c = _put(s_c, sel, s1)
-            am_c = _put(am_c, sel, a1)
-            akl = _put(akl, sel, kl1)
-            viol = _put(viol, sel, v1)
-            rank = _put(rank, sel, r1)
-            ck_rows += stride_ck
+    # The teacher loop inside is unrolled (K is constexpr), so the vocabulary loop is the
+    # innermost runtime loop and tl.range can software-pipeline its loads.
+    v_full = V // BLOCK_V * BLOCK_V
+    for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+        fstate, cstate = _first_pass_tile(f_rows, c_rows, ck, start, offs, lane_end, V, tok2, lc_tok, lc_up,
+                                          fstate, cstate, K, False)
+    for start in range(v_full, V, BLOCK_V):  # the partial tile, if any
+        fstate, cstate = _first_pass_tile(f_rows, c_rows, ck, start, offs, lane_end, V, tok2, lc_tok, lc_up,
+                                          fstate, cstate, K, True)
 
-    js = tl.zeros((ROWS, K_PAD), tl.float32)
+    m_f, s_f, best_f = fstate
+    big_f, big2_f, scale_f, sum_f = _lanes_lse(m_f, s_f)
+    lse2_f = big2_f + tl.math.log2(sum_f)
+    am_f, first, holder = _lane_first(f_row, m_f, best_f, lane_off, big_f, V, VEC)
+    second = _runner_up(f_row, first, am_f, holder, m_f, V, BLOCK_V, VEC, N_TILES)
+    tl.store(am_f_ptr + rows, am_f.to(tl.int64), mask=row_ok)
+    tl.store(lp_f_ptr + rows, lf_tok - lse2_f * LN2, mask=row_ok)
+    tl.store(margin_ptr + rows, tl.where(second == float("-inf"), float("inf"), big_f - second), mask=row_ok)
+    tl.store(status_f_ptr + rows, _bad(big_f, sum_f), mask=row_ok)
+    lse2_c = (zero,) * K
+    for k in tl.static_range(K):
+        m_c, s_c, best_c, akl, rank = cstate[k]
+        big_c, big2_c, scale_c, sum_c = _lanes_lse(m_c, s_c)
+        lse2 = big2_c + tl.math.log2(sum_c)
+        lse2_c = _set(lse2_c, k, lse2)
+        am_c, _, _ = _lane_first(c_row + k * ck, m_c, best_c, lane_off, big_c, V, VEC)
+        a = tl.sum(akl * scale_f, axis=1)
+        kl = tl.where(tl.abs(a) < float("inf"), a / sum_f + (lse2 - lse2_f) * LN2, float("inf"))  # NaN: not < inf
+        t = tl.sum(lc_tok[k], axis=1)
+        rank_k = tl.sum(rank, axis=1) + _ties_below(c_row + k * ck, tok, t, VEC)
+        out = k * N + rows
+        tl.store(am_c_ptr + out, am_c.to(tl.int64), mask=row_ok)
+        tl.store(lp_c_ptr + out, t - lse2 * LN2, mask=row_ok)
+        tl.store(kl_ptr + out, kl, mask=row_ok)
+        tl.store(rank_ptr + out, rank_k.to(tl.int64), mask=row_ok)
+        tl.store(status_c_ptr + out, _bad(big_c, sum_c), mask=row_ok)
+
     if WITH_JS:  # second pass: needs both log-sum-exps inside the sum
-        lse_f = m_f + tl.log(s_f)
-        lse_c = m_c + tl.log(s_c)
-        for start in tl.range(0, V, BLOCK_V, num_stages=NUM_STAGES):
-            ids = start + offs
-            fmask = row_ok[:, None] & (ids < V)[None, :]
-            lf = _load_block(f_rows + ids[None, :], fmask)
-            lpf = lf - lse_f[:, None]
-            ck_rows = c_rows
-            for k in tl.static_range(K):
-                sel = (ks == k)[None, :]
-                lc = _load_block(ck_rows + ids[None, :], fmask)
-                js = _put(js, sel, _col(js, sel) + _js_step(lpf, lc, _col(lse_c, sel)))
-                ck_rows += stride_ck
-
-    _store_results(rows, row_ok, ks, k_ok, N, lf_tok, lc_tok, m_f, s_f, top2, am_f,
-                   m_c, s_c, am_c, akl, viol, rank, js,
-                   am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
-                   am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr, WITH_JS)
+        js = (fzero,) * K
+        for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+            js = _js_pass_tile(f_rows, c_rows, ck, start, offs, V, lse2_f, lse2_c, js, K, False, FAST_LOG)
+        for start in range(v_full, V, BLOCK_V):
+            js = _js_pass_tile(f_rows, c_rows, ck, start, offs, V, lse2_f, lse2_c, js, K, True, FAST_LOG)
+        for k in tl.static_range(K):
+            tl.store(js_ptr + k * N + rows, tl.sum(js[k], axis=1) * HALF_LN2, mask=row_ok)
 
 
-# Elements of one [ROWS, BLOCK_V] block. Large vocabularies get one row per program and
-# BLOCK_V-wide steps; small ones pack several rows into a program so lanes are not wasted.
-# Defaults chosen without a GPU from ptxas register counts for sm_90 (2048 ids x 8 warps: 8
-# logits per thread; K = 1: 61-64 registers, no spills, up to four programs per SM);
-# `benchmarks/bench_divergence.py --sweep` measures the alternatives on a real GPU.
+# Ids of one [ROWS, BLOCK_V] tile. Large vocabularies get one row per program and BLOCK_V-wide
+# steps; small ones pack several rows into a program so lanes are not wasted. A lane holds one
+# 16-byte vector (VEC = 8 ids in bf16/fp16, 4 in fp32) when every row starts 16-byte aligned;
+# otherwise (e.g. GPT-2's odd 50257-id rows) the compiler cannot vectorise the loads and
+# spreads a lane's ids over threads, so lanes shrink to one id (VEC = 1). The defaults (one
+# lane per thread, 2048 ids and 8 warps; 1024 ids and 4 warps for VEC = 1 or many teachers)
+# were chosen without a GPU from sm_90 instruction, register and spill counts
+# (`benchmarks/kernel_sass.py`); `benchmarks/bench_divergence.py --sweep` times alternatives.
 TILE_ELEMENTS = 2048
+SMALL_TILE_ELEMENTS = 1024  # VEC = 1, or K > 4 teachers (registers: per-teacher state per lane)
 MAX_ROWS = 128
-MULTI_ROW_TILE_ELEMENTS = 1024  # vocabularies under 1024 ids: several rows per program, 4 warps
-# Under the CPU interpreter the cost is per block step, not per register: larger blocks.
+MULTI_ROW_TILE_ELEMENTS = 1024  # bf16 vocabularies under 1024 ids: several rows per program, 4 warps
+VECTOR_BYTES = 16
+# Under the CPU interpreter the cost is per tile step, not per register: larger tiles.
 INTERPRET_TILE_ELEMENTS = 8192
 
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    k_pad: int
     rows: int
     block_v: int
+    vec: int
     num_warps: int
     num_stages: int
 
+    @property
+    def lanes(self) -> int:
+        return self.block_v // self.vec
+
 
 def launch_config(n: int, v: int, k: int, block_v: int | None = None, num_warps: int | None = None,
-                  rows: int | None = None, num_stages: int | None = None, interpret: bool = False) -> LaunchConfig:
-    """Block sizes for a call; the keyword arguments override the defaults (for tuning)."""
-    tile = INTERPRET_TILE_ELEMENTS if interpret else TILE_ELEMENTS
+                  rows: int | None = None, num_stages: int | None = None, vec: int | None = None,
+                  interpret: bool = False, elem_bytes: int = 2, aligned: bool = True) -> LaunchConfig:
+    """Tile sizes for a call; the keyword arguments override the defaults (for tuning).
+    aligned: every teacher row starts on a 16-byte boundary (`rows_aligned`)."""
+    if vec is None:
+        vec = max(1, VECTOR_BYTES // elem_bytes) if aligned else 1
+    if interpret:
+        tile = INTERPRET_TILE_ELEMENTS
+    else:
+        tile = SMALL_TILE_ELEMENTS if vec == 1 or k > 4 else TILE_ELEMENTS
     bv = block_v if block_v is not None else tile
     if bv < 16 or bv > 16384 or bv & (bv - 1):
-        raise ValueError(f"block_v must be a power of two in [16, 16384], got {bv}")  # packed rank sum
+        raise ValueError(f"block_v must be a power of two in [16, 16384], got {bv}")
     bv = min(bv, max(16, triton.next_power_of_2(v)))
+    if vec < 1 or vec & (vec - 1) or vec > bv:
+        raise ValueError(f"vec must be a power of two no larger than block_v ({bv}), got {vec}")
     if rows is None:
-        # packed rows cost registers out of proportion (ptxas), so packed blocks are smaller
-        packed = tile if interpret else MULTI_ROW_TILE_ELEMENTS
+        # packed rows: about one lane per thread (VEC = 1 lanes are single ids: fewer ids)
+        packed = tile if interpret else MULTI_ROW_TILE_ELEMENTS * vec // VECTOR_BYTES * 2
         rows = max(1, min(MAX_ROWS, packed // bv, triton.next_power_of_2(max(n, 1))))
     if num_warps is None:
         num_warps = 8 if rows * bv >= 2048 else 4
     if num_stages is None:
-        # software pipelining keeps the next blocks' loads in flight (shared memory per stage:
-        # (1 + K) blocks); with many teachers the unrolled loads already overlap
+        # software pipelining keeps the next tiles' loads in flight (shared memory per stage:
+        # (1 + K) tiles); with many teachers the unrolled loads already overlap
         num_stages = 2 if k <= 4 else 1
-    return LaunchConfig(k_pad=triton.next_power_of_2(k), rows=rows, block_v=bv, num_warps=num_warps,
-                        num_stages=num_stages)
+    return LaunchConfig(rows=rows, block_v=bv, vec=vec, num_warps=num_warps, num_stages=num_stages)
+
+
+def n_tiles(v: int, block_v: int) -> int:
+    """Tiles per row, rounded up to a power of two (the runner-up re-read's constexpr extent)."""
+    return triton.next_power_of_2(triton.cdiv(v, block_v))
+
+
+def rows_aligned(*tensors: torch.Tensor) -> bool:
+    """Whether every row of these row-major tensors starts on a 16-byte boundary."""
+    for t in tensors:
+        size = t.element_size()
+        if t.data_ptr() % VECTOR_BYTES or any((st * size) % VECTOR_BYTES for st in t.stride()[:-1]):
+            return False
+    return True
 
 
 def alloc_outputs(shapes: Shapes, device: torch.device) -> dict[str, torch.Tensor]:
@@ -311,7 +425,8 @@ def _row_major(x: torch.Tensor) -> torch.Tensor:
 def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor, tokens: torch.Tensor,
                             with_js: bool = True, out: dict[str, torch.Tensor] | None = None,
                             block_v: int | None = None, num_warps: int | None = None,
-                            rows: int | None = None, num_stages: int | None = None) -> dict[str, torch.Tensor]:
+                            rows: int | None = None, num_stages: int | None = None,
+                            vec: int | None = None) -> dict[str, torch.Tensor]:
     """Triton backend of `divergence_stats` (fp32 outputs). `out` = buffers from `alloc_outputs`
     to reuse (tests poison them to prove every element is written)."""
     check_runnable(_divergence_kernel, factual.device)
@@ -319,8 +434,9 @@ def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor,
     factual, cf3 = _row_major(factual), _row_major(cf3)
     buf = out if out is not None else alloc_outputs(shapes, factual.device)
     if shapes.n > 0:
-        cfg = launch_config(shapes.n, shapes.v, shapes.k, block_v, num_warps, rows, num_stages,
-                            interpret=factual.device.type != "cuda")
+        cfg = launch_config(shapes.n, shapes.v, shapes.k, block_v, num_warps, rows, num_stages, vec,
+                            interpret=factual.device.type != "cuda", elem_bytes=factual.element_size(),
+                            aligned=factual.dtype == cf3.dtype and rows_aligned(factual, cf3))
         _divergence_kernel[(triton.cdiv(shapes.n, cfg.rows),)](
             factual, cf3, tokens.contiguous(),
             factual.stride(0), cf3.stride(0), cf3.stride(1),
@@ -328,8 +444,9 @@ def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor,
             buf["argmax_counterfactual"], buf["logp_counterfactual"], buf["kl"], buf["js"], buf["rank"],
             buf["status_counterfactual"],
             shapes.n, shapes.v,
-            K=shapes.k, K_PAD=cfg.k_pad, ROWS=cfg.rows, BLOCK_V=cfg.block_v, WITH_JS=with_js,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps,
+            K=shapes.k, ROWS=cfg.rows, LANES=cfg.lanes, VEC=cfg.vec,
+            N_TILES=n_tiles(shapes.v, cfg.block_v), WITH_JS=with_js,
+            NUM_STAGES=cfg.num_stages, FAST_LOG=factual.device.type == "cuda", num_warps=cfg.num_warps,
         )
         raise_if_flagged(buf["status_factual"], buf["status_counterfactual"],
                          lambda k, r: factual[r] if k is None else cf3[k, r])

@@ -4,7 +4,7 @@ Why: a 7B teacher's logits for one batch of long sequences take 4-10 GiB ([N, V]
 each teacher). Here logits only ever exist as a [ROWS, BLOCK_V] block in registers: for each
 vocabulary block the program computes hidden [ROWS, d] @ unembedding[BLOCK_V, d].T (+ bias)
 with `tl.dot` over d in BLOCK_D steps, then folds the block into the same online statistics
-as the logits kernel (shared helpers from `divergence_triton`). The factual block is computed
+as the logits kernel (block-level helpers from `_block_steps`). The factual block is computed
 once per vocabulary block and reused for all K counterfactual teachers, whose unembedding may
 be shared ([V, d]) or per teacher ([K, V, d]).
 
@@ -29,17 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._block_steps import _col, _counterfactual_step, _factual_step, _js_step, _put, _store_results
 from ._checks import Shapes, finish, raise_if_flagged
-from .divergence_triton import (
-    _col,
-    _counterfactual_step,
-    _factual_step,
-    _js_step,
-    _put,
-    _store_results,
-    alloc_outputs,
-    check_runnable,
-)
+from .divergence_triton import alloc_outputs, check_runnable
 from .reference import check_linear_inputs
 
 

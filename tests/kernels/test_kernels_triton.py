@@ -141,3 +141,29 @@ def test_compiled_kernel_refuses_cpu_tensors() -> None:
 
     with pytest.raises(ValueError, match="CUDA"):
         check_runnable(object(), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("vec", [1, 2, 4, 8])
+@pytest.mark.parametrize("block_v", [16, 64])
+def test_lane_layouts_with_repeated_maxima(gen: torch.Generator, vec: int, block_v: int) -> None:
+    """Every lane width and several tiles per row, on logits from a 3-value grid: the maximum
+    repeats across lanes, tiles and inside one lane, so the lowest-id argmax, the runner-up
+    (= the max: margin 0), the rank ties below the data token and masked ids all meet the
+    per-lane bookkeeping."""
+    from subliminal.kernels.divergence_triton import divergence_stats_triton
+
+    n, v, k = 9, 300, 2
+    f = torch.randint(0, 3, (n, v), generator=gen).float() * 0.5
+    c = torch.randint(0, 3, (k, n, v), generator=gen).float() * 0.5
+    f[0, :] = 0.0
+    f[0, 250] = 1.0  # a single maximum far from the first tile: margin 1
+    c[:, 1] = torch.where(torch.rand(k, v, generator=gen) < 0.3, -math.inf, c[:, 1])
+    f[1] = torch.where(c[0, 1] == -math.inf, -math.inf, f[1])  # masked alike: finite KL for teacher 0
+    t = torch.randint(0, v, (n,), generator=gen)
+    t[2] = int(c[0, 2].argmax())  # the data token on the first maximum: rank 0
+    t[3] = v - 1
+    for with_js in (False, True):
+        got = divergence_stats_triton(f, c, t, with_js=with_js, out=poisoned_outputs(n, v, k), block_v=block_v,
+                                      vec=vec, rows=4)
+        assert_stats_close(got, reference(f, c, t, with_js), atol=2e-5, rtol=2e-5, kl_atol=5e-5)
+    assert got["margin"][0].item() == 1.0 and got["rank"][0, 2].item() == 0
