@@ -39,8 +39,12 @@ GPU_FUSED = [(4096, 151936, 3584), (16384, 151936, 3584)]  # (N, V, d) of a 7B t
 DRY_LOGIT_SHAPES = [(13, 500)]
 DRY_K_SHAPE = (5, 129)
 DRY_FUSED = [(20, 130, 32)]
-GPU_SWEEP = [(bv, w) for bv in (2048, 4096, 8192, 16384) for w in (4, 8, 16)]
-DRY_SWEEP = [(128, 4), (512, 8)]
+# (K, BLOCK_V, VEC, num_warps, num_stages) of the logits kernel; the defaults are (1, 2048, 8, 8, 2)
+# and (12, 1024, 8, 4, 1). VEC = 16 is two 16-byte loads per lane.
+GPU_SWEEP = [(1, 1024, 8, 4, 2), (1, 2048, 8, 8, 2), (1, 2048, 8, 4, 2), (1, 4096, 8, 8, 2), (1, 4096, 16, 8, 2),
+             (1, 4096, 8, 16, 2), (1, 8192, 16, 16, 2), (1, 2048, 8, 8, 1), (1, 2048, 8, 8, 3),
+             (12, 1024, 8, 4, 1), (12, 2048, 8, 8, 1), (12, 1024, 8, 4, 2), (12, 512, 8, 2, 1)]
+DRY_SWEEP = [(1, 128, 4, 4, 1), (1, 512, 8, 8, 2), (3, 64, 1, 2, 1)]
 K_MANY = 12
 CHECK_ROWS = 64
 
@@ -56,9 +60,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-fused", action="store_true", help="skip the fused-linear benchmark")
     p.add_argument("--block-v", type=int, default=None, help="override the logits kernel's BLOCK_V (tuning)")
+    p.add_argument("--vec", type=int, default=None, help="override the logits kernel's ids per lane (tuning)")
     p.add_argument("--num-warps", type=int, default=None, help="override the logits kernel's num_warps (tuning)")
+    p.add_argument("--num-stages", type=int, default=None, help="override the logits kernel's num_stages (tuning)")
     p.add_argument("--sweep", action="store_true",
-                   help="also time the logits kernel (no JS, K = 1, largest shape) for several BLOCK_V x num_warps")
+                   help="also time the logits kernel (no JS, largest shape, K = 1 and 12) for several launch "
+                        "configurations (BLOCK_V, VEC, num_warps, num_stages)")
     return p.parse_args(argv)
 
 
@@ -179,7 +186,7 @@ def bench_logits(rows: list[dict], args: argparse.Namespace, device: str, bw: fl
     from subliminal.kernels import divergence_stats
 
     backends = ["triton"] if device == "cuda" else ["torch", "triton"]
-    tune = {"block_v": args.block_v, "num_warps": args.num_warps}
+    tune = {"block_v": args.block_v, "vec": args.vec, "num_warps": args.num_warps, "num_stages": args.num_stages}
     shapes = GPU_LOGIT_SHAPES if device == "cuda" else DRY_LOGIT_SHAPES
     plan = [(n, v, 1) for n, v in shapes] + [(GPU_K_SHAPE if device == "cuda" else DRY_K_SHAPE) + (k,)
                                              for k in (1, K_MANY)]
@@ -218,14 +225,25 @@ def bench_sweep(rows: list[dict], args: argparse.Namespace, device: str, bw: flo
     from subliminal.kernels.divergence_triton import divergence_stats_triton
 
     n, v = (GPU_LOGIT_SHAPES if device == "cuda" else DRY_LOGIT_SHAPES)[-1]
-    lf, lc, tok = make_logits(n, v, 1, device, args.seed)
-    floor = None if bw is None else 2 * n * v * lf.element_size() / (bw * 1e12) * 1e3
-    for bv, warps in (GPU_SWEEP if device == "cuda" else DRY_SWEEP):
-        t = time_fn(lambda bv=bv, warps=warps: divergence_stats_triton(lf, lc, tok, with_js=False, block_v=bv,
-                                                                        num_warps=warps), device)
-        record(rows, args.json, bench="sweep", method="ours-triton", js=False, N=n, V=v, K=1, block_v=bv,
-               num_warps=warps, **t, floor_ms=None if floor is None else round(floor, 4),
-               x_floor=None if floor is None else round(t["median_ms"] / floor, 2))
+    plan = GPU_SWEEP if device == "cuda" else DRY_SWEEP
+    for k in sorted({p[0] for p in plan}):
+        nk = n if k == 1 else (GPU_K_SHAPE[0] if device == "cuda" else DRY_K_SHAPE[0])
+        lf, lc, tok = make_logits(nk, v, k, device, args.seed)
+        floor = None if bw is None else (1 + k) * nk * v * lf.element_size() / (bw * 1e12) * 1e3
+        for _, bv, vec, warps, stages in (p for p in plan if p[0] == k):
+            def run(bv=bv, vec=vec, warps=warps, stages=stages, lf=lf, lc=lc, tok=tok):
+                return divergence_stats_triton(lf, lc, tok, with_js=False, block_v=bv, vec=vec, num_warps=warps,
+                                               num_stages=stages)
+            t = time_fn(run, device)
+            record(rows, args.json, bench="sweep", method="ours-triton", js=False, N=nk, V=v, K=k, block_v=bv,
+                   vec=vec, num_warps=warps, num_stages=stages, **t,
+                   floor_ms=None if floor is None else round(floor, 4),
+                   x_floor=None if floor is None else round(t["median_ms"] / floor, 2))
+        del lf, lc, tok
+        if device == "cuda":
+            import torch
+
+            torch.cuda.empty_cache()
 
 
 def fused_inputs(n: int, v: int, d: int, device: str, seed: int):
@@ -363,7 +381,10 @@ def markdown(meta: dict, rows: list[dict], anchor_rows: list[dict], anchor_statu
               f"- copy bandwidth (this process): {fmt(meta['bandwidth_tbs'])} TB/s; anchor: {anchor_status}",
               f"- command: `{meta['command']}`", f"- date (UTC): {meta['date']}",
               "- times: median over repeats, spread = inter-quartile range (p25-p75); memory: peak allocated "
-              "during one call beyond what was allocated before it", ""]
+              "during one call beyond what was allocated before it",
+              "- static SASS instruction counts of the same kernels (compiled for sm_90, no GPU needed): "
+              "`benchmarks/kernel_sass.md`, made by `python benchmarks/kernel_sass.py --out benchmarks/kernel_sass.md`",
+              ""]
     lines += ["## Logits kernel (bf16 inputs)", "",
               "| method | JS | N | V | K | median ms | p25-p75 ms | x floor | floor ms | extra GiB | check |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -383,10 +404,12 @@ def markdown(meta: dict, rows: list[dict], anchor_rows: list[dict], anchor_statu
                          f"{fmt(a.get('eager_extra_GiB'))} | {fmt(a.get('compile_extra_GiB'))} |")
     sweep = [r for r in rows if r["bench"] == "sweep"]
     if sweep:
-        lines += ["", "## Launch-configuration sweep (logits kernel, no JS, K = 1)", "",
-                  "| N | V | BLOCK_V | num_warps | median ms | p25-p75 ms | x floor |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {r['N']} | {r['V']} | {r['block_v']} | {r['num_warps']} | {fmt(r['median_ms'])} | "
-                  f"{fmt(r['p25_ms'])}-{fmt(r['p75_ms'])} | {fmt(r['x_floor'])} |" for r in sweep]
+        lines += ["", "## Launch-configuration sweep (logits kernel, no JS)", "",
+                  "| N | V | K | BLOCK_V | VEC | num_warps | num_stages | median ms | p25-p75 ms | x floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['N']} | {r['V']} | {r['K']} | {r['block_v']} | {r['vec']} | {r['num_warps']} | "
+                  f"{r['num_stages']} | {fmt(r['median_ms'])} | {fmt(r['p25_ms'])}-{fmt(r['p75_ms'])} | "
+                  f"{fmt(r['x_floor'])} |" for r in sweep]
     if not meta["dry_run"]:
         lines += summary(rows, anchor_rows)
     lines += ["", "## Fused linear (hidden states + unembedding, bf16)", "",
