@@ -40,7 +40,7 @@ DRY_LOGIT_SHAPES = [(13, 500)]
 DRY_K_SHAPE = (5, 129)
 DRY_FUSED = [(20, 130, 32)]
 # (K, BLOCK_V, VEC, num_warps, num_stages) of the logits kernel; the defaults are (1, 2048, 8, 8, 2)
-# and (12, 1024, 8, 4, 1). VEC = 16 is two 16-byte loads per lane.
+# and (12, 1024, 8, 4, 2). VEC = 16 is two 16-byte loads per lane.
 GPU_SWEEP = [(1, 1024, 8, 4, 2), (1, 2048, 8, 8, 2), (1, 2048, 8, 4, 2), (1, 4096, 8, 8, 2), (1, 4096, 16, 8, 2),
              (1, 4096, 8, 16, 2), (1, 8192, 16, 16, 2), (1, 2048, 8, 8, 1), (1, 2048, 8, 8, 3),
              (12, 1024, 8, 4, 1), (12, 2048, 8, 8, 1), (12, 1024, 8, 4, 2), (12, 512, 8, 2, 1)]

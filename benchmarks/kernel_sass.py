@@ -128,7 +128,7 @@ def logits_configs() -> list[dict]:
         cfg = dt.launch_config(n, v, k, elem_bytes=elem, aligned=aligned)
         out.append({"kernel": dt._divergence_kernel, "dtype": in_type, "N": n, "V": v, "K": k, "js": js,
                     "num_warps": cfg.num_warps, "ints": {"N": n, "V": v, "stride_fn": v, "stride_cn": v,
-                                                          "stride_ck": n * v},
+                                                          "stride_ck": n * v, "V_FULL": v // cfg.block_v * cfg.block_v},
                     "constexprs": {"K": k, "ROWS": cfg.rows, "LANES": cfg.lanes, "VEC": cfg.vec,
                                    "N_TILES": dt.n_tiles(v, cfg.block_v), "WITH_JS": js,
                                    "NUM_STAGES": cfg.num_stages, "FAST_LOG": True},

@@ -8,7 +8,7 @@ consecutive ids start + l * VEC + [0, VEC), one 16-byte load for bf16 rows that 
 statistics are cheap per logit (the target is the memory-bandwidth floor), and reducing every
 tile across the program costs shuffles and barriers per tile. On sm_90 the earlier
 block-reduction version compiled to 579 SASS instructions (18 barriers, 48 shuffles) per
-2,048 ids of one teacher pair; this one to 193, with no shuffle (`benchmarks/kernel_sass.py`).
+2,048 ids of one teacher pair; this one to 183, with no shuffle (`benchmarks/kernel_sass.py`).
 
 Each tile loads the factual block once and then, teacher by teacher, the K counterfactual
 blocks (the factual row is read once for all K). K is a compile-time constant: the teacher
@@ -238,7 +238,7 @@ def _divergence_kernel(
     stride_fn, stride_ck, stride_cn,
     am_f_ptr, lp_f_ptr, margin_ptr, status_f_ptr,
     am_c_ptr, lp_c_ptr, kl_ptr, js_ptr, rank_ptr, status_c_ptr,
-    N, V,
+    N, V, V_FULL,
     K: tl.constexpr, ROWS: tl.constexpr, LANES: tl.constexpr, VEC: tl.constexpr, N_TILES: tl.constexpr,
     WITH_JS: tl.constexpr, NUM_STAGES: tl.constexpr, FAST_LOG: tl.constexpr,
 ):
@@ -273,11 +273,10 @@ def _divergence_kernel(
 
     # The teacher loop inside is unrolled (K is constexpr), so the vocabulary loop is the
     # innermost runtime loop and tl.range can software-pipeline its loads.
-    v_full = V // BLOCK_V * BLOCK_V
-    for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+    for start in tl.range(0, V_FULL, BLOCK_V, num_stages=NUM_STAGES):  # V_FULL: ids in whole tiles
         fstate, cstate = _first_pass_tile(f_rows, c_rows, ck, start, offs, lane_end, V, tok2, lc_tok, lc_up,
                                           fstate, cstate, K, False)
-    for start in range(v_full, V, BLOCK_V):  # the partial tile, if any
+    for start in range(V_FULL, V, BLOCK_V):  # the partial tile, if any
         fstate, cstate = _first_pass_tile(f_rows, c_rows, ck, start, offs, lane_end, V, tok2, lc_tok, lc_up,
                                           fstate, cstate, K, True)
 
@@ -310,9 +309,9 @@ def _divergence_kernel(
 
     if WITH_JS:  # second pass: needs both log-sum-exps inside the sum
         js = (fzero,) * K
-        for start in tl.range(0, v_full, BLOCK_V, num_stages=NUM_STAGES):
+        for start in tl.range(0, V_FULL, BLOCK_V, num_stages=NUM_STAGES):
             js = _js_pass_tile(f_rows, c_rows, ck, start, offs, V, lse2_f, lse2_c, js, K, False, FAST_LOG)
-        for start in range(v_full, V, BLOCK_V):
+        for start in range(V_FULL, V, BLOCK_V):
             js = _js_pass_tile(f_rows, c_rows, ck, start, offs, V, lse2_f, lse2_c, js, K, True, FAST_LOG)
         for k in tl.static_range(K):
             tl.store(js_ptr + k * N + rows, tl.sum(js[k], axis=1) * HALF_LN2, mask=row_ok)
@@ -331,6 +330,7 @@ SMALL_TILE_ELEMENTS = 1024  # VEC = 1, or K > 4 teachers (registers: per-teacher
 MAX_ROWS = 128
 MULTI_ROW_TILE_ELEMENTS = 1024  # bf16 vocabularies under 1024 ids: several rows per program, 4 warps
 VECTOR_BYTES = 16
+PIPELINE_SHARED_BYTES = 64 << 10
 # Under the CPU interpreter the cost is per tile step, not per register: larger tiles.
 INTERPRET_TILE_ELEMENTS = 8192
 
@@ -372,9 +372,9 @@ def launch_config(n: int, v: int, k: int, block_v: int | None = None, num_warps:
     if num_warps is None:
         num_warps = 8 if rows * bv >= 2048 else 4
     if num_stages is None:
-        # software pipelining keeps the next tiles' loads in flight (shared memory per stage:
-        # (1 + K) tiles); with many teachers the unrolled loads already overlap
-        num_stages = 2 if k <= 4 else 1
+        # software pipelining keeps the next tiles' loads in flight, at (1 + K) tiles of shared
+        # memory per stage (for K = 12, one stage also made ptxas cap registers at 128 and spill)
+        num_stages = 2 if (1 + k) * rows * bv * elem_bytes * 2 <= PIPELINE_SHARED_BYTES else 1
     return LaunchConfig(rows=rows, block_v=bv, vec=vec, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -443,7 +443,7 @@ def divergence_stats_triton(factual: torch.Tensor, counterfactual: torch.Tensor,
             buf["argmax_factual"], buf["logp_factual"], buf["margin"], buf["status_factual"],
             buf["argmax_counterfactual"], buf["logp_counterfactual"], buf["kl"], buf["js"], buf["rank"],
             buf["status_counterfactual"],
-            shapes.n, shapes.v,
+            shapes.n, shapes.v, shapes.v // cfg.block_v * cfg.block_v,
             K=shapes.k, ROWS=cfg.rows, LANES=cfg.lanes, VEC=cfg.vec,
             N_TILES=n_tiles(shapes.v, cfg.block_v), WITH_JS=with_js,
             NUM_STAGES=cfg.num_stages, FAST_LOG=factual.device.type == "cuda", num_warps=cfg.num_warps,

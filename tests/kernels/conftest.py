@@ -18,6 +18,11 @@ import torch
 
 @pytest.fixture(autouse=True)
 def triton_interpret(monkeypatch: pytest.MonkeyPatch) -> None:
+    if os.environ.get("KERNEL_TEST_DEVICE", "cpu") == "cuda":  # the compiled kernels (kernel_helpers)
+        if not torch.cuda.is_available():
+            pytest.skip("KERNEL_TEST_DEVICE=cuda but no CUDA device")
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        return
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     # The interpreter evaluates both branches of tl.where with numpy; -inf - -inf there is expected.
     warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")

@@ -1,10 +1,22 @@
-"""Input builders and comparisons shared by the kernel tests."""
+"""Input builders and comparisons shared by the kernel tests.
+
+KERNEL_TEST_DEVICE=cuda runs the Triton kernel tests on a GPU against the compiled kernels
+(the default, cpu, runs them under Triton's interpreter): inputs go through `on_device`, the
+float64 reference stays on the CPU.
+"""
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
+
+DEVICE = torch.device(os.environ.get("KERNEL_TEST_DEVICE", "cpu"))
+
+
+def on_device(*xs: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if x is None else x.to(DEVICE) for x in xs)
 
 FLOAT_KEYS = ("logp_factual", "logp_counterfactual", "kl", "js", "margin")
 INT_KEYS = ("argmax_factual", "argmax_counterfactual", "rank")
@@ -75,6 +87,7 @@ def assert_stats_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
                        rtol: float = 1e-5, kl_atol: float | None = None) -> None:
     """Integers exactly; floats with equal infinities and |got - want| <= atol + rtol |want|."""
     assert set(got) == set(want), (sorted(got), sorted(want))
+    got = {key: val.cpu() for key, val in got.items()}
     for key in INT_KEYS:
         assert got[key].dtype == torch.int64, key
         assert torch.equal(got[key], want[key].to(torch.int64)), (key, got[key], want[key])

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from kernel_helpers import assert_stats_close
+from kernel_helpers import DEVICE, assert_stats_close, on_device
 from subliminal.kernels import fused_linear_divergence_stats
 
 
@@ -43,7 +43,7 @@ def poisoned(n: int, v: int, k: int) -> dict[str, torch.Tensor]:
     from subliminal.kernels._checks import Shapes
     from subliminal.kernels.divergence_triton import alloc_outputs
 
-    out = alloc_outputs(Shapes(k=k, n=n, v=v, squeeze=False), torch.device("cpu"))
+    out = alloc_outputs(Shapes(k=k, n=n, v=v, squeeze=False), DEVICE)
     for buf in out.values():
         buf.fill_(math.nan if buf.is_floating_point() else -7)
     return out
@@ -65,7 +65,7 @@ def test_matches_float64_reference(gen: torch.Generator, n: int, v: int, d: int,
 
     h, w, hc, wc, b, bc, t = integer_inputs(gen, n, v, d, k, shared=shared, bias=bias, dtype=dtype, masked=masked)
     for with_js in (True, False):
-        got = fused_linear_stats_triton(h, w, b, hc, wc, bc, t, with_js=with_js, out=poisoned(n, v, k))
+        got = fused_linear_stats_triton(*on_device(h, w, b, hc, wc, bc, t), with_js=with_js, out=poisoned(n, v, k))
         want = fused_linear_divergence_stats(h.double(), w.double(), hc.double(), wc.double(), t, bias_f=as64(b),
                                              bias_c=as64(bc), backend="torch", with_js=with_js)
         assert got["kl"].dtype == torch.float32 and got["kl"].shape == (k, n)
@@ -81,7 +81,7 @@ def test_gpu_default_block_sizes(gen: torch.Generator) -> None:
                                             masked=True)
     rows, bv, bd, warps = fused_block_sizes(n, v, d)
     assert (rows, bv, bd) == (64, 64, 32)
-    got = fused_linear_stats_triton(h, w, b, hc, wc, bc, t, with_js=True, out=poisoned(n, v, k), rows=rows,
+    got = fused_linear_stats_triton(*on_device(h, w, b, hc, wc, bc, t), with_js=True, out=poisoned(n, v, k), rows=rows,
                                     block_v=bv, block_d=bd, num_warps=warps)
     want = fused_linear_divergence_stats(h.double(), w.double(), hc.double(), wc.double(), t, bias_f=as64(b),
                                          bias_c=as64(bc), backend="torch")
@@ -94,7 +94,7 @@ def test_continuous_inputs_two_dimensional(gen: torch.Generator) -> None:
     w = torch.randn(v, d, generator=gen) / d ** 0.5
     hc = h + 0.3 * torch.randn(n, d, generator=gen)
     t = torch.randint(0, v, (n,), generator=gen)
-    got = fused_linear_divergence_stats(h, w, hc, w, t, backend="triton")
+    got = {key: val.cpu() for key, val in fused_linear_divergence_stats(*on_device(h, w, hc, w, t), backend="triton").items()}
     want = fused_linear_divergence_stats(h.double(), w.double(), hc.double(), w.double(), t, backend="torch")
     assert got["rank"].shape == (n,) and got["kl"].shape == (n,)
     for key in ("logp_factual", "logp_counterfactual", "kl", "js", "margin"):
@@ -106,4 +106,4 @@ def test_nan_hidden_state_raises(gen: torch.Generator) -> None:
     h, w, hc, wc, b, bc, t = integer_inputs(gen, 20, 50, 16, 2, shared=True, bias="none", dtype=torch.float32)
     hc[1, 17, 3] = math.nan
     with pytest.raises(ValueError, match=r"counterfactual\[1\] logits at row 17 contains NaN"):
-        fused_linear_divergence_stats(h, w, hc, wc, t, backend="triton")
+        fused_linear_divergence_stats(*on_device(h, w, hc, wc, t), backend="triton")

@@ -8,7 +8,7 @@ import math
 
 import pytest
 import torch
-from kernel_helpers import INT_KEYS, assert_stats_close, make_logits
+from kernel_helpers import DEVICE, INT_KEYS, assert_stats_close, make_logits, on_device
 from subliminal.kernels import divergence_stats
 
 # (N, V, K, dtype, ties, masked, with_js modes): huge vocabularies only with tiny N and one mode
@@ -33,7 +33,7 @@ def poisoned_outputs(n: int, v: int, k: int) -> dict[str, torch.Tensor]:
     from subliminal.kernels._checks import Shapes
     from subliminal.kernels.divergence_triton import alloc_outputs
 
-    out = alloc_outputs(Shapes(k=k, n=n, v=v, squeeze=False), torch.device("cpu"))
+    out = alloc_outputs(Shapes(k=k, n=n, v=v, squeeze=False), DEVICE)
     for buf in out.values():
         buf.fill_(math.nan if buf.is_floating_point() else -7)
     return out
@@ -43,6 +43,7 @@ def run_triton(f: torch.Tensor, c: torch.Tensor, t: torch.Tensor, with_js: bool)
     from subliminal.kernels.divergence_triton import divergence_stats_triton
 
     k = c.shape[0] if c.dim() == 3 else 1
+    f, c, t = on_device(f, c, t)
     return divergence_stats_triton(f, c, t, with_js=with_js, out=poisoned_outputs(f.shape[0], f.shape[1], k))
 
 
@@ -72,7 +73,7 @@ def test_gpu_default_launch_config(gen: torch.Generator) -> None:
     for n, v, k in ((3, 5000, 2), (9, 300, 2)):
         cfg = launch_config(n, v, k)
         f, c, t = make_logits(gen, n, v, k, ties=True, masked=True)
-        got = divergence_stats_triton(f, c, t, with_js=True, out=poisoned_outputs(n, v, k), block_v=cfg.block_v,
+        got = divergence_stats_triton(*on_device(f, c, t), with_js=True, out=poisoned_outputs(n, v, k), block_v=cfg.block_v,
                                       num_warps=cfg.num_warps, rows=cfg.rows, num_stages=cfg.num_stages)
         assert_stats_close(got, reference(f, c, t, True), atol=2e-5, rtol=2e-5, kl_atol=5e-5)
     assert launch_config(3, 5000, 2).rows == 1 and launch_config(9, 300, 2).rows > 1
@@ -90,7 +91,7 @@ def test_many_support_violations_and_large_rank(gen: torch.Generator) -> None:
     t = torch.tensor([4999, 1])
     t[0] = int(c[0, 0, 4000:].argmin()) + 4000  # lowest finite counterfactual logit: large rank
     for bv in (16384, 2048):
-        got = divergence_stats_triton(f, c, t, with_js=False, out=poisoned_outputs(n, v, 1), block_v=bv)
+        got = divergence_stats_triton(*on_device(f, c, t), with_js=False, out=poisoned_outputs(n, v, 1), block_v=bv)
         want = reference(f, c, t, False)
         assert got["kl"][0, 0].item() == math.inf and math.isfinite(got["kl"][0, 1].item())
         assert got["rank"][0, 0].item() == 999
@@ -113,7 +114,7 @@ def test_two_dimensional_counterfactual_and_k_consistency(gen: torch.Generator) 
 
 def test_public_entry_point_dispatches_to_triton(gen: torch.Generator) -> None:
     f, c, t = make_logits(gen, 4, 33, 2)
-    got = divergence_stats(f, c[0], t, backend="triton", with_js=False)
+    got = divergence_stats(*on_device(f, c[0], t), backend="triton", with_js=False)
     assert set(got) == {"argmax_factual", "argmax_counterfactual", "logp_factual", "logp_counterfactual",
                         "kl", "margin", "rank"}
     assert_stats_close(got, reference(f, c[0], t, False), atol=2e-5, kl_atol=5e-5)
@@ -163,7 +164,7 @@ def test_lane_layouts_with_repeated_maxima(gen: torch.Generator, vec: int, block
     t[2] = int(c[0, 2].argmax())  # the data token on the first maximum: rank 0
     t[3] = v - 1
     for with_js in (False, True):
-        got = divergence_stats_triton(f, c, t, with_js=with_js, out=poisoned_outputs(n, v, k), block_v=block_v,
+        got = divergence_stats_triton(*on_device(f, c, t), with_js=with_js, out=poisoned_outputs(n, v, k), block_v=block_v,
                                       vec=vec, rows=4)
         assert_stats_close(got, reference(f, c, t, with_js), atol=2e-5, rtol=2e-5, kl_atol=5e-5)
     assert got["margin"][0].item() == 1.0 and got["rank"][0, 2].item() == 0
