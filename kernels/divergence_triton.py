@@ -147,7 +147,7 @@ def _first_pass_tile(f_rows, c_rows, ck, start, offs, lane_end, V, tok, lc_tok, 
     below = start + lane_end <= tok  # [R, L]: the whole lane lies below the data token
     for k in tl.static_range(K):
         lc = _load_tile(c_rows + k * ck + ids, ids, V, MASKED)
-        thr = tl.where(below, lc_tok[k], lc_up[k])
+        thr = tl.where(below, lc_tok[k][:, None], lc_up[k][:, None])
         cstate = _set(cstate, k, _counterfactual_tile(lc, lf, e_f, alpha_f, start, thr, cstate[k]))
     return fstate, cstate
 
@@ -183,12 +183,13 @@ def _js_pass_tile(f_rows, c_rows, ck, start, offs, V, lse2_f, lse2_c, js, K: tl.
 
 @triton.jit
 def _lanes_lse(m, s):
-    """Across lanes: the row max M [R], each lane's factor to it [R, L] and the row's sum of
-    exponentials relative to M in base 2 [R] (0 for an all -inf row)."""
+    """Across lanes: the row max M [R], each lane's factor to it [R, L], the row's sum of
+    exponentials relative to M (0 for an all -inf row) and its log-sum-exp in base 2 [R]."""
     big = tl.max(m, axis=1)
     big2 = tl.where(big == float("-inf"), 0.0, big * LOG2E)
     scale = tl.math.exp2(m * LOG2E - big2[:, None])
-    return big, big2, scale, tl.sum(s * scale, axis=1)
+    total = tl.sum(s * scale, axis=1)
+    return big, scale, total, big2 + tl.math.log2(total)
 
 
 @triton.jit
@@ -214,7 +215,7 @@ def _ties_below(row_ptr, tok, t, VEC: tl.constexpr):
     j = tl.arange(0, VEC)[None, :]
     off = (tok % VEC)[:, None]
     x = tl.load(row_ptr[:, None] + (tok - tok % VEC)[:, None] + j, mask=j < off, other=float("-inf")).to(tl.float32)
-    return tl.sum(((x == t[:, None]) & (j < off)).to(tl.int32), axis=1)
+    return tl.sum(((x == t[:, None]) & (j < off)).to(tl.int32), axis=1)  # masked -inf may equal t
 
 
 @triton.jit
@@ -223,7 +224,8 @@ def _runner_up(row_ptr, first, pos, holder, m, V, BLOCK_V: tl.constexpr, VEC: tl
     """The second largest logit of the row, counting a repeated maximum twice: the largest of
     the other lanes' maxima and of the max's own lane without the argmax position `pos`. That
     lane is re-read across all tiles (N_TILES x VEC values per row, ~0.5% of the row for a
-    150k vocabulary): cheaper than a running top-2 per logit. first = its first id in tile 0."""
+    150k vocabulary): cheaper than a running top-2 per logit. first = the first id of the
+    argmax's VEC block (`_lane_first`)."""
     lane0 = first % BLOCK_V  # [R]
     ids = (tl.arange(0, N_TILES) * BLOCK_V)[None, :, None] + lane0[:, None, None] + tl.arange(0, VEC)[None, None, :]
     x = tl.load(row_ptr[:, None, None] + ids, mask=ids < V, other=float("-inf")).to(tl.float32)
@@ -260,8 +262,8 @@ def _divergence_kernel(
     lc_tok, lc_up = (zero,) * K, (zero,) * K
     for k in tl.static_range(K):
         t = tl.load(c_row + k * ck + tok).to(tl.float32)
-        lc_tok = _set(lc_tok, k, t[:, None])
-        lc_up = _set(lc_up, k, _next_up(t)[:, None])
+        lc_tok = _set(lc_tok, k, t)
+        lc_up = _set(lc_up, k, _next_up(t))
 
     neg = tl.full((ROWS, LANES), float("-inf"), tl.float32)
     fzero = tl.zeros((ROWS, LANES), tl.float32)
@@ -281,8 +283,7 @@ def _divergence_kernel(
                                           fstate, cstate, K, True)
 
     m_f, s_f, best_f = fstate
-    big_f, big2_f, scale_f, sum_f = _lanes_lse(m_f, s_f)
-    lse2_f = big2_f + tl.math.log2(sum_f)
+    big_f, scale_f, sum_f, lse2_f = _lanes_lse(m_f, s_f)
     am_f, first, holder = _lane_first(f_row, m_f, best_f, lane_off, big_f, V, VEC)
     second = _runner_up(f_row, first, am_f, holder, m_f, V, BLOCK_V, VEC, N_TILES)
     tl.store(am_f_ptr + rows, am_f.to(tl.int64), mask=row_ok)
@@ -292,13 +293,12 @@ def _divergence_kernel(
     lse2_c = (zero,) * K
     for k in tl.static_range(K):
         m_c, s_c, best_c, akl, rank = cstate[k]
-        big_c, big2_c, scale_c, sum_c = _lanes_lse(m_c, s_c)
-        lse2 = big2_c + tl.math.log2(sum_c)
+        big_c, scale_c, sum_c, lse2 = _lanes_lse(m_c, s_c)
         lse2_c = _set(lse2_c, k, lse2)
         am_c, _, _ = _lane_first(c_row + k * ck, m_c, best_c, lane_off, big_c, V, VEC)
         a = tl.sum(akl * scale_f, axis=1)
         kl = tl.where(tl.abs(a) < float("inf"), a / sum_f + (lse2 - lse2_f) * LN2, float("inf"))  # NaN: not < inf
-        t = tl.sum(lc_tok[k], axis=1)
+        t = lc_tok[k]
         rank_k = tl.sum(rank, axis=1) + _ties_below(c_row + k * ck, tok, t, VEC)
         out = k * N + rows
         tl.store(am_c_ptr + out, am_c.to(tl.int64), mask=row_ok)
