@@ -14,11 +14,12 @@ import warnings
 
 import pytest
 import torch
+from kernel_helpers import DEVICE
 
 
 @pytest.fixture(autouse=True)
 def triton_interpret(monkeypatch: pytest.MonkeyPatch) -> None:
-    if os.environ.get("KERNEL_TEST_DEVICE", "cpu") == "cuda":  # the compiled kernels (kernel_helpers)
+    if DEVICE.type == "cuda":  # KERNEL_TEST_DEVICE=cuda: the compiled kernels (kernel_helpers)
         if not torch.cuda.is_available():
             pytest.skip("KERNEL_TEST_DEVICE=cuda but no CUDA device")
         monkeypatch.delenv("TRITON_INTERPRET", raising=False)
