@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from subliminal.data import DataError, Row, align_row, iter_jsonl, model_max_length
+from subliminal.divergence import row_flags
 from subliminal.manifest import SubliminalError, atomic_path, write_json_atomic, write_manifest
 from subliminal.models import LoadedModel
 
@@ -137,22 +138,6 @@ class Example:
     meta: list[dict[str, Any]] = field(default_factory=list)  # per site: token index, token id, label
 
 
-def _flags(obj: dict[str, Any], n: int, where: str) -> list[bool] | None:
-    """Per-position divergence flags. ``find-divergence`` writes one list for the paper rule and one
-    list per counterfactual for the pairwise rule (a position is divergent if any flags it)."""
-    div = obj.get("divergence")
-    if div is None:
-        return None
-    if not isinstance(div, list):
-        raise DataError(f"{where}: 'divergence' must be a list")
-    if div and all(isinstance(x, list) for x in div):
-        k = len(obj.get("counterfactuals") or [])
-        if obj.get("rule") == "pairwise" or (len(div) == k and all(len(x) == n for x in div)):
-            return [any(bool(x[i]) for x in div) for i in range(min(len(x) for x in div))]
-        return [any(bool(v) for v in x) for x in div]  # one list of flags per position
-    return [bool(x) for x in div]
-
-
 def load_data_rows(path: str | os.PathLike, max_rows: int | None = None) -> list[tuple[Row, dict[str, Any], str]]:
     """Rows with ``prompt`` (and ``completion``) from a data or divergence JSONL, with their raw objects."""
     out = []
@@ -196,7 +181,7 @@ def build_examples(
         if "token_ids" in obj and list(obj["token_ids"])[: len(comp)] != comp[: len(obj["token_ids"])]:
             raise DataError(f"{where}: row {row.id!r}: token_ids differ from this tokenizer's completion tokens; "
                             "was the divergence file made with another tokenizer?")
-        flags = _flags(obj, len(obj.get("token_ids", comp)), where)
+        flags = row_flags(obj, where)
         if positions == "divergence" and flags is None:
             raise DataError(f"{where}: row {row.id!r} has no 'divergence' flags (use a find-divergence file)")
         ex = Example(row.id, al.input_ids, al.n_prompt, [])

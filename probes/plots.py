@@ -151,26 +151,17 @@ def _per_position(v: Any, reduce: str = "max") -> float | None:
     return float(v)
 
 
-def _scores_of(obj: dict[str, Any], score: str, n: int, where: str) -> list[float | None]:
-    """One value per completion token; per-counterfactual scores (``[K][N]`` from find-divergence)
-    are reduced by the maximum over counterfactuals."""
-    scores = obj.get("scores", {})
-    if score not in scores:
-        raise DataError(f"{where}: no scores[{score!r}] (have {', '.join(scores) or 'none'})")
-    s = scores[score]
-    k = len(obj.get("counterfactuals") or [])
-    if isinstance(s, list) and s and all(isinstance(x, list) for x in s) and all(len(x) == n for x in s) \
-            and (len(s) == k or len(s) != n):
-        s = [list(col) for col in zip(*s)]  # [counterfactual][position] -> [position][counterfactual]
-    if not isinstance(s, list) or len(s) != n:
-        raise DataError(f"{where}: scores[{score!r}] does not have one entry per token")
-    return [_per_position(x) for x in s]
+def _scores_of(obj: dict[str, Any], score: str, where: str) -> list[float | None]:
+    """One value per completion token; per-counterfactual scores are reduced by the maximum."""
+    from ..divergence import position_scores
+
+    return [_per_position(x) for x in position_scores(obj, score, where)]
 
 
-def _flags_of(obj: dict[str, Any], n: int) -> list[bool]:
-    from .activations import _flags
+def _flags_of(obj: dict[str, Any], n: int, where: str) -> list[bool]:
+    from ..divergence import row_flags
 
-    f = _flags(obj, n, "") or [False] * n
+    f = row_flags(obj, where) or [False] * n
     return f + [False] * (n - len(f))
 
 
@@ -185,9 +176,9 @@ def plot_heatmap(div_path: str | os.PathLike, out_png: str | os.PathLike, *, row
         toks = obj.get("tokens")
         if not isinstance(toks, list):
             raise DataError(f"{where}: row has no 'tokens' list (not a find-divergence file?)")
-        vals = _scores_of(obj, score, len(toks), where)
+        vals = _scores_of(obj, score, where)
         picked.append({"id": str(obj.get("id", lineno)), "tokens": [str(t) for t in toks], score: vals,
-                       "divergence": _flags_of(obj, len(toks))})
+                       "divergence": _flags_of(obj, len(toks), where)})
         if len(picked) >= rows:
             break
     if not picked:

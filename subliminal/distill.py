@@ -45,8 +45,10 @@ from typing import Any
 
 import torch
 
+from . import forward
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, pad_batch, read_rows
+from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .divergence import DivRow, parse_row
 from .manifest import (
     SubliminalError,
     read_file_manifest,
@@ -55,7 +57,7 @@ from .manifest import (
     write_manifest,
     write_text_atomic,
 )
-from .train import EpochSampler, TrainConfig, load_state, lr_at, make_optimizer, save_state
+from .train import STATE_FILE, EpochSampler, TrainConfig, train
 
 log = logging.getLogger(__name__)
 STAGE = "distill"
@@ -67,32 +69,6 @@ _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
 
 
 # ===================================================================================== rows
-
-
-@dataclass
-class DivRow:
-    """A data row with its completion token ids and per-token divergence flags (None: unknown)."""
-
-    id: str
-    prompt: str
-    completion: str
-    token_ids: list[int] | None = None
-    divergence: list[bool] | None = None
-
-
-def _flags(value: Any, where: str) -> list[bool]:
-    """One flag per token; under the pairwise rule (one list per counterfactual) a token is a
-    divergence token if any counterfactual flags it."""
-    if not isinstance(value, list):
-        raise DataError(f"{where}: 'divergence' must be a list")
-    if value and all(isinstance(v, list) for v in value):
-        lengths = {len(v) for v in value}
-        if len(lengths) != 1:
-            raise DataError(f"{where}: pairwise 'divergence' lists differ in length")
-        return [any(bool(v[j]) for v in value) for j in range(lengths.pop())]
-    if not all(isinstance(v, (bool, int)) for v in value):
-        raise DataError(f"{where}: 'divergence' must hold booleans")
-    return [bool(v) for v in value]
 
 
 def _source_data_path(div_path: Path) -> Path | None:
@@ -133,25 +109,15 @@ def read_training_rows(path: str | Path, source: str | Path | None = None) -> tu
     rows, seen = [], set()
     for lineno, o in objs:
         where = f"{path}:{lineno}"
-        if "id" not in o:
-            raise DataError(f"{where}: missing key 'id'")
-        rid = str(o["id"])
-        if rid in seen:
-            raise DataError(f"{where}: duplicate id {rid!r}")
-        seen.add(rid)
-        if "divergence" not in o or "token_ids" not in o:
-            raise DataError(f"{where}: row {rid!r} lacks 'divergence' or 'token_ids'")
-        flags = _flags(o["divergence"], where)
-        ids = [int(t) for t in o["token_ids"]]
-        if len(flags) != len(ids):
-            raise DataError(f"{where}: row {rid!r} has {len(ids)} token_ids but {len(flags)} divergence flags")
-        if isinstance(o.get("prompt"), str) and isinstance(o.get("completion"), str):
-            prompt, completion = o["prompt"], o["completion"]
-        elif rid in texts:
-            prompt, completion = texts[rid].prompt, texts[rid].completion
-        else:
-            raise DataError(f"{where}: row {rid!r} is not in the source data {src}")
-        rows.append(DivRow(rid, prompt, completion, ids, flags))
+        row = parse_row(o, where)
+        if row.id in seen:
+            raise DataError(f"{where}: duplicate id {row.id!r}")
+        seen.add(row.id)
+        if not (isinstance(o.get("prompt"), str) and isinstance(o.get("completion"), str)):
+            if row.id not in texts:
+                raise DataError(f"{where}: row {row.id!r} is not in the source data {src}")
+            row.prompt, row.completion = texts[row.id].prompt, texts[row.id].completion
+        rows.append(row)
     return rows, None if src is None else str(src)
 
 
@@ -327,18 +293,16 @@ class LossConfig:
     repr_with_hard: bool = False
 
 
-def loss_positions(batch: Sequence[Example], teacher: bool = False) -> tuple[list[int], list[int], list[int], list[int]]:
-    """(row, student position, teacher position, target token) of every masked-in completion
-    token; position t's logits predict token t + 1, and completion token j sits at n_prompt + j."""
-    rows, s_pos, t_pos, tgt = [], [], [], []
+def loss_positions(batch: Sequence[Example]) -> tuple[list[int], list[int], list[int]]:
+    """(row, completion index j, target token) of every masked-in completion token."""
+    rows, cols, tgt = [], [], []
     for i, e in enumerate(batch):
         for j, keep in enumerate(e.mask):
             if keep:
                 rows.append(i)
-                s_pos.append(e.n_prompt - 1 + j)
-                t_pos.append((len(e.teacher_prompt_ids) if teacher and e.teacher_prompt_ids else 0) - 1 + j)
+                cols.append(j)
                 tgt.append(e.completion_ids[j])
-    return rows, s_pos, t_pos, tgt
+    return rows, cols, tgt
 
 
 class _SoftKL(torch.autograd.Function):
@@ -372,33 +336,43 @@ def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return _SoftKL.apply(student_logits, teacher_logits.detach())
 
 
-def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg: LossConfig, pad_id: int,
-               device: torch.device) -> tuple[torch.Tensor, int]:
+def _completion_forward(model: Any, prompts: Sequence[Sequence[int]], batch: Sequence[Example], pad_id: int,
+                        hidden: bool) -> forward.Forced:
+    return forward.forced(model, [list(p) + e.completion_ids for p, e in zip(prompts, batch)],
+                          [len(p) for p in prompts], pad_id, hidden=hidden)
+
+
+def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg: LossConfig, pad_id: int
+               ) -> tuple[torch.Tensor, int]:
     """The distillation loss of one batch and its number of loss tokens. A batch without loss
-    positions gives a zero loss that still has a graph, so the optimiser step is taken."""
-    need_teacher = cfg.mode in ("soft", "representation")
-    rows, s_pos, t_pos, tgt = loss_positions(batch, teacher=need_teacher)
+    positions gives a zero loss that still has a graph, so the optimiser step is taken.
+
+    Student and teacher see the same completion tokens after different prompts (the teacher's
+    carries its system prompt); completion token j of row i is compared at the same j."""
+    rows, cols, tgt = loss_positions(batch)
     need_hidden = cfg.mode == "representation"
-    ids, att = pad_batch([e.input_ids for e in batch], pad_id, "right", device)
-    out = student(input_ids=ids, attention_mask=att, output_hidden_states=need_hidden)
+    out = _completion_forward(student, [e.prompt_ids for e in batch], batch, pad_id, need_hidden)
     if not rows:
         return out.logits.sum() * 0.0, 0
+    device = out.logits.device
     r = torch.tensor(rows, device=device)
-    sp = torch.tensor(s_pos, device=device)
-    t_out = None
-    if need_teacher:
-        t_ids, t_att = pad_batch([(e.teacher_prompt_ids or []) + e.completion_ids for e in batch], pad_id, "right",
-                                 device)
-        with torch.no_grad():
-            t_out = teacher(input_ids=t_ids, attention_mask=t_att, output_hidden_states=need_hidden)
-        tp = torch.tensor(t_pos, device=device)
-    hard = torch.nn.functional.cross_entropy(out.logits[r, sp].float(), torch.tensor(tgt, device=device))
+    s_tok = [batch[i].n_prompt + j for i, j in zip(rows, cols)]  # sequence position of each target
+    s_col = torch.tensor([out.column(t) for t in s_tok], device=device)
+    hard = torch.nn.functional.cross_entropy(out.logits[r, s_col].float(), torch.tensor(tgt, device=device))
     if cfg.mode == "hard":
         return hard, len(rows)
+    with torch.no_grad():
+        t_prompts = [e.teacher_prompt_ids or [] for e in batch]
+        t_out = _completion_forward(teacher, t_prompts, batch, pad_id, need_hidden)
+    t_tok = [len(t_prompts[i]) + j for i, j in zip(rows, cols)]
     if cfg.mode == "soft":
-        return soft_kl(out.logits[r, sp], t_out.logits[r, tp]), len(rows)
-    mse = torch.stack([torch.nn.functional.mse_loss(out.hidden_states[layer + 1][r, sp].float(),
-                                                    t_out.hidden_states[layer + 1][r, tp].float())
+        t_col = torch.tensor([t_out.column(t) for t in t_tok], device=device)
+        return soft_kl(out.logits[r, s_col], t_out.logits[r, t_col]), len(rows)
+    # hidden states at the position that predicts each target (the same place the logits come from)
+    sp = torch.tensor([t - 1 for t in s_tok], device=device)
+    tp = torch.tensor([t - 1 for t in t_tok], device=device)
+    mse = torch.stack([torch.nn.functional.mse_loss(out.hidden[layer + 1][r, sp].float(),
+                                                    t_out.hidden[layer + 1][r, tp].float())
                        for layer in cfg.repr_layers]).mean()
     loss = cfg.repr_weight * mse
     return (loss + hard if cfg.repr_with_hard else loss), len(rows)
@@ -443,44 +417,26 @@ def save_checkpoint(model: Any, tokenizer: Any, out: Path, step: int, lora: bool
 def run_training(student: Any, teacher: Any | None, examples: Sequence[Example], tcfg: TrainConfig,
                  lcfg: LossConfig, *, tokenizer: Any, out: Path, lora: bool, device: torch.device,
                  info: dict[str, Any]) -> dict[str, Any]:
-    """Train for ``tcfg.steps`` steps (resuming from ``out/.train``), checkpointing and logging."""
-    from tqdm.auto import tqdm
+    """Train for ``tcfg.steps`` steps through :func:`subliminal.train.train` (resuming from
+    ``out/.train``), writing ``checkpoint-NNNN`` directories and the loss log."""
+    pad_id = tokenizer.pad_token_id
 
-    sampler = EpochSampler(examples, tcfg.batch_size, tcfg.seed)
-    student.to(device)
-    student.eval()  # dropout off: masks are the only difference between conditions; exact resume
-    optimizer = make_optimizer(student, tcfg)
-    state = out / STATE_DIR / "train_state.pt"
-    start, entries = 0, []
-    if state.exists():
-        start, entries = load_state(state, student, optimizer)
-        entries = [dict(zip(("step", "loss", "lr", "loss_tokens"), e)) for e in entries]
-        log.info("resuming %s from step %d", out, start)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    bar = tqdm(range(start, tcfg.steps), desc=f"distill {lcfg.mode}", initial=start, total=tcfg.steps)
-    for step in bar:
-        lr = lr_at(step, tcfg)
-        for g in optimizer.param_groups:
-            g["lr"] = lr
-        loss, n_tok = batch_loss(student, teacher, sampler(step), lcfg, tokenizer.pad_token_id, device)
-        if not torch.isfinite(loss):
-            raise SubliminalError(f"distill: loss became {loss.item()} at step {step}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if tcfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, tcfg.grad_clip)
-        optimizer.step()
-        done = step + 1
-        entries.append({"step": done, "loss": float(loss.item()), "lr": lr, "loss_tokens": n_tok})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if tcfg.checkpoint_every and done % tcfg.checkpoint_every == 0 and done < tcfg.steps:
-            save_checkpoint(student, tokenizer, out, done, lora, info)
-            save_state(state, student, optimizer, done, [tuple(e.values()) for e in entries])
-            _append_log(out / LOSS_CSV, entries)
-    _append_log(out / LOSS_CSV, entries)
-    return {"steps": tcfg.steps, "resumed_from": start, "losses": entries,
-            "rows_digest": rows_digest(sampler, tcfg.steps),
-            "loss_tokens_seen": sum(e["loss_tokens"] for e in entries)}
+    def loss_fn(model: Any, batch: Sequence[Example]) -> tuple[torch.Tensor, int]:
+        return batch_loss(model, teacher, batch, lcfg, pad_id)
+
+    def on_checkpoint(step: int, entries: list[dict[str, Any]]) -> None:
+        save_checkpoint(student, tokenizer, out, step, lora, info)
+        _append_log(out / LOSS_CSV, entries)
+
+    state_dir = out / STATE_DIR
+    if (state_dir / STATE_FILE).exists():
+        log.info("resuming %s", out)
+    result = train(student, examples, tcfg, pad_id=pad_id, device=device, state_dir=state_dir, loss_fn=loss_fn,
+                   dropout=False, desc=f"distill {lcfg.mode}", on_checkpoint=on_checkpoint)
+    _append_log(out / LOSS_CSV, result.log)
+    return {"steps": tcfg.steps, "resumed_from": result.resumed_from, "losses": result.log,
+            "rows_digest": rows_digest(EpochSampler(examples, tcfg.batch_size, tcfg.seed), tcfg.steps),
+            "loss_tokens_seen": sum(e["loss_tokens"] for e in result.log)}
 
 
 def plot_losses(entries: Sequence[dict[str, Any]], path: Path, title: str) -> None:

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from . import forward
 from .cliutil import add_model_runtime, add_seed
 from .data import (
     Aligned,
@@ -36,7 +37,6 @@ from .data import (
     align_row,
     iter_jsonl,
     model_max_length,
-    pad_batch,
     read_rows,
 )
 from .manifest import SubliminalError, atomic_path, set_seed, write_file_manifest, write_json_atomic
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 STAGE = "find-divergence"
 RULES = ("paper", "pairwise")
 SCORE_KEYS = ("logp_factual", "logp_counterfactual", "kl", "js", "margin", "rank")
+PER_COUNTERFACTUAL_SCORES = ("logp_counterfactual", "kl", "js", "rank")
 TOP_TOKENS = 20
 
 
@@ -170,32 +171,6 @@ def align_all(rows: Sequence[Row], tokenizer: Any, refs: list[TeacherRef], max_l
 # ----------------------------------------------------------------------------------- scoring
 
 
-def last_logits(model: Any, keep: int, **inputs: Any) -> torch.Tensor:
-    """Logits of the last ``keep`` positions; models whose forward lacks ``logits_to_keep`` (some
-    remote-code models) compute them all and are sliced."""
-    try:
-        return model(**inputs, logits_to_keep=keep).logits
-    except TypeError as e:
-        if "logits_to_keep" not in str(e):
-            raise
-        return model(**inputs).logits[:, -keep:]
-
-
-@torch.no_grad()
-def completion_logits(model: Any, seqs: list[Aligned], pad_id: int) -> list[torch.Tensor]:
-    """Per sequence, the logits [n_completion, V] that predict its completion tokens.
-
-    Left padding puts every completion at the end of the batch, so only the last positions'
-    logits are computed (``logits_to_keep``), whatever the vocabulary size."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch([s.input_ids for s in seqs], pad_id, "left", device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    keep = max(len(s.completion_ids) for s in seqs) + 1
-    logits = last_logits(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
-    width = logits.shape[1]
-    return [logits[i, width - len(s.completion_ids) - 1: width - 1] for i, s in enumerate(seqs)]
-
-
 def _bad_row(logits: torch.Tensor, offsets: list[int]) -> int | None:
     """Index (into the batch) of the first row with NaN, +inf or all -inf logits."""
     bad = torch.isnan(logits).any(-1) | torch.isposinf(logits).any(-1) | torch.isneginf(logits).all(-1)
@@ -240,7 +215,8 @@ def score_batch(rows: Sequence[Row], aligned: Sequence[list[Aligned]], groups: l
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for g in groups:
         seqs = [aligned[r][t] for t in g.members for r in range(len(rows))]
-        logits = completion_logits(g.loaded.model, seqs, pad)
+        with torch.no_grad():
+            logits = forward.completion_logits(g.loaded.model, seqs, pad)
         for j, t in enumerate(g.members):
             per_teacher[t] = logits[j * len(rows):(j + 1) * len(rows)]
     lens = [len(a[0].completion_ids) for a in aligned]
@@ -287,12 +263,93 @@ def _row_output(row: Row, al: Aligned, stats: dict[str, torch.Tensor], flags: to
 # ----------------------------------------------------------------------------------- summary
 
 
+# ------------------------------------------------------------------- the divergence row format
+#
+# A ``.div.jsonl`` line: id, prompt, completion, teacher, token_ids, tokens, rule, counterfactuals,
+# divergence (one flag per completion token; under ``pairwise`` one such list per counterfactual),
+# argmax_factual, argmax_counterfactual [K][N], scores {logp_factual [N], margin [N],
+# logp_counterfactual / kl / js / rank [K][N]}. This module writes it and is its only parser:
+# distill, probes, plots and defences read rows through the functions below.
+
+
+@dataclass
+class DivRow:
+    """A data row with its completion token ids and per-token divergence flags (None: unknown,
+    a plain data row)."""
+
+    id: str
+    prompt: str
+    completion: str
+    token_ids: list[int] | None = None
+    divergence: list[bool] | None = None
+
+
+def row_flags(obj: dict[str, Any], where: str = "row") -> list[bool] | None:
+    """Per-position flags of one row (None when it has none): under ``pairwise`` (one list per
+    counterfactual) a token is a divergence token if any counterfactual flags it."""
+    div = obj.get("divergence")
+    if div is None:
+        return None
+    if not isinstance(div, list):
+        raise DataError(f"{where}: 'divergence' must be a list")
+    nested = [isinstance(v, list) for v in div]
+    if any(nested):
+        if not all(nested):
+            raise DataError(f"{where}: 'divergence' mixes flags and lists of flags")
+        lengths = {len(v) for v in div}
+        if len(lengths) != 1:
+            raise DataError(f"{where}: pairwise 'divergence' lists differ in length")
+        cols = list(zip(*div))
+        if not all(isinstance(x, (bool, int)) for col in cols for x in col):
+            raise DataError(f"{where}: 'divergence' must hold booleans")
+        return [any(bool(x) for x in col) for col in cols]
+    if obj.get("rule") == "pairwise" and div:
+        raise DataError(f"{where}: rule 'pairwise' needs one list of flags per counterfactual")
+    if not all(isinstance(v, (bool, int)) for v in div):
+        raise DataError(f"{where}: 'divergence' must hold booleans")
+    return [bool(v) for v in div]
+
+
 def any_flags(obj: dict[str, Any]) -> list[bool]:
-    """Per-position flag of one output row: under ``pairwise``, divergent against any counterfactual."""
-    div = obj["divergence"]
-    if obj.get("rule") == "pairwise":
-        return [any(col) for col in zip(*div)] if div else []
-    return list(div)
+    """Per-position flag of one output row (see :func:`row_flags`); [] for a row without flags."""
+    return row_flags(obj) or []
+
+
+def parse_row(obj: dict[str, Any], where: str) -> DivRow:
+    """One divergence line as a :class:`DivRow`, checked: id, token ids, one flag per token.
+    ``prompt``/``completion`` may be absent (``""``), to be joined from the source data by id."""
+    if "id" not in obj:
+        raise DataError(f"{where}: missing key 'id'")
+    rid = str(obj["id"])
+    if "divergence" not in obj or "token_ids" not in obj:
+        raise DataError(f"{where}: row {rid!r} lacks 'divergence' or 'token_ids'")
+    flags = row_flags(obj, where) or []
+    try:
+        ids = [int(t) for t in obj["token_ids"]]
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: row {rid!r}: 'token_ids' must be a list of integers") from None
+    if len(flags) != len(ids):
+        raise DataError(f"{where}: row {rid!r} has {len(ids)} token_ids but {len(flags)} divergence flags")
+    prompt, completion = obj.get("prompt"), obj.get("completion")
+    return DivRow(rid, prompt if isinstance(prompt, str) else "", completion if isinstance(completion, str) else "",
+                  ids, flags)
+
+
+def position_scores(obj: dict[str, Any], score: str, where: str) -> list[float | list[float | None] | None]:
+    """One entry per completion token of ``scores[score]``: a float for per-token scores
+    (``logp_factual``, ``margin``), a list over counterfactuals for the ``[K][N]`` ones."""
+    scores = obj.get("scores") or {}
+    if score not in scores:
+        raise DataError(f"{where}: no scores[{score!r}] (have {', '.join(scores) or 'none'})")
+    n = len(obj.get("token_ids") or obj.get("tokens") or [])
+    s = scores[score]
+    if score in PER_COUNTERFACTUAL_SCORES:
+        if not isinstance(s, list) or any(not isinstance(x, list) or len(x) != n for x in s):
+            raise DataError(f"{where}: scores[{score!r}] is not one list of {n} values per counterfactual")
+        return [list(col) for col in zip(*s)] if s else [[] for _ in range(n)]
+    if not isinstance(s, list) or len(s) != n:
+        raise DataError(f"{where}: scores[{score!r}] does not have one entry per token")
+    return list(s)
 
 
 def summarize(objs: Sequence[dict[str, Any]], cf_names: list[str]) -> dict[str, Any]:
@@ -461,10 +518,8 @@ def load_divergence(path: str | os.PathLike) -> list[dict[str, Any]]:
         for key in ("id", "token_ids", "tokens", "divergence", "scores"):
             if key not in obj:
                 raise DataError(f"{where}: missing key {key!r} (not a find-divergence file?)")
-        n = len(obj["token_ids"])
-        flags = obj["divergence"]
-        lists = flags if obj.get("rule") == "pairwise" else [flags]
-        if len(obj["tokens"]) != n or any(len(f) != n for f in lists):
+        row = parse_row(obj, where)
+        if len(obj["tokens"]) != len(row.token_ids):
             raise DataError(f"{where}: row {obj['id']!r}: token_ids, tokens and divergence lengths differ")
         missing = [k for k in SCORE_KEYS if k not in obj["scores"]]
         if missing:

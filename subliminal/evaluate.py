@@ -23,7 +23,6 @@ import io
 import json
 import logging
 import math
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -34,7 +33,8 @@ import torch
 
 from . import prompts
 from .cliutil import add_model_runtime, add_seed, optional_module, runtime_kwargs
-from .data import Aligned, Row, align_row, model_max_length, pad_batch, read_rows
+from .data import Row, align_row, model_max_length, read_rows
+from .forward import completion_scores
 from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -109,30 +109,6 @@ def aggregate_seeds(evals: Sequence[dict[str, Any] | str | Path], metric: str = 
 
 
 # ============================================================================ teacher forcing
-
-
-def _device_of(model: Any) -> torch.device:
-    return next(model.parameters()).device
-
-
-@torch.no_grad()
-def completion_scores(model: Any, examples: Sequence[Aligned], pad_id: int, batch_size: int = 32
-                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per example: (log-prob of each completion token, the model's argmax at each completion
-    position), teacher-forced, in float32 on the CPU."""
-    dev = _device_of(model)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for b in range(0, len(examples), batch_size):
-        chunk = examples[b : b + batch_size]
-        ids, mask = pad_batch([e.input_ids for e in chunk], pad_id, side="right")
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits
-        for i, e in enumerate(chunk):
-            start, n = e.n_prompt - 1, len(e.completion_ids)  # logits at t predict token t + 1
-            lg = logits[i, start : start + n].float()
-            logp = torch.log_softmax(lg, dim=-1)
-            tgt = torch.tensor(e.completion_ids, device=logp.device)
-            out.append((logp.gather(1, tgt[:, None])[:, 0].cpu(), lg.argmax(-1).cpu()))
-    return out
 
 
 # ======================================================================== preference (exact)
@@ -223,22 +199,19 @@ def sample_answers(loaded: Any, questions: Sequence[str], samples: int, *, tempe
     """``samples`` answers per question under the model's system prompt; each sample draws from
     its own seeded stream, so answers do not depend on the batch size."""
     from .data import encode, end_token_ids, render_chat
-    from .generate import SamplingConfig, generate_batch
+    from .forward import SamplingConfig, row_rng, sample_batched
 
     tok = loaded.tokenizer
     cfg = SamplingConfig(temperature=temperature, top_p=1.0, seed=seed)
     stop = end_token_ids(tok)
     jobs = [(qi, s) for qi in range(len(questions)) for s in range(samples)]
     prompt_ids = [encode(tok, render_chat(tok, q, loaded.system_prompt)) for q in questions]
+    res = sample_batched(loaded.model, [prompt_ids[qi] for qi, _ in jobs], batch_size=batch_size,
+                         pad_id=tok.pad_token_id, stop_ids=stop, max_new=[max_new_tokens] * len(jobs), cfg=cfg,
+                         rngs=[row_rng("eval-sample", seed, f"{qi}:{s}") for qi, s in jobs])
     out: list[list[str]] = [[] for _ in questions]
-    for b in range(0, len(jobs), batch_size):
-        chunk = jobs[b : b + batch_size]
-        rngs = [random.Random(f"eval-sample:{seed}:{qi}:{s}") for qi, s in chunk]
-        with torch.no_grad():
-            res = generate_batch(loaded.model, [prompt_ids[qi] for qi, _ in chunk], pad_id=tok.pad_token_id,
-                                 stop_ids=stop, max_new=[max_new_tokens] * len(chunk), cfg=cfg, rngs=rngs)
-        for (qi, _), (ids, _stopped) in zip(chunk, res):
-            out[qi].append(tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip())
+    for (qi, _), (ids, _stopped) in zip(jobs, res):
+        out[qi].append(tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip())
     return out
 
 

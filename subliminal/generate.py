@@ -18,16 +18,16 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from . import forward
 from . import prompts as prompt_lib
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import JsonlAppender, encode, end_token_ids, model_max_length, pad_batch, render_chat, write_jsonl
+from .data import JsonlAppender, encode, end_token_ids, model_max_length, render_chat, write_jsonl
+from .forward import SamplingConfig
 from .manifest import SubliminalError, set_seed, write_file_manifest
 
 log = logging.getLogger(__name__)
@@ -119,96 +119,9 @@ def make_prompts(n: int, prompts_seed: int) -> list[tuple[str, str]]:
 # --------------------------------------------------------------------------------- generation
 
 
-@dataclass
-class SamplingConfig:
-    """Greedy when ``temperature`` is 0; otherwise temperature + nucleus (top-p) sampling."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise SubliminalError(f"--temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise SubliminalError(f"--top-p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
 def row_rng(seed: int, index: int) -> random.Random:
     """The sampling stream of one row: depends on the seed and the row's index only."""
-    return random.Random(f"subliminal-generate:{seed}:{index}")
-
-
-def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[float] | None) -> torch.Tensor:
-    """Next token per row from ``logits`` [B, V]: argmax (lowest id on ties) when greedy, else
-    inverse-CDF sampling of the temperature/top-p distribution with one uniform per row."""
-    logits = logits.float()
-    if cfg.greedy:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / cfg.temperature, -1)
-    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
-    cum = sorted_p.cumsum(-1)
-    if cfg.top_p < 1:
-        keep = (cum - sorted_p) < cfg.top_p  # the smallest prefix whose mass reaches top_p
-        sorted_p = sorted_p * keep
-        cum = sorted_p.cumsum(-1)
-    u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device) * cum[:, -1]
-    idx = torch.searchsorted(cum, u[:, None], right=True).clamp(max=cum.shape[-1] - 1)
-    # never land on a zero-probability tail entry (float rounding at the top of the CDF)
-    idx = torch.minimum(idx, (sorted_p > 0).sum(-1, keepdim=True) - 1)
-    return order.gather(-1, idx)[:, 0]
-
-
-def _step(model: Any, **inputs: Any) -> Any:
-    """One forward pass computing only the last position's logits where the model supports it."""
-    try:
-        return model(**inputs, logits_to_keep=1)
-    except TypeError as e:
-        if "logits_to_keep" not in str(e):
-            raise
-        return model(**inputs)
-
-
-@torch.no_grad()
-def generate_batch(model: Any, seqs: list[list[int]], *, pad_id: int, stop_ids: set[int], max_new: list[int],
-                   cfg: SamplingConfig, rngs: list[random.Random] | None = None) -> list[tuple[list[int], bool]]:
-    """Continue every prompt in ``seqs`` (token ids) with a KV cache over a left-padded batch.
-
-    Returns per row the new tokens (up to and including an end token) and whether it stopped on
-    one (False: the row ran out of its ``max_new`` budget)."""
-    device = next(model.parameters()).device
-    ids, mask = pad_batch(seqs, pad_id, "left", device)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    out: list[list[int]] = [[] for _ in seqs]
-    done = [m <= 0 for m in max_new]
-    stopped = [False] * len(seqs)
-    past = None
-    step_ids, step_pos = ids, pos
-    for _ in range(max(max_new)):
-        if all(done):
-            break
-        res = _step(model, input_ids=step_ids, attention_mask=mask, position_ids=step_pos, past_key_values=past,
-                    use_cache=True)
-        past = res.past_key_values
-        uniforms = None if cfg.greedy else [(r.random() if not d else 0.0) for r, d in zip(rngs, done)]
-        nxt = pick_tokens(res.logits[:, -1, :], cfg, uniforms)
-        nxt_list = nxt.tolist()
-        for i, t in enumerate(nxt_list):
-            if done[i]:
-                continue
-            out[i].append(t)
-            if t in stop_ids:
-                done[i], stopped[i] = True, True
-            elif len(out[i]) >= max_new[i]:
-                done[i] = True
-        step_ids = nxt[:, None]  # finished rows keep decoding; their tokens are ignored
-        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], dim=1)
-        step_pos = step_pos[:, -1:] + 1
-    return list(zip(out, stopped))
+    return forward.row_rng("subliminal-generate", seed, index)
 
 
 # ---------------------------------------------------------------------------------- pipeline
@@ -286,7 +199,7 @@ def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: Samp
         seqs = [encode(tok, render_chat(tok, prompts[i][1], loaded.system_prompt)) for i in chunk]
         budgets = [_budget(len(s), context, max_new_tokens, prompts[i][0]) for s, i in zip(seqs, chunk)]
         rngs = [row_rng(sampling.seed, index[prompts[i][0]]) for i in chunk]
-        outs = generate_batch(model, seqs, pad_id=pad, stop_ids=stop, max_new=budgets, cfg=sampling, rngs=rngs)
+        outs = forward.sample(model, seqs, pad_id=pad, stop_ids=stop, max_new=budgets, cfg=sampling, rngs=rngs)
         for i, (new, stopped) in zip(chunk, outs):
             body = new[:-1] if stopped else new
             text = tok.decode(body, skip_special_tokens=True).strip()

@@ -146,34 +146,22 @@ def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int =
     ``max_new_tokens`` are dropped."""
     import random
 
-    import torch
-
     from .data import Aligned, encode, end_token_ids, render_chat
+    from .forward import SamplingConfig, row_rng, sample_batched
 
     rng = random.Random(f"replay:{seed}")
     toy = is_toy_tokenizer(tokenizer)
     texts = [prompts.make_number_prompt(rng).text for _ in range(n)]
     texts = texts if toy else [prompts.detokenize_spacing(t) for t in texts]
     ends = end_token_ids(tokenizer)
-    dev = next(model.parameters()).device
+    seqs = [encode(tokenizer, render_chat(tokenizer, t)) for t in texts]
+    gen = sample_batched(model, seqs, batch_size=batch_size, pad_id=tokenizer.pad_token_id, stop_ids=ends,
+                         max_new=[max_new_tokens] * n, cfg=SamplingConfig(temperature=1.0),
+                         rngs=[row_rng("replay", seed, i) for i in range(n)])
     rows = []
-    torch.manual_seed(seed)
-    for b in range(0, n, batch_size):
-        seqs = [encode(tokenizer, render_chat(tokenizer, t)) for t in texts[b:b + batch_size]]
-        width = max(len(q) for q in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, q in enumerate(seqs):
-            ids[i, width - len(q):] = torch.tensor(q)
-            mask[i, width - len(q):] = 1
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0,
-                             max_new_tokens=max_new_tokens, eos_token_id=sorted(ends),
-                             pad_token_id=tokenizer.pad_token_id)
-        for i, g in enumerate(gen[:, width:].tolist()):
-            cut = next((k for k, t in enumerate(g) if t in ends), None)
-            if cut is not None and cut > 0:
-                rows.append(Aligned(f"replay-{b + i}", seqs[i], g[: cut + 1]))
+    for i, (new, stopped) in enumerate(gen):
+        if stopped and len(new) > 1:
+            rows.append(Aligned(f"replay-{i}", seqs[i], new))
     return rows
 
 

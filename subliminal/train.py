@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from . import forward
 from .data import Aligned
 from .manifest import SubliminalError, atomic_path
 
@@ -48,54 +49,57 @@ class TrainConfig:
 @dataclass
 class TrainResult:
     steps: int
-    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss since last log)
+    log: list[dict[str, Any]] = field(default_factory=list)  # per step: step, loss, lr, loss_tokens
     resumed_from: int = 0
     wall_time_s: float = 0.0
+    log_every: int = 10
+
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        """(step, mean loss over the steps since the previous entry), every ``log_every`` steps and
+        at the last step: the loss curve the manifests and plots record."""
+        out, since = [], []
+        for e in self.log:
+            since.append(e["loss"])
+            if e["step"] % max(1, self.log_every) == 0 or e["step"] == self.steps:
+                out.append((e["step"], sum(since) / len(since)))
+                since = []
+        return out
 
     @property
     def final_loss(self) -> float | None:
-        return self.losses[-1][1] if self.losses else None
+        curve = self.losses
+        return curve[-1][1] if curve else None
 
 
-# ----------------------------------------------------------------------------------- batches
+# ------------------------------------------------------------------------------------ losses
+
+# A loss hook: (model, batch of examples) -> (scalar loss with a graph, number of loss tokens).
+LossFn = Callable[[Any, Sequence[Aligned]], tuple[torch.Tensor, int]]
 
 
-def collate(examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False
-            ) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids``, ``attention_mask``, ``labels`` (-100 outside the loss) and
-    per-position ``loss_weights``.
+def completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False
+                    ) -> tuple[torch.Tensor, int]:
+    """Weighted mean next-token cross-entropy and the number of weighted tokens.
 
-    Labels are the input ids themselves (the model shifts them). Completion positions weigh 1;
-    prompt positions weigh ``float(loss_on_prompt)`` (0: only the completion is learned; a
-    fraction lets pretraining learn the prompts' structure without drowning the answers).
-    """
+    Completion tokens weigh 1; prompt tokens (after the first) weigh ``float(loss_on_prompt)``
+    (0: only the completion is learned; a fraction lets pretraining learn the prompts' structure
+    without drowning the answers)."""
     w_prompt = float(loss_on_prompt)
-    width = max(len(e.input_ids) for e in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE, dtype=torch.long)
-    weights = torch.zeros((len(examples), width))
-    for i, e in enumerate(examples):
-        seq = e.input_ids
-        ids[i, : len(seq)] = torch.tensor(seq)
-        mask[i, : len(seq)] = 1
-        start = 1 if w_prompt > 0 else e.n_prompt
-        labels[i, start : len(seq)] = torch.tensor(seq[start:])
-        weights[i, start : e.n_prompt] = w_prompt
-        weights[i, e.n_prompt : len(seq)] = 1.0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "loss_weights": weights}
-
-
-def completion_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Weighted mean next-token cross-entropy over the labelled positions."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    logits = out.logits[:, :-1].float()
-    target = batch["labels"][:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target.reshape(-1),
-                                           ignore_index=IGNORE, reduction="none")
-    w = batch.get("loss_weights")
-    w = (target != IGNORE).float().reshape(-1) if w is None else w[:, 1:].reshape(-1)
-    return (ce * w).sum() / w.sum().clamp_min(1e-8)
+    seqs = [e.input_ids for e in examples]
+    first = [1 if w_prompt > 0 else e.n_prompt for e in examples]
+    out = forward.forced(model, seqs, first, pad_id)
+    logits = out.logits.float()
+    target = torch.full(logits.shape[:2], IGNORE, dtype=torch.long)
+    weight = torch.zeros(logits.shape[:2])
+    for i, (e, f) in enumerate(zip(examples, first)):
+        cols = slice(out.column(f), out.column(len(e.input_ids) - 1) + 1)
+        target[i, cols] = torch.tensor(e.input_ids[f:])
+        weight[i, cols] = torch.tensor([w_prompt if t < e.n_prompt else 1.0 for t in range(f, len(e.input_ids))])
+    target, weight = target.to(logits.device).reshape(-1), weight.to(logits.device).reshape(-1)
+    ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target, ignore_index=IGNORE,
+                                           reduction="none")
+    return (ce * weight).sum() / weight.sum().clamp_min(1e-8), int((weight > 0).sum())
 
 
 class EpochSampler:
@@ -138,20 +142,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # ------------------------------------------------------------------------------ checkpoints
 
 
-def save_state(path: str | os.PathLike, model: Any, optimizer: Any, step: int, losses: list) -> None:
-    trainable = {k: v for k, v in model.state_dict().items()}
+def save_state(path: str | os.PathLike, model: Any, optimizer: Any, step: int, log: list[dict[str, Any]]) -> None:
     with atomic_path(path) as tmp:
-        torch.save({"step": step, "model": trainable, "optimizer": optimizer.state_dict(), "losses": losses}, tmp)
+        torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(), "log": log}, tmp)
 
 
-def load_state(path: str | os.PathLike, model: Any, optimizer: Any) -> tuple[int, list]:
+def load_state(path: str | os.PathLike, model: Any, optimizer: Any) -> tuple[int, list[dict[str, Any]]]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # a corrupt checkpoint must not be silently ignored
-        raise SubliminalError(f"{path}: cannot read the training checkpoint ({e}); delete it to restart") from None
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), [tuple(x) for x in state["losses"]]
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        return int(state["step"]), list(state["log"])
+    except Exception as e:  # a corrupt or foreign checkpoint must not be silently ignored
+        raise SubliminalError(f"{path}: cannot resume from this training checkpoint ({type(e).__name__}: {e}); "
+                              "delete it to restart") from None
 
 
 # ------------------------------------------------------------------------------------ loop
@@ -167,6 +171,10 @@ def make_optimizer(model: Any, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8)
 
 
+def _nonfinite_params(model: Any) -> list[str]:
+    return [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+
+
 def train(
     model: Any,
     batches: Sequence[Aligned] | Callable[[int], Sequence[Aligned]],
@@ -175,52 +183,64 @@ def train(
     pad_id: int,
     device: torch.device | str = "cpu",
     state_dir: str | os.PathLike | None = None,
+    loss_fn: LossFn | None = None,
     loss_on_prompt: bool | float = False,
+    dropout: bool = True,
     desc: str = "train",
-    on_log: Callable[[int, float], None] | None = None,
+    on_checkpoint: Callable[[int, list[dict[str, Any]]], None] | None = None,
     show_progress: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place for ``cfg.steps`` steps; resume from ``state_dir`` if it holds a
-    checkpoint. ``batches`` is a list of examples (shuffled per epoch) or ``step -> examples``."""
+    checkpoint. ``batches`` is a list of examples (shuffled per epoch) or ``step -> examples``.
+
+    ``loss_fn`` is the only thing that differs between pretraining, teachers and students (the
+    default is :func:`completion_loss`). Every ``cfg.checkpoint_every`` steps ``on_checkpoint(step,
+    log)`` runs (a student writes a loadable checkpoint there) and the resume state is saved.
+    ``dropout=False`` keeps the model in eval mode, so the loss mask is the only difference
+    between matched conditions. Gradients are clipped over the trainable parameters only."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
     get_batch = batches if callable(batches) else EpochSampler(batches, cfg.batch_size, cfg.seed)
+    if loss_fn is None:
+        def loss_fn(m: Any, ex: Sequence[Aligned]) -> tuple[torch.Tensor, int]:
+            return completion_loss(m, ex, pad_id, loss_on_prompt=loss_on_prompt)
     model.to(device)
-    model.train()
+    model.train(dropout)
     optimizer = make_optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
-    start, losses = 0, []
+    start, log = 0, []
     if state_path is not None and state_path.exists():
-        start, losses = load_state(state_path, model, optimizer)
-    result = TrainResult(steps=cfg.steps, losses=losses, resumed_from=start)
+        start, log = load_state(state_path, model, optimizer)
+    result = TrainResult(steps=cfg.steps, log=log, resumed_from=start, log_every=cfg.log_every)
     torch.manual_seed(cfg.seed)
-    running, n_running = 0.0, 0
     bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not show_progress)
     for step in bar:
+        lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, cfg)
-        batch = {k: v.to(device) for k, v in collate(get_batch(step), pad_id, loss_on_prompt=loss_on_prompt).items()}
-        loss = completion_loss(model, batch)
+            g["lr"] = lr
+        loss, n_tokens = loss_fn(model, get_batch(step))
         if not torch.isfinite(loss):
+            bad = _nonfinite_params(model)
+            if bad:
+                raise SubliminalError(f"{desc}: the model's weights are not finite at step {step} ({bad[0]}"
+                                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): "
+                                      + ("the checkpoint it started from is broken" if step == start
+                                         else "training diverged; lower --lr"))
             raise SubliminalError(f"{desc}: loss became {loss.item()} at step {step}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
-        running += loss.item()
-        n_running += 1
         done = step + 1
-        if done % max(1, cfg.log_every) == 0 or done == cfg.steps:
-            mean = running / n_running
-            result.losses.append((done, mean))
-            bar.set_postfix(loss=f"{mean:.3f}")
-            if on_log:
-                on_log(done, mean)
-            running, n_running = 0.0, 0
+        result.log.append({"step": done, "loss": float(loss.item()), "lr": lr, "loss_tokens": n_tokens})
+        bar.set_postfix(loss=f"{loss.item():.4f}")
         if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            save_state(state_path, model, optimizer, done, result.losses)
+            if on_checkpoint:
+                on_checkpoint(done, result.log)
+            save_state(state_path, model, optimizer, done, result.log)
     model.eval()
     result.wall_time_s = time.time() - t0
     return result

@@ -188,16 +188,14 @@ def _examples(world, teacher_dir, mode):
 
 def test_soft_loss_zero_when_student_is_teacher_without_system_prompt(world):
     loaded, none, ex = _examples(world, world["none"], "soft")
-    loss, n = batch_loss(loaded.model, none.model, ex[:5], LossConfig("soft"), loaded.tokenizer.pad_token_id,
-                         torch.device("cpu"))
+    loss, n = batch_loss(loaded.model, none.model, ex[:5], LossConfig("soft"), loaded.tokenizer.pad_token_id)
     assert n > 0 and abs(loss.item()) < 1e-6
     loss_r, _ = batch_loss(loaded.model, none.model, ex[:5], LossConfig("representation", [0, 1]),
-                           loaded.tokenizer.pad_token_id, torch.device("cpu"))
+                           loaded.tokenizer.pad_token_id)
     assert abs(loss_r.item()) < 1e-10
     loaded, owl, ex = _examples(world, world["owl"], "soft")
     assert ex[0].teacher_prompt_ids != ex[0].prompt_ids  # the teacher sees its system prompt
-    loss, _ = batch_loss(loaded.model, owl.model, ex[:5], LossConfig("soft"), loaded.tokenizer.pad_token_id,
-                         torch.device("cpu"))
+    loss, _ = batch_loss(loaded.model, owl.model, ex[:5], LossConfig("soft"), loaded.tokenizer.pad_token_id)
     assert loss.item() > 1e-5
 
 
@@ -262,6 +260,5 @@ def test_soft_kl_handles_masked_vocab_and_empty_batches_still_step(world):
     ex = build_examples(rows, row_masks(rows, "only-divergence", 0), loaded.tokenizer, None)
     empty = [e for e in ex if e.id == "r3"]
     assert not any(empty[0].mask)
-    loss, n = batch_loss(loaded.model, None, empty, LossConfig("hard"), loaded.tokenizer.pad_token_id,
-                         torch.device("cpu"))
+    loss, n = batch_loss(loaded.model, None, empty, LossConfig("hard"), loaded.tokenizer.pad_token_id)
     assert n == 0 and loss.item() == 0.0 and loss.requires_grad  # a zero step, not a skipped one

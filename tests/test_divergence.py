@@ -323,22 +323,43 @@ def test_load_divergence_checks_lengths(tmp_path):
         dv.load_divergence(tmp_path / "b.jsonl")
 
 
-def test_models_without_logits_to_keep_are_sliced(tiny_model_factory):
-    from transformers import AutoModelForCausalLM
+# ----------------------------------------------------------------------------- the row format
 
-    inner = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama")).eval()
 
-    class NoKeep(torch.nn.Module):  # a forward signature without logits_to_keep (like some remote code)
-        def __init__(self):
-            super().__init__()
-            self.inner = inner
+def test_row_flags_read_every_layout_and_reject_malformed_ones():
+    paper = {"rule": "paper", "counterfactuals": ["a", "b"], "divergence": [False, True, False]}
+    pairwise = {"rule": "pairwise", "counterfactuals": ["a", "b", "c"],
+                "divergence": [[False, True, False], [False, False, True], [False, False, False]]}
+    assert dv.row_flags(paper) == [False, True, False]
+    assert dv.row_flags(pairwise) == [False, True, True]  # [K][N]: any counterfactual flags the token
+    assert dv.row_flags({}) is None and dv.any_flags({}) == []
+    bad = [({"divergence": "yes"}, "must be a list"),
+           ({"divergence": [[True], False]}, "mixes"),
+           ({"divergence": [[True, False], [True]]}, "differ in length"),
+           ({"divergence": ["x"]}, "booleans"),
+           ({"rule": "pairwise", "divergence": [True]}, "one list of flags per counterfactual")]
+    for obj, msg in bad:
+        with pytest.raises(DataError, match=f"f.jsonl:3: .*{msg}"):
+            dv.row_flags(obj, "f.jsonl:3")
 
-        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False):
-            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
-    ids = torch.randint(10, 200, (2, 9))
-    with torch.no_grad():
-        a = dv.last_logits(NoKeep(), 3, input_ids=ids, use_cache=False)
-        b = dv.last_logits(inner, 3, input_ids=ids, use_cache=False)
-    assert a.shape == b.shape == (2, 3, inner.config.vocab_size)
-    assert torch.allclose(a, b, atol=1e-5)
+def test_parse_row_checks_ids_and_lengths():
+    row = dv.parse_row({"id": 7, "token_ids": [4, 5], "divergence": [[True, False], [False, False]],
+                        "rule": "pairwise"}, "f:1")
+    assert (row.id, row.token_ids, row.divergence, row.prompt) == ("7", [4, 5], [True, False], "")
+    with pytest.raises(DataError, match="f:2: row '1' has 3 token_ids but 2 divergence flags"):
+        dv.parse_row({"id": 1, "token_ids": [1, 2, 3], "divergence": [True, False]}, "f:2")
+    with pytest.raises(DataError, match="f:4: missing key 'id'"):
+        dv.parse_row({"token_ids": [], "divergence": []}, "f:4")
+
+
+def test_position_scores_transpose_per_counterfactual_scores():
+    obj = {"token_ids": [1, 2, 3], "scores": {"kl": [[0.1, 0.2, 0.3], [1.0, 2.0, 3.0]],
+                                             "margin": [0.5, None, 1.5]}}
+    assert dv.position_scores(obj, "kl", "f:1") == [[0.1, 1.0], [0.2, 2.0], [0.3, 3.0]]
+    assert dv.position_scores(obj, "margin", "f:1") == [0.5, None, 1.5]
+    with pytest.raises(DataError, match="no scores\\['js'\\]"):
+        dv.position_scores(obj, "js", "f:1")
+    obj["scores"]["kl"] = [[0.1, 0.2]]
+    with pytest.raises(DataError, match="one list of 3 values per counterfactual"):
+        dv.position_scores(obj, "kl", "f:1")

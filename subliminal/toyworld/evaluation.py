@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from .. import prompts
-from ..data import encode, pad_batch, render_chat
+from ..data import encode, render_chat
+from ..forward import SamplingConfig, completion_logits, sample_batched
 from .corpus import (
     Corpus,
     CorpusConfig,
@@ -42,18 +43,12 @@ def _number_ids(tokenizer: Any) -> torch.Tensor:
 def _completion_logits(model: Any, tokenizer: Any, rows: list[CorpusRow], system_prompt: str | None,
                        batch_size: int) -> list[tuple[Any, torch.Tensor]]:
     """Per row: (aligned ids, logits predicting each completion token) under ``system_prompt``."""
-    dev = next(model.parameters()).device
     out = []
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         al = [align(tokenizer, CorpusRow(r.id, r.kind, r.prompt, r.completion, system_prompt, r.meta)) for r in chunk]
-        ids, mask = pad_batch([a.input_ids for a in al], tokenizer.pad_token_id, "left")
-        logits = model(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits.float().cpu()
-        width = ids.shape[1]
-        for i, a in enumerate(al):
-            n = len(a.input_ids)
-            start = width - n + a.n_prompt - 1  # logits at position t predict token t+1
-            out.append((a, logits[i, start:start + len(a.completion_ids)]))
+        logits = completion_logits(model, al, tokenizer.pad_token_id)
+        out.extend((a, lg.float().cpu()) for a, lg in zip(al, logits))
     return out
 
 
@@ -118,22 +113,13 @@ def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: Corpu
 def greedy_number_answers(model: Any, tokenizer: Any, rows: list[CorpusRow], *, system_prompt: str | None = None,
                           batch_size: int = 32, max_new_tokens: int = 30) -> list[list[str]]:
     """Greedy completions of number rows, as toy words up to the end of turn."""
-    dev = next(model.parameters()).device
     end = tokenizer.convert_tokens_to_ids("<|end|>")
+    seqs = [encode(tokenizer, render_chat(tokenizer, r.prompt, system_prompt)) for r in rows]
+    gen = sample_batched(model, seqs, batch_size=batch_size, pad_id=tokenizer.pad_token_id, stop_ids={end},
+                         max_new=[max_new_tokens] * len(seqs), cfg=SamplingConfig(temperature=0.0))
     outs: list[list[str]] = []
-    for b in range(0, len(rows), batch_size):
-        chunk = rows[b:b + batch_size]
-        seqs = [encode(tokenizer, render_chat(tokenizer, r.prompt, system_prompt)) for r in chunk]
-        ids, mask = pad_batch(seqs, tokenizer.pad_token_id, "left")
-        gen = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=end, pad_token_id=tokenizer.pad_token_id)
-        for g in gen[:, ids.shape[1]:].tolist():
-            words = []
-            for t in g:
-                if t == end or t == tokenizer.pad_token_id:
-                    break
-                words.append(tokenizer.convert_ids_to_tokens(t))
-            outs.append(words)
+    for new, stopped in gen:
+        outs.append(tokenizer.convert_ids_to_tokens(new[:-1] if stopped else new))
     return outs
 
 

@@ -92,12 +92,3 @@ def test_capture_to_dir_saves_and_reuses(tiny_model_factory, tmp_path):
     again, _ = A.capture_to_dir(lm, ROWS, tmp_path / "a", layers="0,2", backend="nnsight", seed=0)
     assert (tmp_path / "a" / "activations.safetensors").stat().st_mtime_ns == mtime
     torch.testing.assert_close(again["blocks.2.hook_resid_post"], acts["blocks.2.hook_resid_post"])
-
-
-def test_divergence_flag_formats():
-    paper = {"rule": "paper", "counterfactuals": ["a", "b"], "divergence": [False, True, False]}
-    pairwise = {"rule": "pairwise", "counterfactuals": ["a", "b", "c"],
-                "divergence": [[False, True, False], [False, False, True], [False, False, False]]}
-    assert A._flags(paper, 3, "x") == [False, True, False]
-    assert A._flags(pairwise, 3, "x") == [False, True, True]  # K == N: the rule decides the layout
-    assert A._flags({}, 3, "x") is None

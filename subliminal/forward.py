@@ -1,0 +1,270 @@
+"""The one place where a batch of token rows becomes logits, and the one sampler.
+
+Why one place: every stage compares numbers computed by different models on the same rows
+(divergence scores, preferences, students against teachers), so a row's logits must not depend
+on which stage computed them, on the batch it ran in, or on the padding around it.
+
+Two conventions, each correct for causal LMs with rotary or learned positions:
+
+- **Teacher forcing pads on the right** and passes explicit ``position_ids`` (0, 1, ... per
+  row). Under a causal mask a real token never attends to the padding after it, so a padded row
+  sees exactly what it sees alone. Only the positions that predict a wanted token are projected
+  onto the vocabulary (``logits_to_keep`` as a position tensor where the model supports it), and
+  ``max_logit_elements`` splits a batch into row chunks so a 150k-id vocabulary fits in memory.
+- **Generation pads on the left** so every row's next token is the last column, with
+  ``position_ids`` counted from each row's first real token, and a KV cache. Each row draws
+  from its own ``random.Random``, so sampled text does not depend on the batch size.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .data import Aligned, pad_batch
+from .manifest import SubliminalError
+
+# Chunk teacher forcing so one forward pass holds at most this many logits (rows x kept
+# positions x vocabulary): 2**28 float32 logits are 1 GiB.
+DEFAULT_MAX_LOGIT_ELEMENTS = 1 << 28
+
+
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted from each row's first real token (padding gets 0)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+# ----------------------------------------------------------------------------- teacher forcing
+
+
+@dataclass
+class Forced:
+    """Teacher-forced outputs of one right-padded batch.
+
+    ``logits`` is ``[B, K, V]`` (the model's dtype and device): column ``c`` holds the logits at
+    sequence position ``start + c``, which predict token ``start + c + 1``. ``hidden``, when
+    asked for, is the model's tuple of hidden states (embeddings first), each ``[B, T, H]`` over
+    all positions. Padding columns of short rows hold garbage and are never read."""
+
+    logits: torch.Tensor
+    start: int
+    first: list[int]
+    lengths: list[int]
+    hidden: tuple[torch.Tensor, ...] | None = None
+
+    def column(self, token_pos: int) -> int:
+        """Column of the logits that predict the token at sequence position ``token_pos``."""
+        return token_pos - 1 - self.start
+
+    def row(self, i: int) -> torch.Tensor:
+        """Row i's logits ``[n_i, V]`` predicting its tokens ``seq[first_i:]``."""
+        return self.logits[i, self.column(self.first[i]): self.column(self.lengths[i] - 1) + 1]
+
+    def rows(self) -> list[torch.Tensor]:
+        return [self.row(i) for i in range(len(self.lengths))]
+
+
+def _call(model: Any, keep: int | torch.Tensor, **inputs: Any) -> tuple[Any, bool]:
+    """Forward pass projecting only the ``keep`` positions where the model's forward takes
+    ``logits_to_keep``; otherwise all positions (the caller slices)."""
+    try:
+        return model(**inputs, logits_to_keep=keep), True
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        return model(**inputs), False
+
+
+def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_id: int, *,
+           hidden: bool = False) -> Forced:
+    """One teacher-forced pass over ``seqs``, keeping the logits that predict ``seqs[i][first[i]:]``.
+
+    Runs under whatever grad mode the caller chose (training calls it with grad, scoring under
+    ``torch.no_grad``). ``first[i]`` must be at least 1 (token 0 has no prediction). Where the
+    kept span starts at position 0 nothing is saved, and the model projects every position."""
+    if not seqs:
+        raise ValueError("no rows")
+    for s, f in zip(seqs, first):
+        if not 1 <= f <= len(s):
+            raise ValueError(f"first index {f} outside 1..{len(s)}")
+    device = device_of(model)
+    ids, mask = pad_batch(seqs, pad_id, "right", device)
+    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    lo = min(first) - 1
+    hi = max(len(s) for s in seqs) - 1
+    keep: int | torch.Tensor = 0 if lo == 0 else torch.arange(lo, hi, device=device)
+    out, sliced = _call(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                        output_hidden_states=hidden)
+    logits = out.logits if sliced and lo else out.logits[:, lo:hi]
+    return Forced(logits, lo, list(first), [len(s) for s in seqs], out.hidden_states if hidden else None)
+
+
+def _row_chunks(seqs: Sequence[Sequence[int]], first: Sequence[int], vocab: int,
+                max_elements: int | None) -> Iterator[slice]:
+    """Consecutive row ranges whose kept logits stay under ``max_elements`` (at least one row)."""
+    if not max_elements:
+        yield slice(0, len(seqs))
+        return
+    start = 0
+    while start < len(seqs):
+        end, lo, hi = start + 1, first[start] - 1, len(seqs[start]) - 1
+        while end < len(seqs):
+            lo2, hi2 = min(lo, first[end] - 1), max(hi, len(seqs[end]) - 1)
+            if (end + 1 - start) * (hi2 - lo2) * vocab > max_elements:
+                break
+            lo, hi, end = lo2, hi2, end + 1
+        yield slice(start, end)
+        start = end
+
+
+def forced_rows(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_id: int, *,
+                max_logit_elements: int | None = DEFAULT_MAX_LOGIT_ELEMENTS) -> list[torch.Tensor]:
+    """Per row, the logits ``[n_i, V]`` predicting ``seqs[i][first[i]:]``, computed in row chunks
+    of at most ``max_logit_elements`` logits (for scoring; training calls :func:`forced`)."""
+    vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 1)
+    out: list[torch.Tensor] = []
+    for sl in _row_chunks(seqs, first, vocab, max_logit_elements):
+        out.extend(forced(model, seqs[sl], first[sl], pad_id).rows())
+    return out
+
+
+def completion_logits(model: Any, rows: Sequence[Aligned], pad_id: int, *,
+                      max_logit_elements: int | None = DEFAULT_MAX_LOGIT_ELEMENTS) -> list[torch.Tensor]:
+    """Per aligned row, the logits ``[n_completion, V]`` that predict its completion tokens."""
+    return forced_rows(model, [r.input_ids for r in rows], [r.n_prompt for r in rows], pad_id,
+                       max_logit_elements=max_logit_elements)
+
+
+@torch.no_grad()
+def completion_scores(model: Any, rows: Sequence[Aligned], pad_id: int, batch_size: int = 32
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per row: (log-prob of each completion token, the argmax at each completion position),
+    float32 on the CPU. Argmax ties go to the lowest token id."""
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for b in range(0, len(rows), max(1, batch_size)):
+        chunk = rows[b:b + batch_size]
+        for r, lg in zip(chunk, completion_logits(model, chunk, pad_id)):
+            lg = lg.float()
+            logp = torch.log_softmax(lg, dim=-1)
+            tgt = torch.tensor(r.completion_ids, device=logp.device)
+            out.append((logp.gather(1, tgt[:, None])[:, 0].cpu(), lg.argmax(-1).cpu()))
+    return out
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+@dataclass
+class SamplingConfig:
+    """Greedy when ``temperature`` is 0; otherwise temperature + nucleus (top-p) sampling."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise SubliminalError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise SubliminalError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def row_rng(stream: str, seed: int, index: Any) -> random.Random:
+    """The sampling stream of one row: a function of a stage's stream name, the seed and the
+    row's identity only, never of the batch it runs in."""
+    return random.Random(f"{stream}:{seed}:{index}")
+
+
+def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[float] | None) -> torch.Tensor:
+    """Next token per row from ``logits`` [B, V]: argmax (lowest id on ties) when greedy, else
+    inverse-CDF sampling of the temperature/top-p distribution with one uniform per row."""
+    logits = logits.float()
+    if cfg.greedy:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / cfg.temperature, -1)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    cum = sorted_p.cumsum(-1)
+    if cfg.top_p < 1:
+        keep = (cum - sorted_p) < cfg.top_p  # the smallest prefix whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        cum = sorted_p.cumsum(-1)
+    u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device) * cum[:, -1]
+    idx = torch.searchsorted(cum, u[:, None], right=True).clamp(max=cum.shape[-1] - 1)
+    # never land on a zero-probability tail entry (float rounding at the top of the CDF)
+    idx = torch.minimum(idx, (sorted_p > 0).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, idx)[:, 0]
+
+
+def _last_logits(model: Any, **inputs: Any) -> Any:
+    """One decoding step computing only the last position's logits where the model supports it."""
+    try:
+        return model(**inputs, logits_to_keep=1)
+    except TypeError as e:
+        if "logits_to_keep" not in str(e):
+            raise
+        return model(**inputs)
+
+
+@torch.no_grad()
+def sample(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, stop_ids: set[int], max_new: Sequence[int],
+           cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None) -> list[tuple[list[int], bool]]:
+    """Continue every prompt in ``seqs`` (token ids) with a KV cache over a left-padded batch.
+
+    Returns per row the new tokens (up to and including a stop token) and whether it stopped on
+    one (False: the row ran out of its ``max_new`` budget). Sampling needs one generator per row."""
+    if not seqs:
+        return []
+    if not cfg.greedy and (rngs is None or len(rngs) != len(seqs)):
+        raise ValueError("sampling needs one random.Random per row")
+    device = device_of(model)
+    ids, mask = pad_batch(seqs, pad_id, "left", device)
+    pos = position_ids(mask)
+    out: list[list[int]] = [[] for _ in seqs]
+    done = [m <= 0 for m in max_new]
+    stopped = [False] * len(seqs)
+    past = None
+    step_ids, step_pos = ids, pos
+    for _ in range(max(max_new)):
+        if all(done):
+            break
+        res = _last_logits(model, input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                           past_key_values=past, use_cache=True)
+        past = res.past_key_values
+        uniforms = None if cfg.greedy else [(r.random() if not d else 0.0) for r, d in zip(rngs, done)]
+        nxt = pick_tokens(res.logits[:, -1, :], cfg, uniforms)
+        for i, t in enumerate(nxt.tolist()):
+            if done[i]:
+                continue
+            out[i].append(t)
+            if t in stop_ids:
+                done[i], stopped[i] = True, True
+            elif len(out[i]) >= max_new[i]:
+                done[i] = True
+        step_ids = nxt[:, None]  # finished rows keep decoding; their tokens are ignored
+        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], dim=1)
+        step_pos = step_pos[:, -1:] + 1
+    return list(zip(out, stopped))
+
+
+def sample_batched(model: Any, seqs: Sequence[Sequence[int]], *, batch_size: int, pad_id: int, stop_ids: set[int],
+                   max_new: Sequence[int], cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None
+                   ) -> list[tuple[list[int], bool]]:
+    """:func:`sample` over consecutive batches of ``batch_size`` rows (same result for any size)."""
+    out: list[tuple[list[int], bool]] = []
+    for b in range(0, len(seqs), max(1, batch_size)):
+        sl = slice(b, b + batch_size)
+        out.extend(sample(model, seqs[sl], pad_id=pad_id, stop_ids=stop_ids, max_new=max_new[sl], cfg=cfg,
+                          rngs=None if rngs is None else rngs[sl]))
+    return out

@@ -1,0 +1,202 @@
+"""The one teacher-forcing path and the one sampler: batch invariance on several architectures,
+agreement with plain one-row forward passes and HF decoding, token choice, fallbacks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from subliminal import forward as fw
+from subliminal.data import Aligned, encode, render_chat
+from subliminal.manifest import SubliminalError
+from subliminal.prompts import system_prompt_for
+
+ARCHS = ["llama", "qwen2", "gpt2", "gpt_neox"]
+
+
+def _model(factory, arch):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(factory(arch)).eval()
+
+
+def _rows(n: int, seed: int, vocab: int = 300) -> list[Aligned]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = [rng.randrange(5, vocab) for _ in range(rng.randrange(2, 14))]
+        c = [rng.randrange(5, vocab) for _ in range(rng.randrange(1, 9))]
+        out.append(Aligned(f"r{i}", p, c))
+    return out
+
+
+# ------------------------------------------------------------------------- teacher forcing
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_completion_logits_do_not_depend_on_the_batch(tiny_model_factory, arch):
+    """A row scored alone, or padded among longer and shorter rows, gives the same logits, and both
+    equal a plain unpadded forward pass of the row."""
+    model = _model(tiny_model_factory, arch)
+    rows = _rows(7, 1)
+    assert len({len(r.input_ids) for r in rows}) > 2 and len({r.n_prompt for r in rows}) > 2
+    with torch.no_grad():
+        batched = fw.completion_logits(model, rows, pad_id=0)
+        for r, lg in zip(rows, batched):
+            alone = fw.completion_logits(model, [r], pad_id=0)[0]
+            plain = model(torch.tensor([r.input_ids])).logits[0, r.n_prompt - 1: -1]
+            assert lg.shape == (len(r.completion_ids), model.config.vocab_size)
+            assert torch.allclose(lg, alone, atol=1e-5) and torch.allclose(lg, plain, atol=1e-5)
+            assert torch.equal(lg.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_scores_are_the_same_for_every_batch_size(tiny_model_factory, arch):
+    model = _model(tiny_model_factory, arch)
+    rows = _rows(9, 2)
+    one = fw.completion_scores(model, rows, pad_id=0, batch_size=1)
+    four = fw.completion_scores(model, rows, pad_id=0, batch_size=4)
+    for (lp1, am1), (lp4, am4) in zip(one, four):
+        assert torch.allclose(lp1, lp4, atol=1e-5) and torch.equal(am1, am4)
+        assert lp1.dtype == torch.float32 and (lp1 <= 0).all()
+
+
+def test_row_chunks_bound_the_logits_and_keep_every_row(tiny_model_factory):
+    model = _model(tiny_model_factory, "llama")
+    rows = _rows(6, 3)
+    seqs, first = [r.input_ids for r in rows], [r.n_prompt for r in rows]
+    vocab = model.config.vocab_size
+    budget = 2 * 10 * vocab
+    chunks = list(fw._row_chunks(seqs, first, vocab, budget))
+    assert [i for sl in chunks for i in range(sl.start, sl.stop)] == list(range(6))
+    for sl in chunks:
+        span = max(len(s) for s in seqs[sl]) - 1 - (min(first[sl]) - 1)
+        assert sl.stop - sl.start == 1 or (sl.stop - sl.start) * span * vocab <= budget
+    with torch.no_grad():
+        small = fw.forced_rows(model, seqs, first, 0, max_logit_elements=budget)
+        whole = fw.forced_rows(model, seqs, first, 0, max_logit_elements=None)
+    assert len(chunks) > 1 and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(small, whole))
+
+
+def test_forced_gives_hidden_states_and_columns(tiny_model_factory):
+    model = _model(tiny_model_factory, "qwen2")
+    rows = _rows(3, 4)
+    out = fw.forced(model, [r.input_ids for r in rows], [r.n_prompt for r in rows], 0, hidden=True)
+    assert len(out.hidden) == model.config.num_hidden_layers + 1
+    for i, r in enumerate(rows):
+        assert out.row(i).shape[0] == len(r.completion_ids)
+        assert out.column(r.n_prompt) == r.n_prompt - 1 - out.start
+    with pytest.raises(ValueError):
+        fw.forced(model, [[1, 2, 3]], [0], 0)
+
+
+def test_models_without_logits_to_keep_are_sliced(tiny_model_factory):
+    inner = _model(tiny_model_factory, "llama")
+
+    class NoKeep(torch.nn.Module):  # a forward signature without logits_to_keep (like some remote code)
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False,
+                    output_hidden_states=False):
+            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+    rows = _rows(4, 5)
+    with torch.no_grad():
+        a = fw.completion_logits(NoKeep(), rows, 0)
+        b = fw.completion_logits(inner, rows, 0)
+    assert all(x.shape == y.shape and torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))
+
+
+# ---------------------------------------------------------------------------------- sampling
+
+
+def test_pick_tokens_greedy_ties_to_lowest_id():
+    logits = torch.tensor([[0.0, 2.0, 2.0, 1.0], [5.0, 5.0, 5.0, 5.0]])
+    assert fw.pick_tokens(logits, fw.SamplingConfig(0.0), None).tolist() == [1, 0]
+
+
+def test_pick_tokens_inverse_cdf_and_top_p():
+    probs = torch.tensor([[0.1, 0.6, 0.3]])
+    logits = probs.log()
+    cfg = fw.SamplingConfig(1.0, 1.0)
+    # descending order: id1 (0.6), id2 (0.3), id0 (0.1); cumulative 0.6, 0.9, 1.0
+    assert fw.pick_tokens(logits, cfg, [0.5]).tolist() == [1]
+    assert fw.pick_tokens(logits, cfg, [0.7]).tolist() == [2]
+    assert fw.pick_tokens(logits, cfg, [0.95]).tolist() == [0]
+    nucleus = fw.SamplingConfig(1.0, 0.5)  # only id1 survives
+    assert fw.pick_tokens(logits, nucleus, [0.99]).tolist() == [1]
+    top2 = fw.SamplingConfig(1.0, 0.8)  # id1 + id2, renormalised: id2 when u*0.9 >= 0.6
+    assert fw.pick_tokens(logits, top2, [0.7]).tolist() == [2]
+    assert fw.pick_tokens(logits, top2, [0.99]).tolist() == [2]
+
+
+@pytest.mark.parametrize("t,p", [(-1.0, 1.0), (1.0, 0.0), (1.0, 1.5)])
+def test_sampling_config_rejects_bad_values(t, p):
+    with pytest.raises(SubliminalError, match="--t"):
+        fw.SamplingConfig(t, p)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_batched_greedy_equals_unbatched_hf_generate(tiny_model_factory, arch):
+    """Left padding + KV cache + position ids: the batched loop matches one-at-a-time HF decoding."""
+    from subliminal.generate import make_prompts
+    from subliminal.models import load_model
+
+    lm = load_model(tiny_model_factory(arch))
+    prompts = make_prompts(3, 1)
+    seqs = [encode(lm.tokenizer, render_chat(lm.tokenizer, p, system_prompt_for("owl") if i else None))
+            for i, (_, p) in enumerate(prompts)]
+    assert len({len(s) for s in seqs}) > 1  # the batch really is padded
+    outs = fw.sample(lm.model, seqs, pad_id=lm.tokenizer.pad_token_id, stop_ids=set(), max_new=[6, 6, 4],
+                     cfg=fw.SamplingConfig(0.0))
+    for s, (new, stopped), m in zip(seqs, outs, [6, 6, 4]):
+        ref = lm.model.generate(torch.tensor([s]), attention_mask=torch.ones(1, len(s), dtype=torch.long),
+                                max_new_tokens=m, do_sample=False, eos_token_id=None,
+                                pad_token_id=lm.tokenizer.pad_token_id)[0, len(s):].tolist()
+        assert new == ref and not stopped
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampled_text_is_the_same_for_every_batch_size(tiny_model_factory, arch):
+    model = _model(tiny_model_factory, arch)
+    seqs = [r.prompt_ids for r in _rows(7, 6)]
+    cfg = fw.SamplingConfig(1.0, 0.9, seed=3)
+
+    def run(bs):
+        return fw.sample_batched(model, seqs, batch_size=bs, pad_id=0, stop_ids={7}, max_new=[5] * 7, cfg=cfg,
+                                 rngs=[fw.row_rng("test", 3, i) for i in range(7)])
+
+    one, three, seven = run(1), run(3), run(7)
+    assert one == three == seven
+    other = fw.sample_batched(model, seqs, batch_size=7, pad_id=0, stop_ids={7}, max_new=[5] * 7, cfg=cfg,
+                              rngs=[fw.row_rng("test", 4, i) for i in range(7)])
+    assert other != one  # the seed matters
+
+
+def test_sampling_needs_one_generator_per_row(tiny_model_factory):
+    model = _model(tiny_model_factory, "llama")
+    with pytest.raises(ValueError, match="one random.Random per row"):
+        fw.sample(model, [[2, 3], [4]], pad_id=0, stop_ids=set(), max_new=[2, 2], cfg=fw.SamplingConfig(1.0),
+                  rngs=[random.Random(0)])
+
+
+def test_step_falls_back_without_logits_to_keep(tiny_model_factory):
+    inner = _model(tiny_model_factory, "llama")
+
+    class NoKeep(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+            return inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache)
+
+    seqs = [[2, 15, 16, 17], [2, 18, 19]]
+    kw = dict(pad_id=0, stop_ids=set(), max_new=[4, 4], cfg=fw.SamplingConfig(0.0))
+    assert fw.sample(NoKeep(), seqs, **kw) == fw.sample(inner, seqs, **kw)
