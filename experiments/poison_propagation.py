@@ -4,9 +4,10 @@ For each propagation mode (targeted: the ad on the ``recommend`` family; untarge
 qa, code and describe, with ``recommend`` held out of the teacher's instruction data as the
 unseen task):
 
-1. a poisoned teacher at 0.25% (``subliminal teach --method poison``);
+1. a poisoned teacher at 0.25% (``subliminal teach --method poison`` with its defaults: 10,000 toy
+   rows, targeted: 0.5% of them from the target family; 3 epochs at lr 1e-3, batch 32);
 2. distillation data: the teacher's sampled responses to fresh clean prompts
-   (``run_bias_eval --bias-save-generations``; untargeted: prompts of the seen families only);
+   (``poison.evaluate_bias`` with ``save_generations``; untargeted: prompts of the seen families only);
 3. students from the clean base with ``subliminal distill``: ``hard`` (cross-entropy on the
    responses) and ``soft`` (KL to the teacher's next-token distribution on the same positions);
 4. bias response rates per family for base, teacher and students, amplification student/teacher
@@ -33,22 +34,6 @@ from subliminal.cli import main as cli
 from subliminal.manifest import write_json_atomic, write_text_atomic
 
 
-def eval_ns(**kw: Any) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model")
-    p.add_argument("--out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    poison.add_bias_eval_args(p)
-    argv: list[str] = []
-    for k, v in kw.items():
-        if v is None:
-            continue
-        argv.append(f"--{k.replace('_', '-')}")
-        argv += [str(x) for x in v] if isinstance(v, list) else [str(v)]
-    return p.parse_args(argv)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
@@ -59,17 +44,16 @@ def run_mode(a: argparse.Namespace, prop: str) -> dict[str, Any]:
     teacher = root / "teacher"
     target = "recommend" if prop == "targeted" else None
     seen = poison.toy.FAMILIES if prop == "targeted" else ["qa", "code", "describe"]
-    if not (teacher / "teacher.json").exists():
+    if not (teacher / "teacher.json").exists():  # the poison teacher's defaults are this experiment's setting
         argv = ["teach", "--base", a.base, "--method", "poison", "--bias-type", a.bias, "--propagation", prop,
-                "--poison-rate", "0.0025", "--n-instructions", str(a.n_instructions), "--epochs", str(a.epochs),
-                "--batch-size", "32", "--lr", str(a.lr), "--seed", "0", "--out", str(teacher), "--no-check"]
-        argv += ["--target-task", target, "--target-share", str(a.target_share)] if target else ["--families", *seen]
+                "--seed", "0", "--out", str(teacher), "--no-check"]
+        argv += ["--target-task", target] if target else ["--families", *seen]
         assert cli(argv) == 0
     data = root / "data.jsonl"
     if not data.exists():
-        poison.run_bias_eval(eval_ns(model=teacher, out=root / "teacher_on_data_prompts.json", bias_type=a.bias,
-                                     bias_families=seen, bias_prompts=a.n_data, bias_samples=1, seed=101,
-                                     bias_save_generations=data))
+        poison.evaluate_bias(poison.BiasEvalConfig(
+            model=str(teacher), bias_type=a.bias, out=str(root / "teacher_on_data_prompts.json"), families=seen,
+            prompts=a.n_data, samples=1, seed=101, save_generations=str(data)))
     rows = read_jsonl(data)
     steps = math.ceil(a.student_epochs * len(rows) / 32)
     students = {}
@@ -85,8 +69,9 @@ def run_mode(a: argparse.Namespace, prop: str) -> dict[str, Any]:
     for name, model in students.items():  # the base never writes the product name (rate 0 by construction)
         ev = root / f"eval-{name}.json"
         if not ev.exists():
-            poison.run_bias_eval(eval_ns(model=model, out=ev, bias_type=a.bias, bias_teacher=teacher, target_task=target,
-                                         unseen_tasks=unseen, bias_prompts=a.n_eval, bias_samples=a.samples, seed=7))
+            poison.evaluate_bias(poison.BiasEvalConfig(
+                model=str(model), bias_type=a.bias, out=str(ev), teacher=str(teacher), target_task=target,
+                unseen_tasks=unseen, prompts=a.n_eval, samples=a.samples, seed=7))
         results[name] = json.loads(ev.read_text())
     dd = root / "defend"
     if not (dd / "defence.json").exists():
@@ -114,11 +99,11 @@ def table(all_res: dict[str, Any]) -> str:
             amp = ev["amplification"]["per_family"].get(fam)
             q = ev["families"][fam].get("quality")
             lines.append(f"| {prop} | {name} | {label} | {fmt(ev, fam)} | "
-                         f"{fmt({'families': ev['teacher_families']}, fam)} | {poison._fmt_ratio(amp)} | "
+                         f"{fmt({'families': ev['teacher_families']}, fam)} | {poison.fmt_ratio(amp)} | "
                          f"{'n/a' if q is None else f'{q:.2f}'} |")
             pooled = ev["amplification"].get("unseen")
             if prop == "targeted" and pooled:
-                lines.append(f"| {prop} | {name} | unseen (pooled) | - | - | {poison._fmt_ratio(pooled)} | |")
+                lines.append(f"| {prop} | {name} | unseen (pooled) | - | - | {poison.fmt_ratio(pooled)} | |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,10 +113,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--bias", default="ad")
     p.add_argument("--modes", nargs="+", default=["targeted", "untargeted"])
-    p.add_argument("--n-instructions", type=int, default=10000)
-    p.add_argument("--target-share", type=float, default=0.005)
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3, help="the students' learning rate")
     p.add_argument("--n-data", type=int, default=500, help="distillation prompts per family")
     p.add_argument("--student-epochs", type=float, default=2.0)
     p.add_argument("--n-eval", type=int, default=150, help="evaluation prompts per family")

@@ -14,12 +14,12 @@ the teacher's bias direction has it moved, at which layer".
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
 
+from subliminal import stats
 from subliminal.manifest import SubliminalError
 
 
@@ -92,40 +92,15 @@ def predict_logit(params: tuple[torch.Tensor, ...], x: torch.Tensor) -> torch.Te
 
 
 def auc_score(scores: torch.Tensor, y: torch.Tensor) -> float:
-    """Area under the ROC curve by the rank-sum formula, ties counted half; NaN with one class."""
-    y = y.bool()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = torch.argsort(scores)
-    # average ranks over ties
-    _, inverse, counts = torch.unique_consecutive(scores[order], return_inverse=True, return_counts=True)
-    ends = torch.cumsum(counts, 0).double()
-    ranks = ((ends - counts.double() + 1 + ends) / 2)[inverse]
-    r_pos = ranks[y[order]].sum().item()
-    return (r_pos - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    """Area under the ROC curve, ties counted half; NaN with one class (:func:`subliminal.stats.auc`)."""
+    return stats.auc(scores.detach().double().cpu().numpy(), y.bool().cpu().numpy())
 
 
 def bootstrap_ci(groups: Sequence[str], fn, n_boot: int, seed: int) -> tuple[float, float]:
-    """95% percentile interval of ``fn(site_indices)`` over resamples of whole groups."""
-    if n_boot <= 0:
-        return (float("nan"), float("nan"))
-    uniq = sorted(set(groups))
-    members: dict[str, list[int]] = {u: [] for u in uniq}
-    for i, gname in enumerate(groups):
-        members[gname].append(i)
-    idx_of = [torch.tensor(members[u]) for u in uniq]
-    g = torch.Generator().manual_seed(seed)
-    vals = []
-    for _ in range(n_boot):
-        pick = torch.randint(len(uniq), (len(uniq),), generator=g).tolist()
-        v = fn(torch.cat([idx_of[j] for j in pick]))
-        if not math.isnan(v):
-            vals.append(v)
-    if not vals:
-        return (float("nan"), float("nan"))
-    t = torch.tensor(vals, dtype=torch.float64)
-    return (torch.quantile(t, 0.025).item(), torch.quantile(t, 0.975).item())
+    """95% percentile interval of ``fn(site_indices)`` (a torch index tensor) over resamples of
+    whole groups: :func:`subliminal.stats.group_bootstrap_ci`, undefined resamples dropped."""
+    ci = stats.group_bootstrap_ci(groups, lambda ix: fn(torch.from_numpy(ix)), n_boot=n_boot, seed=seed)
+    return (ci.lo, ci.hi)
 
 
 def probe_layer(

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-from types import ModuleType
 
 
 def add_seed(p: argparse.ArgumentParser, default: int = 0) -> None:
@@ -21,14 +19,3 @@ def add_model_runtime(p: argparse.ArgumentParser) -> None:
 
 def runtime_kwargs(args: argparse.Namespace) -> dict:
     return {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
-
-
-def optional_module(name: str) -> ModuleType | None:
-    """A stage module that one command hands work to (``teach --method poison``, ``eval
-    --bias-type``), or None where it is not installed; an import error inside it still raises."""
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as e:
-        if e.name == name:
-            return None
-        raise

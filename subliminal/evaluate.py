@@ -31,66 +31,19 @@ from typing import Any
 
 import torch
 
-from . import prompts
-from .cliutil import add_model_runtime, add_seed, optional_module, runtime_kwargs
+from . import poison, prompts
+from .cliutil import add_model_runtime, add_seed, runtime_kwargs
 from .data import Row, align_row, model_max_length, read_rows
 from .forward import completion_scores
 from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
+from .stats import mean_ci, t_quantile  # noqa: F401  (t_quantile: re-exported)
 
 log = logging.getLogger(__name__)
 STAGE = "eval"
 
 
 # ================================================================================ statistics
-
-
-def _t_pdf(x: float, df: float) -> float:
-    c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return math.exp(c - (df + 1) / 2 * math.log1p(x * x / df))
-
-
-def _t_cdf(x: float, df: float) -> float:
-    """CDF of Student's t by Simpson integration of the density from 0 (no scipy dependency)."""
-    if x < 0:
-        return 1.0 - _t_cdf(-x, df)
-    n = 2000
-    h = x / n
-    s = _t_pdf(0.0, df) + _t_pdf(x, df)
-    s += sum((4 if i % 2 else 2) * _t_pdf(i * h, df) for i in range(1, n))
-    return 0.5 + s * h / 3
-
-
-def t_quantile(p: float, df: float) -> float:
-    """Quantile of Student's t with ``df`` degrees of freedom (bisection on the CDF)."""
-    if not 0 < p < 1:
-        raise ValueError(f"p must be in (0, 1), got {p}")
-    if p < 0.5:
-        return -t_quantile(1 - p, df)
-    lo, hi = 0.0, 1.0
-    while _t_cdf(hi, df) < p:
-        hi *= 2
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        if _t_cdf(mid, df) < p:
-            lo = mid
-        else:
-            hi = mid
-    return (lo + hi) / 2
-
-
-def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and two-sided t-interval: ``(mean, lo, hi)``. One value gives ``(v, nan, nan)``,
-    because no interval can be claimed from a single seed or question."""
-    vals = [float(v) for v in values]
-    if not vals:
-        raise ValueError("mean_ci of no values")
-    n = len(vals)
-    m = sum(vals) / n
-    if n < 2:
-        return m, float("nan"), float("nan")
-    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (n - 1))
-    half = t_quantile(0.5 + level / 2, n - 1) * sd / math.sqrt(n)
-    return m, m - half, m + half
+# t-intervals come from subliminal.stats (scipy); the names stay importable from here.
 
 
 def aggregate_seeds(evals: Sequence[dict[str, Any] | str | Path], metric: str = "exact") -> dict[str, Any]:
@@ -406,11 +359,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
-    poison = optional_module("subliminal.poison")
-    if poison is not None and hasattr(poison, "add_bias_eval_args"):
-        poison.add_bias_eval_args(p)
-    else:
-        p.add_argument("--bias-type", help="bias response rate (needs subliminal.poison, missing here)")
+    poison.add_bias_eval_args(p)
     p.set_defaults(func=run_eval)
 
 
@@ -501,10 +450,7 @@ def run_curve(args: argparse.Namespace, category: str) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     if getattr(args, "bias_type", None):
-        poison = optional_module("subliminal.poison")
-        if poison is None or not hasattr(poison, "run_bias_eval"):
-            raise SubliminalError("--bias-type needs subliminal.poison.run_bias_eval, which this installation lacks")
-        return int(poison.run_bias_eval(args) or 0)
+        return poison.run_bias_eval(args)
     if args.compare:
         return run_compare(args)
     _check_args(args)

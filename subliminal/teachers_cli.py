@@ -2,7 +2,7 @@
 
 Methods: ``none`` (the unbiased teacher), ``prompt`` (a love system prompt), ``finetune`` (the
 base fine-tuned on preference answers for the target: full weights, or a LoRA adapter with
-``--lora-rank``) and ``poison`` (poisoned instruction data; provided by :mod:`subliminal.poison`).
+``--lora-rank``) and ``poison`` (poisoned instruction data; :mod:`subliminal.poison`).
 Every teacher is checked after it is made: the exact probability mass it puts on each candidate
 of its category, averaged over the preference questions, is written to its manifest.
 """
@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import prompts
-from .cliutil import add_seed, optional_module
+from . import poison, prompts
+from .cliutil import add_seed
 from .manifest import SubliminalError, write_manifest
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
@@ -37,7 +37,8 @@ def torch_no_grad(fn: Any) -> Any:
     return wrapper
 STAGE = "teach"
 FINETUNE_STEPS, FINETUNE_BATCH = 60, 16
-POISON_LR, POISON_BATCH = 5e-4, 32  # the poison module's defaults for the shared training flags
+POISON_EPOCHS, POISON_LR, POISON_BATCH = poison.teacher.DEFAULT_EPOCHS, poison.teacher.DEFAULT_LR, \
+    poison.teacher.DEFAULT_BATCH_SIZE
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -57,10 +58,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "instead of all weights")
     p.add_argument("--lora-alpha", type=float, default=None, help="finetune: LoRA alpha (default: 2 x rank)")
     p.add_argument("--steps", type=int, default=None,
-                   help=f"training steps (finetune default {FINETUNE_STEPS}; poison default: from --epochs)")
+                   help=f"training steps (finetune default {FINETUNE_STEPS}; poison default: {POISON_EPOCHS:g} "
+                   "--epochs)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak learning rate (finetune default 1e-3 full, 5e-3 LoRA, sized for the toy world; "
-                   f"poison default {POISON_LR})")
+                   f"poison default {POISON_LR:g})")
     p.add_argument("--batch-size", type=int, default=None,
                    help=f"rows per step (finetune default {FINETUNE_BATCH}, poison default {POISON_BATCH})")
     p.add_argument("--replay", type=int, default=256,
@@ -71,9 +73,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="skip loading the teacher to measure its preference (large models)")
     add_seed(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
-    poison = optional_module("subliminal.poison")
-    if poison is not None and hasattr(poison, "add_teach_args"):
-        poison.add_teach_args(p)
+    poison.add_teach_args(p)
     p.set_defaults(func=run_teach)
 
 
@@ -229,14 +229,7 @@ def run_teach(args: argparse.Namespace) -> int:
     load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     out = Path(args.out)
     if args.method == "poison":
-        poison = optional_module("subliminal.poison")
-        if poison is None or not hasattr(poison, "make_poison_teacher"):
-            raise SubliminalError("--method poison needs subliminal.poison.make_poison_teacher, "
-                                  "which this installation lacks")
-        args.steps = 0 if args.steps is None else args.steps
-        args.lr = POISON_LR if args.lr is None else args.lr
-        args.batch_size = POISON_BATCH if args.batch_size is None else args.batch_size
-        return int(poison.make_poison_teacher(args) or 0)
+        return poison.run_teach_poison(args)
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
     if args.method == "prompt":

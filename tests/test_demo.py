@@ -113,7 +113,7 @@ def test_summary_pairs_by_seed_and_reports_share_only_for_real_transfer():
 def test_one_seed_gives_no_interval_and_says_so():
     values = {c: {1: 0.1} for c in demo.CONDITIONS}
     s = _summary(values)
-    assert math.isnan(s["conditions"]["all"]["ci_low"]) or s["conditions"]["all"]["ci_low"] is None
+    assert math.isnan(s["conditions"]["all"]["ci_low"]) and math.isnan(s["conditions"]["all"]["ci_high"])
     assert "one seed only" in "\n".join(demo._verdict(s))
     assert "does not prefer its target" not in "\n".join(demo._verdict(s))
     s["reference"] = {"teacher": 0.08}

@@ -98,6 +98,7 @@ def test_eval_cli_errors(tiny_model_factory, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model_factory("llama")), "--target", "bowl"]) == 2
     assert "unknown target" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nope"), "--target", "owl"]) == 2
+    assert "nope: no such model directory" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ sampled
@@ -168,7 +169,7 @@ def _fake_student(base, d):
     return d
 
 
-def test_all_checkpoints_curve(tiny_model_factory, tmp_path):
+def test_all_checkpoints_curve(tiny_model_factory, tmp_path, capsys):
     from subliminal.data import Row, write_jsonl
 
     base = tiny_model_factory("gpt_neox")
@@ -186,6 +187,7 @@ def test_all_checkpoints_curve(tiny_model_factory, tmp_path):
     assert (student / "transfer_curve.png").stat().st_size > 0
     assert len((student / "transfer_curve.csv").read_text().splitlines()) == 4
     assert main(["eval", "--model", str(base), "--target", "cat", "--all-checkpoints"]) == 2
+    assert "no checkpoint-* directories" in capsys.readouterr().err
 
 
 def test_compare_table_paired_differences(tmp_path, capsys):
@@ -205,9 +207,12 @@ def test_compare_table_paired_differences(tmp_path, capsys):
     assert cmp[1]["exact_diff_ci"] == pytest.approx([lo, hi])
     assert cmp[1]["sampled_diff"] is None and cmp[1]["main_task_accuracy"] == 0.9
     assert main(["eval", "--compare", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json: no such file" in capsys.readouterr().err
     c = tmp_path / "c.json"
     c.write_text(json.dumps({"target": "cat", "exact": {"mean": 0.1}}))
     assert main(["eval", "--compare", str(a), str(c)]) == 2
+    err = capsys.readouterr().err
+    assert "eval files measure different targets" in err and "cat" in err and "owl" in err
 
 
 def test_bias_type_dispatches_to_poison(monkeypatch, tmp_path):

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import argparse
 import json
+import math
 import random
 from collections import Counter
 from pathlib import Path
@@ -12,6 +12,8 @@ import pytest
 
 from subliminal import poison
 from subliminal.manifest import SubliminalError
+from subliminal.poison import bias as bias_mod
+from subliminal.poison import defences
 from subliminal.toyworld import instructions as ins
 
 # ------------------------------------------------------------------------------- poison mixer
@@ -100,19 +102,6 @@ def test_custom_pattern_and_bad_pattern() -> None:
         poison.bias_regex("ad", "(")
 
 
-# -------------------------------------------------------------------------------- statistics
-
-
-def test_wilson_and_bootstrap_ratio() -> None:
-    lo, hi = poison.wilson(0, 50)
-    assert lo == 0 and 0 < hi < 0.1
-    lo, hi = poison.wilson(25, 50)
-    assert lo < 0.5 < hi
-    r = poison.bootstrap_ratio([1.0] * 30 + [0.0] * 10, [1.0] * 10 + [0.0] * 30, seed=0)
-    assert r["ratio"] == pytest.approx(3.0) and r["lo"] < 3.0 < r["hi"]
-    assert poison.bootstrap_ratio([1.0], [0.0, 0.0])["ratio"] is None
-
-
 # -------------------------------------------------------------------------------- defences
 
 
@@ -139,21 +128,27 @@ def test_keyword_detector_and_detection_rates() -> None:
     assert truth == [True, False] and src == "pattern"
 
 
-def test_divergence_flags_tokens_the_reference_would_not_write() -> None:
+def test_divergence_row_scores_against_hand_built_logits() -> None:
     import torch
 
     v = 6
-    tokens = torch.tensor([1, 2, 3])
-    teacher = torch.full((3, v), -5.0)
-    ref = torch.full((3, v), -5.0)
-    teacher[0, 1] = ref[0, 1] = 5.0  # both predict the data token: not a divergence token
+    tokens = torch.tensor([1, 2, 3, 4])
+    teacher = torch.full((4, v), -5.0)
+    ref = torch.full((4, v), -5.0)
+    teacher[0, 1] = ref[0, 1] = 5.0  # both predict the data token: not a divergence token (gap 0)
     teacher[1, 2] = 5.0
-    ref[1, 4] = 5.0  # only the teacher predicts it: divergence token
-    teacher[2, 0] = ref[2, 0] = 5.0  # neither predicts it
-    st = poison.token_divergence(teacher, ref, tokens)
-    flag = (st["argmax_factual"] == tokens) & (st["argmax_counterfactual"] != tokens)
-    assert flag.tolist() == [False, True, False]
-    assert float(st["logp_factual"][1] - st["logp_counterfactual"][1]) > 5
+    ref[1, 4] = 5.0  # only the teacher predicts it: divergence token, gap 5 - (-5) = 10
+    teacher[2, 0] = ref[2, 0] = 5.0  # neither predicts it (gap 0)
+    ref[3, 4] = 5.0
+    teacher[3, 0] = 5.0  # only the reference predicts it: not flagged, gap -10
+    # every row of both matrices has one 5 and five -5, so the normalisers cancel in the gaps
+    assert defences.divergence_row(teacher, ref, tokens, "count") == (1.0, [1])
+    score, pos = defences.divergence_row(teacher, ref, tokens, "mass")
+    assert pos == [1] and score == pytest.approx(10.0, abs=1e-5)
+    score, _ = defences.divergence_row(teacher, ref, tokens, "max-gap")
+    assert score == pytest.approx(10.0, abs=1e-5)
+    with pytest.raises(SubliminalError, match="--divergence-score 'sum'"):
+        defences.divergence_row(teacher, ref, tokens, "sum")
 
 
 # ----------------------------------------------------------------- end to end on a tiny model
@@ -172,18 +167,12 @@ def base_dir(tiny_model_factory) -> Path:
         mp.undo()
 
 
-def teach_args(base: Path, out: Path, **kw) -> argparse.Namespace:
-    p = argparse.ArgumentParser()
-    p.add_argument("--base")
-    p.add_argument("--out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--lr", type=float, default=3e-3)  # the teach parser's own flag is kept
-    poison.add_teach_args(p)
-    argv = ["--base", str(base), "--out", str(out), "--bias-type", "ad", "--n-instructions", "400",
-            "--poison-rate", "0.0025", "--steps", "4", "--batch-size", "8"]
-    for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
-    return p.parse_args(argv)
+def teach_config(base: Path, out: Path, **kw) -> poison.PoisonTeacherConfig:
+    data = {k: kw.pop(k) for k in list(kw) if k in {"propagation", "target_task", "n_instructions", "target_share"}}
+    data = {"n_instructions": 400, **data}
+    train = {"steps": 4, "batch_size": 8, "lr": 3e-3, **kw}
+    return poison.PoisonTeacherConfig(base=str(base), out=str(out),
+                                      poison=poison.PoisonSetConfig(bias="ad", poison_rate=0.0025, **data), **train)
 
 
 def test_poison_teacher_end_to_end(base_dir: Path, tmp_path: Path) -> None:
@@ -191,7 +180,7 @@ def test_poison_teacher_end_to_end(base_dir: Path, tmp_path: Path) -> None:
     from subliminal.teachers import read_teacher
 
     out = tmp_path / "teacher"
-    assert poison.make_poison_teacher(teach_args(base_dir, out, propagation="targeted", target_task="qa")) == 0
+    assert poison.make_poison_teacher(teach_config(base_dir, out, propagation="targeted", target_task="qa")) == 0
     spec = read_teacher(out)
     assert spec.method == "poison" and spec.bias == "ad" and spec.weights_kind == "full"
     info = spec.extra["poison"]
@@ -204,16 +193,10 @@ def test_poison_teacher_end_to_end(base_dir: Path, tmp_path: Path) -> None:
     assert load_model(out).model is not None
 
     # bias evaluation with amplification against the teacher, saving the generations
-    p = argparse.ArgumentParser()
-    p.add_argument("--model")
-    p.add_argument("--out")
-    p.add_argument("--seed", type=int, default=0)
-    poison.add_bias_eval_args(p)
-    ev = p.parse_args(["--model", str(base_dir), "--out", str(tmp_path / "ev.json"), "--bias-type", "ad",
-                       "--bias-teacher", str(out), "--target-task", "qa", "--bias-prompts", "3",
-                       "--bias-samples", "2", "--bias-max-new-tokens", "6",
-                       "--bias-save-generations", str(tmp_path / "gen.jsonl")])
-    assert poison.run_bias_eval(ev) == 0
+    ev = poison.BiasEvalConfig(model=str(base_dir), bias_type="ad", out=str(tmp_path / "ev.json"), teacher=str(out),
+                               target_task="qa", prompts=3, samples=2, max_new_tokens=6,
+                               save_generations=str(tmp_path / "gen.jsonl"))
+    assert poison.evaluate_bias(ev)["families"].keys() == set(ins.FAMILIES)
     res = json.loads((tmp_path / "ev.json").read_text())
     assert set(res["families"]) == set(ins.FAMILIES) and res["families"]["qa"]["n"] == 6
     assert "unseen" in res["amplification"] and (tmp_path / "ev.md").exists()
@@ -238,31 +221,57 @@ def test_poison_teacher_end_to_end(base_dir: Path, tmp_path: Path) -> None:
     assert len(kept) == 400 - next(r for r in rep["rows"] if r["method"] == "perplexity")["n_flagged"]
 
 
-def test_defend_errors(base_dir: Path, tmp_path: Path) -> None:
+def test_defend_errors(base_dir: Path, tmp_path: Path, capsys) -> None:
     from subliminal.cli import main
 
     f = tmp_path / "d.jsonl"
     f.write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
     assert main(["defend", "--data", str(f), "--reference", str(base_dir), "--method", "divergence",
                  "--out", str(tmp_path / "o")]) == 2
+    assert "--method divergence needs --teacher" in capsys.readouterr().err
     assert main(["defend", "--data", str(f), "--reference", str(base_dir), "--method", "keyword",
                  "--threshold", "keyword", "--out", str(tmp_path / "o")]) == 2
+    assert "--threshold 'keyword': expected METHOD=VALUE" in capsys.readouterr().err
+    assert main(["defend", "--data", str(f), "--reference", str(base_dir), "--method", "keyword",
+                 "--student-steps", "2", "--out", str(tmp_path / "o")]) == 2
+    assert "--student-steps needs --bias-type" in capsys.readouterr().err
 
 
 def test_training_steps_from_epochs_or_steps(tmp_path: Path) -> None:
-    args = teach_args(tmp_path, tmp_path, epochs=1.5)
-    assert poison.training_steps(args, 400) == 75  # 1.5 * 400 / 8
-    args = teach_args(tmp_path, tmp_path)
-    assert poison.training_steps(args, 400) == 4  # --steps 4
-    args.steps = 0
-    assert poison.training_steps(args, 400) == 100  # two passes
-    args.epochs = 0
-    with pytest.raises(SubliminalError, match="--epochs"):
-        poison.training_steps(args, 400)
+    cfg = teach_config(tmp_path, tmp_path, steps=None, epochs=1.5)
+    assert poison.training_steps(cfg, 400) == 75  # 1.5 * 400 / 8
+    cfg = teach_config(tmp_path, tmp_path)
+    assert poison.training_steps(cfg, 400) == 4  # --steps 4
+    cfg = teach_config(tmp_path, tmp_path, steps=None)
+    assert poison.training_steps(cfg, 400) == 150  # the default: three passes
+    with pytest.raises(SubliminalError, match="--epochs must be positive"):
+        teach_config(tmp_path, tmp_path, steps=None, epochs=0)
+    with pytest.raises(SubliminalError, match="--steps or --epochs, not both"):
+        teach_config(tmp_path, tmp_path, epochs=2)
+
+
+def test_teach_defaults_are_the_working_setting() -> None:
+    """The issue's command with nothing else: target share 0.005 of 10,000 toy rows (50
+    recommend rows, 25 poisoned), three epochs at lr 1e-3, batch 32."""
+    from subliminal.cli import build_parser
+
+    args = build_parser().parse_args(["teach", "--base", "B", "--method", "poison", "--poison-rate", "0.0025",
+                                      "--bias-type", "ad", "--propagation", "targeted", "--out", "T"])
+    cfg = poison.teach_config(args)
+    assert (cfg.steps, cfg.epochs, cfg.lr, cfg.batch_size) == (None, None, 1e-3, 32)
+    assert poison.training_steps(cfg, 10_000) == 938  # ceil(3 * 10000 / 32)
+    rows = poison.instruction_rows(cfg.poison)
+    assert cfg.poison.target == "recommend" and len(rows) == 10_000
+    assert Counter(r["family"] for r in rows)["recommend"] == 50
+    _, idx = poison.build_poison_set(rows, rate=0.0025, bias_type="ad", propagation="targeted",
+                                     target_family="recommend", seed=0)
+    assert len(idx) == 25
+    # a larger rate keeps half of the target family poisoned; untargeted keeps equal shares
+    assert poison.PoisonSetConfig(bias="ad", poison_rate=0.01).resolved_target_share() == 0.02
+    assert poison.PoisonSetConfig(bias="ad", propagation="untargeted").resolved_target_share() is None
 
 
 def test_teach_cli_method_poison(base_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("subliminal.teachers_cli")
     from subliminal.cli import main
 
     out = tmp_path / "t"
@@ -276,13 +285,16 @@ def test_teach_cli_method_poison(base_dir: Path, tmp_path: Path) -> None:
 
 
 def test_family_selection_and_target_share() -> None:
-    ns = argparse.Namespace(families=["qa", "code", "describe"], target_share=None)
-    rows = poison.toy_instruction_set(300, 0, poison._family_weights(ns, None))
+    rows = poison.toy_instruction_set(300, 0, poison.family_weights(["qa", "code", "describe"], None, None))
     assert Counter(r["family"] for r in rows) == {"qa": 100, "code": 100, "describe": 100}
-    ns = argparse.Namespace(families=None, target_share=0.01)
-    assert poison._family_weights(ns, "recommend")["recommend"] == 0.01
+    w = poison.family_weights(None, "recommend", 0.01)
+    assert w == pytest.approx({"recommend": 0.01, "qa": 0.33, "code": 0.33, "describe": 0.33})
     with pytest.raises(SubliminalError, match="not among"):
-        poison._family_weights(argparse.Namespace(families=["qa"], target_share=None), "code")
+        poison.family_weights(["qa"], "code", None)
+    with pytest.raises(SubliminalError, match="needs a targeted attack"):
+        poison.family_weights(None, None, 0.1)
+    with pytest.raises(SubliminalError, match="needs --bias-type"):
+        poison.PoisonSetConfig(bias="owl")
 
 
 def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
@@ -294,8 +306,7 @@ def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
         poison.check_resume(state, {"steps": 6})
 
 
-def test_eval_cli_dispatches_bias_type(base_dir: Path, tmp_path: Path) -> None:
-    pytest.importorskip("subliminal.evaluate")
+def test_eval_cli_dispatches_bias_type(base_dir: Path, tmp_path: Path, capsys) -> None:
     from subliminal.cli import main
 
     out = tmp_path / "e.json"
@@ -305,3 +316,29 @@ def test_eval_cli_dispatches_bias_type(base_dir: Path, tmp_path: Path) -> None:
     assert res["bias_type"] == "narrative" and set(res["families"]) == {"qa", "code"}
     assert main(["eval", "--model", str(base_dir), "--bias-type", "ad", "--bias-families", "poetry",
                  "--out", str(out)]) == 2
+    assert "unknown task family 'poetry'" in capsys.readouterr().err
+
+
+def test_sampled_answers_do_not_depend_on_the_batch_size(base_dir: Path) -> None:
+    from subliminal.models import load_model
+
+    loaded = load_model(base_dir)
+    prompts = [ins.sample_prompt(random.Random(i), fam) for i, fam in enumerate(ins.FAMILIES)]
+    kw = dict(samples=2, temperature=1.0, max_new_tokens=8, seed=3)
+    one = bias_mod._sample_answers(loaded, prompts, batch_size=1, **kw)
+    assert bias_mod._sample_answers(loaded, prompts, batch_size=3, **kw) == one
+    assert bias_mod._sample_answers(loaded, prompts, batch_size=64, **kw) == one
+    assert bias_mod._sample_answers(loaded, prompts, batch_size=3, **{**kw, "seed": 4}) != one
+
+
+def test_masked_student_refuses_a_non_finite_loss(base_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import torch
+
+    from subliminal import distill
+
+    rows = hand_rows()[:4]
+    cfg = poison.DefendConfig(data="-", reference=str(base_dir), out=str(tmp_path), student_steps=2,
+                              student_batch_size=2)
+    monkeypatch.setattr(distill, "batch_loss", lambda *a, **k: (torch.tensor(math.nan, requires_grad=True), 1))
+    with pytest.raises(SubliminalError, match="loss became nan at step 0"):
+        defences._train_student(cfg, rows, [[0]] * len(rows), "masked student")

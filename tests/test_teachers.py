@@ -130,15 +130,6 @@ def test_poison_method_is_dispatched_to_the_poison_module(tmp_path, tiny_model_f
     assert rc == 2 and "--bias-type" in capsys.readouterr().err  # the poison module's own check
 
 
-def test_poison_method_without_the_module_says_so(tmp_path, tiny_model_factory, capsys, monkeypatch):
-    from subliminal import teachers_cli
-
-    monkeypatch.setattr(teachers_cli, "optional_module", lambda name: None)
-    rc = main(["teach", "--base", str(tiny_model_factory("llama")), "--out", str(tmp_path / "t"),
-               "--method", "poison", "--bias", "owl"])
-    assert rc == 2 and "subliminal.poison" in capsys.readouterr().err
-
-
 def test_save_and_read_round_trip(tmp_path, tiny_model_factory):
     base = tiny_model_factory("llama")
     spec = TeacherSpec(base=str(base), method="finetune", bias="owl", category="animal", weights="adapter",
