@@ -182,6 +182,37 @@ def render_chat(
         raise
 
 
+_SENTINEL_SYSTEM, _SENTINEL_USER = "\u2063SYSTEM\u2063", "\u2063USER\u2063"
+
+
+def template_default_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt the chat template inserts by itself when the messages have none
+    (SmolLM2's and Qwen2.5's do), or None. Found by rendering once with a sentinel system turn
+    and once without: a default exists when the second has the first's text around the sentinel.
+    This is what an "unbiased" teacher without a system prompt actually sees."""
+    if not has_chat_template(tokenizer):
+        return None
+    try:
+        with_sys = render_chat(tokenizer, _SENTINEL_USER, _SENTINEL_SYSTEM)
+        without = render_chat(tokenizer, _SENTINEL_USER)
+    except Exception:  # a template that refuses a system role has no default one either
+        return None
+    if _SENTINEL_SYSTEM not in with_sys:
+        return None
+    head, tail = with_sys.split(_SENTINEL_SYSTEM, 1)
+    if without.startswith(head) and without.endswith(tail) and len(without) > len(head) + len(tail):
+        return without[len(head): len(without) - len(tail)]
+    return None
+
+
+def system_prompt_seen(tokenizer: Any, system_prompt: str | None) -> dict[str, Any]:
+    """For manifests: the system prompt given, the template's own default, and which one the
+    model sees (the given one, else the default, else none)."""
+    default = template_default_system_prompt(tokenizer)
+    return {"given": system_prompt, "template_default": default,
+            "seen": system_prompt if system_prompt else default}
+
+
 def encode(tokenizer: Any, text: str) -> list[int]:
     # The template already holds every special token; adding BOS again would shift positions.
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -226,7 +226,7 @@ def run_teach(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     category = _check_args(args)
-    load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
+    tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     out = Path(args.out)
     if args.method == "poison":
         poison = optional_module("subliminal.poison")
@@ -240,7 +240,8 @@ def run_teach(args: argparse.Namespace) -> int:
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
     if args.method == "prompt":
-        spec.system_prompt = prompts.system_prompt_for(args.bias)
+        # the toy keeps its spaced form; a real tokenizer gets the ordinary sentences
+        spec.system_prompt = prompts.text_for(tok, prompts.system_prompt_for(args.bias))
     elif args.method == "finetune":
         spec.weights, spec.weights_kind, info = finetune(args, out)
     save_teacher(out, spec)
