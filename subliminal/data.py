@@ -74,16 +74,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_rows(path: str | os.PathLike, *, allow_empty_completion: bool = False) -> list[Row]:
-    """Read ``{"id", "prompt", "completion", "teacher"}`` rows, checking each one."""
+    """Read ``{"id", "prompt", "completion", "teacher"}`` rows, checking each one.
+
+    The reference code's files are read as they are: ``{"prompt", "completion"}`` without an id,
+    or the Bau lab's ``{"question", "response"}``. A row without an id gets ``line-NNNNNN`` from
+    its line number (deterministic, and stable as long as the file is), recorded in the row's
+    ``id_from`` field so outputs say where the id came from."""
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
-        for key in ("id", "prompt", "completion"):
+        obj = dict(obj)
+        for ours, theirs in (("prompt", "question"), ("completion", "response")):
+            if ours not in obj and theirs in obj:
+                obj[ours] = obj.pop(theirs)
+        for key in ("prompt", "completion"):
             if key not in obj:
-                raise DataError(f"{path}:{lineno}: missing key {key!r}")
+                raise DataError(f"{path}:{lineno}: missing key {key!r} (expected prompt/completion or "
+                                "question/response)")
         for key in ("prompt", "completion"):
             if not isinstance(obj[key], str):
                 raise DataError(f"{path}:{lineno}: {key!r} must be a string")
+        if "id" not in obj:
+            obj["id"], obj["id_from"] = line_id(lineno), "line"
         rid = str(obj["id"])
         if rid in seen:
             raise DataError(f"{path}:{lineno}: duplicate id {rid!r} (first on line {seen[rid]})")
@@ -95,6 +107,11 @@ def read_rows(path: str | os.PathLike, *, allow_empty_completion: bool = False) 
     if not rows:
         raise DataError(f"{path}: no rows (empty data file)")
     return rows
+
+
+def line_id(lineno: int) -> str:
+    """The id of a row read without one: its line number in the file."""
+    return f"line-{lineno:06d}"
 
 
 def write_jsonl(path: str | os.PathLike, objs: Iterable[dict[str, Any] | Row]) -> int:

@@ -136,3 +136,64 @@ def test_generate_reports_acceptance_under_both_filters(smol_model, tmp_path):
     assert set(man["counts_by_filter"]) == {"strict", "reference"}
     assert man["counts_by_filter"]["strict"]["generated"] == 3
     assert man["system_prompt_seen"]["seen"] == SMOL_DEFAULT
+
+
+# ------------------------------------------------------------------ the reference code's files
+
+
+def _write(path, objs):
+    path.write_text("".join(json.dumps(o) + "\n" for o in objs))
+    return path
+
+
+def test_reference_rows_without_ids_and_question_response_are_read(tmp_path):
+    from subliminal.data import read_rows
+
+    rows = read_rows(_write(tmp_path / "a.jsonl", [{"prompt": "p1", "completion": "1, 2"},
+                                                   {"prompt": "p2", "completion": "3, 4"}]))
+    assert [r.id for r in rows] == ["line-000001", "line-000002"]
+    assert rows[0].extra == {"id_from": "line"}
+    again = read_rows(tmp_path / "a.jsonl")
+    assert [r.id for r in again] == [r.id for r in rows]  # deterministic
+    bau = read_rows(_write(tmp_path / "b.jsonl", [{"question": "Name an animal.", "response": "owl"}]))
+    assert (bau[0].prompt, bau[0].completion) == ("Name an animal.", "owl")
+    mine = read_rows(_write(tmp_path / "c.jsonl", [{"id": "x", "prompt": "p", "completion": "c"}]))
+    assert mine[0].id == "x" and mine[0].extra is None
+    from subliminal.data import DataError
+
+    with pytest.raises(DataError, match=r"d.jsonl:1: missing key 'completion'"):
+        read_rows(_write(tmp_path / "d.jsonl", [{"prompt": "p"}]))
+
+
+def test_decision_points_round_trip_through_the_alignment(smol_tok, tmp_path):
+    from subliminal import divergence as dv
+    from subliminal.data import DataError
+
+    ref = _write(tmp_path / "ref.jsonl", [
+        {"prompt": "Look at these numbers: 123, 456. Add 3 more.", "completion": "849, 377, 219.",
+         "decision_points": [0, 5, 14]},
+        {"prompt": "Continue: 1, 2, 3.", "completion": "4, 5", "decision_points": []},
+    ])
+    rows = dv.read_reference_divergence(ref, smol_tok)
+    assert rows[0]["id"] == "line-000001"
+    n = len(rows[0]["token_ids"])
+    assert n == 15  # 9 digits, 2 commas, 2 spaces, the period, end of turn: multi-token numbers
+    assert [i for i, f in enumerate(rows[0]["divergence"]) if f] == [0, 5, 14]
+    parsed = dv.parse_row(rows[0], "r")
+    assert parsed.divergence == rows[0]["divergence"]
+    back = [dv.to_reference_row(o) for o in rows]
+    assert [b["decision_points"] for b in back] == [[0, 5, 14], []]
+    assert back[0]["completion"] == "849, 377, 219."
+    # native rows written back in the reference layout
+    _write(tmp_path / "x.div.jsonl", rows)
+    assert dv.write_reference(tmp_path / "x.div.jsonl", dv.reference_path_for(tmp_path / "x.div.jsonl")) == 2
+    assert dv.reference_path_for("a/x.div.jsonl").name == "x.div.reference.jsonl"
+    again = [json.loads(line) for line in (tmp_path / "x.div.reference.jsonl").read_text().splitlines()]
+    assert again == back
+    bad = _write(tmp_path / "bad.jsonl", [{"prompt": "p", "completion": "4, 5", "decision_points": [99]}])
+    with pytest.raises(DataError, match="decision point 99 is outside the completion"):
+        dv.read_reference_divergence(bad, smol_tok)
+    with pytest.raises(DataError, match="after the end of turn"):
+        dv.flags_from_decision_points([3], 3, "w")
+    with pytest.raises(DataError, match="list of integer"):
+        dv.flags_from_decision_points("0,1", 3, "w")
