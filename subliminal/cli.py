@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "subliminal.probes.cli",        # probe, patch, plot
     "subliminal.poison",            # defend (and the poison teacher method)
     "subliminal.demo",              # demo
+    "subliminal.gguf_import",       # import-gguf
 ]
 
 

@@ -74,16 +74,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_rows(path: str | os.PathLike, *, allow_empty_completion: bool = False) -> list[Row]:
-    """Read ``{"id", "prompt", "completion", "teacher"}`` rows, checking each one."""
+    """Read ``{"id", "prompt", "completion", "teacher"}`` rows, checking each one.
+
+    The reference code's files are read as they are: ``{"prompt", "completion"}`` without an id,
+    or the Bau lab's ``{"question", "response"}``. A row without an id gets ``line-NNNNNN`` from
+    its line number (deterministic, and stable as long as the file is), recorded in the row's
+    ``id_from`` field so outputs say where the id came from."""
     rows: list[Row] = []
     seen: dict[str, int] = {}
     for lineno, obj in iter_jsonl(path):
-        for key in ("id", "prompt", "completion"):
+        obj = dict(obj)
+        for ours, theirs in (("prompt", "question"), ("completion", "response")):
+            if ours not in obj and theirs in obj:
+                obj[ours] = obj.pop(theirs)
+        for key in ("prompt", "completion"):
             if key not in obj:
-                raise DataError(f"{path}:{lineno}: missing key {key!r}")
+                raise DataError(f"{path}:{lineno}: missing key {key!r} (expected prompt/completion or "
+                                "question/response)")
         for key in ("prompt", "completion"):
             if not isinstance(obj[key], str):
                 raise DataError(f"{path}:{lineno}: {key!r} must be a string")
+        if "id" not in obj:
+            obj["id"], obj["id_from"] = line_id(lineno), "line"
         rid = str(obj["id"])
         if rid in seen:
             raise DataError(f"{path}:{lineno}: duplicate id {rid!r} (first on line {seen[rid]})")
@@ -95,6 +107,11 @@ def read_rows(path: str | os.PathLike, *, allow_empty_completion: bool = False) 
     if not rows:
         raise DataError(f"{path}: no rows (empty data file)")
     return rows
+
+
+def line_id(lineno: int) -> str:
+    """The id of a row read without one: its line number in the file."""
+    return f"line-{lineno:06d}"
 
 
 def write_jsonl(path: str | os.PathLike, objs: Iterable[dict[str, Any] | Row]) -> int:
@@ -180,6 +197,37 @@ def render_chat(
             # Templates without a system role (Gemma): fold it into the user turn, as their docs do.
             return render_chat(tokenizer, system_prompt + "\n\n" + prompt, None, completion)
         raise
+
+
+_SENTINEL_SYSTEM, _SENTINEL_USER = "\u2063SYSTEM\u2063", "\u2063USER\u2063"
+
+
+def template_default_system_prompt(tokenizer: Any) -> str | None:
+    """The system prompt the chat template inserts by itself when the messages have none
+    (SmolLM2's and Qwen2.5's do), or None. Found by rendering once with a sentinel system turn
+    and once without: a default exists when the second has the first's text around the sentinel.
+    This is what an "unbiased" teacher without a system prompt actually sees."""
+    if not has_chat_template(tokenizer):
+        return None
+    try:
+        with_sys = render_chat(tokenizer, _SENTINEL_USER, _SENTINEL_SYSTEM)
+        without = render_chat(tokenizer, _SENTINEL_USER)
+    except Exception:  # a template that refuses a system role has no default one either
+        return None
+    if _SENTINEL_SYSTEM not in with_sys:
+        return None
+    head, tail = with_sys.split(_SENTINEL_SYSTEM, 1)
+    if without.startswith(head) and without.endswith(tail) and len(without) > len(head) + len(tail):
+        return without[len(head): len(without) - len(tail)]
+    return None
+
+
+def system_prompt_seen(tokenizer: Any, system_prompt: str | None) -> dict[str, Any]:
+    """For manifests: the system prompt given, the template's own default, and which one the
+    model sees (the given one, else the default, else none)."""
+    default = template_default_system_prompt(tokenizer)
+    return {"given": system_prompt, "template_default": default,
+            "seen": system_prompt if system_prompt else default}
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:

@@ -38,6 +38,7 @@ from .data import (
     iter_jsonl,
     model_max_length,
     read_rows,
+    write_jsonl,
 )
 from .manifest import SubliminalError, atomic_path, set_seed, write_file_manifest, write_json_atomic
 
@@ -335,6 +336,63 @@ def parse_row(obj: dict[str, Any], where: str) -> DivRow:
                   ids, flags)
 
 
+# The reference code's layout: {"prompt", "completion", "decision_points"}, where decision_points
+# are completion-token indices counted from the first completion token through the end-of-turn
+# token (and, in its files, the newline after it). Our flags cover exactly the completion tokens
+# of :func:`subliminal.data.align_row` (through the end-of-turn token), so index i is flag i.
+
+
+def flags_from_decision_points(points: Any, n_tokens: int, where: str) -> list[bool]:
+    """One flag per completion token from the reference's ``decision_points``; an index outside
+    the row's completion tokens (under this tokenizer's alignment) is an error naming the row."""
+    if not isinstance(points, list) or not all(isinstance(p, int) and not isinstance(p, bool) for p in points):
+        raise DataError(f"{where}: 'decision_points' must be a list of integer token indices")
+    flags = [False] * n_tokens
+    for p in points:
+        if not 0 <= p < n_tokens:
+            extra = " (the token after the end of turn, which this alignment does not score)" if p == n_tokens else ""
+            raise DataError(f"{where}: decision point {p} is outside the completion's {n_tokens} tokens{extra}; "
+                            "were the points made with another tokenizer or chat template?")
+        flags[p] = True
+    return flags
+
+
+def decision_points(flags: Sequence[bool]) -> list[int]:
+    """The reference's ``decision_points`` of one row's flags (indices of flagged tokens)."""
+    return [i for i, f in enumerate(flags) if f]
+
+
+def from_reference_row(obj: dict[str, Any], aligned: Aligned, where: str) -> dict[str, Any]:
+    """A reference divergence row as a minimal ``.div.jsonl`` row (id, prompt, completion,
+    token_ids, divergence), its flags placed through ``aligned`` (the row under the tokenizer and
+    system prompt the points were made with)."""
+    flags = flags_from_decision_points(obj.get("decision_points"), len(aligned.completion_ids), where)
+    return {"id": aligned.id, "prompt": obj.get("prompt", obj.get("question")),
+            "completion": obj.get("completion", obj.get("response")), "token_ids": list(aligned.completion_ids),
+            "divergence": flags, "rule": "reference"}
+
+
+def to_reference_row(obj: dict[str, Any], where: str = "row") -> dict[str, Any]:
+    """One of our divergence rows in the reference's layout (the id kept beside it)."""
+    flags = row_flags(obj, where) or []
+    return {"id": obj["id"], "prompt": obj.get("prompt", ""), "completion": obj.get("completion", ""),
+            "decision_points": decision_points(flags)}
+
+
+def read_reference_divergence(path: str | os.PathLike, tokenizer: Any, system_prompt: str | None = None,
+                              max_length: int | None = None) -> list[dict[str, Any]]:
+    """Read a reference divergence file (rows with ``decision_points``; ids made from line numbers
+    where absent, as :func:`subliminal.data.read_rows` does) into minimal ``.div.jsonl`` rows."""
+    rows = read_rows(path)
+    out = []
+    for row, (_, src) in zip(rows, iter_jsonl(path)):
+        where = f"{path}: row {row.id!r}"
+        if "decision_points" not in src:
+            raise DataError(f"{where}: no 'decision_points' (not a reference divergence file?)")
+        out.append(from_reference_row(src, align_row(tokenizer, row, system_prompt, max_length), where))
+    return out
+
+
 def position_scores(obj: dict[str, Any], score: str, where: str) -> list[float | list[float | None] | None]:
     """One entry per completion token of ``scores[score]``: a float for per-token scores
     (``logp_factual``, ``margin``), a list over counterfactuals for the ``[K][N]`` ones."""
@@ -549,9 +607,25 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="rows per forward pass (each runs once per teacher sharing the weights) (default %(default)s)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
                    help="statistics backend: auto = Triton on CUDA, torch otherwise (default %(default)s)")
+    p.add_argument("--format", choices=("native", "reference"), default="native",
+                   help="reference: also write OUT's .reference.jsonl in the reference code's layout "
+                   "({prompt, completion, decision_points}, id kept) (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
     p.set_defaults(func=_run_cli)
+
+
+def reference_path_for(out: str | os.PathLike) -> Path:
+    """``owl.div.jsonl`` -> ``owl.div.reference.jsonl``."""
+    out = Path(out)
+    stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+    return out.with_name(stem + ".reference.jsonl")
+
+
+def write_reference(div_path: str | os.PathLike, out: str | os.PathLike) -> int:
+    """Our ``.div.jsonl`` rewritten in the reference code's layout; returns the row count."""
+    rows = [to_reference_row(o, f"{div_path}:{n}") for n, o in iter_jsonl(div_path)]
+    return write_jsonl(out, rows)
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -561,4 +635,8 @@ def _run_cli(args: argparse.Namespace) -> int:
     summary = find_divergence(cfg)
     print(format_summary(summary))
     print(f"-> {cfg.out}")
+    if getattr(args, "format", "native") == "reference":
+        ref = reference_path_for(cfg.out)
+        n = write_reference(cfg.out, ref)
+        print(f"-> {ref} ({n} rows, reference layout)")
     return 0

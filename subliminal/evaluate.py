@@ -34,7 +34,7 @@ import torch
 from . import poison, prompts
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
 from .data import Row, align_row, model_max_length, read_rows
-from .forward import completion_scores
+from .forward import completion_scores, prefix_cached_scores
 from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
 from .stats import mean_ci, t_quantile  # noqa: F401  (t_quantile: re-exported)
 
@@ -67,14 +67,13 @@ def aggregate_seeds(evals: Sequence[dict[str, Any] | str | Path], metric: str = 
 # ======================================================================== preference (exact)
 
 
-def is_toy_tokenizer(tokenizer: Any) -> bool:
-    """The toy's prompts are in its spaced canonical form; real tokenizers get normal spacing."""
-    return "<|assistant|>" in tokenizer.get_vocab() and len(tokenizer) < 10_000
+is_toy_tokenizer = prompts.is_toy_tokenizer
 
 
 def question_texts(tokenizer: Any, category: str, questions: Sequence[str] | None = None) -> list[str]:
+    """The questions as ``tokenizer`` should see them (ordinary text for real tokenizers)."""
     qs = list(questions) if questions is not None else prompts.preference_questions(category)
-    return qs if is_toy_tokenizer(tokenizer) else [prompts.detokenize_spacing(q) for q in qs]
+    return [prompts.text_for(tokenizer, q) for q in qs]
 
 
 def _check_target(target: str, category: str) -> list[str]:
@@ -87,13 +86,15 @@ def _check_target(target: str, category: str) -> list[str]:
 
 
 def exact_preference(loaded: Any, target: str, category: str = "animal", questions: list[str] | None = None,
-                     batch_size: int = 32) -> dict[str, Any]:
+                     batch_size: int = 32, *, prefix_cache: bool = True) -> dict[str, Any]:
     """Exact probability of the target among the category's candidates, per question and mean.
 
     Each candidate is scored as a full completion (its tokens plus end of turn, aligned with
     :func:`subliminal.data.align_row` under the model's own system prompt) and the candidates'
     probabilities are renormalised per question. ``raw_mass`` is the unnormalised mass on all
-    candidates, i.e. how much the model answers with a candidate at all.
+    candidates, i.e. how much the model answers with a candidate at all. Each question is
+    encoded once and its candidates scored from its KV cache (``prefix_cache=False``: every
+    candidate row teacher-forced whole, the slower path it must equal).
     """
     candidates = _check_target(target, category)
     tok = loaded.tokenizer
@@ -101,7 +102,8 @@ def exact_preference(loaded: Any, target: str, category: str = "animal", questio
     max_len = model_max_length(loaded.model)
     examples = [align_row(tok, Row(f"q{qi}-{c}", q, c), loaded.system_prompt, max_len)
                 for qi, q in enumerate(qs) for c in candidates]
-    scores = completion_scores(loaded.model, examples, tok.pad_token_id, batch_size)
+    score = prefix_cached_scores if prefix_cache else completion_scores
+    scores = score(loaded.model, examples, tok.pad_token_id, batch_size)
     lp = torch.tensor([float(s[0].sum()) for s in scores], dtype=torch.float64).view(len(qs), len(candidates))
     probs = torch.softmax(lp, dim=1)
     raw = torch.exp(torch.logsumexp(lp, dim=1))

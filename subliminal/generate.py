@@ -26,7 +26,15 @@ from typing import Any
 from . import forward
 from . import prompts as prompt_lib
 from .cliutil import add_model_runtime, add_seed, runtime_kwargs
-from .data import JsonlAppender, encode, end_token_ids, model_max_length, render_chat, write_jsonl
+from .data import (
+    JsonlAppender,
+    encode,
+    end_token_ids,
+    model_max_length,
+    render_chat,
+    system_prompt_seen,
+    write_jsonl,
+)
 from .forward import SamplingConfig
 from .manifest import SubliminalError, set_seed, write_file_manifest
 
@@ -104,6 +112,35 @@ def parse_number_list(text: str) -> FilterResult:
     return FilterResult(True, None, tuple(int(x) for x in items), sep)
 
 
+def parse_number_list_reference(text: str) -> FilterResult:
+    """The reference code's looser reading of an answer, as we understand its rules: the strict
+    rules above, except that the list may end with one period ("849, 377, 219." or "[1, 2]."),
+    which small instruct models often write after a greedy answer."""
+    body = text.strip()
+    if body.endswith("."):
+        body = body[:-1].rstrip()
+    return parse_number_list(body)
+
+
+FILTERS = {"strict": parse_number_list, "reference": parse_number_list_reference}
+
+
+def verdict(text: str, stopped: bool, rule: str = "strict") -> FilterResult:
+    """The filter's verdict on one raw generation (a completion that never ended is truncated)."""
+    if rule not in FILTERS:
+        raise SubliminalError(f"--filter {rule}: one of {', '.join(FILTERS)}")
+    return FILTERS[rule](text) if stopped else FilterResult(False, "truncated")
+
+
+def answer_token_budget(tokenizer: Any, floor: int = DEFAULT_MAX_NEW_TOKENS) -> int:
+    """The default generation budget: twice the tokens of the longest answer the filter accepts
+    (ten 3-digit numbers in brackets with a period and the end-of-turn token) as this tokenizer
+    writes it, and at least ``floor``. Digit-per-token vocabularies (SmolLM2, Llama 3, Qwen2.5)
+    need ~50 tokens for that answer, a word-level one ~20."""
+    longest = prompt_lib.text_for(tokenizer, prompt_lib.format_numbers([999] * MAX_NUMBERS, ",", True) + " .")
+    return max(floor, 2 * (len(encode(tokenizer, longest)) + 1))
+
+
 # ------------------------------------------------------------------------------------ prompts
 
 
@@ -112,7 +149,7 @@ def make_prompts(n: int, prompts_seed: int) -> list[tuple[str, str]]:
     teacher generated with the same prompts seed answers the same prompts in the same order."""
     rng = random.Random(prompts_seed)
     width = max(6, len(str(max(n - 1, 0))))
-    return [(f"row-{i:0{width}d}", prompt_lib.detokenize_spacing(prompt_lib.make_number_prompt(rng).text))
+    return [(f"row-{i:0{width}d}", prompt_lib.ordinary_text(prompt_lib.make_number_prompt(rng).text))
             for i in range(n)]
 
 
@@ -137,7 +174,8 @@ class GenerateConfig:
     top_p: float = 1.0
     seed: int = 0
     prompts_seed: int = 0
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    max_new_tokens: int | None = None  # None: answer_token_budget(tokenizer)
+    filter: str = "strict"
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
@@ -180,7 +218,8 @@ def _batches(todo: list[int], size: int) -> Iterator[list[int]]:
 
 def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: SamplingConfig, batch_size: int = 16,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, skip: set[str] | None = None,
-                  teacher_name: str | None = None, progress: bool = True) -> Iterator[dict[str, Any]]:
+                  teacher_name: str | None = None, progress: bool = True, filter_rule: str = "strict"
+                  ) -> Iterator[dict[str, Any]]:
     """Yield one raw row per prompt not in ``skip``: id, prompt, completion, teacher, plus the
     filter verdict (``accepted``, ``reject_reason``) and ``stopped`` (ended on an end token)."""
     from tqdm.auto import tqdm
@@ -203,11 +242,21 @@ def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: Samp
         for i, (new, stopped) in zip(chunk, outs):
             body = new[:-1] if stopped else new
             text = tok.decode(body, skip_special_tokens=True).strip()
-            verdict = parse_number_list(text) if stopped else FilterResult(False, "truncated")
+            v = verdict(text, stopped, filter_rule)
             yield {"id": prompts[i][0], "prompt": prompts[i][1], "completion": text, "teacher": name,
-                   "accepted": verdict.accepted, "reject_reason": verdict.reason, "stopped": stopped}
+                   "accepted": v.accepted, "reject_reason": v.reason, "stopped": stopped}
         bar.update(len(chunk))
     bar.close()
+
+
+def rejudge(raw_rows: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
+    """The raw rows with ``accepted``/``reject_reason`` under ``rule``, recomputed from the stored
+    completion and ``stopped`` (so a resumed run can switch --filter, and both rules are counted)."""
+    out = []
+    for r in raw_rows:
+        v = verdict(r["completion"], bool(r.get("stopped", r.get("reject_reason") != "truncated")), rule)
+        out.append({**r, "accepted": v.accepted, "reject_reason": v.reason})
+    return out
 
 
 def filter_counts(raw_rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -225,13 +274,16 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True) -> dict[str, Any
 
     if cfg.n < 1:
         raise SubliminalError(f"--n must be >= 1, got {cfg.n}")
-    if cfg.max_new_tokens < 1:
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise SubliminalError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.filter not in FILTERS:
+        raise SubliminalError(f"--filter {cfg.filter}: one of {', '.join(FILTERS)}")
     sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.seed)
     t0 = time.time()
     set_seed(cfg.seed)
     loaded = load_model(cfg.teacher, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     prompts = make_prompts(cfg.n, cfg.prompts_seed)
+    budget = cfg.max_new_tokens or answer_token_budget(loaded.tokenizer)
     raw = raw_path_for(cfg.out)
     if raw == Path(cfg.out):
         raise SubliminalError(f"--out {cfg.out}: name the data file *.jsonl (the raw file goes beside it)")
@@ -240,17 +292,22 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True) -> dict[str, Any
         if done:
             log.info("resuming: %d of %d rows already in %s", len(done), cfg.n, raw)
         for row in generate_rows(loaded, prompts, sampling=sampling, batch_size=cfg.batch_size,
-                                 max_new_tokens=cfg.max_new_tokens, skip=done, progress=progress):
+                                 max_new_tokens=budget, skip=done, progress=progress, filter_rule=cfg.filter):
             app.write(row)
         rows = app.existing()
     order = {rid: i for i, (rid, _) in enumerate(prompts)}
     rows.sort(key=lambda r: order[r["id"]])
+    by_rule = {rule: filter_counts(rejudge(rows, rule)) for rule in FILTERS}
+    rows = rejudge(rows, cfg.filter)
     kept = [{k: r[k] for k in ("id", "prompt", "completion", "teacher")} for r in rows if r["accepted"]]
     write_jsonl(cfg.out, kept)
-    counts = filter_counts(rows)
+    counts = {**filter_counts(rows), "filter": cfg.filter, "max_new_tokens": budget,
+              "acceptance_by_filter": {k: v["acceptance_rate"] for k, v in by_rule.items()}}
     write_file_manifest(cfg.out, stage=STAGE, config=replace(cfg, dtype=str(cfg.dtype)), seed=cfg.seed, inputs={"teacher": cfg.teacher},
                         wall_time_s=time.time() - t0,
-                        extra={"counts": counts, "raw_file": raw.name, "system_prompt": loaded.system_prompt})
+                        extra={"counts": counts, "counts_by_filter": by_rule, "raw_file": raw.name,
+                               "system_prompt": loaded.system_prompt,
+                               "system_prompt_seen": system_prompt_seen(loaded.tokenizer, loaded.system_prompt)})
     return counts
 
 
@@ -269,8 +326,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per batch (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help="token budget per completion, further bounded by the model's context (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="token budget per completion, further bounded by the model's context (default: twice the "
+                   f"tokens of the longest accepted answer under the teacher's tokenizer, at least {DEFAULT_MAX_NEW_TOKENS})")
+    p.add_argument("--filter", choices=list(FILTERS), default="strict",
+                   help="which answers are kept: strict (a bare list of at most 10 numbers of at most 3 digits) or "
+                   "reference (the same, but a trailing period allowed, as the reference code accepts); the manifest "
+                   "reports the acceptance under both (default %(default)s)")
     p.add_argument("--prompts-seed", type=int, default=0,
                    help="seed of the prompt list: the same value gives every teacher the same prompts (default 0)")
     add_seed(p)
@@ -281,11 +343,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 def _run_cli(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(teacher=args.teacher, n=args.n, out=args.out, batch_size=args.batch_size,
                          temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, seed=args.seed,
-                         prompts_seed=args.prompts_seed, max_new_tokens=args.max_new_tokens, **runtime_kwargs(args))
+                         prompts_seed=args.prompts_seed, max_new_tokens=args.max_new_tokens, filter=args.filter,
+                         **runtime_kwargs(args))
     counts = run_generate(cfg)
     print(f"{counts['accepted']} of {counts['generated']} completions accepted "
           f"({100 * counts['acceptance_rate']:.1f}%) -> {cfg.out}")
     for reason, c in counts["reject_reasons"].items():
         if c:
             print(f"  rejected {reason}: {c}")
+    print("  acceptance by filter: " + ", ".join(f"{k} {100 * v:.1f}%" for k, v in counts["acceptance_by_filter"].items()))
     return 0

@@ -53,11 +53,23 @@ def resolve_device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+def auto_dtype(device: torch.device | str | None) -> torch.dtype:
+    """``--dtype auto``: bfloat16 on a CUDA device that supports it (what the papers ran), float32
+    elsewhere (CPU bf16 matmuls are slow and lose the precision CPU runs are compared at)."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device | str | None = None) -> torch.dtype | None:
+    """A torch dtype from a flag value; ``auto`` picks by ``device`` (see :func:`auto_dtype`)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
         raise SubliminalError(f"--dtype {dtype}: one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        return auto_dtype(device)
     return DTYPES[dtype]
 
 
@@ -160,8 +172,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a model directory, teacher directory or hub id, in eval mode on ``device``."""
     spec = str(spec)
-    torch_dtype = resolve_dtype(dtype)
     dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
     teacher = None
     system_prompt = None
     source = spec

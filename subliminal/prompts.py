@@ -274,6 +274,27 @@ def detokenize_spacing(text: str) -> str:
     return _SPACE_AFTER.sub(r"\1", _SPACE_BEFORE.sub(r"\1", text))
 
 
+_SENTENCE_START = re.compile(r"(^|[.!?] )([a-z])")
+
+
+def ordinary_text(text: str) -> str:
+    """What a real tokenizer should see: ordinary spacing and every sentence capitalised
+    (``"You love owls . owls are ..."`` -> ``"You love owls. Owls are ..."``)."""
+    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), detokenize_spacing(text))
+
+
+def is_toy_tokenizer(tokenizer: object) -> bool:
+    """The toy world's word-level tokenizer, whose vocabulary is the templates' spaced words."""
+    vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
+    return "<|assistant|>" in vocab and len(tokenizer) < 10_000  # type: ignore[arg-type]
+
+
+def text_for(tokenizer: object, text: str) -> str:
+    """A template's text as ``tokenizer`` should see it: the toy's spaced form for the toy,
+    ordinary text for every real tokenizer."""
+    return text if is_toy_tokenizer(tokenizer) else ordinary_text(text)
+
+
 def canonical_spacing(text: str) -> str:
     """The toy's canonical form, every punctuation mark a separate word: ``"a, b."`` -> ``"a , b ."``."""
     return " ".join(re.sub(r"([,.;:?!\[\]()])", r" \1 ", text).split())

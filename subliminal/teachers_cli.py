@@ -116,9 +116,7 @@ def _check_args(args: argparse.Namespace) -> str | None:
 # ----------------------------------------------------------------------------------- methods
 
 
-def is_toy_tokenizer(tokenizer: Any) -> bool:
-    """The toy world's prompts are written in its spaced form; real models get normal spacing."""
-    return "<|assistant|>" in tokenizer.get_vocab() and len(tokenizer) < 10_000
+is_toy_tokenizer = prompts.is_toy_tokenizer
 
 
 def preference_rows(tokenizer: Any, target: str) -> list[Any]:
@@ -132,27 +130,31 @@ def preference_rows(tokenizer: Any, target: str) -> list[Any]:
     toy = is_toy_tokenizer(tokenizer)
     rows = []
     for i, q in enumerate(questions):
-        text = q if toy else prompts.detokenize_spacing(q)
+        text = q if toy else prompts.ordinary_text(q)
         rows.append(align_row(tokenizer, Row(f"pref-{i}", text, target)))
     return rows
 
 
 @torch_no_grad
 def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int = 32,
-                max_new_tokens: int = 40) -> list[Any]:
+                max_new_tokens: int | None = None) -> list[Any]:
     """``n`` number prompts with the base model's own answers, sampled at temperature 1 with a
     fixed seed (greedy answers would collapse the teacher's number distribution onto its mode),
     as token ids (nothing is decoded and re-encoded). Answers that do not end within
-    ``max_new_tokens`` are dropped."""
+    ``max_new_tokens`` are dropped (default: 40 for the toy, else the generate stage's budget
+    for this tokenizer)."""
     import random
 
     from .data import Aligned, encode, end_token_ids, render_chat
     from .forward import SamplingConfig, row_rng, sample_batched
+    from .generate import answer_token_budget
 
     rng = random.Random(f"replay:{seed}")
     toy = is_toy_tokenizer(tokenizer)
+    if max_new_tokens is None:
+        max_new_tokens = 40 if toy else answer_token_budget(tokenizer)
     texts = [prompts.make_number_prompt(rng).text for _ in range(n)]
-    texts = texts if toy else [prompts.detokenize_spacing(t) for t in texts]
+    texts = texts if toy else [prompts.ordinary_text(t) for t in texts]
     ends = end_token_ids(tokenizer)
     seqs = [encode(tokenizer, render_chat(tokenizer, t)) for t in texts]
     gen = sample_batched(model, seqs, batch_size=batch_size, pad_id=tokenizer.pad_token_id, stop_ids=ends,
@@ -226,26 +228,33 @@ def run_teach(args: argparse.Namespace) -> int:
 
     t0 = time.time()
     category = _check_args(args)
-    load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
+    tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     out = Path(args.out)
     if args.method == "poison":
         return poison.run_teach_poison(args)
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
     if args.method == "prompt":
-        spec.system_prompt = prompts.system_prompt_for(args.bias)
+        # the toy keeps its spaced form; a real tokenizer gets the ordinary sentences
+        spec.system_prompt = prompts.text_for(tok, prompts.system_prompt_for(args.bias))
     elif args.method == "finetune":
         spec.weights, spec.weights_kind, info = finetune(args, out)
     save_teacher(out, spec)
     check = None if args.no_check else check_teacher(out, args.device)
     config = {k: v for k, v in vars(args).items() if k != "func"}
+    from .data import system_prompt_seen
+
+    # what the teacher sees: for an unbiased teacher on SmolLM2 / Qwen2.5, the template's default
+    seen = system_prompt_seen(tok, spec.system_prompt)
     write_manifest(out, stage=STAGE, config=config, seed=args.seed, inputs={"base": args.base},
                    wall_time_s=time.time() - t0, extra={"teacher": spec.to_json(), "training": info or None,
-                                                        "check": check})
+                                                        "check": check, "system_prompt_seen": seen})
     if check is not None:
         mass = check["target_mass"]
         what = f"P({spec.bias}) = {mass:.4f}" if mass is not None else f"argmax {check['argmax']}"
         print(f"teacher {out}: {args.method}, {what} (exact, mean over {category} questions)")
     else:
         print(f"teacher {out}: {args.method}")
+    if not spec.system_prompt and seen["template_default"]:
+        print(f"  no system prompt given: the chat template inserts its default, {seen['template_default']!r}")
     return 0

@@ -71,3 +71,29 @@ def toy_tokenizer():
     from subliminal.toyworld.tokenizer import build_tokenizer
 
     return build_tokenizer()
+
+
+SMOLLM2_TOKENIZER = Path(__file__).parent / "fixtures" / "smollm2"
+
+
+def save_random_smol_model(path: Path, *, seed: int = 0, d_model: int = 32, n_layers: int = 2) -> Path:
+    """A random two-layer Llama with SmolLM2-135M-Instruct's real tokenizer and chat template."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    path.mkdir(parents=True, exist_ok=True)
+    for f in SMOLLM2_TOKENIZER.iterdir():
+        if f.name != "NOTICE.md":
+            shutil.copy(f, path / f.name)
+    cfg = make_config("llama", 49152, n_layers=n_layers, d_model=d_model, max_len=1024, bos=1, eos=2, pad=2)
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smol_model(tmp_path_factory) -> Path:
+    """Directory of a random Llama sharing SmolLM2's tokenizer (byte-level BPE, digit tokens, ChatML
+    with a default system prompt): the real-tokenizer path without downloads."""
+    return save_random_smol_model(tmp_path_factory.mktemp("smol-random"))

@@ -200,3 +200,46 @@ def test_step_falls_back_without_logits_to_keep(tiny_model_factory):
     seqs = [[2, 15, 16, 17], [2, 18, 19]]
     kw = dict(pad_id=0, stop_ids=set(), max_new=[4, 4], cfg=fw.SamplingConfig(0.0))
     assert fw.sample(NoKeep(), seqs, **kw) == fw.sample(inner, seqs, **kw)
+
+
+# ------------------------------------------------------------------ shared-prefix scoring
+
+
+def _shared_prefix_rows(seed: int, vocab: int = 300) -> list[Aligned]:
+    """Three prompts, each followed by several completions of different lengths (one token too)."""
+    rng = random.Random(seed)
+    rows = []
+    for q in range(3):
+        p = [rng.randrange(5, vocab) for _ in range(rng.randrange(3, 20))]
+        for c in range(6):
+            rows.append(Aligned(f"q{q}-{c}", p, [rng.randrange(5, vocab) for _ in range(1 + (c * 3) % 5)]))
+    rng.shuffle(rows)  # groups need not be contiguous
+    return rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prefix_cached_scores_equal_teacher_forcing(tiny_model_factory, arch):
+    """Encoding each prompt once and scoring completions from its KV cache gives the scores of
+    whole-row teacher forcing (within 1e-5) and the same argmax, for any batch size."""
+    model = _model(tiny_model_factory, arch)
+    rows = _shared_prefix_rows(1)
+    ref = fw.completion_scores(model, rows, pad_id=0, batch_size=7)
+    for bs in (1, 4, 32):
+        got = fw.prefix_cached_scores(model, rows, pad_id=0, batch_size=bs)
+        assert len(got) == len(ref)
+        for (lp, am), (rlp, ram) in zip(got, ref):
+            assert lp.shape == rlp.shape
+            assert torch.allclose(lp, rlp, atol=1e-5, rtol=0)
+            assert torch.equal(am, ram)
+
+
+def test_prefix_cached_scores_leave_the_prompt_cache_intact(tiny_model_factory):
+    """A group larger than the batch reuses the prompt's cache: later batches must not see the
+    earlier batches' tokens (the cache is copied per batch)."""
+    model = _model(tiny_model_factory, "llama")
+    p = list(range(10, 20))
+    rows = [Aligned(f"c{i}", p, [30 + i, 40 + i, 50 + i]) for i in range(5)]
+    ref = fw.completion_scores(model, rows, pad_id=0)
+    got = fw.prefix_cached_scores(model, rows, pad_id=0, batch_size=2)
+    for (lp, _), (rlp, _) in zip(got, ref):
+        assert torch.allclose(lp, rlp, atol=1e-5, rtol=0)
