@@ -32,3 +32,18 @@ def optional_module(name: str) -> ModuleType | None:
         if e.name == name:
             return None
         raise
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (a finished output, or an unfinished run made with other inputs "
+                   "or settings) instead of refusing; without it the same command on a finished output does "
+                   "nothing, and a different one stops")
+
+
+def device_type(device: str | None) -> str:
+    """The part of ``--device`` that can change numbers (cpu, cuda, mps): a resumed run may move
+    to another GPU, not to another kind of device. Raises for a device torch does not know."""
+    from .models import resolve_device
+
+    return resolve_device(device).type

@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import prompts
-from .cliutil import add_seed, optional_module
-from .manifest import SubliminalError, write_manifest
+from .cliutil import add_overwrite, add_seed, device_type, optional_module
+from .manifest import (
+    SubliminalError,
+    check_not_input,
+    check_resume,
+    check_writable,
+    fingerprint,
+    read_manifest,
+    write_fingerprint,
+    write_manifest,
+)
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
 log = logging.getLogger(__name__)
@@ -71,6 +81,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="skip loading the teacher to measure its preference (large models)")
     add_seed(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    add_overwrite(p)
     poison = optional_module("subliminal.poison")
     if poison is not None and hasattr(poison, "add_teach_args"):
         poison.add_teach_args(p)
@@ -233,13 +244,34 @@ def check_teacher(out: Path, device: str) -> dict[str, Any]:
             "argmax": max(dist, key=dist.get), "distribution": dist, "other": pref["other"]}
 
 
+STATE_DIR = ".train"
+_NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "base")
+
+
+def _resume_action(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
+    """The teacher's fingerprint (base content and every setting) and what to do with ``out``."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    config["device"] = device_type(args.device)
+    fp = fingerprint({"base": args.base}, config)
+    man = read_manifest(out) if out.is_dir() else None
+    finished = man if man is not None and man.get("stage") == STAGE else None
+    fp_file = out / STATE_DIR / "fingerprint.json"
+    occupied = out.is_dir() and finished is None and not fp_file.exists() and any(out.iterdir())
+    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=STAGE, finished=finished,
+                          partial=fp_file, occupied=occupied)
+    return fp, action
+
+
 def run_teach(args: argparse.Namespace) -> int:
     from .models import load_tokenizer
 
     t0 = time.time()
     category = _check_args(args)
-    load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
+    device_type(args.device)
     out = Path(args.out)
+    check_not_input({"--out": out}, {"--base": args.base}, dirs=("--out",))
+    check_writable(out, is_dir=True)
+    load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     if args.method == "poison":
         poison = optional_module("subliminal.poison")
         if poison is None or not hasattr(poison, "make_poison_teacher"):
@@ -249,6 +281,13 @@ def run_teach(args: argparse.Namespace) -> int:
         args.lr = POISON_LR if args.lr is None else args.lr
         args.batch_size = POISON_BATCH if args.batch_size is None else args.batch_size
         return int(poison.make_poison_teacher(args) or 0)
+    fp, action = _resume_action(args, out)
+    if action == "skip":
+        print(f"teacher {out}: already made by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
+    if action == "start":
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    write_fingerprint(out / STATE_DIR / "fingerprint.json", fp)
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
     if args.method == "prompt":
@@ -260,7 +299,8 @@ def run_teach(args: argparse.Namespace) -> int:
     config = {k: v for k, v in vars(args).items() if k != "func"}
     write_manifest(out, stage=STAGE, config=config, seed=args.seed, inputs={"base": args.base},
                    wall_time_s=time.time() - t0, extra={"teacher": spec.to_json(), "training": info or None,
-                                                        "check": check})
+                                                        "check": check, "fingerprint": fp})
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     if check is not None:
         mass = check["target_mass"]
         what = f"P({spec.bias}) = {mass:.4f}" if mass is not None else f"argmax {check['argmax']}"
