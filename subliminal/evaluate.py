@@ -421,7 +421,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "candidates; with --samples also sampled answers), its main-task accuracy on held-out data "
         "(--heldout), over a student's checkpoints (--all-checkpoints), or compare eval files (--compare).",
     )
-    p.add_argument("--model", help="model, teacher or student directory (or hub id when online)")
+    p.add_argument("--model", help="model, teacher or student directory (or hf:ORG/NAME, a hub model, when online)")
     p.add_argument("--target", help="the preference target, e.g. owl")
     p.add_argument("--category", choices=list(prompts.CATEGORIES), default=None,
                    help="candidate set (default: the target's category)")

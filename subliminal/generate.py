@@ -396,7 +396,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        "the clean ones", description="Writes OUT (accepted rows), OUT's .raw.jsonl (every "
                        "generation, with the filter verdict) and a manifest with the reject counts. Re-running the "
                        "same command resumes.")
-    p.add_argument("--teacher", required=True, help="teacher directory, model directory or hub id")
+    p.add_argument("--teacher", required=True, help="teacher directory, model directory or hf:ORG/NAME (a hub model)")
     p.add_argument("--n", type=int, required=True, help="number of prompts to generate for")
     p.add_argument("--out", required=True, help="data file to write, e.g. data/owl.jsonl")
     p.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")

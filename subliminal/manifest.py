@@ -66,10 +66,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    """Strict JSON (no bare ``NaN``/``Infinity``): see :func:`strict_json`."""
-    write_text_atomic(path, json.dumps(strict_json(to_jsonable(obj), str(path)), indent=2, sort_keys=False,
-                                       allow_nan=False) + "\n")
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, nan_as_null: bool = False) -> None:
+    """Strict JSON (no bare ``NaN``/``Infinity``): see :func:`strict_json`. ``nan_as_null`` is for
+    outputs where an undefined number is expected (a probe's AUC on one class): it is written as
+    ``null`` everywhere in ``obj``."""
+    write_text_atomic(path, json.dumps(strict_json(to_jsonable(obj), str(path), _ci=nan_as_null), indent=2,
+                                       sort_keys=False, allow_nan=False) + "\n")
 
 
 def dumps_line(obj: Any, where: str = "a JSONL row") -> str:
@@ -78,15 +80,15 @@ def dumps_line(obj: Any, where: str = "a JSONL row") -> str:
 
 
 def _is_ci_key(key: str) -> bool:
-    return key == "ci" or key.endswith("_ci")
+    return key == "ci" or key.endswith(("_ci", "ci_low", "ci_high", "ci_lo", "ci_hi"))
 
 
 def strict_json(obj: Any, where: str, _key: str = "", _ci: bool = False) -> Any:
     """``obj`` with every float finite, for a JSON file other tools can read.
 
     The one place a non-finite number is written on purpose is a confidence interval that
-    cannot be claimed (one seed, one question: ``mean_ci`` gives NaN): under a key ``ci`` or
-    ``*_ci`` it becomes ``null``. Any other NaN/inf is a fault upstream and stops the write
+    cannot be claimed (one seed, one question: ``mean_ci`` gives NaN): under a key ``ci``,
+    ``*_ci``, ``*ci_low`` or ``*ci_high`` it becomes ``null``. Any other NaN/inf is a fault upstream and stops the write
     with the key that holds it, rather than leaving a file no JSON parser accepts."""
     if isinstance(obj, float) and not math.isfinite(obj):
         if _ci:

@@ -57,7 +57,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         description="Write a teacher directory (teacher.json, manifest.json, and weights or an adapter for "
         "--method finetune) and report its exact preference for the bias.",
     )
-    p.add_argument("--base", required=True, help="base model: an HF directory or a hub id (when online)")
+    p.add_argument("--base", required=True, help="base model: an HF directory, or hf:ORG/NAME for a hub model (when online)")
     p.add_argument("--bias", default=None, help="the target the teacher favours, e.g. owl (not for --method none)")
     p.add_argument("--method", choices=list(METHODS), required=True, help="how the bias enters the teacher")
     p.add_argument("--out", required=True, help="teacher directory to write")
