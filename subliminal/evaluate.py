@@ -385,6 +385,8 @@ def compare_table(paths: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]
             raise SubliminalError(f"--compare {p}: no such file") from None
         except json.JSONDecodeError as e:
             raise SubliminalError(f"--compare {p}: malformed JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise SubliminalError(f"--compare {p}: not UTF-8 text (not an eval file?)") from None
         if "exact" not in evals[-1]:
             raise SubliminalError(f"--compare {p}: not an eval file (no 'exact')")
     targets = {e.get("target") for e in evals}
@@ -536,15 +538,17 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    fp = None
     if args.out:
-        _prepare_out(args, Path(args.out), "eval-compare", {f"eval{i}": p for i, p in enumerate(args.compare)})
+        fp, _ = _prepare_out(args, Path(args.out), "eval-compare",
+                             {f"eval{i}": p for i, p in enumerate(args.compare)})
     table, rows = compare_table(args.compare)
     print(table)
-    if args.out:
+    if args.out:  # cheap and deterministic: rewritten even when identical
         out = Path(args.out)
         write_json_atomic(out, {"compare": rows, "table": table})
         write_file_manifest(out, stage="eval-compare", config=_config(args), seed=args.seed,
-                            inputs={f"eval{i}": p for i, p in enumerate(args.compare)})
+                            inputs={f"eval{i}": p for i, p in enumerate(args.compare)}, extra={"fingerprint": fp})
     return 0
 
 

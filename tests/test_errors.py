@@ -111,6 +111,20 @@ def test_distill_refuses_an_out_that_is_an_input(world, tmp_path, capsys):
     assert sorted(p.name for p in holder.iterdir()) == ["d.div.jsonl"]
 
 
+def test_teach_same_command_is_a_no_op_other_one_refused(world, tmp_path, capsys):
+    argv = ["teach", "--base", str(world["base"]), "--method", "prompt", "--bias", "owl", "--out",
+            str(tmp_path / "t")]
+    assert main(argv) == 0
+    mtime = (tmp_path / "t" / "manifest.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(argv) == 0 and "nothing to do" in capsys.readouterr().out
+    assert (tmp_path / "t" / "manifest.json").stat().st_mtime_ns == mtime
+    assert main(argv[:-4] + ["--bias", "cat", "--out", str(tmp_path / "t")]) == 2
+    assert "--bias owl -> cat" in _err(capsys)
+    assert main(["teach", "--base", str(world["base"]), "--method", "none", "--out", str(world["base"])]) == 2
+    assert "is the input --base" in _err(capsys)
+
+
 # ----------------------------------------------------------------------------- generate resume
 
 
