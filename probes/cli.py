@@ -174,7 +174,7 @@ def run_probe(args: argparse.Namespace) -> int:
                        torch.zeros(len(b[next(iter(b))]), dtype=torch.long)])
         res = probe_layers(x, y, _groups(ex_a) + _groups(ex_b), **kw)
     result["layers"] = [r.to_json() for r in res]
-    write_json_atomic(out / "probe.json", result)
+    write_json_atomic(out / "probe.json", result, nan_as_null=True)  # AUC of one class: undefined
     plots.plot_probe(result, out / "probe_accuracy.png")
     if args.task == "direction":
         _direction(args, rows, acts, positions, out)
@@ -226,12 +226,12 @@ def _direction(args: argparse.Namespace, rows: list, acts: list, positions: str,
                          "group": _slug(s)}
                         for k, v in proj.items()]
         table["students"][s] = per
-    write_json_atomic(out / "direction.json", table)
+    write_json_atomic(out / "direction.json", table, nan_as_null=True)
     if records:
         layers = sorted({r["layer"] for r in records})
         show = set(layers if len(layers) <= 6 else [layers[round(i * (len(layers) - 1) / 5)] for i in range(6)])
         write_json_atomic(out / "transfer.json", {"ylabel": "fraction along the teacher's bias direction",
-                                                   "records": records})
+                                                   "records": records}, nan_as_null=True)
         plots.plot_transfer([r for r in records if r["layer"] in show], out / "transfer.png",
                             ylabel="fraction along the teacher's bias direction")
 
@@ -305,7 +305,7 @@ def run_patch(args: argparse.Namespace) -> int:
     if args.attr_steps > 1 and False in interp_used:
         summary["note"] = ("inputs of different length under the two teachers: attribution used the plain "
                            "gradient at the counterfactual run for those sites")
-    write_json_atomic(out / "patching.json", summary)
+    write_json_atomic(out / "patching.json", summary, nan_as_null=True)
     if sites:
         plots.plot_patch(summary, out / "patching.png")
     else:

@@ -7,6 +7,7 @@ Each stage module exposes ``add_cli(subparsers)``, which registers its sub-comma
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
@@ -55,7 +56,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; re-run the same command to resume", file=sys.stderr)
         return 130
+    except (OSError, UnicodeDecodeError) as e:
+        # The one boundary for expected faults of the machine and the files, which the stages
+        # did not turn into a SubliminalError where they happened: a message, exit 2. Anything
+        # else is a bug and keeps its traceback (exit 1).
+        print(f"error: {describe_fault(e)}", file=sys.stderr)
+        return 2
     return int(rc or 0)
+
+
+_ADVICE = {
+    errno.EACCES: "check the permissions of the path, or choose another location",
+    errno.EPERM: "check the permissions of the path, or choose another location",
+    errno.EROFS: "the file system is read-only; choose another location",
+    errno.ENOSPC: "the disk is full; free space and re-run the same command (it resumes)",
+    errno.EDQUOT: "the disk quota is exhausted; free space and re-run the same command (it resumes)",
+    errno.ENOENT: "check the path",
+    errno.ENOTDIR: "a part of the path is a file, not a directory; check the path",
+    errno.EISDIR: "the path is a directory where a file was expected; check the path",
+}
+
+
+def describe_fault(e: BaseException) -> str:
+    """``<what>, <where>, <what to do>`` for an OSError or a decoding error."""
+    if isinstance(e, UnicodeDecodeError):
+        return (f"a file is not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "save it as UTF-8 and re-run")
+    what = e.strerror or str(e) or type(e).__name__
+    where = " -> ".join(str(f) for f in (e.filename, e.filename2) if f) or "(no path given)"
+    advice = _ADVICE.get(e.errno, "check the path and the machine, then re-run the same command")
+    return f"{what}, {where}, {advice}"
 
 
 if __name__ == "__main__":

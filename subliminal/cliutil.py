@@ -19,3 +19,18 @@ def add_model_runtime(p: argparse.ArgumentParser) -> None:
 
 def runtime_kwargs(args: argparse.Namespace) -> dict:
     return {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+
+
+def add_overwrite(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (a finished output, or an unfinished run made with other inputs "
+                   "or settings) instead of refusing; without it the same command on a finished output does "
+                   "nothing, and a different one stops")
+
+
+def device_type(device: str | None) -> str:
+    """The part of ``--device`` that can change numbers (cpu, cuda, mps): a resumed run may move
+    to another GPU, not to another kind of device. Raises for a device torch does not know."""
+    from .models import resolve_device
+
+    return resolve_device(device).type

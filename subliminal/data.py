@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .manifest import SubliminalError, atomic_path
+from .manifest import SubliminalError, atomic_path, dumps_line
 
 # Rendered for tokenizers without a chat template (base models, GPT-2 style). The toy world's
 # tokenizer carries this same template as its own chat template.
@@ -40,6 +40,7 @@ class Row:
     completion: str
     teacher: str | None = None
     extra: dict[str, Any] | None = None
+    where: str | None = field(default=None, compare=False, repr=False)  # "file:line" it was read from
 
     def to_json(self) -> dict[str, Any]:
         d = {"id": self.id, "prompt": self.prompt, "completion": self.completion, "teacher": self.teacher}
@@ -56,8 +57,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, expected a JSONL file")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                                "save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -103,7 +111,8 @@ def read_rows(path: str | os.PathLike, *, allow_empty_completion: bool = False) 
         if not obj["completion"].strip() and not allow_empty_completion:
             raise DataError(f"{path}:{lineno}: row {rid!r} has an empty completion")
         extra = {k: v for k, v in obj.items() if k not in ("id", "prompt", "completion", "teacher")}
-        rows.append(Row(rid, obj["prompt"], obj["completion"], obj.get("teacher"), extra or None))
+        rows.append(Row(rid, obj["prompt"], obj["completion"], obj.get("teacher"), extra or None,
+                        where=f"{path}:{lineno}"))
     if not rows:
         raise DataError(f"{path}: no rows (empty data file)")
     return rows
@@ -121,7 +130,7 @@ def write_jsonl(path: str | os.PathLike, objs: Iterable[dict[str, Any] | Row]) -
         for obj in objs:
             if isinstance(obj, Row):
                 obj = obj.to_json()
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            f.write(dumps_line(obj, str(path)) + "\n")
             n += 1
     return n
 
@@ -145,7 +154,7 @@ class JsonlAppender:
         return read_jsonl(self.path) if self.path.stat().st_size else []
 
     def write(self, obj: dict[str, Any]) -> None:
-        self._f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+        self._f.write(dumps_line(obj, str(self.path)) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -269,7 +278,17 @@ def align_row(
     system_prompt: str | None = None,
     max_length: int | None = None,
 ) -> Aligned:
-    """Token ids of the prompt (with generation prompt) and of the completion after it."""
+    """Token ids of the prompt (with generation prompt) and of the completion after it; an error
+    names the row's file and line where it was read from one."""
+    try:
+        return _align_row(tokenizer, row, system_prompt, max_length)
+    except DataError as e:
+        if row.where:
+            raise DataError(f"{row.where}: {e}") from None
+        raise
+
+
+def _align_row(tokenizer: Any, row: Row, system_prompt: str | None, max_length: int | None) -> Aligned:
     prompt_text = render_chat(tokenizer, row.prompt, system_prompt)
     full_text = render_chat(tokenizer, row.prompt, system_prompt, row.completion)
     p_ids = encode(tokenizer, prompt_text)

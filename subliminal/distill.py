@@ -46,14 +46,19 @@ from typing import Any
 import torch
 
 from . import forward
-from .cliutil import add_model_runtime, add_seed, runtime_kwargs
+from .cliutil import add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
 from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
 from .divergence import DivRow, parse_row
 from .manifest import (
     SubliminalError,
+    check_not_input,
+    check_resume,
+    check_writable,
+    fingerprint,
     read_file_manifest,
     read_manifest,
     set_seed,
+    write_fingerprint,
     write_manifest,
     write_text_atomic,
 )
@@ -95,7 +100,7 @@ def read_training_rows(path: str | Path, source: str | Path | None = None) -> tu
         raise DataError(f"{path}: no rows (empty data file)")
     is_div = any("divergence" in o for _, o in objs)
     if not is_div:
-        return [DivRow(r.id, r.prompt, r.completion) for r in read_rows(path)], None
+        return [DivRow(r.id, r.prompt, r.completion, where=r.where) for r in read_rows(path)], None
     texts: dict[str, Row] = {}
     need_source = any(not isinstance(o.get("prompt"), str) or not isinstance(o.get("completion"), str)
                       for _, o in objs)
@@ -117,6 +122,7 @@ def read_training_rows(path: str | Path, source: str | Path | None = None) -> tu
             if row.id not in texts:
                 raise DataError(f"{where}: row {row.id!r} is not in the source data {src}")
             row.prompt, row.completion = texts[row.id].prompt, texts[row.id].completion
+        row.where = where
         rows.append(row)
     return rows, None if src is None else str(src)
 
@@ -186,7 +192,7 @@ def build_examples(rows: Sequence[DivRow], masks: Sequence[list[bool]], tokenize
     completion tokens must equal the divergence file's ``token_ids``."""
     out = []
     for r, m in zip(rows, masks):
-        a = align_row(tokenizer, Row(r.id, r.prompt, r.completion), None, max_length)
+        a = align_row(tokenizer, Row(r.id, r.prompt, r.completion, where=r.where), None, max_length)
         if r.token_ids is not None and a.completion_ids != r.token_ids:
             raise DataError(f"row {r.id!r}: the completion tokenises to {len(a.completion_ids)} tokens that differ "
                             f"from the divergence file's token_ids ({len(r.token_ids)}); different tokenizer?")
@@ -194,7 +200,8 @@ def build_examples(rows: Sequence[DivRow], masks: Sequence[list[bool]], tokenize
             m = [True] * len(a.completion_ids)
         t_ids = None
         if with_teacher:
-            t = align_row(tokenizer, Row(r.id, r.prompt, r.completion), teacher_system_prompt, max_length)
+            t = align_row(tokenizer, Row(r.id, r.prompt, r.completion, where=r.where), teacher_system_prompt,
+                          max_length)
             if t.completion_ids != a.completion_ids:
                 raise DataError(f"row {r.id!r}: the completion tokenises differently after the teacher's prompt")
             t_ids = t.prompt_ids
@@ -509,6 +516,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repr-with-hard", action="store_true", help="representation: add the hard CE loss")
     add_seed(p)
     add_model_runtime(p)
+    add_overwrite(p)
     p.set_defaults(func=run_distill)
 
 
@@ -555,13 +563,58 @@ def _abs(path: str | None) -> str | None:
     return str(Path(path).resolve()) if path and Path(path).exists() else path
 
 
+_NOT_SETTINGS = ("func", "out", "overwrite", "trust_remote_code", "verbose", "command", "device",
+                 "base", "data", "source_data", "teacher")
+FINGERPRINT_FILE = "fingerprint.json"
+
+
+def run_fingerprint(args: argparse.Namespace, source: str | None) -> dict[str, Any]:
+    """The inputs' contents and every setting that shapes the student (paths are not settings:
+    the inputs are compared by content, so a moved data file still resumes)."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    config["device"] = device_type(args.device)
+    return fingerprint({"base": args.base, "data": args.data, "source_data": source, "teacher": args.teacher},
+                       config)
+
+
+def _clear_run(out: Path) -> None:
+    """Remove what a previous run left in ``out`` (``--overwrite``): its state, checkpoints and log."""
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    for d in out.glob("checkpoint-*"):
+        if d.is_dir():
+            shutil.rmtree(d)
+    for name in ("manifest.json", LOSS_CSV, "loss.png"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _resume_action(args: argparse.Namespace, out: Path, fp: dict[str, Any]) -> str:
+    man = read_manifest(out) if out.is_dir() else None
+    finished = man if man is not None and (out / "config.json").is_file() else None
+    fp_file = out / STATE_DIR / FINGERPRINT_FILE
+    occupied = out.is_dir() and finished is None and not fp_file.exists() and any(out.iterdir())
+    return check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=STAGE, finished=finished, partial=fp_file,
+                        occupied=occupied)
+
+
 def run_distill(args: argparse.Namespace) -> int:
     from .models import load_model, resolve_device
 
     t0 = time.time()
     _check_args(args)
+    device_type(args.device)
     layers = _int_list(args.layers, "--layers")
+    out = Path(args.out)
+    check_not_input({"--out": out}, {"--base": args.base, "--data": args.data, "--source-data": args.source_data,
+                                     "--teacher": args.teacher}, dirs=("--out",))
+    check_writable(out, is_dir=True)
     rows, source = read_training_rows(args.data, args.source_data)
+    if source is not None:
+        check_not_input({"--out": out}, {"--source-data": source}, dirs=("--out",))
+    fp = run_fingerprint(args, source)
+    action = _resume_action(args, out, fp)
+    if action == "skip":
+        print(f"student {out}: already distilled by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
     masks = row_masks(rows, args.mask, args.seed)
     set_seed(args.seed)
     student_loaded = load_model(args.base, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
@@ -579,8 +632,10 @@ def run_distill(args: argparse.Namespace) -> int:
     tcfg = _train_config(args, len(rows))
     lcfg = LossConfig(args.mode, repr_layers if args.mode == "representation" else [], args.repr_weight,
                       args.repr_with_hard)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if action == "start":
+        _clear_run(out)
+    write_fingerprint(out / STATE_DIR / FINGERPRINT_FILE, fp)
     config = {k: v for k, v in vars(args).items() if k != "func"}
     device = resolve_device(args.device)
     if teacher is not None:
@@ -593,6 +648,7 @@ def run_distill(args: argparse.Namespace) -> int:
     n_completion = sum(len(e.completion_ids) for e in examples)
     stats = mask_stats(rows, args.seed, n_completion)
     extra = {
+        "fingerprint": fp,
         "student": {"mode": args.mode, "mask": args.mask, "layers": layers, "lora_rank": args.lora_rank,
                     "lora_alpha": (args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
                     if args.lora_rank else None, "repr_layers": lcfg.repr_layers or None,

@@ -14,7 +14,6 @@ row-chunked torch elsewhere), so this module only batches, aligns and bookkeeps.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -28,7 +27,7 @@ from typing import Any
 import torch
 
 from . import forward
-from .cliutil import add_model_runtime, add_seed
+from .cliutil import add_model_runtime, add_overwrite, add_seed, device_type
 from .data import (
     Aligned,
     DataError,
@@ -40,7 +39,19 @@ from .data import (
     read_rows,
     write_jsonl,
 )
-from .manifest import SubliminalError, atomic_path, set_seed, write_file_manifest, write_json_atomic
+from .manifest import (
+    SubliminalError,
+    atomic_path,
+    check_not_input,
+    check_resume,
+    check_writable,
+    dumps_line,
+    fingerprint,
+    read_file_manifest,
+    set_seed,
+    write_file_manifest,
+    write_fingerprint,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "find-divergence"
@@ -204,6 +215,7 @@ class ScoreConfig:
     dtype: str = "float32"
     seed: int = 0
     trust_remote_code: bool = False
+    overwrite: bool = False
 
 
 def score_batch(rows: Sequence[Row], aligned: Sequence[list[Aligned]], groups: list[WeightGroup],
@@ -283,6 +295,7 @@ class DivRow:
     completion: str
     token_ids: list[int] | None = None
     divergence: list[bool] | None = None
+    where: str | None = None  # "file:line" the row was read from
 
 
 def row_flags(obj: dict[str, Any], where: str = "row") -> list[bool] | None:
@@ -487,19 +500,41 @@ def partial_path_for(out: str | os.PathLike) -> Path:
     return out.with_name(out.name + ".partial")
 
 
-def _fingerprint(cfg: ScoreConfig, refs: list[TeacherRef]) -> dict[str, Any]:
-    return {"data": str(Path(cfg.data).resolve()), "teachers": [str(Path(r.spec).resolve()) for r in refs],
-            "rule": cfg.rule}
+def _fingerprint(cfg: ScoreConfig, backend: str) -> dict[str, Any]:
+    """What the scores depend on: the data, every teacher (content, not path), the rule, dtype,
+    device type and backend; not the batch size (scores are batch invariant) nor the seed."""
+    teachers = [cfg.teacher, *cfg.counterfactual]
+    return fingerprint({"data": cfg.data, **{f"teacher {i}": t for i, t in enumerate(teachers)}},
+                       {"data": cfg.data, "teacher": cfg.teacher, "counterfactual": list(cfg.counterfactual),
+                        "rule": cfg.rule, "dtype": str(cfg.dtype), "device": device_type(cfg.device),
+                        "backend": backend})
 
 
-def _open_partial(cfg: ScoreConfig, refs: list[TeacherRef]) -> tuple[JsonlAppender, dict[str, dict[str, Any]]]:
-    """The resumable partial output, with rows already scored; a partial file from other inputs is an error."""
+def _meta_path(cfg: ScoreConfig) -> Path:
     part = partial_path_for(cfg.out)
-    meta = part.with_name(part.name + ".json")
-    fp = _fingerprint(cfg, refs)
-    if part.exists() and meta.exists() and json.loads(meta.read_text()) != fp:
-        raise SubliminalError(f"{part}: left by a run with other data, teachers or rule; delete it to start over")
-    write_json_atomic(meta, fp)
+    return part.with_name(part.name + ".json")
+
+
+def _resume_action(cfg: ScoreConfig, fp: dict[str, Any]) -> str:
+    """Check outputs against inputs and against what is already there (finished or partial)."""
+    part, meta = partial_path_for(cfg.out), _meta_path(cfg)
+    check_not_input({"--out": cfg.out, "--out's partial file": part},
+                    {"--data": cfg.data, "--teacher": cfg.teacher,
+                     **{f"--counterfactual {c}": c for c in cfg.counterfactual}})
+    check_writable(cfg.out)
+    finished = read_file_manifest(cfg.out) if Path(cfg.out).is_file() else None
+    occupied = (Path(cfg.out).exists() and finished is None) or (part.exists() and not meta.exists())
+    return check_resume(cfg.out, fp, overwrite=cfg.overwrite, stage=STAGE, finished=finished, partial=meta,
+                        occupied=occupied)
+
+
+def _open_partial(cfg: ScoreConfig, fp: dict[str, Any], action: str
+                  ) -> tuple[JsonlAppender, dict[str, dict[str, Any]]]:
+    """The resumable partial output, with rows already scored (none when starting over)."""
+    part = partial_path_for(cfg.out)
+    if action == "start":
+        part.unlink(missing_ok=True)
+    write_fingerprint(_meta_path(cfg), fp)
     app = JsonlAppender(part)
     return app, {str(o["id"]): o for o in app.existing()}
 
@@ -525,10 +560,15 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
     if cfg.batch_size < 1:
         raise SubliminalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     try:
-        resolve_backend(cfg.backend, resolve_device(cfg.device))
+        backend = resolve_backend(cfg.backend, resolve_device(cfg.device))
     except ValueError as e:
         raise SubliminalError(f"--backend {cfg.backend}: {e}") from None
     resolve_dtype(cfg.dtype)
+    fp = _fingerprint(cfg, str(backend))
+    action = _resume_action(cfg, fp)
+    if action == "skip":
+        log.info("%s: already scored by this exact command; nothing to do (--overwrite redoes it)", cfg.out)
+        return read_file_manifest(cfg.out)["summary"]
     set_seed(cfg.seed)
     rows = read_rows(cfg.data)
     refs = [describe_teacher(s) for s in [cfg.teacher, *cfg.counterfactual]]
@@ -537,7 +577,7 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
     groups = load_groups(refs, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     max_len = min((m for m in (model_max_length(g.loaded.model) for g in groups) if m), default=None)
     aligned = align_all(rows, tokenizer, refs, max_len, progress)
-    app, done = _open_partial(cfg, refs)
+    app, done = _open_partial(cfg, fp, action)
     todo = [i for i, r in enumerate(rows) if r.id not in done]
     if done:
         log.info("resuming: %d of %d rows already scored", len(rows) - len(todo), len(rows))
@@ -555,17 +595,16 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
                         inputs={"data": cfg.data, **{f"teacher:{r.name}": r.spec for r in refs}},
                         wall_time_s=time.time() - t0,
                         extra={"summary": summary, "factual": refs[0].name,
-                               "counterfactuals": [r.name for r in refs[1:]]})
+                               "counterfactuals": [r.name for r in refs[1:]], "fingerprint": fp})
     partial_path_for(cfg.out).unlink(missing_ok=True)
-    meta = partial_path_for(cfg.out)
-    meta.with_name(meta.name + ".json").unlink(missing_ok=True)
+    _meta_path(cfg).unlink(missing_ok=True)
     return summary
 
 
 def _write_final(cfg: ScoreConfig, objs: list[dict[str, Any]]) -> None:
     with atomic_path(cfg.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for o in objs:
-            f.write(json.dumps(o, ensure_ascii=False) + "\n")
+            f.write(dumps_line(o, str(cfg.out)) + "\n")
 
 
 def load_divergence(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -612,6 +651,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "({prompt, completion, decision_points}, id kept) (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
+    add_overwrite(p)
     p.set_defaults(func=_run_cli)
 
 
@@ -631,7 +671,8 @@ def write_reference(div_path: str | os.PathLike, out: str | os.PathLike) -> int:
 def _run_cli(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(data=args.data, teacher=args.teacher, counterfactual=list(args.counterfactual), out=args.out,
                       rule=args.rule, batch_size=args.batch_size, backend=args.backend, device=args.device,
-                      dtype=args.dtype, seed=args.seed, trust_remote_code=args.trust_remote_code)
+                      dtype=args.dtype, seed=args.seed, trust_remote_code=args.trust_remote_code,
+                      overwrite=args.overwrite)
     summary = find_divergence(cfg)
     print(format_summary(summary))
     print(f"-> {cfg.out}")

@@ -32,10 +32,20 @@ from typing import Any
 import torch
 
 from . import poison, prompts
-from .cliutil import add_model_runtime, add_seed, runtime_kwargs
+from .cliutil import add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
 from .data import Row, align_row, model_max_length, read_rows
 from .forward import completion_scores, prefix_cached_scores
-from .manifest import SubliminalError, write_file_manifest, write_json_atomic, write_text_atomic
+from .manifest import (
+    SubliminalError,
+    check_not_input,
+    check_resume,
+    check_writable,
+    fingerprint,
+    read_file_manifest,
+    write_file_manifest,
+    write_json_atomic,
+    write_text_atomic,
+)
 from .stats import mean_ci, t_quantile  # noqa: F401  (t_quantile: re-exported)
 
 log = logging.getLogger(__name__)
@@ -276,7 +286,7 @@ def plot_curve(points: Sequence[dict[str, Any]], path: Path, target: str) -> Non
 def _fmt(m: float | None, ci: Sequence[float] | None = None) -> str:
     if m is None:
         return "-"
-    if ci is None or any(math.isnan(c) for c in ci):
+    if ci is None or any(c is None or math.isnan(c) for c in ci):
         return f"{m:.4f}"
     return f"{m:.4f} [{ci[0]:.4f}, {ci[1]:.4f}]"
 
@@ -303,6 +313,8 @@ def compare_table(paths: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]
             raise SubliminalError(f"--compare {p}: no such file") from None
         except json.JSONDecodeError as e:
             raise SubliminalError(f"--compare {p}: malformed JSON ({e.msg})") from None
+        except UnicodeDecodeError:
+            raise SubliminalError(f"--compare {p}: not UTF-8 text (not an eval file?)") from None
         if "exact" not in evals[-1]:
             raise SubliminalError(f"--compare {p}: not an eval file (no 'exact')")
     targets = {e.get("target") for e in evals}
@@ -339,7 +351,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         "candidates; with --samples also sampled answers), its main-task accuracy on held-out data "
         "(--heldout), over a student's checkpoints (--all-checkpoints), or compare eval files (--compare).",
     )
-    p.add_argument("--model", help="model, teacher or student directory (or hub id when online)")
+    p.add_argument("--model", help="model, teacher or student directory (or hf:ORG/NAME, a hub model, when online)")
     p.add_argument("--target", help="the preference target, e.g. owl")
     p.add_argument("--category", choices=list(prompts.CATEGORIES), default=None,
                    help="candidate set (default: the target's category)")
@@ -361,6 +373,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
+    add_overwrite(p)
     poison.add_bias_eval_args(p)
     p.set_defaults(func=run_eval)
 
@@ -399,6 +412,44 @@ def _config(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if k != "func"}
 
 
+_SETTINGS = ("model", "target", "category", "max_questions", "samples", "temperature", "max_new_tokens",
+             "heldout_rows", "all_checkpoints", "seed", "dtype")
+
+
+def _prepare_out(args: argparse.Namespace, out: Path, stage: str, inputs: dict[str, Any]) -> tuple[dict, str]:
+    """Before any model loads: the output is no input, can be written, and either holds nothing,
+    or this exact evaluation (``"skip"``), or is refused unless ``--overwrite``."""
+    check_not_input({"--out": out}, {f"--{k}": v for k, v in inputs.items()})
+    check_writable(out)
+    config = {k: getattr(args, k, None) for k in _SETTINGS}
+    config["device"] = device_type(args.device)
+    fp = fingerprint(inputs, config)
+    finished = read_file_manifest(out) if out.is_file() else None
+    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=stage, finished=finished,
+                          occupied=out.exists() and finished is None)
+    return fp, action
+
+
+def check_finite_result(result: dict[str, Any], model: str, questions: Sequence[str]) -> None:
+    """Refuse an evaluation with a NaN/inf in it, naming the model and the question: the weights
+    were finite when loaded (the loader checks), so the forward pass itself overflowed."""
+    for metric in ("exact", "sampled"):
+        m = result.get(metric)
+        if not m:
+            continue
+        for qi, v in enumerate(m.get("per_question") or []):
+            if not math.isfinite(v):
+                q = questions[qi] if qi < len(questions) else f"question {qi}"
+                raise SubliminalError(f"eval of {model}: its {metric} preference is {v} on question {qi} ({q!r}); "
+                                      "its outputs overflow or its weights are broken. Check the model (e.g. "
+                                      "--dtype float32)")
+    main = result.get("main_task") or {}
+    for key in ("nll_per_token", "token_accuracy"):
+        if key in main and not math.isfinite(main[key]):
+            raise SubliminalError(f"eval of {model}: main-task {key} is {main[key]} on {main.get('data')}; its "
+                                  "outputs overflow or its weights are broken")
+
+
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "max_new_tokens", "heldout_rows", "max_questions"):
         v = getattr(args, name)
@@ -411,25 +462,37 @@ def _check_args(args: argparse.Namespace) -> None:
 
 
 def run_compare(args: argparse.Namespace) -> int:
+    fp = None
+    if args.out:
+        fp, _ = _prepare_out(args, Path(args.out), "eval-compare",
+                             {f"eval{i}": p for i, p in enumerate(args.compare)})
     table, rows = compare_table(args.compare)
     print(table)
-    if args.out:
+    if args.out:  # cheap and deterministic: rewritten even when identical
         out = Path(args.out)
         write_json_atomic(out, {"compare": rows, "table": table})
         write_file_manifest(out, stage="eval-compare", config=_config(args), seed=args.seed,
-                            inputs={f"eval{i}": p for i, p in enumerate(args.compare)})
+                            inputs={f"eval{i}": p for i, p in enumerate(args.compare)}, extra={"fingerprint": fp})
     return 0
 
 
 def run_curve(args: argparse.Namespace, category: str) -> int:
     """``--all-checkpoints``: the metrics at every checkpoint -> JSON, CSV and PNG."""
     t0 = time.time()
+    out = Path(args.out) if args.out else Path(args.model) / "transfer_curve.json"
+    pts = checkpoint_points(args.model)
+    fp, action = _prepare_out(args, out, "eval-curve", {"model": args.model, "heldout": args.heldout,
+                                                         **{label: path for _, label, path in pts}})
+    if action == "skip":
+        print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
     points = []
-    for step, label, path in checkpoint_points(args.model):
+    qs = prompts.preference_questions(category)[: args.max_questions or None]
+    for step, label, path in pts:
         log.info("eval %s (step %d)", label, step)
         r = evaluate_model(path, args, category)
+        check_finite_result(r, path, qs)
         points.append({"step": step, "label": label, **r})
-    out = Path(args.out) if args.out else Path(args.model) / "transfer_curve.json"
     write_json_atomic(out, {"model": args.model, "target": args.target, "category": category, "points": points})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -442,7 +505,8 @@ def run_curve(args: argparse.Namespace, category: str) -> int:
     write_text_atomic(out.with_suffix(".csv"), buf.getvalue())
     plot_curve(points, out.with_suffix(".png"), args.target)
     write_file_manifest(out, stage="eval-curve", config=_config(args), seed=args.seed,
-                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0)
+                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0,
+                        extra={"fingerprint": fp})
     for p in points:
         print(f"step {p['step']:>6} {p['label']:<16} exact P({args.target}) = {_fmt(p['exact']['mean'])}")
     print(f"transfer curve -> {out} (.csv, .png)")
@@ -462,10 +526,16 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.all_checkpoints:
         return run_curve(args, category)
     out = Path(args.out or "eval.json")
+    fp, action = _prepare_out(args, out, STAGE, {"model": args.model, "heldout": args.heldout})
+    if action == "skip":
+        print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
     result = evaluate_model(args.model, args, category)
+    check_finite_result(result, args.model, prompts.preference_questions(category)[: args.max_questions or None])
     write_json_atomic(out, result)
     write_file_manifest(out, stage=STAGE, config=_config(args), seed=args.seed,
-                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0)
+                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0,
+                        extra={"fingerprint": fp})
     ex = result["exact"]
     print(f"{args.model}: exact P({args.target}) = {_fmt(ex['mean'], ex['ci'])} over {ex['n_questions']} questions")
     if "sampled" in result:

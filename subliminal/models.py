@@ -1,8 +1,11 @@
-"""One loader for every stage: a local HF directory, a teacher directory, or a hub id.
+"""One loader for every stage: a local HF directory, a teacher directory, or a hub model.
 
-Hub ids are fetched only when the user names one and the machine is online; offline, the
-error says to pass a local directory. ``trust_remote_code`` stays off unless asked for, and
-weights load through safetensors (``use_safetensors`` where the checkpoint has them).
+Only a model named as a hub model (``hf:ORG/NAME``) may touch the network, and only when the
+machine is online; any other spec is a local path, and a missing one is an error at once (a
+mistyped ``runs/bas`` must not wait on DNS look-ups). ``trust_remote_code`` stays off unless
+asked for. Weights load through safetensors only: a directory with nothing but a pickled
+``pytorch_model.bin`` is refused with the command that converts it. A loaded model whose
+weights hold NaN or inf is refused, naming the file, before any stage computes with it.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ from typing import Any
 import torch
 
 from .manifest import SubliminalError
-from .teachers import TeacherSpec, is_teacher_dir, read_teacher
+from .teachers import TEACHER_FILE, TeacherSpec, is_teacher_dir, read_teacher
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "auto": None}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PREFIX = "hf:"
 
 
 class ModelLoadError(SubliminalError):
@@ -46,11 +50,26 @@ class LoadedModel:
 
 
 def resolve_device(device: str | None) -> torch.device:
+    """The torch device for ``--device``; an unknown or absent one is an error naming the flag."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SubliminalError(f"--device {device}: CUDA is not available on this machine")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SubliminalError(f"--device {device}: not a device torch knows; use cpu, cuda, cuda:N, mps or "
+                              "auto") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SubliminalError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SubliminalError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SubliminalError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps", "meta"):
+        raise SubliminalError(f"--device {device}: unsupported device type {dev.type!r}; use cpu, cuda, cuda:N, "
+                              "mps or auto")
+    return dev
 
 
 def auto_dtype(device: torch.device | str | None) -> torch.dtype:
@@ -77,34 +96,61 @@ def _is_offline() -> bool:
     return any(os.environ.get(k, "") not in ("", "0", "false", "False") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
+def is_hub_spec(spec: str | os.PathLike) -> bool:
+    return str(spec).startswith(HUB_PREFIX)
+
+
 def _check_source(spec: str) -> tuple[str, bool]:
-    """Return (source, is_local); raise a clear error for missing or unusable sources."""
-    p = Path(spec).expanduser()
-    if p.exists():
-        if not p.is_dir():
-            raise ModelLoadError(f"{spec}: expected a model directory, got a file")
-        if not (p / "config.json").is_file():
-            raise ModelLoadError(f"{spec}: no config.json: not a Hugging Face model directory")
-        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                                                "vocab.json")):
-            raise ModelLoadError(f"{spec}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
-        return str(p), True
-    if _HUB_ID.match(spec) and not spec.startswith((".", "/")):
+    """Return (source, is_local); raise a clear error for missing or unusable sources. Only
+    ``hf:ORG/NAME`` is a hub model; everything else is a local path and never reaches the hub."""
+    if is_hub_spec(spec):
+        hub_id = spec[len(HUB_PREFIX):]
+        if not _HUB_ID.match(hub_id):
+            raise ModelLoadError(f"{spec}: a hub model is written hf:ORG/NAME (e.g. hf:Qwen/Qwen2.5-7B-Instruct)")
         if _is_offline():
             raise ModelLoadError(
-                f"{spec}: looks like a hub id, but the hub is offline (HF_HUB_OFFLINE is set); "
+                f"{spec}: a hub model, but the hub is offline (HF_HUB_OFFLINE is set); "
                 "pass a local model directory instead"
             )
-        return spec, False
-    raise ModelLoadError(f"{spec}: no such model directory")
+        return hub_id, False
+    p = Path(spec).expanduser()
+    if not p.exists():
+        raise ModelLoadError(f"no such local model directory: {spec} (to use a hub model, write hf:ORG/NAME)")
+    if not p.is_dir():
+        raise ModelLoadError(f"{spec}: expected a model directory, got a file")
+    if not (p / "config.json").is_file():
+        raise ModelLoadError(f"{spec}: neither a teacher directory (no {TEACHER_FILE}) nor a Hugging Face model "
+                             "directory (no config.json); give a directory made by `subliminal teach` or a model "
+                             "directory")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                                            "vocab.json")):
+        raise ModelLoadError(f"{spec}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
+    if not any(p.glob("*.safetensors")) and not (p / "model.safetensors.index.json").is_file():
+        if any(p.glob("pytorch_model*.bin")):
+            raise ModelLoadError(
+                f"{spec}: has only pickled pytorch_model.bin weights; subliminal loads weights through safetensors "
+                "only (a pickle can run code). Convert once with: python -c \"from transformers import "
+                f"AutoModelForCausalLM as M; M.from_pretrained('{spec}').save_pretrained('{spec}')\"")
+        raise ModelLoadError(f"{spec}: no weights (no *.safetensors file)")
+    return str(p), True
+
+
+def _teacher_source(spec: str, source: str) -> tuple[str, bool]:
+    """``_check_source`` for a teacher's base or weights, naming the teacher when it fails."""
+    try:
+        return _check_source(source)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"teacher {spec}: its model {source} (from {Path(spec) / TEACHER_FILE}) is unusable: "
+                             f"{e}. Restore it, or re-make the teacher with `subliminal teach --base ...`") from None
 
 
 def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoTokenizer
 
     if is_teacher_dir(spec):
-        spec = read_teacher(spec).base
-    source, local = _check_source(spec)
+        source, local = _teacher_source(spec, read_teacher(spec).base)
+    else:
+        source, local = _check_source(spec)
     try:
         if local and _generic_fast_tokenizer(Path(source)):
             # transformers 5 maps a generic tokenizer.json to the model type's own tokenizer class
@@ -117,6 +163,10 @@ def load_tokenizer(spec: str, *, trust_remote_code: bool = False) -> Any:
             tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=local)
     except OSError as e:
         raise ModelLoadError(_hub_hint(source, local, e)) from None
+    except Exception as e:  # tokenizers raises plain Exception for a damaged tokenizer.json
+        if type(e).__module__.startswith(("tokenizers", "json")) or "tokenizer" in str(e).lower():
+            raise ModelLoadError(f"{source}: cannot read its tokenizer files ({e}); restore or re-save them") from None
+        raise
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -152,14 +202,36 @@ def _load_hf(source: str, local: bool, dtype: torch.dtype | None, trust_remote_c
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "local_files_only": local}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    if local and any(Path(source).glob("*.safetensors")):
-        kwargs["use_safetensors"] = True
+    kwargs["use_safetensors"] = True
     try:
         return AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
     except ValueError as e:
         raise ModelLoadError(f"{source}: unsupported architecture for causal LM ({e})") from None
     except OSError as e:
         raise ModelLoadError(_hub_hint(source, local, e)) from None
+    except Exception as e:
+        if type(e).__name__ == "SafetensorError" or type(e).__module__.startswith("safetensors"):
+            raise ModelLoadError(f"{_weights_file(source)}: cannot read the weights ({e}); the file is truncated "
+                                 "or corrupt: re-save or re-download the model") from None
+        raise
+
+
+def _weights_file(source: str) -> str:
+    """The weights file to name in an error: the single ``model.safetensors`` where there is one."""
+    p = Path(source)
+    files = sorted(p.glob("*.safetensors")) if p.is_dir() else []
+    return str(files[0]) if len(files) == 1 else source
+
+
+def check_finite_weights(model: Any, source: str) -> None:
+    """Refuse weights that hold NaN or inf: every number a stage computes from them would be
+    garbage (and a loss on them is not a learning-rate problem)."""
+    for name, param in model.named_parameters():
+        bad = ~torch.isfinite(param.detach())
+        if bool(bad.any()):
+            raise ModelLoadError(f"the model's weights contain NaN/inf: {_weights_file(source)} "
+                                 f"({int(bad.sum())} non-finite values in {name}); the checkpoint is broken, "
+                                 "re-create it from a good one")
 
 
 def load_model(
@@ -170,7 +242,7 @@ def load_model(
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
 ) -> LoadedModel:
-    """Load a model directory, teacher directory or hub id, in eval mode on ``device``."""
+    """Load a model directory, teacher directory or ``hf:`` hub model, in eval mode on ``device``."""
     spec = str(spec)
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
@@ -181,7 +253,7 @@ def load_model(
         teacher = read_teacher(spec)
         system_prompt = teacher.system_prompt
         source = teacher.weights if (teacher.weights and teacher.weights_kind == "full") else teacher.base
-    src, local = _check_source(source)
+    src, local = _teacher_source(spec, source) if teacher is not None else _check_source(source)
     model = _load_hf(src, local, torch_dtype, trust_remote_code)
     if teacher is not None and teacher.weights and teacher.weights_kind == "lora":
         from peft import PeftModel
@@ -191,6 +263,7 @@ def load_model(
         model = PeftModel.from_pretrained(model, teacher.weights)
         if merge_adapter:
             model = model.merge_and_unload()
+    check_finite_weights(model, teacher.weights if teacher is not None and teacher.weights else src)
     tokenizer = load_tokenizer(src, trust_remote_code=trust_remote_code)
     model.to(dev)
     model.eval()

@@ -63,6 +63,10 @@ def read_teacher(path: str | os.PathLike) -> TeacherSpec:
         raise SubliminalError(f"{path}: not a teacher directory (no {TEACHER_FILE})") from None
     except json.JSONDecodeError as e:
         raise SubliminalError(f"{f}: malformed JSON ({e.msg})") from None
+    except UnicodeDecodeError:
+        raise SubliminalError(f"{f}: not UTF-8 text; restore it or re-make the teacher") from None
+    if not isinstance(d, dict):
+        raise SubliminalError(f"{f}: expected a JSON object")
     for key in ("base", "method"):
         if key not in d:
             raise SubliminalError(f"{f}: missing key {key!r}")
@@ -71,9 +75,9 @@ def read_teacher(path: str | os.PathLike) -> TeacherSpec:
     known = {k: d.pop(k, None) for k in ("base", "method", "bias", "category", "system_prompt", "weights",
                                           "weights_kind")}
     spec = TeacherSpec(**known, extra=d)
-    base_path = path / spec.base
-    if not Path(spec.base).is_absolute() and base_path.exists():
-        spec.base = str(base_path.resolve())
+    if not spec.base.startswith("hf:"):
+        # a local base is relative to the teacher directory (missing: the loader names this teacher)
+        spec.base = str((path / spec.base).resolve())
     if spec.weights:
         spec.weights = str((path / spec.weights).resolve())
     return spec

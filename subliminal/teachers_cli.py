@@ -11,13 +11,23 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
 
 from . import poison, prompts
-from .cliutil import add_seed
-from .manifest import SubliminalError, write_manifest
+from .cliutil import add_overwrite, add_seed, device_type
+from .manifest import (
+    SubliminalError,
+    check_not_input,
+    check_resume,
+    check_writable,
+    fingerprint,
+    read_manifest,
+    write_fingerprint,
+    write_manifest,
+)
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
 log = logging.getLogger(__name__)
@@ -48,7 +58,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         description="Write a teacher directory (teacher.json, manifest.json, and weights or an adapter for "
         "--method finetune) and report its exact preference for the bias.",
     )
-    p.add_argument("--base", required=True, help="base model: an HF directory or a hub id (when online)")
+    p.add_argument("--base", required=True, help="base model: an HF directory, or hf:ORG/NAME for a hub model (when online)")
     p.add_argument("--bias", default=None, help="the target the teacher favours, e.g. owl (not for --method none)")
     p.add_argument("--method", choices=list(METHODS), required=True, help="how the bias enters the teacher")
     p.add_argument("--out", required=True, help="teacher directory to write")
@@ -73,6 +83,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="skip loading the teacher to measure its preference (large models)")
     add_seed(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
+    add_overwrite(p)
     poison.add_teach_args(p)
     p.set_defaults(func=run_teach)
 
@@ -223,15 +234,43 @@ def check_teacher(out: Path, device: str) -> dict[str, Any]:
             "argmax": max(dist, key=dist.get), "distribution": dist, "other": pref["other"]}
 
 
+STATE_DIR = ".train"
+_NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "base")
+
+
+def _resume_action(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
+    """The teacher's fingerprint (base content and every setting) and what to do with ``out``."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    config["device"] = device_type(args.device)
+    fp = fingerprint({"base": args.base}, config)
+    man = read_manifest(out) if out.is_dir() else None
+    finished = man if man is not None and man.get("stage") == STAGE else None
+    fp_file = out / STATE_DIR / "fingerprint.json"
+    occupied = out.is_dir() and finished is None and not fp_file.exists() and any(out.iterdir())
+    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=STAGE, finished=finished,
+                          partial=fp_file, occupied=occupied)
+    return fp, action
+
+
 def run_teach(args: argparse.Namespace) -> int:
     from .models import load_tokenizer
 
     t0 = time.time()
     category = _check_args(args)
-    tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
+    device_type(args.device)
     out = Path(args.out)
+    check_not_input({"--out": out}, {"--base": args.base}, dirs=("--out",))
+    check_writable(out, is_dir=True)
+    tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     if args.method == "poison":
         return poison.run_teach_poison(args)
+    fp, action = _resume_action(args, out)
+    if action == "skip":
+        print(f"teacher {out}: already made by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
+    if action == "start":
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+    write_fingerprint(out / STATE_DIR / "fingerprint.json", fp)
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
     if args.method == "prompt":
@@ -248,7 +287,9 @@ def run_teach(args: argparse.Namespace) -> int:
     seen = system_prompt_seen(tok, spec.system_prompt)
     write_manifest(out, stage=STAGE, config=config, seed=args.seed, inputs={"base": args.base},
                    wall_time_s=time.time() - t0, extra={"teacher": spec.to_json(), "training": info or None,
-                                                        "check": check, "system_prompt_seen": seen})
+                                                        "check": check, "system_prompt_seen": seen,
+                                                        "fingerprint": fp})
+    shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     if check is not None:
         mass = check["target_mass"]
         what = f"P({spec.bias}) = {mass:.4f}" if mass is not None else f"argmax {check['argmax']}"

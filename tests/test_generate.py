@@ -11,7 +11,7 @@ import pytest
 from subliminal import cli
 from subliminal import generate as gen
 from subliminal.data import encode, read_jsonl
-from subliminal.manifest import SubliminalError
+from subliminal.manifest import SubliminalError, write_fingerprint
 from subliminal.prompts import system_prompt_for
 from subliminal.teachers import TeacherSpec, save_teacher
 
@@ -105,6 +105,9 @@ def test_cli_sampled_is_seeded_batch_independent_and_resumes(teachers, tmp_path)
     # an interrupted run: two whole rows and half a line survive; the re-run completes the same file
     lines = raw_a.splitlines(keepends=True)
     (tmp_path / "c.raw.jsonl").write_text("".join(lines[:2]) + lines[2][:15])
+    c_cfg = gen.GenerateConfig(teacher=str(teachers["owl"]), n=5, out=str(tmp_path / "c.jsonl"), seed=3, top_p=0.9,
+                               max_new_tokens=5)  # the fingerprint the interrupted run recorded
+    write_fingerprint(gen.fingerprint_path_for(tmp_path / "c.raw.jsonl"), gen.run_fingerprint(c_cfg))
     _gen(teachers["owl"], tmp_path / "c.jsonl", "--batch-size", "4", "--seed", "3", "--top-p", "0.9")
     assert (tmp_path / "c.raw.jsonl").read_text() == raw_a
     _gen(teachers["owl"], tmp_path / "d.jsonl", "--batch-size", "4", "--seed", "4", "--top-p", "0.9")
@@ -164,7 +167,7 @@ def test_errors(teachers, tiny_model_factory, tmp_path):
     with pytest.raises(SubliminalError, match="--n"):
         gen.run_generate(gen.GenerateConfig(teacher=str(teachers["owl"]), n=0, out=str(tmp_path / "x.jsonl")))
     _gen(teachers["owl"], tmp_path / "r.jsonl", "--greedy")
-    with pytest.raises(SubliminalError, match="another run"):  # same out, other teacher: no silent mixing
+    with pytest.raises(SubliminalError, match="other inputs or settings.*--teacher"):  # no silent mixing
         gen.run_generate(gen.GenerateConfig(teacher=str(teachers["cat"]), n=5, out=str(tmp_path / "r.jsonl")))
     short = tiny_model_factory("gpt2", max_len=24)
     with pytest.raises(SubliminalError, match="row-000000.*context"):

@@ -14,7 +14,7 @@ from subliminal.models import ModelLoadError, load_model, load_tokenizer
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(ModelLoadError, match="no such model directory"):
+    with pytest.raises(ModelLoadError, match="no such local model directory"):
         load_model(tmp_path / "nope")
 
 
@@ -58,7 +58,7 @@ def test_unsupported_architecture(tmp_path, tiny_model_factory):
 def test_hub_id_while_offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="offline.*local model directory"):
-        load_model("someorg/some-model")
+        load_model("hf:someorg/some-model")
 
 
 def test_model_load_error_is_a_subliminal_error():
@@ -76,13 +76,13 @@ def test_cli_exits_nonzero_with_the_message(tmp_path, capsys):
                "--out", str(tmp_path / "t")])
     assert rc != 0
     err = capsys.readouterr().err
-    assert "no such model directory" in err and str(tmp_path / "missing") in err
+    assert "no such local model directory" in err and str(tmp_path / "missing") in err
     assert not (tmp_path / "t").exists()
 
 
 def test_cli_hub_id_offline(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    rc = main(["teach", "--base", "someorg/some-model", "--method", "none", "--out", str(tmp_path / "t")])
+    rc = main(["teach", "--base", "hf:someorg/some-model", "--method", "none", "--out", str(tmp_path / "t")])
     assert rc == 2
     assert "offline" in capsys.readouterr().err
 
@@ -95,7 +95,7 @@ def test_console_command_exits_nonzero_with_the_message(tmp_path):
                            "--method", "none", "--out", str(tmp_path / "t")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2
-    assert "error:" in proc.stderr and "no such model directory" in proc.stderr
+    assert "error:" in proc.stderr and "no such local model directory" in proc.stderr
 
 
 def test_word_level_tokenizer_survives_a_qwen2_config(tiny_model_factory, toy_tokenizer):

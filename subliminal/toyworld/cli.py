@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from ..cliutil import add_seed
+from ..cliutil import add_overwrite, add_seed, device_type
 from ..manifest import SubliminalError
 from .model import ARCHS, SIZES
 
@@ -50,6 +50,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="CPU threads for torch (default %(default)s: a tiny model gains little from more, and "
                    "loses much when the cores are shared)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_overwrite(p)
     p.set_defaults(func=run_pretrain)
     toy.set_defaults(func=lambda args: _toy_help(toy))
 
@@ -68,6 +69,7 @@ def run_pretrain(args: argparse.Namespace) -> int:
             raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
     if args.lr is not None and args.lr <= 0:
         raise SubliminalError(f"--lr must be positive, got {args.lr}")
+    device_type(args.device)
     cfg = PretrainConfig(size=args.size, arch=args.arch, seed=args.seed, steps=args.steps,
                          batch_size=args.batch_size, lr=args.lr, checkpoint_every=args.checkpoint_every,
                          eval_rows=args.eval_rows, eval_greedy=min(64, args.eval_rows),
@@ -75,7 +77,8 @@ def run_pretrain(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    evaluation = pretrain(args.out, cfg, device=args.device, show_progress=not args.quiet)
+    evaluation = pretrain(args.out, cfg, device=args.device, show_progress=not args.quiet,
+                          overwrite=getattr(args, "overwrite", False))
     print(json.dumps(summary(evaluation), indent=2))
     print(f"saved {args.out}")
     return 0

@@ -10,7 +10,6 @@ continues from it; a different configuration refuses to mix with it.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import shutil
@@ -23,7 +22,6 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
-from ..manifest import SubliminalError
 from ..train import TrainConfig, clear_state, train
 from .corpus import Corpus, CorpusConfig, align, favourite_numbers, rule_summary
 from .model import ToyModelConfig, build_model, init_favourites_from_targets, n_params, toy_config
@@ -104,20 +102,22 @@ class LengthBucketedBatches:
         return self._group(g)[j]
 
 
-def _check_run(out: Path, cfg: PretrainConfig) -> None:
-    """Refuse to resume a checkpoint made with another configuration."""
+def run_fingerprint(cfg: PretrainConfig, device: str) -> dict[str, Any]:
+    """The configuration, the device type and the numeric package versions: the base has no
+    input files, so these are everything that determines it."""
+    from ..cliutil import device_type
+
+    return mf.fingerprint({}, {**cfg.to_json(), "device": device_type(device)})
+
+
+def _check_run(out: Path, fp: dict[str, Any], overwrite: bool) -> str:
+    """Resume a checkpoint only if it was made with this exact fingerprint; a finished model of
+    this fingerprint is kept ("skip"); anything else is refused unless ``overwrite``."""
     run_file = out / CHECKPOINT_DIR / RUN_FILE
-    want = cfg.to_json()
-    if run_file.exists():
-        have = json.loads(run_file.read_text())
-        if have != want:
-            diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-            raise SubliminalError(
-                f"{out}: holds an unfinished run with another configuration (differs in {', '.join(diff)}); "
-                f"use another --out or delete {out / CHECKPOINT_DIR}"
-            )
-    else:
-        mf.write_json_atomic(run_file, want)
+    finished = mf.read_manifest(out) if is_complete(out) else None
+    occupied = out.is_dir() and finished is None and not run_file.exists() and any(out.iterdir())
+    return mf.check_resume(out, fp, overwrite=overwrite, stage=STAGE, finished=finished, partial=run_file,
+                           occupied=occupied)
 
 
 def is_complete(out: Path) -> bool:
@@ -157,19 +157,21 @@ def write_loss_curve(out: Path, losses: list[tuple[int, float]], title: str) -> 
 
 
 def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu",
-             show_progress: bool = True) -> dict[str, Any]:
+             show_progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Train (or resume, or find finished) the toy base model in ``out``; return its evaluation."""
     from ..models import resolve_device
 
     out = Path(out)
     cfg = cfg.resolved()
-    if is_complete(out):
-        m = mf.read_manifest(out)
-        if m.get("config") != cfg.to_json():
-            raise SubliminalError(f"{out}: already holds a finished model with another configuration; use another --out")
-        return m.get("evaluation", {})
+    mf.check_writable(out, is_dir=True)
+    fp = run_fingerprint(cfg, device)
+    action = _check_run(out, fp, overwrite)
+    if action == "skip":
+        return (mf.read_manifest(out) or {}).get("evaluation", {})
     out.mkdir(parents=True, exist_ok=True)
-    _check_run(out, cfg)
+    if action == "start":
+        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    mf.write_fingerprint(out / CHECKPOINT_DIR / RUN_FILE, fp)
     t0 = time.time()
     mf.set_seed(cfg.seed)
     dev = resolve_device(device)
@@ -208,7 +210,8 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu"
                                                                            / max(result.wall_time_s, 1e-9), 3),
                   "device": str(dev), "torch_threads": torch.get_num_threads()},
     }
-    mf.write_manifest(out, stage=STAGE, config=cfg.to_json(), seed=cfg.seed, wall_time_s=wall, extra=extra)
+    mf.write_manifest(out, stage=STAGE, config=cfg.to_json(), seed=cfg.seed, wall_time_s=wall,
+                      extra={**extra, "fingerprint": fp})
     clear_state(out / CHECKPOINT_DIR)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
     return evaluation
