@@ -262,8 +262,6 @@ def run_teach(args: argparse.Namespace) -> int:
     check_not_input({"--out": out}, {"--base": args.base}, dirs=("--out",))
     check_writable(out, is_dir=True)
     tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
-    if args.method == "poison":
-        return poison.run_teach_poison(args)
     fp, action = _resume_action(args, out)
     if action == "skip":
         print(f"teacher {out}: already made by this exact command; nothing to do (--overwrite redoes it)")
@@ -271,6 +269,10 @@ def run_teach(args: argparse.Namespace) -> int:
     if action == "start":
         shutil.rmtree(out / STATE_DIR, ignore_errors=True)
     write_fingerprint(out / STATE_DIR / "fingerprint.json", fp)
+    if args.method == "poison":
+        rc = poison.run_teach_poison(args, fingerprint=fp)
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        return rc
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
     if args.method == "prompt":

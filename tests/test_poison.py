@@ -297,13 +297,44 @@ def test_family_selection_and_target_share() -> None:
         poison.PoisonSetConfig(bias="owl")
 
 
-def test_resume_refuses_another_configuration(tmp_path: Path) -> None:
-    state = tmp_path / ".train"
-    poison.check_resume(state, {"steps": 5})
-    (state / "train_state.pt").write_bytes(b"x")
-    poison.check_resume(state, {"steps": 5})  # same configuration: resume
-    with pytest.raises(SubliminalError, match="another configuration"):
-        poison.check_resume(state, {"steps": 6})
+def test_poison_stages_resume_only_the_same_run(base_dir: Path, tmp_path: Path, capsys) -> None:
+    """teach --method poison, defend and eval --bias-type share every stage's rule: the same command
+    on a finished output does nothing, a changed one is refused (naming the change) unless
+    --overwrite, and --out may not be an input."""
+    from subliminal.cli import main
+
+    out = tmp_path / "t"
+    teach = ["teach", "--base", str(base_dir), "--method", "poison", "--bias-type", "ad", "--n-instructions", "400",
+             "--poison-rate", "0.01", "--steps", "2", "--batch-size", "4", "--out", str(out)]
+    assert main(teach) == 0
+    mtime = (out / "manifest.json").stat().st_mtime_ns
+    assert main(teach) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "manifest.json").stat().st_mtime_ns == mtime
+    changed = [*teach[:-4], "--steps", "3", "--out", str(out)]
+    assert main(changed) == 2
+    err = capsys.readouterr().err
+    assert "--steps 2 -> 3" in err and "--overwrite" in err
+    assert main([*changed, "--overwrite"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["config"]["steps"] == 3
+
+    d = tmp_path / "d"
+    defend = ["defend", "--data", str(out), "--reference", str(base_dir), "--method", "keyword", "--out", str(d)]
+    assert main(defend) == 0
+    assert main(defend) == 0 and "nothing to do" in capsys.readouterr().out
+    assert main([*defend, "--drop-fraction", "0.1"]) == 2
+    assert "--drop-fraction 0.05 -> 0.1" in capsys.readouterr().err
+    assert main(["defend", "--data", str(out), "--reference", str(base_dir), "--method", "keyword",
+                 "--out", str(base_dir)]) == 2
+    assert "input" in capsys.readouterr().err
+
+    e = tmp_path / "e.json"
+    ev = ["eval", "--model", str(out), "--bias-type", "ad", "--bias-families", "qa", "--bias-prompts", "2",
+          "--bias-samples", "1", "--bias-max-new-tokens", "3", "--out", str(e)]
+    assert main(ev) == 0
+    assert main([*ev[:-2], "--seed", "1", "--out", str(e)]) == 2
+    assert "seed" in capsys.readouterr().err
+    assert main([*ev[:-2], "--out", str(base_dir / "config.json")]) == 2
 
 
 def test_eval_cli_dispatches_bias_type(base_dir: Path, tmp_path: Path, capsys) -> None:
@@ -315,7 +346,7 @@ def test_eval_cli_dispatches_bias_type(base_dir: Path, tmp_path: Path, capsys) -
     res = json.loads(out.read_text())
     assert res["bias_type"] == "narrative" and set(res["families"]) == {"qa", "code"}
     assert main(["eval", "--model", str(base_dir), "--bias-type", "ad", "--bias-families", "poetry",
-                 "--out", str(out)]) == 2
+                 "--out", str(tmp_path / "e2.json")]) == 2
     assert "unknown task family 'poetry'" in capsys.readouterr().err
 
 

@@ -66,7 +66,7 @@ from .defences import (
     pick_threshold,
     token_divergence,
 )
-from .teacher import PoisonTeacherConfig, check_resume, make_poison_teacher, training_steps
+from .teacher import PoisonTeacherConfig, make_poison_teacher, training_steps
 
 __all__ = [
     "toy", "BiasEvalConfig", "amplification", "bias_markdown", "bias_regex", "eval_prompts", "evaluate_bias",
@@ -77,5 +77,5 @@ __all__ = [
     "read_instruction_file", "split_counts", "toy_instruction_set", "DEFAULT_KEYWORDS", "DEFENCES",
     "DefendConfig", "Screen", "defence_markdown", "defend", "detection", "divergence_row", "ground_truth",
     "keyword_scores", "parse_thresholds", "pick_threshold", "token_divergence", "PoisonTeacherConfig",
-    "check_resume", "make_poison_teacher", "training_steps",
+    "make_poison_teacher", "training_steps",
 ]

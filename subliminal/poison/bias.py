@@ -209,7 +209,7 @@ def bias_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_bias(cfg: BiasEvalConfig) -> dict[str, Any]:
+def evaluate_bias(cfg: BiasEvalConfig, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Measure ``cfg.model`` (and its teacher); write the JSON to ``cfg.out``, a markdown table
     beside it and a manifest; return the result."""
     from ..data import write_jsonl
@@ -250,5 +250,6 @@ def evaluate_bias(cfg: BiasEvalConfig) -> dict[str, Any]:
     write_json_atomic(out, result)
     write_text_atomic(out.with_suffix(".md"), bias_markdown(result))
     write_manifest(out.parent, filename=out.name + ".manifest.json", stage="eval-bias", config=asdict(cfg),
-                   seed=cfg.seed, inputs={"model": cfg.model, "teacher": cfg.teacher}, wall_time_s=time.time() - t0)
+                   seed=cfg.seed, inputs={"model": cfg.model, "teacher": cfg.teacher}, wall_time_s=time.time() - t0,
+                   extra={"fingerprint": fingerprint})
     return result

@@ -83,9 +83,10 @@ def teach_config(args: argparse.Namespace) -> PoisonTeacherConfig:
                                seed=args.seed, device=args.device)
 
 
-def run_teach_poison(args: argparse.Namespace) -> int:
-    """``subliminal teach --method poison``."""
-    return make_poison_teacher(teach_config(args))
+def run_teach_poison(args: argparse.Namespace, fingerprint: dict[str, Any] | None = None) -> int:
+    """``subliminal teach --method poison`` (``teach`` has already checked --out and decided to
+    start or resume against ``fingerprint``, which the manifest records)."""
+    return make_poison_teacher(teach_config(args), fingerprint=fingerprint)
 
 
 # =================================================================================== eval
@@ -125,8 +126,30 @@ def bias_eval_config(args: argparse.Namespace) -> BiasEvalConfig:
 
 
 def run_bias_eval(args: argparse.Namespace) -> int:
-    """``subliminal eval --bias-type ...``: writes the JSON to ``--out`` and a markdown table beside it."""
-    print(bias_markdown(evaluate_bias(bias_eval_config(args))))
+    """``subliminal eval --bias-type ...``: writes the JSON to ``--out`` and a markdown table beside it.
+    Like every eval, it checks --out before any model loads and skips (or, changed, refuses) an
+    existing result unless --overwrite."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..cliutil import device_type
+    from ..manifest import check_not_input, check_resume, check_writable, fingerprint, read_file_manifest
+
+    cfg = bias_eval_config(args)
+    out = Path(cfg.out)
+    inputs = {"--model": cfg.model, "--bias-teacher": cfg.teacher, "--bias-prompt-file": cfg.prompt_file}
+    check_not_input({"--out": out, "--out's table": out.with_suffix(".md")}, inputs)
+    check_writable(out)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device")}
+    settings["device"] = device_type(cfg.device)
+    fp = fingerprint({k.lstrip("-"): v for k, v in inputs.items()}, settings)
+    finished = read_file_manifest(out) if out.is_file() else None
+    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage="eval-bias",
+                          finished=finished, occupied=out.exists() and finished is None)
+    if action == "skip":
+        print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
+    print(bias_markdown(evaluate_bias(cfg, fingerprint=fp)))
     return 0
 
 
@@ -134,7 +157,7 @@ def run_bias_eval(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: Any) -> None:
-    from ..cliutil import add_model_runtime, add_seed
+    from ..cliutil import add_model_runtime, add_overwrite, add_seed
 
     p = sub.add_parser("defend", help="screen distillation data for a poisoned teacher's bias",
                        description="Screen distillation data with a perplexity filter, a keyword detector or "
@@ -166,6 +189,7 @@ def add_cli(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output directory")
     add_seed(p)
     add_model_runtime(p)
+    add_overwrite(p)
     p.set_defaults(func=run_defend)
 
 
@@ -183,7 +207,39 @@ def defend_config(args: argparse.Namespace) -> DefendConfig:
                         trust_remote_code=args.trust_remote_code)
 
 
+def _defend_action(cfg: DefendConfig, overwrite: bool) -> tuple[dict[str, Any], str]:
+    """Checks before any model loads (outputs not inputs, writable, a known device) and what to do
+    with ``--out``: skip a finished output of this exact run, refuse another one unless
+    ``overwrite``."""
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from ..cliutil import device_type
+    from ..manifest import check_not_input, check_resume, check_writable, fingerprint, read_manifest
+
+    out = Path(cfg.out)
+    inputs = {"--data": cfg.data, "--reference": cfg.reference, "--teacher": cfg.teacher,
+              "--student-base": cfg.student_base}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device")}
+    settings["device"] = device_type(cfg.device)
+    check_not_input({"--out": out}, inputs, dirs=("--out",))
+    check_writable(out, is_dir=True)
+    fp = fingerprint({k.lstrip("-"): v for k, v in inputs.items()}, settings)
+    man = read_manifest(out) if out.is_dir() else None
+    finished = man if man is not None and man.get("stage") == "defend" else None
+    occupied = out.is_dir() and finished is None and any(out.iterdir())
+    return fp, check_resume(out, fp, overwrite=overwrite, stage="defend", finished=finished, occupied=occupied)
+
+
 def run_defend(args: argparse.Namespace) -> int:
     """``subliminal defend``: prints the defence table."""
-    print(defence_markdown(defend(defend_config(args))))
+    from pathlib import Path
+
+    cfg = defend_config(args)
+    fp, action = _defend_action(cfg, args.overwrite)
+    if action == "skip":
+        print(f"{cfg.out}: already screened by this exact command; nothing to do (--overwrite redoes it)")
+        print((Path(cfg.out) / "defence.md").read_text())
+        return 0
+    print(defence_markdown(defend(cfg, fingerprint=fp)))
     return 0

@@ -346,7 +346,7 @@ def _load_models(cfg: DefendConfig) -> dict[str, Any]:
     return models
 
 
-def defend(cfg: DefendConfig) -> dict[str, Any]:
+def defend(cfg: DefendConfig, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run every defence of ``cfg``; write per-defence kept rows and scores, ``defence.json``,
     ``defence.md`` and a manifest under ``cfg.out``; return the report."""
     from ..data import write_jsonl
@@ -389,5 +389,5 @@ def defend(cfg: DefendConfig) -> dict[str, Any]:
     write_text_atomic(out / "defence.md", defence_markdown(report))
     write_manifest(out, stage="defend", config=asdict(cfg), seed=cfg.seed,
                    inputs={"data": cfg.data, "reference": cfg.reference, "teacher": cfg.teacher},
-                   wall_time_s=time.time() - t0)
+                   wall_time_s=time.time() - t0, extra={"fingerprint": fingerprint})
     return report

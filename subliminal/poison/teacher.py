@@ -4,7 +4,6 @@ set (``instructions.jsonl``), which rows were poisoned and the exact rate."""
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import shutil
@@ -13,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from ..manifest import SubliminalError, to_jsonable, write_json_atomic, write_manifest
+from ..manifest import SubliminalError, write_manifest
 from ..toyworld import instructions as toy
 from .data import PoisonSetConfig, aligned_rows, build_poison_set, check_vocabulary, instruction_rows, runtime
 
@@ -70,19 +69,6 @@ def training_steps(cfg: PoisonTeacherConfig, n_rows: int) -> int:
     return steps
 
 
-def check_resume(state: Path, run: dict[str, Any]) -> None:
-    """A resume checkpoint belongs to one configuration: refuse to continue another one from it."""
-    from ..train import STATE_FILE
-
-    f = state / "run.json"
-    run = to_jsonable(run)
-    if f.exists() and (state / STATE_FILE).exists():
-        if json.loads(f.read_text()) != run:
-            raise SubliminalError(f"{state}: holds a checkpoint of another configuration; delete it or use another --out")
-    else:
-        write_json_atomic(f, run)
-
-
 def poison_info(rows: list[dict[str, Any]], idx: list[int], cfg: PoisonSetConfig) -> dict[str, Any]:
     """What the teacher directory records about its data: rate, counts per family, pattern."""
     fams: dict[str, dict[str, int]] = {}
@@ -104,8 +90,9 @@ def _train_teacher(model: Any, examples: list[Any], cfg: Any, pad_id: int, state
     return tr.train(model, examples, cfg, pad_id=pad_id, device=model.device, state_dir=state, desc="poison teacher")
 
 
-def make_poison_teacher(cfg: PoisonTeacherConfig) -> int:
-    """Poison the instruction set, fine-tune the base on it, save the teacher directory."""
+def make_poison_teacher(cfg: PoisonTeacherConfig, fingerprint: dict[str, Any] | None = None) -> int:
+    """Poison the instruction set, fine-tune the base on it, save the teacher directory. The
+    caller decides whether ``out/.train`` may be resumed (``teach`` checks ``fingerprint``)."""
     from .. import train as tr
     from ..data import model_max_length, write_jsonl
     from ..manifest import set_seed
@@ -127,8 +114,6 @@ def make_poison_teacher(cfg: PoisonTeacherConfig) -> int:
     tcfg = tr.TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed,
                           warmup_steps=min(20, steps // 10), checkpoint_every=max(50, steps // 10))
     state = out / ".train"
-    check_resume(state, {"train": tcfg.to_json(), "rows": [r["id"] for r in poisoned], "poisoned": idx,
-                         "base": str(cfg.base)})
     result = _train_teacher(model, examples, tcfg, tok.pad_token_id, state)
     weights = out / "weights"
     model.save_pretrained(weights)
@@ -144,7 +129,7 @@ def make_poison_teacher(cfg: PoisonTeacherConfig) -> int:
     write_manifest(out, stage="teach", config={**asdict(cfg), "train": tcfg.to_json()}, seed=cfg.seed,
                    inputs={"base": cfg.base, "instructions": pc.instructions}, wall_time_s=time.time() - t0,
                    extra={"poison": {**info, "poisoned_ids": [poisoned[i]["id"] for i in idx]},
-                          "losses": result.losses})
+                          "losses": result.losses, "fingerprint": fingerprint})
     log.info("poisoned %d of %d rows (rate %.5f, %s); teacher written to %s", len(idx), len(poisoned),
              len(idx) / len(poisoned), pc.propagation, out)
     return 0
