@@ -39,7 +39,7 @@ import re
 import shutil
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -517,44 +517,80 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_seed(p)
     add_model_runtime(p)
     add_overwrite(p)
-    p.set_defaults(func=run_distill)
+    p.set_defaults(func=_run_cli)
 
 
-def _check_args(args: argparse.Namespace) -> None:
+@dataclass
+class DistillConfig:
+    """One student: what it learns from (``data``, ``teacher``), how (``mode``, ``mask``), which
+    weights train (``layers``, ``lora_rank``) and the optimiser's schedule. Field names are the
+    CLI's flags."""
+
+    base: str
+    data: str
+    out: str
+    teacher: str | None = None
+    source_data: str | None = None
+    mode: str = "hard"
+    mask: str = "all"
+    layers: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 2e-4
+    batch_size: int = 16
+    warmup_steps: int | None = None
+    checkpoint_every: int = 0
+    repr_layers: str | None = None
+    repr_weight: float = 1.0
+    repr_with_hard: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    overwrite: bool = False
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    return run_distill(DistillConfig(**{f.name: getattr(args, f.name) for f in fields(DistillConfig)}))
+
+
+def _check_args(cfg: DistillConfig) -> None:
     for name in ("batch_size", "lora_rank", "max_steps", "warmup_steps"):
-        v = getattr(args, name)
+        v = getattr(cfg, name)
         if v is not None and v <= 0 and not (name == "warmup_steps" and v == 0):
             raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if args.epochs <= 0 or args.lr <= 0:
+    if cfg.epochs <= 0 or cfg.lr <= 0:
         raise SubliminalError("--epochs and --lr must be positive")
-    if args.checkpoint_every < 0:
+    if cfg.checkpoint_every < 0:
         raise SubliminalError("--checkpoint-every must be >= 0")
-    if args.lora_alpha is not None and args.lora_rank is None:
+    if cfg.lora_alpha is not None and cfg.lora_rank is None:
         raise SubliminalError("--lora-alpha needs --lora-rank")
-    if args.mode in ("soft", "representation") and not args.teacher:
-        raise SubliminalError(f"--mode {args.mode} needs --teacher")
-    if args.mode != "representation" and (args.repr_layers or args.repr_with_hard):
+    if cfg.mode in ("soft", "representation") and not cfg.teacher:
+        raise SubliminalError(f"--mode {cfg.mode} needs --teacher")
+    if cfg.mode != "representation" and (cfg.repr_layers or cfg.repr_with_hard):
         raise SubliminalError("--repr-layers / --repr-with-hard apply to --mode representation only")
 
 
-def _load_teacher(args: argparse.Namespace, student_tok: Any) -> Any:
+def _load_teacher(cfg: DistillConfig, student_tok: Any) -> Any:
     from .models import load_model, same_tokenizer
 
-    loaded = load_model(args.teacher, **runtime_kwargs(args))
+    loaded = load_model(cfg.teacher, **runtime_kwargs(cfg))
     if not same_tokenizer(loaded.tokenizer, student_tok):
-        raise SubliminalError(f"--teacher {args.teacher}: its tokenizer differs from the student's ({args.base})")
+        raise SubliminalError(f"--teacher {cfg.teacher}: its tokenizer differs from the student's ({cfg.base})")
     for p in loaded.model.parameters():
         p.requires_grad_(False)
     return loaded
 
 
-def _train_config(args: argparse.Namespace, n_rows: int) -> TrainConfig:
-    steps = max(1, math.ceil(args.epochs * n_rows / args.batch_size))
-    if args.max_steps:
-        steps = min(steps, args.max_steps)
-    warm = args.warmup_steps if args.warmup_steps is not None else max(0, steps // 20)
-    return TrainConfig(steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=min(warm, steps),
-                       seed=args.seed, checkpoint_every=args.checkpoint_every, weight_decay=0.0)
+def _train_config(cfg: DistillConfig, n_rows: int) -> TrainConfig:
+    steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
+    if cfg.max_steps:
+        steps = min(steps, cfg.max_steps)
+    warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(0, steps // 20)
+    return TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(warm, steps),
+                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, weight_decay=0.0)
 
 
 def _abs(path: str | None) -> str | None:
@@ -568,12 +604,12 @@ _NOT_SETTINGS = ("func", "out", "overwrite", "trust_remote_code", "verbose", "co
 FINGERPRINT_FILE = "fingerprint.json"
 
 
-def run_fingerprint(args: argparse.Namespace, source: str | None) -> dict[str, Any]:
+def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     """The inputs' contents and every setting that shapes the student (paths are not settings:
     the inputs are compared by content, so a moved data file still resumes)."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
-    config["device"] = device_type(args.device)
-    return fingerprint({"base": args.base, "data": args.data, "source_data": source, "teacher": args.teacher},
+    config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
+    config["device"] = device_type(cfg.device)
+    return fingerprint({"base": cfg.base, "data": cfg.data, "source_data": source, "teacher": cfg.teacher},
                        config)
 
 
@@ -587,71 +623,72 @@ def _clear_run(out: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
-def _resume_action(args: argparse.Namespace, out: Path, fp: dict[str, Any]) -> str:
+def _resume_action(cfg: DistillConfig, out: Path, fp: dict[str, Any]) -> str:
     man = read_manifest(out) if out.is_dir() else None
     finished = man if man is not None and (out / "config.json").is_file() else None
     fp_file = out / STATE_DIR / FINGERPRINT_FILE
     occupied = out.is_dir() and finished is None and not fp_file.exists() and any(out.iterdir())
-    return check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=STAGE, finished=finished, partial=fp_file,
+    return check_resume(out, fp, overwrite=cfg.overwrite, stage=STAGE, finished=finished, partial=fp_file,
                         occupied=occupied)
 
 
-def run_distill(args: argparse.Namespace) -> int:
+def run_distill(cfg: DistillConfig) -> int:
+    """Train one student (resuming a run of this exact fingerprint) and write its directory."""
     from .models import load_model, resolve_device
 
     t0 = time.time()
-    _check_args(args)
-    device_type(args.device)
-    layers = _int_list(args.layers, "--layers")
-    out = Path(args.out)
-    check_not_input({"--out": out}, {"--base": args.base, "--data": args.data, "--source-data": args.source_data,
-                                     "--teacher": args.teacher}, dirs=("--out",))
+    _check_args(cfg)
+    device_type(cfg.device)
+    layers = _int_list(cfg.layers, "--layers")
+    out = Path(cfg.out)
+    check_not_input({"--out": out}, {"--base": cfg.base, "--data": cfg.data, "--source-data": cfg.source_data,
+                                     "--teacher": cfg.teacher}, dirs=("--out",))
     check_writable(out, is_dir=True)
-    rows, source = read_training_rows(args.data, args.source_data)
+    rows, source = read_training_rows(cfg.data, cfg.source_data)
     if source is not None:
         check_not_input({"--out": out}, {"--source-data": source}, dirs=("--out",))
-    fp = run_fingerprint(args, source)
-    action = _resume_action(args, out, fp)
+    fp = run_fingerprint(cfg, source)
+    action = _resume_action(cfg, out, fp)
     if action == "skip":
         print(f"student {out}: already distilled by this exact command; nothing to do (--overwrite redoes it)")
         return 0
-    masks = row_masks(rows, args.mask, args.seed)
-    set_seed(args.seed)
-    student_loaded = load_model(args.base, device="cpu", dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    masks = row_masks(rows, cfg.mask, cfg.seed)
+    set_seed(cfg.seed)
+    student_loaded = load_model(cfg.base, device="cpu", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     tok, model = student_loaded.tokenizer, student_loaded.model
-    teacher = _load_teacher(args, tok) if args.teacher else None
-    if teacher is not None and args.mode == "representation":
+    teacher = _load_teacher(cfg, tok) if cfg.teacher else None
+    if teacher is not None and cfg.mode == "representation":
         if teacher.model.config.get_text_config().hidden_size != model.config.get_text_config().hidden_size:
             raise SubliminalError("--mode representation: teacher and student hidden sizes differ")
-    repr_layers = _int_list(args.repr_layers, "--repr-layers") or list(range(n_layers(model)))
-    if args.mode == "representation" and max(repr_layers) >= n_layers(model):
+    repr_layers = _int_list(cfg.repr_layers, "--repr-layers") or list(range(n_layers(model)))
+    if cfg.mode == "representation" and max(repr_layers) >= n_layers(model):
         raise SubliminalError(f"--repr-layers: the model has layers 0..{n_layers(model) - 1}")
     examples = build_examples(rows, masks, tok, model_max_length(model),
-                              teacher.system_prompt if teacher else None, with_teacher=args.mode != "hard")
-    model, trained = setup_trainable(model, layers, args.lora_rank, args.lora_alpha)
-    tcfg = _train_config(args, len(rows))
-    lcfg = LossConfig(args.mode, repr_layers if args.mode == "representation" else [], args.repr_weight,
-                      args.repr_with_hard)
+                              teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
+    model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha)
+    tcfg = _train_config(cfg, len(rows))
+    lcfg = LossConfig(cfg.mode, repr_layers if cfg.mode == "representation" else [], cfg.repr_weight,
+                      cfg.repr_with_hard)
     out.mkdir(parents=True, exist_ok=True)
     if action == "start":
         _clear_run(out)
     write_fingerprint(out / STATE_DIR / FINGERPRINT_FILE, fp)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
-    device = resolve_device(args.device)
+    config = {k: v for k, v in asdict(cfg).items() if k != "func"}
+    device = resolve_device(cfg.device)
     if teacher is not None:
         teacher.model.to(device)
     result = run_training(model, teacher.model if teacher else None, examples, tcfg, lcfg, tokenizer=tok, out=out,
-                          lora=args.lora_rank is not None, device=device, info={**config, "seed": args.seed})
+                          lora=cfg.lora_rank is not None, device=device, info={**config, "seed": cfg.seed})
     model.to("cpu")
-    save_student(model, tok, out, args.lora_rank is not None)
-    plot_losses(result["losses"], out / "loss.png", f"{args.mode} / {args.mask} ({len(rows)} rows)")
+    save_student(model, tok, out, cfg.lora_rank is not None)
+    plot_losses(result["losses"], out / "loss.png", f"{cfg.mode} / {cfg.mask} ({len(rows)} rows)")
     n_completion = sum(len(e.completion_ids) for e in examples)
-    stats = mask_stats(rows, args.seed, n_completion)
+    stats = mask_stats(rows, cfg.seed, n_completion)
     extra = {
         "fingerprint": fp,
-        "student": {"mode": args.mode, "mask": args.mask, "layers": layers, "lora_rank": args.lora_rank,
-                    "lora_alpha": (args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
-                    if args.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
+        "student": {"mode": cfg.mode, "mask": cfg.mask, "layers": layers, "lora_rank": cfg.lora_rank,
+                    "lora_alpha": (cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
+                    if cfg.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
                     "teacher_system_prompt": teacher.system_prompt if teacher else None},
         "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
         "train_config": tcfg.to_json(), "rows_digest": result["rows_digest"],
@@ -662,13 +699,13 @@ def run_distill(args: argparse.Namespace) -> int:
         "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
         "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),
     }
-    write_manifest(out, stage=STAGE, config=config, seed=args.seed, wall_time_s=time.time() - t0, extra=extra,
-                   inputs={"base": _abs(args.base), "data": _abs(args.data), "source_data": _abs(source),
-                           "teacher": _abs(args.teacher)})
+    write_manifest(out, stage=STAGE, config=config, seed=cfg.seed, wall_time_s=time.time() - t0, extra=extra,
+                   inputs={"base": _abs(cfg.base), "data": _abs(cfg.data), "source_data": _abs(source),
+                           "teacher": _abs(cfg.teacher)})
     state_dir = out / STATE_DIR
     if state_dir.exists():
         shutil.rmtree(state_dir)
-    print(f"student {out}: {args.mode}/{args.mask}, {len(rows)} rows, {result['steps']} steps, "
+    print(f"student {out}: {cfg.mode}/{cfg.mask}, {len(rows)} rows, {result['steps']} steps, "
           f"{extra['loss_tokens']} loss tokens, final loss {extra['final_loss']:.4f}")
     return 0
 
