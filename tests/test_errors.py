@@ -136,7 +136,7 @@ def _gen_argv(world, out, *extra):
 def test_generate_refuses_to_resume_with_other_seed_or_temperature(world, tmp_path, monkeypatch, capsys):
     import subliminal.generate as gen
 
-    real, calls = gen.generate_batch, {"n": 0}
+    real, calls = gen.forward.sample, {"n": 0}
 
     def stop_second(*a, **k):
         calls["n"] += 1
@@ -145,9 +145,9 @@ def test_generate_refuses_to_resume_with_other_seed_or_temperature(world, tmp_pa
         return real(*a, **k)
 
     out = tmp_path / "g.jsonl"
-    monkeypatch.setattr(gen, "generate_batch", stop_second)
+    monkeypatch.setattr(gen.forward, "sample", stop_second)
     assert main(_gen_argv(world, out)) == 130
-    monkeypatch.setattr(gen, "generate_batch", real)
+    monkeypatch.setattr(gen.forward, "sample", real)
     raw = tmp_path / "g.raw.jsonl"
     first = raw.read_text()
     assert len(first.splitlines()) == 2

@@ -98,7 +98,7 @@ def test_eval_cli_errors(tiny_model_factory, tmp_path, capsys):
     assert main(["eval", "--model", str(tiny_model_factory("llama")), "--target", "bowl"]) == 2
     assert "unknown target" in capsys.readouterr().err
     assert main(["eval", "--model", str(tmp_path / "nope"), "--target", "owl"]) == 2
-    assert "nope: no such model directory" in capsys.readouterr().err
+    assert "no such local model directory: " in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ sampled
