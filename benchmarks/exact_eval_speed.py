@@ -1,7 +1,7 @@
 """Exact preference eval, old path (every candidate row teacher-forced whole) against the
 prefix-cache path (each question encoded once), on one model: time and the largest difference.
 
-    python benchmarks/exact_eval_speed.py MODEL_DIR [--questions 50] [--system-prompt TEXT]
+    python benchmarks/exact_eval_speed.py MODEL_DIR [--questions 50] [--target owl] [--batch-size 32]
 """
 
 from __future__ import annotations
