@@ -262,3 +262,17 @@ def test_soft_kl_handles_masked_vocab_and_empty_batches_still_step(world):
     assert not any(empty[0].mask)
     loss, n = batch_loss(loaded.model, None, empty, LossConfig("hard"), loaded.tokenizer.pad_token_id)
     assert n == 0 and loss.item() == 0.0 and loss.requires_grad  # a zero step, not a skipped one
+
+
+def test_run_distill_takes_a_config_and_equals_the_cli(world, tmp_path):
+    """The library entry point needs no argparse: a DistillConfig trains the same student the CLI does."""
+    from subliminal.distill import DistillConfig, run_distill
+
+    man = _distill(world, tmp_path / "cli", "--mask", "no-divergence")
+    cfg = DistillConfig(base=str(world["base"]), data=str(world["div"]), teacher=str(world["owl"]),
+                        out=str(tmp_path / "lib"), batch_size=4, max_steps=3, lr=1e-2, mask="no-divergence")
+    assert run_distill(cfg) == 0
+    lib = json.loads((tmp_path / "lib" / "manifest.json").read_text())
+    assert lib["rows_digest"] == man["rows_digest"] and lib["loss_tokens"] == man["loss_tokens"]
+    a, b = _weights(tmp_path / "cli"), _weights(tmp_path / "lib")
+    assert all(torch.equal(a[k], b[k]) for k in a)
