@@ -243,3 +243,85 @@ def test_find_divergence_ratio_rule_equals_reflag_and_resumes(world, tmp_path, m
     # bad rule arguments are exit 2 before any model loads
     assert cli.main([*common, "--out", str(tmp_path / "bad.jsonl"), "--min-ratio", "1"]) == 2
     assert "only apply to --rule ratio" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ the sweep script
+
+
+def _fake_demo(root, div_objs, seeds=(1, 2, 3)):
+    """A finished demo's files as the sweep reads them: manifest, results, base config, matched rows
+    and the evaluations of its control, all-tokens and paper-rule students."""
+    from subliminal import demo
+    from subliminal.manifest import write_manifest
+
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "config.json").write_text(json.dumps({"num_hidden_layers": 2}))
+    matched = root / "data" / "matched"
+    matched.mkdir(parents=True)
+    write_jsonl(matched / "owl.div.jsonl", div_objs)
+    write_manifest(root, stage="demo", config=demo.DemoConfig(seeds=len(seeds)), seed=0,
+                   inputs={"base": root / "base"})
+    (root / "results.json").write_text(json.dumps({"steps": 7}))
+    evals = {"control": 0.10, "all": 0.20, "no-divergence": 0.17, "only-divergence": 0.12}
+    (root / "eval").mkdir()
+    for cond, v in evals.items():
+        for s in seeds:
+            (root / "eval" / f"{cond}-s{s}.json").write_text(json.dumps({"exact": {"mean": v + 0.01 * s}}))
+
+
+def _load_sweep():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "divergence_rule_sweep.py"
+    spec = importlib.util.spec_from_file_location("divergence_rule_sweep", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sweep_reflags_trains_matched_students_and_writes_curves(div_file, tmp_path, monkeypatch, caplog):
+    import logging
+    from pathlib import Path
+
+    from subliminal import demo
+
+    _, objs = div_file
+    root = tmp_path / "demo"
+    _fake_demo(root, objs)
+    mod = _load_sweep()
+    with caplog.at_level(logging.INFO, logger="divergence_rule_sweep"):
+        assert mod.main(["--demo", str(root), "--shares", "0.05", "0.2", "--seeds", "1", "2", "--dry-run"]) == 0
+    cmds = [r.getMessage() for r in caplog.records if "subliminal distill" in r.getMessage()]
+    assert len(cmds) == 2 * 2 * 2  # shares x masks x seeds
+    assert all("--max-steps 7" in c and "--mode hard" in c for c in cmds)
+    assert sum("--mask only-divergence" in c for c in cmds) == 4
+    n_tok = sum(len(o["token_ids"]) for o in objs)
+    for share in (0.05, 0.2):
+        st = demo.rule_stats(root / "rule_sweep" / "div" / f"owl.ratio-{share * 100:g}pct.div.jsonl")
+        assert abs(st["flagged_tokens"] - round(share * n_tok)) <= 1
+
+    def fake_parallel(self, tasks, workers):  # evaluations as if trained: more kept with more tokens flagged
+        for name, chain in tasks:
+            share = 0.05 if "-5pct-" in name else 0.2
+            v = 0.10 + (share if "only" in name else 0.1 - share / 2) + 0.01 * int(name.rsplit("-s", 1)[1])
+            ev = Path(chain[1][0][chain[1][0].index("--out") + 1])
+            ev.parent.mkdir(parents=True, exist_ok=True)
+            ev.write_text(json.dumps({"exact": {"mean": v}}))
+
+    monkeypatch.setattr(demo.Runner, "parallel", fake_parallel)
+    assert mod.main(["--demo", str(root), "--shares", "0.05", "0.2", "--seeds", "1", "2"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(root / "rule_sweep" / "rule_sweep.csv")))
+    paper = [r for r in rows if r["rule"] == "paper"]
+    assert {r["mask"] for r in paper} == {"no-divergence", "only-divergence"}
+    assert float(next(r for r in paper if r["mask"] == "no-divergence")["share_kept"]) == pytest.approx(0.7)
+    ratio = {(r["share_target"], r["mask"]): r for r in rows if r["rule"] == "ratio"}
+    assert float(ratio[("0.2", "only-divergence")]["share_kept"]) == pytest.approx(2.0)
+    assert float(ratio[("0.05", "no-divergence")]["share_kept"]) == pytest.approx(0.75)
+    assert (root / "rule_sweep" / "rule_sweep.png").stat().st_size > 1000
+    table = json.loads((root / "rule_sweep" / "rule_sweep.json").read_text())
+    assert table["seeds"] == [1, 2] and len(table["rows"]) == 6
+    # seeds the demo has no control for are a clear error
+    assert mod.main(["--demo", str(root), "--seeds", "9"]) == 2
