@@ -166,6 +166,9 @@ def row_log_ratio(obj: dict[str, Any], reduce: str = "max") -> torch.Tensor:
 
 
 def _argmax_row_flags(obj: dict[str, Any], rule: str) -> list:
+    """A row's flags under an argmax rule, from the argmaxes it stores."""
+    if not obj["token_ids"]:
+        return [[] for _ in obj["argmax_counterfactual"]] if rule == "pairwise" else []
     tokens = torch.tensor(obj["token_ids"], dtype=torch.long)
     af = torch.tensor(obj["argmax_factual"], dtype=torch.long)
     acf = torch.tensor(obj["argmax_counterfactual"], dtype=torch.long).reshape(-1, len(tokens))
