@@ -632,11 +632,9 @@ def _rules_section(summary: dict[str, Any]) -> list[str]:
         lines.append(f"| {name} | {r.get('flagged_tokens', 'n/a')} | {_fmt(r.get('flagged_share'))} | {thr} | "
                      f"{cell(masks.get('no-divergence'))} | {cell(masks.get('only-divergence'))} | "
                      f"{cell(masks.get('random-matched'))} |")
-    for name, r in rules.items():
-        if r.get("top_flagged_tokens"):
-            lines.append(f"\n- {name} rule, most frequent flagged tokens: "
-                         + ", ".join(f"`{t}` x{n}" for t, n in r["top_flagged_tokens"]))
-    return [*lines, ""]
+    tops = [f"- {name} rule, most frequent flagged tokens: " + ", ".join(f"`{t}` x{n}" for t, n in r["top_flagged_tokens"])
+            for name, r in rules.items() if r.get("top_flagged_tokens")]
+    return [*lines, "", *tops, ""] if tops else [*lines, ""]
 
 
 def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: dict[str, float],
