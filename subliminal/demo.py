@@ -99,6 +99,17 @@ class DemoConfig:
     base_seed: int = 0
     jobs: int = 2
     ratio_reduce: str = "max"  # the ratio rule's reduction over counterfactuals (find-divergence --ratio-reduce)
+    conditions: list[str] | None = None  # student conditions to train (None: all of CONDITIONS)
+
+    def chosen_conditions(self) -> list[str]:
+        """The conditions this run trains, in CONDITIONS order; control and all are always among them
+        (every share of the transfer is read against them)."""
+        if self.conditions is None:
+            return list(CONDITIONS)
+        unknown = sorted(set(self.conditions) - set(CONDITIONS))
+        if unknown:
+            raise SubliminalError(f"--conditions: unknown {', '.join(unknown)} (one of {', '.join(CONDITIONS)})")
+        return [c for c in CONDITIONS if c in {"control", "all", *self.conditions}]
 
 
 QUICK_PRETRAIN_STEPS = 500
@@ -442,7 +453,8 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
     plan = student_plan(cfg, _n_layers(base), files, tdir)
     sdir, edir = out / "students", out / "eval"
     dev = ["--device", cfg.device]
-    values: dict[str, dict[int, float]] = {c: {} for c in CONDITIONS}
+    chosen = cfg.chosen_conditions()
+    values: dict[str, dict[int, float]] = {c: {} for c in chosen}
     refs = {"base": str(base), "teacher": str(tdir / cfg.target), "unbiased-teacher": str(tdir / "none")}
     reference = {}
     for name, spec in refs.items():
@@ -451,7 +463,7 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
         reference[name] = _read_exact(path)
     jobs = []
     for seed in range(1, cfg.seeds + 1):
-        for cond in CONDITIONS:
+        for cond in chosen:
             student = sdir / f"{cond}-s{seed}"
             path = edir / f"{cond}-s{seed}.json"
             argv = distill_argv(cfg, base, student, plan[cond], steps, seed)
@@ -494,7 +506,8 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
     conditions: dict[str, Any] = {}
     control = values["control"]
     all_tokens = values["all"]
-    for cond in CONDITIONS:
+    chosen = [c for c in CONDITIONS if c in values]
+    for cond in chosen:
         seeds = sorted(values[cond])
         vals = [values[cond][s] for s in seeds]
         mean, lo, hi = mean_ci(vals)
@@ -508,7 +521,7 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
         conditions[cond] = entry
     # A share of the all-tokens transfer means something only where that transfer is real.
     if conditions["all"].get("diff_ci_low", 0.0) > 0:
-        for cond in CONDITIONS:
+        for cond in chosen:
             seeds = [s for s in sorted(values[cond]) if s in control and s in all_tokens]
             transfer = sum(all_tokens[s] - control[s] for s in seeds)
             if seeds and transfer > 0:
@@ -545,6 +558,8 @@ def _rule_summary(values: dict[str, dict[int, float]], conditions: dict[str, Any
         if conditions["all"].get("share_of_all_transfer") is not None:
             masks = {}
             for mask, cond in conds.items():
+                if cond not in values:
+                    continue
                 ci = share_kept(values[cond], values["control"], values["all"])
                 masks[mask] = {"condition": cond, "share_of_all_transfer": conditions[cond].get("share_of_all_transfer"),
                                "share_per_seed_mean": ci[0] if ci else None,
@@ -661,7 +676,7 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
             f"{_fmt(e.get('share_of_all_transfer'), 2)} | {e['seeds']} |"
         )
     lines += ["", "## What reproduces", "", *_verdict(summary), "", *_rules_section(summary), "## Conditions", ""]
-    lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS]
+    lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS if c in summary["conditions"]]
     div_manifest = out / "data" / "matched" / f"{cfg.target}.div.jsonl.manifest.json"
     if div_manifest.exists():
         s = json.loads(div_manifest.read_text()).get("summary", {})
@@ -709,6 +724,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="students trained at once, one process and one thread each (default: CPU cores, at most 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, teachers and data (default 0)")
+    p.add_argument("--conditions", nargs="+", default=None, metavar="COND",
+                   help="train only these student conditions (control and all always; default every one: "
+                   f"{', '.join(CONDITIONS)}); each is the same student as in a full run")
     p.set_defaults(func=run_cli)
 
 
@@ -728,6 +746,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         cfg = replace(cfg, n_prompts=args.rows)
     if args.no_probes:
         cfg = replace(cfg, probes=False)
+    if getattr(args, "conditions", None):
+        cfg = replace(cfg, conditions=list(args.conditions))
+        cfg.chosen_conditions()
     if args.layer_lora:
         cfg = replace(cfg, layer_lora=True)
     if args.entangle is not None:

@@ -246,6 +246,21 @@ def test_cli_flags_change_the_config():
         demo.config_from_args(_args(seeds=0))
 
 
+def test_conditions_subset_trains_and_summarises_only_those():
+    c = demo.config_from_args(_args(conditions=["ratio-no-divergence", "no-divergence"]))
+    assert c.chosen_conditions() == ["control", "all", "no-divergence", "ratio-no-divergence"]
+    with pytest.raises(demo.SubliminalError, match="unknown nope"):
+        demo.config_from_args(_args(conditions=["nope"]))
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    values = {"control": control, "all": {s: v + 0.1 for s, v in control.items()},
+              "ratio-no-divergence": {s: v + 0.02 for s, v in control.items()}}
+    s = demo._summarise(replace(c, seeds=3), {"values": values, "reference": {}, "rows": 10, "steps": 3})
+    assert set(s["conditions"]) == {"control", "all", "ratio-no-divergence"}
+    assert set(s["rules"]["ratio"]["masks"]) == {"no-divergence"} and s["rules"]["paper"]["masks"] == {}
+    report = demo.render_report(c, s, __import__("pathlib").Path("/nonexistent"), {}, 1.0)
+    assert "| ratio-no-divergence |" in report and "| soft |" not in report
+
+
 def test_derived_files_carry_manifests(tmp_path):
     write_jsonl(tmp_path / "owl.jsonl", _rows(8, "owl"))
     write_jsonl(tmp_path / "none.jsonl", _rows(8, "none"))
