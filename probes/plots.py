@@ -284,6 +284,79 @@ def plot_conditions(results: dict[str, Any] | str | os.PathLike, out_png: str | 
     return out
 
 
+def plot_rules(results: dict[str, Any] | str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Per divergence rule (``results.json["rules"]`` of ``subliminal demo``), the share of the
+    all-tokens transfer kept by masking its flags, by training only on them and by the matched
+    random control, with 95% CIs over seeds: do the rules find the tokens that carry the bias?"""
+    res = _read_json(results) if not isinstance(results, dict) else results
+    rules = {name: r["masks"] for name, r in (res.get("rules") or {}).items() if r.get("masks")}
+    if not rules:
+        raise SubliminalError("results hold no rule with shares of the all-tokens transfer")
+    masks = ["no-divergence", "only-divergence", "random-matched"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    width = 0.8 / len(rules)
+    rows = []
+    for i, (name, per_mask) in enumerate(rules.items()):
+        for j, mask in enumerate(masks):
+            m = per_mask.get(mask) or {}
+            v, lo, hi = m.get("share_per_seed_mean"), m.get("share_ci_low"), m.get("share_ci_high")
+            rows.append({"rule": name, "mask": mask, "share_kept": v, "lo": lo, "hi": hi,
+                         "pooled_share": m.get("share_of_all_transfer")})
+            if v is None:
+                continue
+            err = None if lo is None or lo != lo else [[v - lo], [hi - v]]
+            ax.bar(j + (i - (len(rules) - 1) / 2) * width, v, width, yerr=err, capsize=3, color=f"C{i}",
+                   label=name if j == 0 else None)
+    ax.axhline(1, color="black", lw=0.8, ls="--")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(masks)), ["flagged masked", "only flagged", "random-matched"], fontsize=8)
+    ax.set_ylabel("share of the all-tokens transfer kept")
+    ax.set_title("divergence rules at equal flagged counts (95% CI over seeds)", fontsize=9)
+    ax.legend(fontsize=8)
+    out = _save(fig, out_png)
+    _write_csv(out.with_suffix(".csv"), rows)
+    return out
+
+
+def plot_rule_sweep(rows: Sequence[dict[str, Any]], out_png: str | os.PathLike) -> Path:
+    """Share of the all-tokens transfer kept against the share of tokens flagged, one curve per
+    (rule, mask) with a 95% band over seeds; a rule with one natural share is one marker."""
+    if not rows:
+        raise SubliminalError("no sweep results to draw")
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    series: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        series.setdefault((r["rule"], r["mask"]), []).append(r)
+    styles = {"no-divergence": "-", "only-divergence": "--", "random-matched": ":"}
+    rule_names = list(dict.fromkeys(r["rule"] for r in rows))
+    for (rule, mask), rs in series.items():
+        rs = sorted(rs, key=lambda r: r["share_flagged"])
+        xs = [100 * r["share_flagged"] for r in rs]
+        ys = [r["share_kept"] for r in rs]
+        color = f"C{rule_names.index(rule) % 10}"
+        label = f"{rule}: {mask}"
+        if len(rs) == 1:
+            lo, hi = rs[0].get("lo"), rs[0].get("hi")
+            err = None if lo is None or lo != lo else [[ys[0] - lo], [hi - ys[0]]]
+            ax.errorbar(xs, ys, yerr=err, fmt="o" if mask == "no-divergence" else "s", color=color, capsize=3,
+                        label=label, mfc="white" if mask != "no-divergence" else color)
+            continue
+        cis = [(r.get("lo"), r.get("hi")) for r in rs]
+        _band(ax, xs, ys, cis if all(c[0] is not None for c in cis) else None, label, color=color,
+              linestyle=styles.get(mask, "-"))
+    ax.set_xscale("log")
+    ticks = sorted({round(100 * r["share_flagged"], 1) for r in rows})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks], fontsize=7)
+    ax.minorticks_off()
+    ax.axhline(1, color="black", lw=0.8, ls="--")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xlabel("tokens flagged (% of completion tokens)")
+    ax.set_ylabel("share of the all-tokens transfer kept")
+    ax.set_title("masking vs training only on flagged tokens (95% CI over seeds)", fontsize=9)
+    ax.legend(fontsize=7)
+    return _save(fig, out_png)
+
+
 # ------------------------------------------------------------------------------------- transfer
 
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 CONDITIONS = [
     "control", "all", "no-divergence", "only-divergence", "random-matched",
     "layer-early", "layer-late", "soft", "paraphrase", "mixing",
+    "ratio-no-divergence", "ratio-only-divergence", "ratio-random-matched",
 ]
 CONDITION_TEXT = {
     "control": "hard distillation on the unbiased teacher's data",
@@ -49,6 +50,16 @@ CONDITION_TEXT = {
     "soft": "soft distillation: KL to the owl teacher's full next-token distribution",
     "paraphrase": "as all, prompts redrawn from other templates (same completions)",
     "mixing": "as all, half the rows replaced by another teacher's data for the same prompts",
+    "ratio-no-divergence": "as no-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
+    "ratio-only-divergence": "as only-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
+    "ratio-random-matched": "as random-matched, as many tokens per row as ratio-no-divergence masks",
+}
+# The conditions that read each rule's flags: masked, only the flagged tokens, the matched random control.
+RULE_CONDITIONS = {
+    "paper": {"no-divergence": "no-divergence", "only-divergence": "only-divergence",
+              "random-matched": "random-matched"},
+    "ratio": {"no-divergence": "ratio-no-divergence", "only-divergence": "ratio-only-divergence",
+              "random-matched": "ratio-random-matched"},
 }
 
 
@@ -87,6 +98,18 @@ class DemoConfig:
     device: str = "cpu"
     base_seed: int = 0
     jobs: int = 2
+    ratio_reduce: str = "max"  # the ratio rule's reduction over counterfactuals (find-divergence --ratio-reduce)
+    conditions: list[str] | None = None  # student conditions to train (None: all of CONDITIONS)
+
+    def chosen_conditions(self) -> list[str]:
+        """The conditions this run trains, in CONDITIONS order; control and all are always among them
+        (every share of the transfer is read against them)."""
+        if self.conditions is None:
+            return list(CONDITIONS)
+        unknown = sorted(set(self.conditions) - set(CONDITIONS))
+        if unknown:
+            raise SubliminalError(f"--conditions: unknown {', '.join(unknown)} (one of {', '.join(CONDITIONS)})")
+        return [c for c in CONDITIONS if c in {"control", "all", *self.conditions}]
 
 
 QUICK_PRETRAIN_STEPS = 500
@@ -239,6 +262,8 @@ def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, 
     run("find-divergence", ["find-divergence", "--data", str(files[cfg.target]), "--teacher",
                             str(tdir / cfg.target), "--counterfactual", *cfs, "--out", str(div), *dev], done=div)
     files["div"] = div
+    # 4b. the same rows flagged by the likelihood-ratio rule, as many tokens as the paper rule flags
+    files["div-ratio"] = _ratio_file(cfg, run, div)
 
     # 5. derived data sets for the paraphrase and mixing conditions (same ids, same rows)
     files["paraphrase"] = files[cfg.target].with_suffix(".paraphrase.jsonl")
@@ -248,6 +273,7 @@ def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, 
 
     # 6. students, each condition with several seeds, then their evaluation
     results = _train_and_eval_students(cfg, run, out, base, tdir, files)
+    results["rules"] = {"paper": rule_stats(div), "ratio": rule_stats(files["div-ratio"])}
 
     # 7. probes and patching
     if cfg.probes:
@@ -256,9 +282,11 @@ def run_demo(cfg: DemoConfig, out: Path, base: Path | None = None) -> dict[str, 
     summary = _summarise(cfg, results)
     write_json_atomic(out / "results.json", summary)
     if cfg.seeds > 1:
-        from subliminal.probes.plots import plot_conditions
+        from subliminal.probes.plots import plot_conditions, plot_rules
 
         plot_conditions(summary, out / "conditions.png")
+        if any("masks" in r for r in summary["rules"].values()):
+            plot_rules(summary, out / "rules.png")
     wall = time.time() - t_start
     report = render_report(cfg, summary, out, run.timings, wall)
     write_text_atomic(out / "REPORT.md", report)
@@ -306,6 +334,41 @@ def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
                         inputs={"data": src, "other": other})
 
 
+def flagged_share(div: Path) -> tuple[int, int]:
+    """(flagged tokens, completion tokens) of a divergence file."""
+    from .divergence import any_flags, load_divergence
+
+    objs = load_divergence(div)
+    return sum(sum(any_flags(o)) for o in objs), sum(len(o["token_ids"]) for o in objs)
+
+
+def ratio_reflag_args(div: Path, out: Path, share: float | None, reduce: str) -> list[str]:
+    """``reflag-divergence`` arguments for the ratio rule at ``share`` of the tokens (None: flag none)."""
+    threshold = ["--min-ratio", "inf"] if share is None else ["--flag-share", repr(share)]
+    return ["reflag-divergence", str(div), "--out", str(out), "--rule", "ratio", *threshold, "--ratio-reduce", reduce]
+
+
+def _ratio_file(cfg: DemoConfig, run: Runner, div: Path) -> Path:
+    """The target's divergence file re-flagged by the ratio rule at the paper rule's share of tokens,
+    so the two rules mask the same number of tokens (up to ties at the threshold)."""
+    out = div.with_name(div.name[: -len(".div.jsonl")] + ".ratio.div.jsonl")
+    if not out.exists():
+        n_flag, n_tok = flagged_share(div)
+        run("reflag-ratio", ratio_reflag_args(div, out, n_flag / n_tok if n_flag else None, cfg.ratio_reduce))
+    return out
+
+
+def rule_stats(div: Path) -> dict[str, Any]:
+    """How many tokens a rule's file flags, and the rule as applied (threshold, share)."""
+    from .manifest import read_file_manifest
+
+    n_flag, n_tok = flagged_share(div)
+    man = read_file_manifest(div) or {}
+    return {"file": str(div), "flagged_tokens": n_flag, "tokens": n_tok,
+            "flagged_share": n_flag / n_tok if n_tok else 0.0, "rule": man.get("rule") or {"rule": "paper"},
+            "top_flagged_tokens": (man.get("summary") or {}).get("top_divergence_tokens", [])[:8]}
+
+
 def _matched_files(ddir: Path, names: list[str]) -> dict[str, Path]:
     """Keep only the prompt ids every teacher produced a valid completion for, so every
     condition trains on the same rows."""
@@ -351,6 +414,8 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
         "paraphrase": ["--data", str(files["paraphrase"]), "--teacher", owl, "--mode", "hard", "--mask", "all",
                        *every],
         "mixing": ["--data", str(files["mixing"]), "--teacher", owl, "--mode", "hard", "--mask", "all", *every],
+        **{f"ratio-{m}": ["--data", str(files.get("div-ratio", div)), "--teacher", owl, "--mode", "hard", "--mask", m,
+                          *every] for m in ("no-divergence", "only-divergence", "random-matched")},
     }
 
 
@@ -372,6 +437,13 @@ def _read_exact(path: Path) -> float:
     return float(json.loads(path.read_text())["exact"]["mean"])
 
 
+def distill_argv(cfg: DemoConfig, base: Path, student: Path, condition: list[str], steps: int, seed: int) -> list[str]:
+    """The ``distill`` command of one student: a condition's arguments plus what every condition shares."""
+    return ["distill", "--base", str(base), "--out", str(student), *condition, "--epochs", str(cfg.epochs),
+            "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
+            "--seed", str(seed), "--device", cfg.device]
+
+
 def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path, tdir: Path,
                              files: dict[str, Path]) -> dict[str, Any]:
     from .data import read_rows
@@ -381,7 +453,8 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
     plan = student_plan(cfg, _n_layers(base), files, tdir)
     sdir, edir = out / "students", out / "eval"
     dev = ["--device", cfg.device]
-    values: dict[str, dict[int, float]] = {c: {} for c in CONDITIONS}
+    chosen = cfg.chosen_conditions()
+    values: dict[str, dict[int, float]] = {c: {} for c in chosen}
     refs = {"base": str(base), "teacher": str(tdir / cfg.target), "unbiased-teacher": str(tdir / "none")}
     reference = {}
     for name, spec in refs.items():
@@ -390,12 +463,10 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
         reference[name] = _read_exact(path)
     jobs = []
     for seed in range(1, cfg.seeds + 1):
-        for cond in CONDITIONS:
+        for cond in chosen:
             student = sdir / f"{cond}-s{seed}"
             path = edir / f"{cond}-s{seed}.json"
-            argv = ["distill", "--base", str(base), "--out", str(student), *plan[cond], "--epochs", str(cfg.epochs),
-                    "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
-                    "--seed", str(seed), *dev]
+            argv = distill_argv(cfg, base, student, plan[cond], steps, seed)
             evargv = ["eval", "--model", str(student), "--target", cfg.target, "--out", str(path), *dev]
             jobs.append((cond, seed, argv, student / "manifest.json", evargv, path))
     run.parallel([(f"distill+eval-{c}", [(a, d), (e, p)]) for c, _, a, d, e, p in jobs], workers=cfg.jobs)
@@ -435,7 +506,8 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
     conditions: dict[str, Any] = {}
     control = values["control"]
     all_tokens = values["all"]
-    for cond in CONDITIONS:
+    chosen = [c for c in CONDITIONS if c in values]
+    for cond in chosen:
         seeds = sorted(values[cond])
         vals = [values[cond][s] for s in seeds]
         mean, lo, hi = mean_ci(vals)
@@ -449,7 +521,7 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
         conditions[cond] = entry
     # A share of the all-tokens transfer means something only where that transfer is real.
     if conditions["all"].get("diff_ci_low", 0.0) > 0:
-        for cond in CONDITIONS:
+        for cond in chosen:
             seeds = [s for s in sorted(values[cond]) if s in control and s in all_tokens]
             transfer = sum(all_tokens[s] - control[s] for s in seeds)
             if seeds and transfer > 0:
@@ -460,7 +532,44 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
     return {"target": cfg.target, "metric": "exact P(target) among the candidate animals, mean over 50 questions",
             "chance": chance,
             "conditions": conditions, "reference": results["reference"], "rows": results["rows"],
-            "steps": results["steps"], "seeds": cfg.seeds}
+            "steps": results["steps"], "seeds": cfg.seeds,
+            "rules": _rule_summary(values, conditions, results.get("rules") or {})}
+
+
+def share_kept(cond: dict[int, float], control: dict[int, float], all_tokens: dict[int, float]
+               ) -> tuple[float, float, float] | None:
+    """Mean and 95% t-interval over seeds of the per-seed share of the all-tokens transfer a condition
+    keeps, ``(cond - control) / (all - control)`` paired by seed; None unless every seed's all-tokens
+    student beats its control (a share of a non-positive transfer means nothing)."""
+    from .evaluate import mean_ci
+
+    seeds = [s for s in sorted(cond) if s in control and s in all_tokens]
+    if not seeds or any(all_tokens[s] - control[s] <= 0 for s in seeds):
+        return None
+    return mean_ci([(cond[s] - control[s]) / (all_tokens[s] - control[s]) for s in seeds])
+
+
+def _rule_summary(values: dict[str, dict[int, float]], conditions: dict[str, Any],
+                  stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per rule: the tokens its file flags and, per mask, the share of the all-tokens transfer kept."""
+    out: dict[str, Any] = {}
+    for rule, conds in RULE_CONDITIONS.items():
+        entry: dict[str, Any] = dict(stats.get(rule, {}))
+        if conditions["all"].get("share_of_all_transfer") is not None:
+            masks = {}
+            for mask, cond in conds.items():
+                if cond not in values:
+                    continue
+                ci = share_kept(values[cond], values["control"], values["all"])
+                masks[mask] = {"condition": cond, "share_of_all_transfer": conditions[cond].get("share_of_all_transfer"),
+                               "share_per_seed_mean": ci[0] if ci else None,
+                               "share_ci_low": ci[1] if ci else None, "share_ci_high": ci[2] if ci else None,
+                               "diff_to_control": conditions[cond].get("diff_to_control"),
+                               "diff_ci_low": conditions[cond].get("diff_ci_low"),
+                               "diff_ci_high": conditions[cond].get("diff_ci_high")}
+            entry["masks"] = masks
+        out[rule] = entry
+    return out
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -496,7 +605,11 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
                                     ("only-divergence", "training only on divergence tokens keeps the transfer", True),
                                     ("layer-early", "one early layer suffices", True),
                                     ("paraphrase", "paraphrasing prompts suppresses transfer", False),
-                                    ("mixing", "mixing teachers suppresses transfer", False)]:
+                                    ("mixing", "mixing teachers suppresses transfer", False),
+                                    ("ratio-no-divergence", "masking the ratio rule's flags removes most of the "
+                                     "transfer", False),
+                                    ("ratio-only-divergence", "training only on the ratio rule's flags keeps the "
+                                     "transfer", True)]:
         e = c.get(name)
         if not e or "share_of_all_transfer" not in e:
             continue
@@ -505,6 +618,38 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
         lines.append(f"- {name}: keeps {share:.0%} of the all-tokens transfer; the paper's claim ({claim}) "
                      f"{'reproduces' if holds else '**does not reproduce**'} here.")
     return lines
+
+
+def _rules_section(summary: dict[str, Any]) -> list[str]:
+    """The paper's argmax rule and the likelihood-ratio rule side by side at equal flagged counts."""
+    rules = summary.get("rules") or {}
+    if not any(r.get("flagged_tokens") is not None for r in rules.values()):
+        return []
+    lines = ["## Divergence rules side by side", "",
+             "The same rows flagged by each rule: **paper** (factual argmax = data token, some counterfactual's "
+             "differs) and **ratio** (the data token's log-likelihood ratio, factual minus counterfactual, "
+             "reduced over the counterfactuals, at least a threshold chosen so that it flags as many tokens as "
+             "the paper rule). Share of the all-tokens transfer each mask keeps: mean and 95% t-interval over "
+             "seeds of the per-seed share, (condition - control) / (all - control), paired by seed (the "
+             "table above gives the pooled share).", "",
+             "| rule | tokens flagged | share of tokens | threshold (nats) | masked (no-divergence) | "
+             "only flagged | random-matched |", "|---|---|---|---|---|---|---|"]
+
+    def cell(m: dict[str, Any] | None) -> str:
+        if not m or m.get("share_per_seed_mean") is None:
+            return "n/a"
+        return f"{_fmt(m['share_per_seed_mean'], 2)} [{_fmt(m['share_ci_low'], 2)}, {_fmt(m['share_ci_high'], 2)}]"
+
+    for name, r in rules.items():
+        info = r.get("rule") or {}
+        thr = _fmt(info.get("min_ratio"), 3) if name == "ratio" else "-"
+        masks = r.get("masks") or {}
+        lines.append(f"| {name} | {r.get('flagged_tokens', 'n/a')} | {_fmt(r.get('flagged_share'))} | {thr} | "
+                     f"{cell(masks.get('no-divergence'))} | {cell(masks.get('only-divergence'))} | "
+                     f"{cell(masks.get('random-matched'))} |")
+    tops = [f"- {name} rule, most frequent flagged tokens: " + ", ".join(f"`{t}` x{n}" for t, n in r["top_flagged_tokens"])
+            for name, r in rules.items() if r.get("top_flagged_tokens")]
+    return [*lines, "", *tops, ""] if tops else [*lines, ""]
 
 
 def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: dict[str, float],
@@ -530,8 +675,8 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
             f"{_fmt(e.get('diff_to_control'))} | [{_fmt(e.get('diff_ci_low'))}, {_fmt(e.get('diff_ci_high'))}] | "
             f"{_fmt(e.get('share_of_all_transfer'), 2)} | {e['seeds']} |"
         )
-    lines += ["", "## What reproduces", "", *_verdict(summary), "", "## Conditions", ""]
-    lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS]
+    lines += ["", "## What reproduces", "", *_verdict(summary), "", *_rules_section(summary), "## Conditions", ""]
+    lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS if c in summary["conditions"]]
     div_manifest = out / "data" / "matched" / f"{cfg.target}.div.jsonl.manifest.json"
     if div_manifest.exists():
         s = json.loads(div_manifest.read_text()).get("summary", {})
@@ -579,6 +724,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="students trained at once, one process and one thread each (default: CPU cores, at most 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, teachers and data (default 0)")
+    p.add_argument("--conditions", nargs="+", default=None, metavar="COND",
+                   help="train only these student conditions (control and all always; default every one: "
+                   f"{', '.join(CONDITIONS)}); each is the same student as in a full run")
     p.set_defaults(func=run_cli)
 
 
@@ -598,6 +746,9 @@ def config_from_args(args: argparse.Namespace) -> DemoConfig:
         cfg = replace(cfg, n_prompts=args.rows)
     if args.no_probes:
         cfg = replace(cfg, probes=False)
+    if getattr(args, "conditions", None):
+        cfg = replace(cfg, conditions=list(args.conditions))
+        cfg.chosen_conditions()
     if args.layer_lora:
         cfg = replace(cfg, layer_lora=True)
     if args.entangle is not None:

@@ -20,7 +20,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +55,9 @@ from .manifest import (
 
 log = logging.getLogger(__name__)
 STAGE = "find-divergence"
-RULES = ("paper", "pairwise")
+RULES = ("paper", "pairwise", "ratio")
+ARGMAX_RULES = ("paper", "pairwise")  # decided per batch from the argmaxes; "ratio" over the whole file
+RATIO_REDUCE = ("max", "mean")
 SCORE_KEYS = ("logp_factual", "logp_counterfactual", "kl", "js", "margin", "rank")
 PER_COUNTERFACTUAL_SCORES = ("logp_counterfactual", "kl", "js", "rank")
 TOP_TOKENS = 20
@@ -75,11 +77,147 @@ def pairwise_flags(argmax_factual: torch.Tensor, argmax_cf: torch.Tensor, tokens
 
 
 def apply_rule(rule: str, stats: dict[str, torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """The argmax rules on one batch's statistics. The ratio rule may need a threshold chosen over
+    the whole file (``--flag-share``), so it is applied to finished rows by :func:`flag_rows`."""
     if rule == "paper":
         return paper_flags(stats["argmax_factual"], stats["argmax_counterfactual"], tokens)
     if rule == "pairwise":
         return pairwise_flags(stats["argmax_factual"], stats["argmax_counterfactual"], tokens)
+    if rule == "ratio":
+        raise SubliminalError("the ratio rule is applied to scored rows (flag_rows), not to a batch")
     raise SubliminalError(f"--rule must be one of {', '.join(RULES)}, got {rule!r}")
+
+
+@dataclass
+class RuleSpec:
+    """A flagging rule and its parameters; only ``ratio`` has any.
+
+    ``ratio`` flags a position when the data token's log-likelihood ratio between the factual
+    teacher and the counterfactuals, ``logp_factual - logp_counterfactual`` in nats, reduced over
+    the counterfactuals by ``reduce``, is at least ``min_ratio``; or, with ``flag_share``, at
+    least the threshold that flags that share of all completion tokens of the file.
+    """
+
+    rule: str = "paper"
+    min_ratio: float | None = None
+    flag_share: float | None = None
+    reduce: str = "max"
+
+    def check(self) -> None:
+        if self.rule not in RULES:
+            raise SubliminalError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.reduce not in RATIO_REDUCE:
+            raise SubliminalError(f"--ratio-reduce must be one of {', '.join(RATIO_REDUCE)}, got {self.reduce!r}")
+        given = [n for n, v in (("--min-ratio", self.min_ratio), ("--flag-share", self.flag_share)) if v is not None]
+        if self.rule != "ratio":
+            if given:
+                raise SubliminalError(f"{' and '.join(given)} only apply to --rule ratio (got --rule {self.rule})")
+            return
+        if len(given) != 1:
+            raise SubliminalError("--rule ratio needs exactly one of --min-ratio (a threshold in nats) and "
+                                  "--flag-share (the share of completion tokens to flag)")
+        if self.min_ratio is not None and math.isnan(self.min_ratio):
+            raise SubliminalError("--min-ratio must be a number, got nan")
+        if self.flag_share is not None and not 0 < self.flag_share <= 1:
+            raise SubliminalError(f"--flag-share must be in (0, 1], got {self.flag_share}")
+
+
+def log_ratio(logp_factual: torch.Tensor, logp_cf: torch.Tensor, reduce: str = "max") -> torch.Tensor:
+    """[N] the data token's log-likelihood ratio ``logp_factual - logp_counterfactual`` ([K, N]),
+    reduced over the K counterfactuals: ``max`` (against the counterfactual that finds the token
+    least likely) or ``mean`` (against their geometric mean). A token impossible under every
+    teacher (NaN) counts as -inf: it is never evidence for the factual teacher."""
+    diff = logp_factual[None, :] - logp_cf
+    diff = torch.where(torch.isnan(diff), torch.full_like(diff, -math.inf), diff)
+    if reduce == "max":
+        return diff.max(0).values
+    if reduce == "mean":
+        return diff.mean(0)
+    raise SubliminalError(f"--ratio-reduce must be one of {', '.join(RATIO_REDUCE)}, got {reduce!r}")
+
+
+def ratio_flags(logp_factual: torch.Tensor, logp_cf: torch.Tensor, min_ratio: float,
+                reduce: str = "max") -> torch.Tensor:
+    """[N] bool: the reduced log-likelihood ratio of the data token is at least ``min_ratio`` nats."""
+    return log_ratio(logp_factual, logp_cf, reduce) >= min_ratio
+
+
+def share_threshold(ratios: torch.Tensor, share: float) -> float:
+    """The threshold ``t`` such that ``ratios >= t`` flags ``round(share * N)`` values, exactly when
+    no value ties with the boundary one. With ties the whole tie group goes in or out together
+    (flags depend only on a value, never on its position): whichever of the two counts is closer
+    to the stated one, the larger count when both are equally close."""
+    n = ratios.numel()
+    if not 0 < share <= 1:
+        raise SubliminalError(f"--flag-share must be in (0, 1], got {share}")
+    k = math.floor(share * n + 0.5)
+    if k < 1:
+        raise SubliminalError(f"--flag-share {share} of {n} tokens flags none; give a larger share")
+    vals = torch.sort(ratios.flatten().double(), descending=True).values
+    boundary = vals[k - 1]
+    n_ge = int((vals >= boundary).sum())
+    n_gt = int((vals > boundary).sum())
+    if n_gt > 0 and k - n_gt < n_ge - k:
+        return float(vals[n_gt - 1])  # the smallest value above the tie group
+    return float(boundary)
+
+
+def _logp_tensor(values: Sequence[Any]) -> torch.Tensor:
+    """Stored log-probs (null where non-finite: a log-prob can only be -inf) as float64."""
+    return torch.tensor([-math.inf if v is None else float(v) for v in values], dtype=torch.float64)
+
+
+def row_log_ratio(obj: dict[str, Any], reduce: str = "max") -> torch.Tensor:
+    """[N] the reduced log-likelihood ratio of each completion token of one ``.div.jsonl`` row, from
+    its stored scores (so re-flagging a file gives the flags scoring it would have)."""
+    sc = obj["scores"]
+    lf = _logp_tensor(sc["logp_factual"])
+    cf = sc["logp_counterfactual"]
+    if not cf:
+        raise DataError(f"row {obj.get('id')!r}: scores hold no counterfactual log-probs")
+    return log_ratio(lf, torch.stack([_logp_tensor(c) for c in cf]), reduce)
+
+
+def _argmax_row_flags(obj: dict[str, Any], rule: str) -> list:
+    """A row's flags under an argmax rule, from the argmaxes it stores."""
+    if not obj["token_ids"]:
+        return [[] for _ in obj["argmax_counterfactual"]] if rule == "pairwise" else []
+    tokens = torch.tensor(obj["token_ids"], dtype=torch.long)
+    af = torch.tensor(obj["argmax_factual"], dtype=torch.long)
+    acf = torch.tensor(obj["argmax_counterfactual"], dtype=torch.long).reshape(-1, len(tokens))
+    return apply_rule(rule, {"argmax_factual": af, "argmax_counterfactual": acf}, tokens).tolist()
+
+
+def flag_rows(objs: Sequence[dict[str, Any]], spec: RuleSpec) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Scored rows with their flags set by ``spec`` (copies; the inputs are left alone) and the
+    rule as applied: its parameters, the threshold used and the share of tokens it flags. The
+    ratio threshold of ``--flag-share`` is global: chosen over every completion token of ``objs``,
+    so it can only be set once every row is scored."""
+    spec.check()
+    out = [dict(o) for o in objs]
+    info: dict[str, Any] = {"rule": spec.rule}
+    if spec.rule in ARGMAX_RULES:
+        for o in out:
+            o["divergence"] = _argmax_row_flags(o, spec.rule)
+            o["rule"] = spec.rule
+            o.pop("rule_params", None)
+        flags = [any_flags(o) for o in out]
+    else:
+        ratios = [row_log_ratio(o, spec.reduce) for o in out]
+        threshold = spec.min_ratio
+        if spec.flag_share is not None:
+            threshold = share_threshold(torch.cat(ratios) if ratios else torch.zeros(0), spec.flag_share)
+        info.update(reduce=spec.reduce, min_ratio=threshold, flag_share=spec.flag_share)
+        flags = [(r >= threshold).tolist() for r in ratios]
+    n_tok = sum(len(f) for f in flags)
+    n_flag = sum(sum(f) for f in flags)
+    info.update(n_tokens=n_tok, n_flagged=n_flag, realised_share=n_flag / n_tok if n_tok else 0.0)
+    if spec.rule == "ratio":
+        for o, f in zip(out, flags):
+            o["divergence"] = f
+            o["rule"] = "ratio"
+            o["rule_params"] = dict(info)
+    return out, info
 
 
 # ---------------------------------------------------------------------------------- teachers
@@ -216,6 +354,12 @@ class ScoreConfig:
     seed: int = 0
     trust_remote_code: bool = False
     overwrite: bool = False
+    min_ratio: float | None = None  # the ratio rule's threshold in nats ...
+    flag_share: float | None = None  # ... or the share of completion tokens it flags
+    ratio_reduce: str = "max"
+
+    def rule_spec(self) -> RuleSpec:
+        return RuleSpec(self.rule, self.min_ratio, self.flag_share, self.ratio_reduce)
 
 
 def score_batch(rows: Sequence[Row], aligned: Sequence[list[Aligned]], groups: list[WeightGroup],
@@ -245,7 +389,8 @@ def score_batch(rows: Sequence[Row], aligned: Sequence[list[Aligned]], groups: l
         stats = divergence_stats(stacked[0], torch.stack(stacked[1:], 0), tokens, backend=backend)
     except ValueError as e:
         raise SubliminalError(f"rows {rows[0].id!r}..{rows[-1].id!r}: {e}") from None
-    flags = apply_rule(rule, stats, tokens)
+    # ratio: placeholder flags, set over the whole file once every row is scored (flag_rows)
+    flags = apply_rule(rule, stats, tokens) if rule in ARGMAX_RULES else torch.zeros_like(tokens, dtype=torch.bool)
     return [_row_output(rows[i], aligned[i][0], stats, flags, slice(offsets[i], offsets[i] + lens[i]), tokenizer,
                         refs, rule) for i in range(len(rows))]
 
@@ -506,7 +651,7 @@ def _fingerprint(cfg: ScoreConfig, backend: str) -> dict[str, Any]:
     teachers = [cfg.teacher, *cfg.counterfactual]
     return fingerprint({"data": cfg.data, **{f"teacher {i}": t for i, t in enumerate(teachers)}},
                        {"data": cfg.data, "teacher": cfg.teacher, "counterfactual": list(cfg.counterfactual),
-                        "rule": cfg.rule, "dtype": str(cfg.dtype), "device": device_type(cfg.device),
+                        "rule": asdict(cfg.rule_spec()), "dtype": str(cfg.dtype), "device": device_type(cfg.device),
                         "backend": backend})
 
 
@@ -555,8 +700,7 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
     t0 = time.time()
     if not cfg.counterfactual:
         raise SubliminalError("give at least one --counterfactual teacher")
-    if cfg.rule not in RULES:
-        raise SubliminalError(f"--rule must be one of {', '.join(RULES)}, got {cfg.rule!r}")
+    cfg.rule_spec().check()
     if cfg.batch_size < 1:
         raise SubliminalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     try:
@@ -589,12 +733,15 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
                 done[obj["id"]] = obj
             bar.update(len(chunk))
     objs = [done[r.id] for r in rows]
+    rule_info = {"rule": cfg.rule}
+    if cfg.rule not in ARGMAX_RULES:  # the ratio threshold may depend on every row: set it now
+        objs, rule_info = flag_rows(objs, cfg.rule_spec())
     _write_final(cfg, objs)
     summary = summarize(objs, [r.name for r in refs[1:]])
     write_file_manifest(cfg.out, stage=STAGE, config=replace(cfg, dtype=str(cfg.dtype)), seed=cfg.seed,
                         inputs={"data": cfg.data, **{f"teacher:{r.name}": r.spec for r in refs}},
                         wall_time_s=time.time() - t0,
-                        extra={"summary": summary, "factual": refs[0].name,
+                        extra={"summary": summary, "rule": rule_info, "factual": refs[0].name,
                                "counterfactuals": [r.name for r in refs[1:]], "fingerprint": fp})
     partial_path_for(cfg.out).unlink(missing_ok=True)
     _meta_path(cfg).unlink(missing_ok=True)
@@ -602,9 +749,49 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
 
 
 def _write_final(cfg: ScoreConfig, objs: list[dict[str, Any]]) -> None:
-    with atomic_path(cfg.out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    _write_rows(cfg.out, objs)
+
+
+def _write_rows(path: str | os.PathLike, objs: Sequence[dict[str, Any]]) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         for o in objs:
-            f.write(dumps_line(o, str(cfg.out)) + "\n")
+            f.write(dumps_line(o, str(path)) + "\n")
+
+
+def reflag(src: str | os.PathLike, out: str | os.PathLike, spec: RuleSpec, *, overwrite: bool = False
+           ) -> dict[str, Any] | None:
+    """Re-apply a rule to an existing ``.div.jsonl`` from the scores and argmaxes it stores (no model
+    runs) and write the result to ``out``, a new file with its manifest; returns the summary with
+    the rule as applied under ``"rule"`` (None: ``out`` already holds this exact re-flagging). An
+    ``out`` made from other inputs or with another rule is refused unless ``overwrite``. Every
+    reader of find-divergence files reads it unchanged."""
+    from .manifest import read_file_manifest
+
+    t0 = time.time()
+    spec.check()
+    src, out = Path(src), Path(out)
+    if out.resolve() == src.resolve() or (out.exists() and out.samefile(src)):
+        raise SubliminalError(f"--out {out} is the input file; re-flagging never writes over its input")
+    check_writable(out)
+    fp = fingerprint({"divergence": src}, {"rule": asdict(spec)})
+    finished = read_file_manifest(out) if out.is_file() else None
+    if check_resume(out, fp, overwrite=overwrite, stage="reflag-divergence", finished=finished,
+                    occupied=out.exists() and finished is None) == "skip":
+        return None
+    objs = load_divergence(src)
+    flagged, info = flag_rows(objs, spec)
+    _write_rows(out, flagged)
+    summary = summarize(flagged, list(flagged[0].get("counterfactuals") or []))
+    man = read_file_manifest(src) or {}
+    inputs: dict[str, Any] = {"divergence": src}
+    data = (man.get("inputs") or {}).get("data", {}).get("path")
+    if data:  # distill finds the rows' source data through this entry
+        inputs["data"] = data
+    write_file_manifest(out, stage="reflag-divergence", config=asdict(spec), seed=None, inputs=inputs,
+                        wall_time_s=time.time() - t0,
+                        extra={"summary": summary, "rule": info, "factual": man.get("factual"),
+                               "counterfactuals": flagged[0].get("counterfactuals"), "fingerprint": fp})
+    return {**summary, "rule": info}
 
 
 def load_divergence(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -639,9 +826,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--teacher", required=True, help="the factual teacher (teacher or model directory)")
     p.add_argument("--counterfactual", nargs="+", required=True, help="one or more counterfactual teachers")
     p.add_argument("--out", required=True, help="output JSONL, e.g. data/owl.div.jsonl")
-    p.add_argument("--rule", choices=RULES, default="paper",
-                   help="paper: factual argmax = data token and some counterfactual's differs; pairwise: one flag "
-                   "list per counterfactual (default %(default)s)")
+    _add_rule_args(p)
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows per forward pass (each runs once per teacher sharing the weights) (default %(default)s)")
     p.add_argument("--backend", choices=("auto", "torch", "triton"), default="auto",
@@ -653,6 +838,54 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_model_runtime(p)
     add_overwrite(p)
     p.set_defaults(func=_run_cli)
+    r = sub.add_parser("reflag-divergence", help="re-apply a divergence rule to a .div.jsonl (no models run)",
+                       description="Recompute the flags of a find-divergence file from the scores and argmaxes it "
+                       "stores, under another rule or threshold, and write a new file (never over the input) that "
+                       "distill, probe, patch and plot read like any find-divergence output.")
+    r.add_argument("input", help="a find-divergence output (.div.jsonl)")
+    r.add_argument("--out", required=True, help="the re-flagged file, e.g. data/owl.ratio.div.jsonl")
+    _add_rule_args(r)
+    add_overwrite(r)
+    r.set_defaults(func=_run_reflag_cli)
+
+
+def _add_rule_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rule", choices=RULES, default="paper",
+                   help="paper: factual argmax = data token and some counterfactual's differs; pairwise: one flag "
+                   "list per counterfactual; ratio: the data token's log-likelihood ratio, logp_factual - "
+                   "logp_counterfactual, is at least --min-ratio nats, or among the --flag-share largest: it "
+                   "also finds tokens the biased teacher makes likelier without ranking them first "
+                   "(default %(default)s)")
+    p.add_argument("--min-ratio", type=float, default=None,
+                   help="ratio rule: flag a token when its reduced log-ratio is >= this many nats")
+    p.add_argument("--flag-share", type=float, default=None,
+                   help="ratio rule: instead of --min-ratio, pick the threshold that flags this share of all "
+                   "completion tokens of the file (round(share x tokens), exactly unless values tie at the "
+                   "boundary; a tie group is flagged or not as a whole, whichever count is closer, the larger "
+                   "when equally close), so rules can be compared at equal masked-token counts")
+    p.add_argument("--ratio-reduce", choices=RATIO_REDUCE, default="max",
+                   help="ratio rule, over the counterfactuals: max flags a token that some counterfactual finds "
+                   "much less likely (the paper rule's 'some counterfactual differs', with likelihoods for "
+                   "argmaxes, so the two rules differ only in that); mean is the ratio against the "
+                   "counterfactuals' geometric mean, less swayed by one odd counterfactual (default %(default)s)")
+
+
+def _print_rule(info: dict[str, Any]) -> None:
+    if info.get("rule") == "ratio":
+        print(f"rule ratio ({info['reduce']} over counterfactuals): threshold {info['min_ratio']:.6g} nats, "
+              f"{info['n_flagged']} of {info['n_tokens']} tokens flagged ({100 * info['realised_share']:.2f}%)")
+
+
+def _run_reflag_cli(args: argparse.Namespace) -> int:
+    spec = RuleSpec(args.rule, args.min_ratio, args.flag_share, args.ratio_reduce)
+    summary = reflag(args.input, args.out, spec, overwrite=args.overwrite)
+    if summary is None:
+        print(f"{args.out}: already re-flagged by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
+    print(format_summary(summary))
+    _print_rule(summary["rule"])
+    print(f"-> {args.out}")
+    return 0
 
 
 def reference_path_for(out: str | os.PathLike) -> Path:
@@ -672,9 +905,14 @@ def _run_cli(args: argparse.Namespace) -> int:
     cfg = ScoreConfig(data=args.data, teacher=args.teacher, counterfactual=list(args.counterfactual), out=args.out,
                       rule=args.rule, batch_size=args.batch_size, backend=args.backend, device=args.device,
                       dtype=args.dtype, seed=args.seed, trust_remote_code=args.trust_remote_code,
-                      overwrite=args.overwrite)
+                      overwrite=args.overwrite, min_ratio=args.min_ratio, flag_share=args.flag_share,
+                      ratio_reduce=args.ratio_reduce)
     summary = find_divergence(cfg)
     print(format_summary(summary))
+    if cfg.rule == "ratio":
+        from .manifest import read_file_manifest
+
+        _print_rule((read_file_manifest(cfg.out) or {}).get("rule", {}))
     print(f"-> {cfg.out}")
     if getattr(args, "format", "native") == "reference":
         ref = reference_path_for(cfg.out)

@@ -73,6 +73,87 @@ def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
         assert opt(plan[c], "--data") == str(files["div"])
 
 
+def test_ratio_rule_conditions_differ_from_the_paper_ones_only_in_their_flags(tmp_path):
+    files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl",
+             "div-ratio": tmp_path / "owl.ratio.div.jsonl", "paraphrase": tmp_path / "p.jsonl",
+             "mixing": tmp_path / "m.jsonl"}
+    plan = demo.student_plan(demo.DemoConfig(), 4, files, tmp_path / "teachers")
+    for rule, conds in demo.RULE_CONDITIONS.items():
+        for mask, cond in conds.items():
+            argv = plan[cond]
+            i = argv.index("--data")
+            assert argv[i + 1] == str(files["div" if rule == "paper" else "div-ratio"])
+            assert argv[:i + 1] + argv[i + 2:] == plan[mask][:i + 1] + plan[mask][i + 2:]
+
+
+def test_ratio_file_flags_as_many_tokens_as_the_paper_rule(tmp_path):
+    import random as rnd
+
+    from subliminal import divergence as dv
+
+    rng = rnd.Random(1)
+    objs = []
+    for i in range(30):
+        n = rng.randrange(3, 9)
+        ids = [rng.randrange(20) for _ in range(n)]
+        objs.append({"id": f"r{i}", "prompt": "p", "completion": "c", "token_ids": ids, "tokens": [str(t) for t in ids],
+                     "rule": "paper", "counterfactuals": ["cat", "none"],
+                     "divergence": [rng.random() < 0.2 for _ in ids], "argmax_factual": ids,
+                     "argmax_counterfactual": [ids, ids],
+                     "scores": {"logp_factual": [-rng.random() for _ in ids],
+                                "logp_counterfactual": [[-2 * rng.random() for _ in ids] for _ in range(2)],
+                                "kl": [[0.0] * n] * 2, "js": [[0.0] * n] * 2, "margin": [0.0] * n,
+                                "rank": [[0] * n] * 2}})
+    div = tmp_path / "owl.div.jsonl"
+    write_jsonl(div, objs)
+    from subliminal.cli import main
+
+    class Run:  # the demo's runner, without its skip logic
+        def __call__(self, name, argv, done=None):
+            assert main(argv) == 0
+
+    out = demo._ratio_file(demo.DemoConfig(), Run(), div)
+    assert out.name == "owl.ratio.div.jsonl"
+    paper, ratio = demo.rule_stats(div), demo.rule_stats(out)
+    assert ratio["flagged_tokens"] == paper["flagged_tokens"] > 0  # random scores: no ties
+    assert ratio["rule"]["rule"] == "ratio" and ratio["rule"]["reduce"] == "max"
+    assert [len(o["divergence"]) for o in dv.load_divergence(out)] == [len(o["token_ids"]) for o in objs]
+
+
+def test_rule_summary_shares_with_intervals_and_figure(tmp_path):
+    from subliminal.probes.plots import plot_rules
+
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    values = {c: dict(control) for c in demo.CONDITIONS}
+    values["all"] = {s: v + 0.10 for s, v in control.items()}
+    values["no-divergence"] = {s: v + 0.06 for s, v in control.items()}
+    values["ratio-no-divergence"] = {1: 0.11, 2: 0.21, 3: 0.31}
+    values["ratio-only-divergence"] = {1: 0.19, 2: 0.28, 3: 0.39}
+    stats = {"paper": {"flagged_tokens": 12, "tokens": 100, "flagged_share": 0.12, "rule": {"rule": "paper"}},
+             "ratio": {"flagged_tokens": 12, "tokens": 100, "flagged_share": 0.12,
+                       "rule": {"rule": "ratio", "min_ratio": 1.5}}}
+    cfg = demo.DemoConfig(seeds=3)
+    s = demo._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
+    paper, ratio = s["rules"]["paper"]["masks"], s["rules"]["ratio"]["masks"]
+    assert paper["no-divergence"]["share_per_seed_mean"] == pytest.approx(0.6)
+    assert ratio["no-divergence"]["share_per_seed_mean"] == pytest.approx(0.1)
+    assert ratio["only-divergence"]["share_ci_low"] < 0.9 < ratio["only-divergence"]["share_ci_high"]
+    assert ratio["only-divergence"]["condition"] == "ratio-only-divergence"
+    verdict = "\n".join(demo._verdict(s))
+    assert "(masking the ratio rule's flags removes most of the transfer) reproduces" in verdict
+    assert "(training only on the ratio rule's flags keeps the transfer) reproduces" in verdict
+    report = "\n".join(demo._rules_section(s))
+    assert "| ratio | 12 | 0.1200 | 1.500 | 0.10 [" in report
+    out = plot_rules(s, tmp_path / "rules.png")
+    assert out.stat().st_size > 1000
+    assert len((tmp_path / "rules.csv").read_text().splitlines()) == 1 + 2 * 3
+    # no real all-tokens transfer: no shares, and the share helper says so
+    values["all"] = dict(control)
+    s = demo._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
+    assert "masks" not in s["rules"]["ratio"]
+    assert demo.share_kept(values["ratio-no-divergence"], control, values["all"]) is None
+
+
 def test_steps_are_shared_by_every_condition():
     cfg = demo.DemoConfig(epochs=2, batch_size=16)
     assert demo._steps_for(cfg, 100) == 14
@@ -163,6 +244,21 @@ def test_cli_flags_change_the_config():
         demo.config_from_args(_args(entangle=2.0))
     with pytest.raises(demo.SubliminalError):
         demo.config_from_args(_args(seeds=0))
+
+
+def test_conditions_subset_trains_and_summarises_only_those():
+    c = demo.config_from_args(_args(conditions=["ratio-no-divergence", "no-divergence"]))
+    assert c.chosen_conditions() == ["control", "all", "no-divergence", "ratio-no-divergence"]
+    with pytest.raises(demo.SubliminalError, match="unknown nope"):
+        demo.config_from_args(_args(conditions=["nope"]))
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    values = {"control": control, "all": {s: v + 0.1 for s, v in control.items()},
+              "ratio-no-divergence": {s: v + 0.02 for s, v in control.items()}}
+    s = demo._summarise(replace(c, seeds=3), {"values": values, "reference": {}, "rows": 10, "steps": 3})
+    assert set(s["conditions"]) == {"control", "all", "ratio-no-divergence"}
+    assert set(s["rules"]["ratio"]["masks"]) == {"no-divergence"} and s["rules"]["paper"]["masks"] == {}
+    report = demo.render_report(c, s, __import__("pathlib").Path("/nonexistent"), {}, 1.0)
+    assert "| ratio-no-divergence |" in report and "| soft |" not in report
 
 
 def test_derived_files_carry_manifests(tmp_path):
