@@ -42,6 +42,7 @@ from .data import (
 from .manifest import (
     SubliminalError,
     atomic_path,
+    check_file_resume,
     check_not_input,
     check_resume,
     check_writable,
@@ -774,9 +775,7 @@ def reflag(src: str | os.PathLike, out: str | os.PathLike, spec: RuleSpec, *, ov
         raise SubliminalError(f"--out {out} is the input file; re-flagging never writes over its input")
     check_writable(out)
     fp = fingerprint({"divergence": src}, {"rule": asdict(spec)})
-    finished = read_file_manifest(out) if out.is_file() else None
-    if check_resume(out, fp, overwrite=overwrite, stage="reflag-divergence", finished=finished,
-                    occupied=out.exists() and finished is None) == "skip":
+    if check_file_resume(out, fp, overwrite=overwrite, stage="reflag-divergence") == "skip":
         return None
     objs = load_divergence(src)
     flagged, info = flag_rows(objs, spec)

@@ -37,11 +37,10 @@ from .data import Row, align_row, model_max_length, read_rows
 from .forward import completion_scores, prefix_cached_scores
 from .manifest import (
     SubliminalError,
+    check_file_resume,
     check_not_input,
-    check_resume,
     check_writable,
     fingerprint,
-    read_file_manifest,
     write_file_manifest,
     write_json_atomic,
     write_text_atomic,
@@ -424,10 +423,7 @@ def _prepare_out(args: argparse.Namespace, out: Path, stage: str, inputs: dict[s
     config = {k: getattr(args, k, None) for k in _SETTINGS}
     config["device"] = device_type(args.device)
     fp = fingerprint(inputs, config)
-    finished = read_file_manifest(out) if out.is_file() else None
-    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=stage, finished=finished,
-                          occupied=out.exists() and finished is None)
-    return fp, action
+    return fp, check_file_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=stage)
 
 
 def check_finite_result(result: dict[str, Any], model: str, questions: Sequence[str]) -> None:

@@ -410,6 +410,15 @@ def check_resume(out: str | os.PathLike, fp: dict[str, Any], *, overwrite: bool,
     return "start"
 
 
+def check_file_resume(out: str | os.PathLike, fp: dict[str, Any], *, overwrite: bool, stage: str) -> str:
+    """:func:`check_resume` for a stage whose output is one file with a manifest beside it (no
+    partial state): ``"skip"`` for this exact run, ``"start"`` otherwise or with ``overwrite``."""
+    out = Path(out)
+    finished = read_file_manifest(out) if out.is_file() else None
+    return check_resume(out, fp, overwrite=overwrite, stage=stage, finished=finished,
+                        occupied=out.exists() and finished is None)
+
+
 def write_fingerprint(path: str | os.PathLike, fp: dict[str, Any]) -> None:
     """Record the fingerprint of a run in progress (checked by :func:`check_resume`)."""
     write_json_atomic(path, fp)

@@ -125,28 +125,35 @@ def bias_eval_config(args: argparse.Namespace) -> BiasEvalConfig:
                           trust_remote_code=args.trust_remote_code)
 
 
+def _config_fingerprint(cfg: Any, inputs: dict[str, str | None]) -> dict[str, Any]:
+    """A poison stage's fingerprint: its inputs by content (keyed without the flag's dashes) and
+    every setting of its config but the output path, the batch size (results do not depend on
+    it) and the device beyond its type."""
+    from dataclasses import asdict
+
+    from ..cliutil import device_type
+    from ..manifest import fingerprint
+
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device")}
+    settings["device"] = device_type(cfg.device)
+    return fingerprint({k.lstrip("-"): v for k, v in inputs.items()}, settings)
+
+
 def run_bias_eval(args: argparse.Namespace) -> int:
     """``subliminal eval --bias-type ...``: writes the JSON to ``--out`` and a markdown table beside it.
     Like every eval, it checks --out before any model loads and skips (or, changed, refuses) an
     existing result unless --overwrite."""
-    from dataclasses import asdict
     from pathlib import Path
 
-    from ..cliutil import device_type
-    from ..manifest import check_not_input, check_resume, check_writable, fingerprint, read_file_manifest
+    from ..manifest import check_file_resume, check_not_input, check_writable
 
     cfg = bias_eval_config(args)
     out = Path(cfg.out)
     inputs = {"--model": cfg.model, "--bias-teacher": cfg.teacher, "--bias-prompt-file": cfg.prompt_file}
     check_not_input({"--out": out, "--out's table": out.with_suffix(".md")}, inputs)
     check_writable(out)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device")}
-    settings["device"] = device_type(cfg.device)
-    fp = fingerprint({k.lstrip("-"): v for k, v in inputs.items()}, settings)
-    finished = read_file_manifest(out) if out.is_file() else None
-    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage="eval-bias",
-                          finished=finished, occupied=out.exists() and finished is None)
-    if action == "skip":
+    fp = _config_fingerprint(cfg, inputs)
+    if check_file_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage="eval-bias") == "skip":
         print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
         return 0
     print(bias_markdown(evaluate_bias(cfg, fingerprint=fp)))
@@ -211,20 +218,16 @@ def _defend_action(cfg: DefendConfig, overwrite: bool) -> tuple[dict[str, Any], 
     """Checks before any model loads (outputs not inputs, writable, a known device) and what to do
     with ``--out``: skip a finished output of this exact run, refuse another one unless
     ``overwrite``."""
-    from dataclasses import asdict
     from pathlib import Path
 
-    from ..cliutil import device_type
-    from ..manifest import check_not_input, check_resume, check_writable, fingerprint, read_manifest
+    from ..manifest import check_not_input, check_resume, check_writable, read_manifest
 
     out = Path(cfg.out)
     inputs = {"--data": cfg.data, "--reference": cfg.reference, "--teacher": cfg.teacher,
               "--student-base": cfg.student_base}
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("out", "batch_size", "device")}
-    settings["device"] = device_type(cfg.device)
     check_not_input({"--out": out}, inputs, dirs=("--out",))
     check_writable(out, is_dir=True)
-    fp = fingerprint({k.lstrip("-"): v for k, v in inputs.items()}, settings)
+    fp = _config_fingerprint(cfg, inputs)
     man = read_manifest(out) if out.is_dir() else None
     finished = man if man is not None and man.get("stage") == "defend" else None
     occupied = out.is_dir() and finished is None and any(out.iterdir())
