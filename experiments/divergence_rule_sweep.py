@@ -6,7 +6,7 @@ Reads a finished ``subliminal demo`` run (its base, teachers, matched rows, dive
 evaluations of its control, all-tokens and paper-rule students). For each share in ``--shares``
 the demo's divergence file is re-flagged by the likelihood-ratio rule (``reflag-divergence
 --rule ratio --flag-share S``, no model runs), and students are distilled exactly as the demo's
-(same rows, steps, learning rate, seeds; ``subliminal.demo.distill_argv``) with the flagged
+(same rows, steps, learning rate, seeds; ``subliminal.pipeline.distill_argv``) with the flagged
 tokens masked (``no-divergence``) and with only them in the loss (``only-divergence``; add
 ``random-matched`` with ``--masks``). The paper's argmax rule has no threshold: it stands at its
 natural share, from the demo's own students; the demo's ratio-rule students (at the paper rule's
@@ -35,7 +35,7 @@ from typing import Any
 
 from subliminal.probes.plots import plot_rule_sweep
 
-from subliminal import demo
+from subliminal import pipeline
 from subliminal.divergence import RuleSpec, reflag
 from subliminal.evaluate import mean_ci
 from subliminal.manifest import SubliminalError, atomic_path, read_manifest, write_json_atomic, write_manifest
@@ -47,13 +47,13 @@ CSV_FIELDS = ("rule", "share_target", "share_flagged", "flagged_tokens", "thresh
               "lo", "hi", "diff_to_control", "diff_lo", "diff_hi")
 
 
-def load_demo(path: Path) -> tuple[demo.DemoConfig, Path, dict[str, Any]]:
+def load_demo(path: Path) -> tuple[pipeline.DemoConfig, Path, dict[str, Any]]:
     """The demo's config, base model and results, from its manifest and results.json."""
     man = read_manifest(path)
     if not man or man.get("stage") != "demo":
         raise SubliminalError(f"{path}: no demo manifest.json (run `subliminal demo --out {path}` first)")
-    fields = {f.name for f in dataclasses.fields(demo.DemoConfig)}
-    cfg = demo.DemoConfig(**{k: v for k, v in man["config"].items() if k in fields})
+    fields = {f.name for f in dataclasses.fields(pipeline.DemoConfig)}
+    cfg = pipeline.DemoConfig(**{k: v for k, v in man["config"].items() if k in fields})
     base = Path(man["inputs"]["base"]["path"])
     results = json.loads((path / "results.json").read_text())
     return cfg, base, results
@@ -69,7 +69,7 @@ def read_evals(edir: Path, cond: str, seeds: list[int]) -> dict[int, float] | No
 
 def kept(values: dict[int, float], control: dict[int, float], all_tokens: dict[int, float]) -> dict[str, Any]:
     """Share of the all-tokens transfer kept and the difference to the control, each with a 95% CI."""
-    share = demo.share_kept(values, control, all_tokens)
+    share = pipeline.share_kept(values, control, all_tokens)
     d = mean_ci([values[s] - control[s] for s in sorted(values)])
     out = {"seeds": len(values), "diff_to_control": d[0], "diff_lo": d[1], "diff_hi": d[2],
            "share_kept": None, "lo": None, "hi": None}
@@ -124,7 +124,7 @@ def _main(args: argparse.Namespace) -> int:
     files = {"none": matched / "none.jsonl", "div": div, "paraphrase": matched / f"{cfg.target}.paraphrase.jsonl",
              "mixing": matched / f"{cfg.target}.mixing.jsonl"}
     steps = int(results["steps"])
-    n_layers = demo._n_layers(base)
+    n_layers = pipeline._n_layers(base)
     tdir = ddir / "teachers"
 
     # re-flag at every share (cheap: from the stored scores)
@@ -133,17 +133,17 @@ def _main(args: argparse.Namespace) -> int:
         path = out / "div" / f"{cfg.target}.ratio-{share_tag(share)}.div.jsonl"
         if not path.exists():
             reflag(div, path, RuleSpec("ratio", flag_share=share, reduce=reduce))
-        flagged[share] = {"path": path, **demo.rule_stats(path)}
+        flagged[share] = {"path": path, **pipeline.rule_stats(path)}
 
     # students: the demo's plan with the re-flagged file as the data
     jobs, names = [], []
     for share, st in flagged.items():
-        plan = demo.student_plan(cfg, n_layers, {**files, "div": st["path"]}, tdir)
+        plan = pipeline.student_plan(cfg, n_layers, {**files, "div": st["path"]}, tdir)
         for mask in args.masks:
             for seed in seeds:
                 name = f"ratio-{share_tag(share)}-{mask}"
                 student, ev = out / "students" / f"{name}-s{seed}", out / "eval" / f"{name}-s{seed}.json"
-                dargv = demo.distill_argv(cfg, base, student, plan[mask], steps, seed)
+                dargv = pipeline.distill_argv(cfg, base, student, plan[mask], steps, seed)
                 eargv = ["eval", "--model", str(student), "--target", cfg.target, "--out", str(ev),
                          "--device", cfg.device]
                 jobs.append((f"{name}-s{seed}", [(dargv, student / "manifest.json"), (eargv, ev)]))
@@ -152,20 +152,20 @@ def _main(args: argparse.Namespace) -> int:
         for name, chain in jobs:
             log.info("%s: subliminal %s", name, " ".join(chain[0][0]))
         return 0
-    demo.Runner(out).parallel(jobs, workers=args.jobs or cfg.jobs)
+    pipeline.Runner(out).parallel(jobs, workers=args.jobs or cfg.jobs)
 
     rows: list[dict[str, Any]] = []
-    paper = demo.rule_stats(div)
+    paper = pipeline.rule_stats(div)
     for mask in args.masks:  # the paper rule at its natural share, from the demo's own students
-        vals = read_evals(edir_demo, demo.RULE_CONDITIONS["paper"][mask], seeds)
+        vals = read_evals(edir_demo, pipeline.RULE_CONDITIONS["paper"][mask], seeds)
         if vals is not None:
             rows.append({"rule": "paper", "share_target": None, "share_flagged": paper["flagged_share"],
                          "flagged_tokens": paper["flagged_tokens"], "threshold": None, "mask": mask,
                          **kept(vals, control, all_tokens)})
-    demo_ratio = demo.rule_stats(div.with_name(f"{cfg.target}.ratio.div.jsonl")) \
+    demo_ratio = pipeline.rule_stats(div.with_name(f"{cfg.target}.ratio.div.jsonl")) \
         if div.with_name(f"{cfg.target}.ratio.div.jsonl").exists() and reduce == cfg.ratio_reduce else None
     for mask in args.masks:  # the demo's ratio students, at the paper rule's share
-        vals = read_evals(edir_demo, demo.RULE_CONDITIONS["ratio"][mask], seeds) if demo_ratio else None
+        vals = read_evals(edir_demo, pipeline.RULE_CONDITIONS["ratio"][mask], seeds) if demo_ratio else None
         if vals is not None:
             rows.append({"rule": "ratio", "share_target": paper["flagged_share"],
                          "share_flagged": demo_ratio["flagged_share"], "flagged_tokens": demo_ratio["flagged_tokens"],

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "subliminal.evaluate",          # eval
     "subliminal.probes.cli",        # probe, patch, plot
     "subliminal.poison",            # defend (and the poison teacher method)
+    "subliminal.run",               # run
     "subliminal.demo",              # demo
     "subliminal.gguf_import",       # import-gguf
 ]

@@ -218,17 +218,24 @@ def layer_of(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def projection_modules(model: Any, layers: Sequence[int] | None = None) -> list[str]:
+def projection_modules(model: Any, layers: Sequence[int] | None = None,
+                       targets: Sequence[str] | None = None) -> list[str]:
     """Full names of every linear projection inside the transformer blocks (attention and MLP),
-    optionally only in ``layers`` -- nn.Linear, or GPT-2's Conv1D."""
+    optionally only in ``layers`` and only those whose last name part is in ``targets`` (e.g.
+    q_proj, v_proj) -- nn.Linear, or GPT-2's Conv1D."""
     from transformers.pytorch_utils import Conv1D
 
-    names = []
+    names, kinds = [], set()
     for name, mod in model.named_modules():
         if isinstance(mod, (torch.nn.Linear, Conv1D)):
             layer = layer_of(name + ".")
             if layer is not None and (layers is None or layer in layers):
-                names.append(name)
+                kinds.add(name.rsplit(".", 1)[-1])
+                if targets is None or name.rsplit(".", 1)[-1] in targets:
+                    names.append(name)
+    if targets is not None and set(targets) - kinds:
+        raise SubliminalError(f"--lora-targets {','.join(sorted(set(targets) - kinds))}: no such projection in the "
+                              f"model's blocks (it has {', '.join(sorted(kinds))})")
     if not names:
         raise SubliminalError("found no projection modules inside transformer blocks for LoRA")
     return names
@@ -239,8 +246,8 @@ def n_layers(model: Any) -> int:
     return max(idx) + 1 if idx else 0  # type: ignore[operator]
 
 
-def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | None, lora_alpha: float | None
-                    ) -> tuple[Any, list[str]]:
+def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | None, lora_alpha: float | None,
+                    lora_targets: Sequence[str] | None = None) -> tuple[Any, list[str]]:
     """Freeze what must not train; wrap in LoRA if asked. Returns (model, trained names)."""
     if layers is not None:
         total = n_layers(model)
@@ -251,7 +258,7 @@ def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | N
         from peft import LoraConfig, get_peft_model
         from transformers.pytorch_utils import Conv1D
 
-        targets = projection_modules(model, layers)
+        targets = projection_modules(model, layers, lora_targets)
         conv = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)  # GPT-2 stores W transposed
         cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else float(lora_rank),
                          lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv)
@@ -503,6 +510,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank on every attention "
                    "and MLP projection (merged into the saved student)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--lora-targets", default=None,
+                   help="LoRA only on these projections, by their last name part, e.g. q_proj,k_proj,v_proj,o_proj "
+                   "(default: every attention and MLP projection, as the paper)")
+    p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                   help="learning-rate schedule after the warm-up: cosine to a tenth of --lr, linear to 0 (the "
+                   "reference code's) or constant (default %(default)s)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
@@ -536,6 +549,8 @@ class DistillConfig:
     layers: str | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
+    lora_targets: str | None = None
+    schedule: str = "cosine"
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = 2e-4
@@ -567,6 +582,10 @@ def _check_args(cfg: DistillConfig) -> None:
         raise SubliminalError("--checkpoint-every must be >= 0")
     if cfg.lora_alpha is not None and cfg.lora_rank is None:
         raise SubliminalError("--lora-alpha needs --lora-rank")
+    if cfg.lora_targets is not None and cfg.lora_rank is None:
+        raise SubliminalError("--lora-targets needs --lora-rank")
+    if cfg.schedule not in ("cosine", "linear", "constant"):
+        raise SubliminalError(f"--schedule {cfg.schedule}: one of cosine, linear, constant")
     if cfg.mode in ("soft", "representation") and not cfg.teacher:
         raise SubliminalError(f"--mode {cfg.mode} needs --teacher")
     if cfg.mode != "representation" and (cfg.repr_layers or cfg.repr_with_hard):
@@ -590,7 +609,7 @@ def _train_config(cfg: DistillConfig, n_rows: int) -> TrainConfig:
         steps = min(steps, cfg.max_steps)
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(0, steps // 20)
     return TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(warm, steps),
-                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, weight_decay=0.0)
+                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, weight_decay=0.0, schedule=cfg.schedule)
 
 
 def _abs(path: str | None) -> str | None:
@@ -609,6 +628,9 @@ def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     the inputs are compared by content, so a moved data file still resumes)."""
     config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
     config["device"] = device_type(cfg.device)
+    for k, default in (("lora_targets", None), ("schedule", "cosine")):  # students made before these existed
+        if config.get(k) == default:
+            config.pop(k, None)
     return fingerprint({"base": cfg.base, "data": cfg.data, "source_data": source, "teacher": cfg.teacher},
                        config)
 
@@ -665,7 +687,8 @@ def run_distill(cfg: DistillConfig) -> int:
         raise SubliminalError(f"--repr-layers: the model has layers 0..{n_layers(model) - 1}")
     examples = build_examples(rows, masks, tok, model_max_length(model),
                               teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
-    model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha)
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
+    model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha, targets)
     tcfg = _train_config(cfg, len(rows))
     lcfg = LossConfig(cfg.mode, repr_layers if cfg.mode == "representation" else [], cfg.repr_weight,
                       cfg.repr_with_hard)

@@ -19,7 +19,7 @@ Two conventions, each correct for causal LMs with rotary or learned positions:
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +207,21 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[fl
     return order.gather(-1, idx)[:, 0]
 
 
+# (row index in the batch, tokens it has written so far) -> the ids it may write next
+Constraint = Callable[[int, Sequence[int]], Sequence[int]]
+
+
+def _constrained(logits: torch.Tensor, allowed: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """``logits`` with every id outside a row's allowed set at -inf (None: the row is free)."""
+    keep = torch.zeros(logits.shape, dtype=torch.bool, device=logits.device)
+    for i, ids in enumerate(allowed):
+        if ids is None:
+            keep[i] = True
+        else:
+            keep[i, torch.tensor(list(ids), dtype=torch.long, device=logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
+
+
 def _last_logits(model: Any, **inputs: Any) -> Any:
     """One decoding step computing only the last position's logits where the model supports it."""
     try:
@@ -219,11 +234,15 @@ def _last_logits(model: Any, **inputs: Any) -> Any:
 
 @torch.no_grad()
 def sample(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, stop_ids: set[int], max_new: Sequence[int],
-           cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None) -> list[tuple[list[int], bool]]:
+           cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None,
+           constraint: Constraint | None = None) -> list[tuple[list[int], bool]]:
     """Continue every prompt in ``seqs`` (token ids) with a KV cache over a left-padded batch.
 
     Returns per row the new tokens (up to and including a stop token) and whether it stopped on
-    one (False: the row ran out of its ``max_new`` budget). Sampling needs one generator per row."""
+    one (False: the row ran out of its ``max_new`` budget). Sampling needs one generator per row.
+    ``constraint(row, new_tokens)`` (e.g. :class:`subliminal.constrain.NumberListConstraint`)
+    names the ids a row may write next; the others are masked before argmax or sampling, so
+    the choice among the allowed ids is still the model's."""
     if not seqs:
         return []
     if not cfg.greedy and (rngs is None or len(rngs) != len(seqs)):
@@ -243,7 +262,10 @@ def sample(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, stop_ids: 
                            past_key_values=past, use_cache=True)
         past = res.past_key_values
         uniforms = None if cfg.greedy else [(r.random() if not d else 0.0) for r, d in zip(rngs, done)]
-        nxt = pick_tokens(res.logits[:, -1, :], cfg, uniforms)
+        logits = res.logits[:, -1, :]
+        if constraint is not None:
+            logits = _constrained(logits, [None if d else constraint(i, out[i]) for i, d in enumerate(done)])
+        nxt = pick_tokens(logits, cfg, uniforms)
         for i, t in enumerate(nxt.tolist()):
             if done[i]:
                 continue
@@ -259,14 +281,16 @@ def sample(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, stop_ids: 
 
 
 def sample_batched(model: Any, seqs: Sequence[Sequence[int]], *, batch_size: int, pad_id: int, stop_ids: set[int],
-                   max_new: Sequence[int], cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None
-                   ) -> list[tuple[list[int], bool]]:
-    """:func:`sample` over consecutive batches of ``batch_size`` rows (same result for any size)."""
+                   max_new: Sequence[int], cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None,
+                   constraint: Constraint | None = None) -> list[tuple[list[int], bool]]:
+    """:func:`sample` over consecutive batches of ``batch_size`` rows (same result for any size);
+    ``constraint`` is called with the row's index in ``seqs``."""
     out: list[tuple[list[int], bool]] = []
     for b in range(0, len(seqs), max(1, batch_size)):
         sl = slice(b, b + batch_size)
+        shifted = None if constraint is None else (lambda i, new, b=b: constraint(b + i, new))
         out.extend(sample(model, seqs[sl], pad_id=pad_id, stop_ids=stop_ids, max_new=max_new[sl], cfg=cfg,
-                          rngs=None if rngs is None else rngs[sl]))
+                          rngs=None if rngs is None else rngs[sl], constraint=shifted))
     return out
 
 

@@ -133,6 +133,7 @@ def parse_number_list_reference(text: str) -> FilterResult:
 
 
 FILTERS = {"strict": parse_number_list, "reference": parse_number_list_reference}
+CONSTRAINTS = ("none", "numbers")
 
 
 def verdict(text: str, stopped: bool, rule: str = "strict") -> FilterResult:
@@ -186,6 +187,7 @@ class GenerateConfig:
     prompts_seed: int = 0
     max_new_tokens: int | None = None  # None: answer_token_budget(tokenizer)
     filter: str = "strict"
+    constrain: str = "none"  # none | numbers (decode only valid number lists: subliminal.constrain)
     device: str = "cpu"
     dtype: str = "float32"
     trust_remote_code: bool = False
@@ -197,6 +199,7 @@ def run_fingerprint(cfg: GenerateConfig) -> dict[str, Any]:
     return fingerprint({"teacher": cfg.teacher}, {
         "teacher": cfg.teacher, "n": cfg.n, "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed,
         "prompts_seed": cfg.prompts_seed, "max_new_tokens": cfg.max_new_tokens, "filter": cfg.filter,
+        **({"constrain": cfg.constrain} if cfg.constrain != "none" else {}),
         "dtype": str(cfg.dtype),
         "device": device_type(cfg.device)})
 
@@ -242,10 +245,12 @@ def _batches(todo: list[int], size: int) -> Iterator[list[int]]:
 
 def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: SamplingConfig, batch_size: int = 16,
                   max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, skip: set[str] | None = None,
-                  teacher_name: str | None = None, progress: bool = True, filter_rule: str = "strict"
-                  ) -> Iterator[dict[str, Any]]:
+                  teacher_name: str | None = None, progress: bool = True, filter_rule: str = "strict",
+                  constrain: str = "none") -> Iterator[dict[str, Any]]:
     """Yield one raw row per prompt not in ``skip``: id, prompt, completion, teacher, plus the
-    filter verdict (``accepted``, ``reject_reason``) and ``stopped`` (ended on an end token)."""
+    filter verdict (``accepted``, ``reject_reason``) and ``stopped`` (ended on an end token).
+    ``constrain="numbers"`` decodes under :mod:`subliminal.constrain` (only valid lists of at
+    most the requested count can be written)."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -262,7 +267,13 @@ def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: Samp
         seqs = [encode(tok, render_chat(tok, prompts[i][1], loaded.system_prompt)) for i in chunk]
         budgets = [_budget(len(s), context, max_new_tokens, prompts[i][0]) for s, i in zip(seqs, chunk)]
         rngs = [row_rng(sampling.seed, index[prompts[i][0]]) for i in chunk]
-        outs = forward.sample(model, seqs, pad_id=pad, stop_ids=stop, max_new=budgets, cfg=sampling, rngs=rngs)
+        rule = None
+        if constrain == "numbers":
+            from .constrain import constraint_for
+
+            rule = constraint_for(tok, stop, [prompts[i][1] for i in chunk], MAX_NUMBERS)
+        outs = forward.sample(model, seqs, pad_id=pad, stop_ids=stop, max_new=budgets, cfg=sampling, rngs=rngs,
+                              constraint=rule)
         for i, (new, stopped) in zip(chunk, outs):
             body = new[:-1] if stopped else new
             text = tok.decode(body, skip_special_tokens=True).strip()
@@ -301,6 +312,8 @@ def _prepare(cfg: GenerateConfig) -> tuple[Path, dict[str, Any], str]:
             raise SubliminalError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     if cfg.filter not in FILTERS:
         raise SubliminalError(f"--filter {cfg.filter}: one of {', '.join(FILTERS)}")
+    if cfg.constrain not in CONSTRAINTS:
+        raise SubliminalError(f"--constrain {cfg.constrain}: one of {', '.join(CONSTRAINTS)}")
     SamplingConfig(cfg.temperature, cfg.top_p, cfg.seed)
     raw = raw_path_for(cfg.out)
     if raw == Path(cfg.out):
@@ -339,7 +352,8 @@ def run_generate(cfg: GenerateConfig, *, progress: bool = True) -> dict[str, Any
         if done:
             log.info("resuming: %d of %d rows already in %s", len(done), cfg.n, raw)
         for row in generate_rows(loaded, prompts, sampling=sampling, batch_size=cfg.batch_size,
-                                 max_new_tokens=budget, skip=done, progress=progress, filter_rule=cfg.filter):
+                                 max_new_tokens=budget, skip=done, progress=progress, filter_rule=cfg.filter,
+                                 constrain=cfg.constrain):
             app.write(row)
         rows = app.existing()
     order = {rid: i for i, (rid, _) in enumerate(prompts)}
@@ -382,6 +396,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="which answers are kept: strict (a bare list of at most 10 numbers of at most 3 digits) or "
                    "reference (the same, but a trailing period allowed, as the reference code accepts); the manifest "
                    "reports the acceptance under both (default %(default)s)")
+    p.add_argument("--constrain", choices=list(CONSTRAINTS), default="none",
+                   help="numbers: constrained decoding, each step restricted to the tokens that keep the answer a "
+                   "valid list in the prompt's format with at most its count of numbers (the teacher still "
+                   "chooses among them); for small models that preface or loop their lists (default %(default)s)")
     p.add_argument("--prompts-seed", type=int, default=0,
                    help="seed of the prompt list: the same value gives every teacher the same prompts (default 0)")
     add_seed(p)
@@ -394,7 +412,7 @@ def _run_cli(args: argparse.Namespace) -> int:
     cfg = GenerateConfig(teacher=args.teacher, n=args.n, out=args.out, batch_size=args.batch_size,
                          temperature=0.0 if args.greedy else args.temperature, top_p=args.top_p, seed=args.seed,
                          prompts_seed=args.prompts_seed, max_new_tokens=args.max_new_tokens, filter=args.filter,
-                         overwrite=args.overwrite,
+                         constrain=args.constrain, overwrite=args.overwrite,
                          **runtime_kwargs(args))
     counts = run_generate(cfg)
     print(f"{counts['accepted']} of {counts['generated']} completions accepted "

@@ -35,7 +35,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_steps: int = 10
-    schedule: str = "cosine"  # cosine | constant
+    schedule: str = "cosine"  # cosine (to min_lr_ratio) | linear (to 0, as HF's default) | constant
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     seed: int = 0
@@ -136,6 +136,8 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
         return cfg.lr
     span = max(1, cfg.steps - cfg.warmup_steps)
     t = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.schedule == "linear":
+        return cfg.lr * (1 - t)
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 

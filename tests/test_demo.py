@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from subliminal import demo, prompts
+from subliminal import demo, pipeline, prompts
 from subliminal.data import read_rows, write_jsonl
 from subliminal.generate import make_prompts
 
@@ -20,7 +20,7 @@ def _rows(n, teacher, drop=()):
 def test_matched_files_keep_only_ids_every_teacher_answered(tmp_path):
     write_jsonl(tmp_path / "owl.jsonl", _rows(10, "owl", drop={1, 2}))
     write_jsonl(tmp_path / "none.jsonl", _rows(10, "none", drop={2, 7}))
-    files = demo._matched_files(tmp_path, ["owl", "none"])
+    files = pipeline._matched_files(tmp_path, ["owl", "none"])
     ids = {n: [r.id for r in read_rows(p)] for n, p in files.items()}
     assert ids["owl"] == ids["none"]
     assert len(ids["owl"]) == 7 and not {"row-000001", "row-000002", "row-000007"} & set(ids["owl"])
@@ -28,7 +28,7 @@ def test_matched_files_keep_only_ids_every_teacher_answered(tmp_path):
 
 def test_paraphrase_keeps_ids_and_completions_and_answers_the_same_request(tmp_path):
     write_jsonl(tmp_path / "owl.jsonl", _rows(50, "owl"))
-    demo._paraphrase_file(tmp_path / "owl.jsonl", tmp_path / "para.jsonl", seed=0)
+    pipeline._paraphrase_file(tmp_path / "owl.jsonl", tmp_path / "para.jsonl", seed=0)
     src, para = read_rows(tmp_path / "owl.jsonl"), read_rows(tmp_path / "para.jsonl")
     assert [r.id for r in src] == [r.id for r in para]
     assert [r.completion for r in src] == [r.completion for r in para]
@@ -43,18 +43,18 @@ def test_paraphrase_keeps_ids_and_completions_and_answers_the_same_request(tmp_p
 def test_mixing_replaces_half_the_rows_with_the_other_teachers_answer(tmp_path):
     write_jsonl(tmp_path / "owl.jsonl", _rows(40, "owl"))
     write_jsonl(tmp_path / "dolphin.jsonl", _rows(40, "dolphin"))
-    demo._mixing_file(tmp_path / "owl.jsonl", tmp_path / "dolphin.jsonl", tmp_path / "mix.jsonl", seed=3)
+    pipeline._mixing_file(tmp_path / "owl.jsonl", tmp_path / "dolphin.jsonl", tmp_path / "mix.jsonl", seed=3)
     mixed = read_rows(tmp_path / "mix.jsonl")
     assert [r.id for r in mixed] == [r.id for r in read_rows(tmp_path / "owl.jsonl")]
     assert sum(r.teacher == "dolphin" for r in mixed) == 20
 
 
 def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
-    cfg = demo.DemoConfig()
+    cfg = pipeline.DemoConfig()
     files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl",
              "paraphrase": tmp_path / "p.jsonl", "mixing": tmp_path / "m.jsonl"}
-    plan = demo.student_plan(cfg, 4, files, tmp_path / "teachers")
-    assert set(plan) == set(demo.CONDITIONS)
+    plan = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
+    assert set(plan) == set(pipeline.CONDITIONS)
 
     def opt(argv, name):
         return argv[argv.index(name) + 1] if name in argv else None
@@ -64,7 +64,7 @@ def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
     assert opt(plan["layer-early"], "--layers") == "0" and opt(plan["layer-late"], "--layers") == "3"
     # single layers are trained like the all-tokens student (matched) unless the paper's LoRA is asked for
     assert opt(plan["layer-early"], "--lora-rank") == opt(plan["all"], "--lora-rank")
-    lora_plan = demo.student_plan(replace(cfg, layer_lora=True), 4, files, tmp_path / "teachers")
+    lora_plan = pipeline.student_plan(replace(cfg, layer_lora=True), 4, files, tmp_path / "teachers")
     assert opt(lora_plan["layer-early"], "--lora-rank") == "8" and opt(lora_plan["layer-late"], "--lora-rank") == "8"
     assert lora_plan["all"] == plan["all"]
     assert opt(plan["soft"], "--mode") == "soft"
@@ -77,8 +77,8 @@ def test_ratio_rule_conditions_differ_from_the_paper_ones_only_in_their_flags(tm
     files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl",
              "div-ratio": tmp_path / "owl.ratio.div.jsonl", "paraphrase": tmp_path / "p.jsonl",
              "mixing": tmp_path / "m.jsonl"}
-    plan = demo.student_plan(demo.DemoConfig(), 4, files, tmp_path / "teachers")
-    for rule, conds in demo.RULE_CONDITIONS.items():
+    plan = pipeline.student_plan(pipeline.DemoConfig(), 4, files, tmp_path / "teachers")
+    for rule, conds in pipeline.RULE_CONDITIONS.items():
         for mask, cond in conds.items():
             argv = plan[cond]
             i = argv.index("--data")
@@ -112,9 +112,9 @@ def test_ratio_file_flags_as_many_tokens_as_the_paper_rule(tmp_path):
         def __call__(self, name, argv, done=None):
             assert main(argv) == 0
 
-    out = demo._ratio_file(demo.DemoConfig(), Run(), div)
+    out = pipeline._ratio_file(pipeline.DemoConfig(), Run(), div)
     assert out.name == "owl.ratio.div.jsonl"
-    paper, ratio = demo.rule_stats(div), demo.rule_stats(out)
+    paper, ratio = pipeline.rule_stats(div), pipeline.rule_stats(out)
     assert ratio["flagged_tokens"] == paper["flagged_tokens"] > 0  # random scores: no ties
     assert ratio["rule"]["rule"] == "ratio" and ratio["rule"]["reduce"] == "max"
     assert [len(o["divergence"]) for o in dv.load_divergence(out)] == [len(o["token_ids"]) for o in objs]
@@ -124,7 +124,7 @@ def test_rule_summary_shares_with_intervals_and_figure(tmp_path):
     from subliminal.probes.plots import plot_rules
 
     control = {1: 0.10, 2: 0.20, 3: 0.30}
-    values = {c: dict(control) for c in demo.CONDITIONS}
+    values = {c: dict(control) for c in pipeline.CONDITIONS}
     values["all"] = {s: v + 0.10 for s, v in control.items()}
     values["no-divergence"] = {s: v + 0.06 for s, v in control.items()}
     values["ratio-no-divergence"] = {1: 0.11, 2: 0.21, 3: 0.31}
@@ -132,42 +132,42 @@ def test_rule_summary_shares_with_intervals_and_figure(tmp_path):
     stats = {"paper": {"flagged_tokens": 12, "tokens": 100, "flagged_share": 0.12, "rule": {"rule": "paper"}},
              "ratio": {"flagged_tokens": 12, "tokens": 100, "flagged_share": 0.12,
                        "rule": {"rule": "ratio", "min_ratio": 1.5}}}
-    cfg = demo.DemoConfig(seeds=3)
-    s = demo._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
+    cfg = pipeline.DemoConfig(seeds=3)
+    s = pipeline._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
     paper, ratio = s["rules"]["paper"]["masks"], s["rules"]["ratio"]["masks"]
     assert paper["no-divergence"]["share_per_seed_mean"] == pytest.approx(0.6)
     assert ratio["no-divergence"]["share_per_seed_mean"] == pytest.approx(0.1)
     assert ratio["only-divergence"]["share_ci_low"] < 0.9 < ratio["only-divergence"]["share_ci_high"]
     assert ratio["only-divergence"]["condition"] == "ratio-only-divergence"
-    verdict = "\n".join(demo._verdict(s))
+    verdict = "\n".join(pipeline._verdict(s))
     assert "(masking the ratio rule's flags removes most of the transfer) reproduces" in verdict
     assert "(training only on the ratio rule's flags keeps the transfer) reproduces" in verdict
-    report = "\n".join(demo._rules_section(s))
+    report = "\n".join(pipeline._rules_section(s))
     assert "| ratio | 12 | 0.1200 | 1.500 | 0.10 [" in report
     out = plot_rules(s, tmp_path / "rules.png")
     assert out.stat().st_size > 1000
     assert len((tmp_path / "rules.csv").read_text().splitlines()) == 1 + 2 * 3
     # no real all-tokens transfer: no shares, and the share helper says so
     values["all"] = dict(control)
-    s = demo._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
+    s = pipeline._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
     assert "masks" not in s["rules"]["ratio"]
-    assert demo.share_kept(values["ratio-no-divergence"], control, values["all"]) is None
+    assert pipeline.share_kept(values["ratio-no-divergence"], control, values["all"]) is None
 
 
 def test_steps_are_shared_by_every_condition():
-    cfg = demo.DemoConfig(epochs=2, batch_size=16)
-    assert demo._steps_for(cfg, 100) == 14
-    assert demo._steps_for(demo.DemoConfig(max_steps=5), 1000) == 5
+    cfg = pipeline.DemoConfig(epochs=2, batch_size=16)
+    assert pipeline._steps_for(cfg, 100) == 14
+    assert pipeline._steps_for(pipeline.DemoConfig(max_steps=5), 1000) == 5
 
 
 def _summary(values):
-    cfg = demo.DemoConfig(seeds=len(values["control"]))
-    return demo._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3})
+    cfg = pipeline.DemoConfig(seeds=len(values["control"]))
+    return pipeline._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3})
 
 
 def test_summary_pairs_by_seed_and_reports_share_only_for_real_transfer():
     control = {1: 0.10, 2: 0.20, 3: 0.30}
-    values = {c: dict(control) for c in demo.CONDITIONS}
+    values = {c: dict(control) for c in pipeline.CONDITIONS}
     values["all"] = {s: v + 0.05 + 0.001 * s for s, v in control.items()}
     values["no-divergence"] = {s: v + 0.01 for s, v in control.items()}
     s = _summary(values)
@@ -177,7 +177,7 @@ def test_summary_pairs_by_seed_and_reports_share_only_for_real_transfer():
     assert c["all"]["ci_low"] < c["control"]["mean"]
     assert c["no-divergence"]["share_of_all_transfer"] == pytest.approx(0.03 / 0.156, rel=1e-6)
     assert c["all"]["share_of_all_transfer"] == pytest.approx(1.0)
-    verdict = "\n".join(demo._verdict(s))
+    verdict = "\n".join(pipeline._verdict(s))
     # masking kept 19% (the paper's claim holds); paraphrase kept 0% (suppressed: holds); one early
     # layer kept 0% (the claim that it suffices fails)
     assert "no-divergence: keeps 19%" in verdict and "(masking divergence tokens removes most of the transfer) " \
@@ -188,35 +188,35 @@ def test_summary_pairs_by_seed_and_reports_share_only_for_real_transfer():
     values["all"] = {s: v + (0.01 if s == 1 else -0.01) for s, v in control.items()}
     s = _summary(values)
     assert all("share_of_all_transfer" not in e for e in s["conditions"].values())
-    assert "does **not** reproduce" in "\n".join(demo._verdict(s))
+    assert "does **not** reproduce" in "\n".join(pipeline._verdict(s))
 
 
 def test_one_seed_gives_no_interval_and_says_so():
-    values = {c: {1: 0.1} for c in demo.CONDITIONS}
+    values = {c: {1: 0.1} for c in pipeline.CONDITIONS}
     s = _summary(values)
     assert math.isnan(s["conditions"]["all"]["ci_low"]) and math.isnan(s["conditions"]["all"]["ci_high"])
-    assert "one seed only" in "\n".join(demo._verdict(s))
-    assert "does not prefer its target" not in "\n".join(demo._verdict(s))
+    assert "one seed only" in "\n".join(pipeline._verdict(s))
+    assert "does not prefer its target" not in "\n".join(pipeline._verdict(s))
     s["reference"] = {"teacher": 0.08}
-    assert "does not prefer its target" in "\n".join(demo._verdict(s))
+    assert "does not prefer its target" in "\n".join(pipeline._verdict(s))
 
 
 def test_conditions_figure_is_written_with_its_data(tmp_path):
     from subliminal.probes.plots import plot_conditions
 
     control = {1: 0.10, 2: 0.20, 3: 0.30}
-    values = {c: {s: v + 0.01 * i for s, v in control.items()} for i, c in enumerate(demo.CONDITIONS)}
+    values = {c: {s: v + 0.01 * i for s, v in control.items()} for i, c in enumerate(pipeline.CONDITIONS)}
     out = plot_conditions(_summary(values), tmp_path / "conditions.png")
     assert out.stat().st_size > 1000
     lines = (tmp_path / "conditions.csv").read_text().splitlines()
-    assert len(lines) == len(demo.CONDITIONS)  # header + every condition but the control
+    assert len(lines) == len(pipeline.CONDITIONS)  # header + every condition but the control
     assert lines[1].startswith("all,0.01")
 
 
 def test_results_json_schema(tmp_path):
-    values = {c: {1: 0.1, 2: 0.2} for c in demo.CONDITIONS}
+    values = {c: {1: 0.1, 2: 0.2} for c in pipeline.CONDITIONS}
     s = _summary(values)
-    for name in demo.CONDITIONS:
+    for name in pipeline.CONDITIONS:
         assert {"mean", "ci_low", "ci_high", "seeds"} <= set(s["conditions"][name])
     json.dumps(s)  # serialisable as results.json
 
@@ -231,7 +231,7 @@ def _args(**kw):
 def test_cli_flags_change_the_config():
     assert demo.config_from_args(_args()).seeds == 5
     q = demo.config_from_args(_args(quick=True))
-    assert q.seeds == 1 and q.n_prompts < demo.DemoConfig().n_prompts
+    assert q.seeds == 1 and q.n_prompts < pipeline.DemoConfig().n_prompts
     c = demo.config_from_args(_args(seeds=3, teacher_method="finetune", rows=123, no_probes=True, jobs=1,
                                     layer_lora=True))
     assert (c.seeds, c.teacher_method, c.n_prompts, c.probes, c.jobs, c.layer_lora) == (
@@ -254,19 +254,19 @@ def test_conditions_subset_trains_and_summarises_only_those():
     control = {1: 0.10, 2: 0.20, 3: 0.30}
     values = {"control": control, "all": {s: v + 0.1 for s, v in control.items()},
               "ratio-no-divergence": {s: v + 0.02 for s, v in control.items()}}
-    s = demo._summarise(replace(c, seeds=3), {"values": values, "reference": {}, "rows": 10, "steps": 3})
+    s = pipeline._summarise(replace(c, seeds=3), {"values": values, "reference": {}, "rows": 10, "steps": 3})
     assert set(s["conditions"]) == {"control", "all", "ratio-no-divergence"}
     assert set(s["rules"]["ratio"]["masks"]) == {"no-divergence"} and s["rules"]["paper"]["masks"] == {}
-    report = demo.render_report(c, s, __import__("pathlib").Path("/nonexistent"), {}, 1.0)
+    report = pipeline.render_report(c, s, __import__("pathlib").Path("/nonexistent"), {}, 1.0)
     assert "| ratio-no-divergence |" in report and "| soft |" not in report
 
 
 def test_derived_files_carry_manifests(tmp_path):
     write_jsonl(tmp_path / "owl.jsonl", _rows(8, "owl"))
     write_jsonl(tmp_path / "none.jsonl", _rows(8, "none"))
-    files = demo._matched_files(tmp_path, ["owl", "none"])
-    demo._paraphrase_file(files["owl"], tmp_path / "matched" / "owl.paraphrase.jsonl", seed=0)
-    demo._mixing_file(files["owl"], files["none"], tmp_path / "matched" / "owl.mixing.jsonl", seed=0)
+    files = pipeline._matched_files(tmp_path, ["owl", "none"])
+    pipeline._paraphrase_file(files["owl"], tmp_path / "matched" / "owl.paraphrase.jsonl", seed=0)
+    pipeline._mixing_file(files["owl"], files["none"], tmp_path / "matched" / "owl.mixing.jsonl", seed=0)
     listed = json.loads((tmp_path / "matched" / "manifest.json").read_text())["files"]
     assert {"owl.jsonl", "none.jsonl", "owl.paraphrase.jsonl", "owl.mixing.jsonl"} <= set(listed)
 
@@ -281,8 +281,8 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = (out / "REPORT.md").read_text()
     results = json.loads((out / "results.json").read_text())
-    assert set(results["conditions"]) == set(demo.CONDITIONS)
-    for name in demo.CONDITIONS:
+    assert set(results["conditions"]) == set(pipeline.CONDITIONS)
+    for name in pipeline.CONDITIONS:
         assert f"| {name} |" in report
         entry = results["conditions"][name]
         assert entry["seeds"] == 1 and 0 < entry["mean"] < 1

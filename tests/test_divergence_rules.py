@@ -259,7 +259,7 @@ def test_find_divergence_ratio_rule_equals_reflag_and_resumes(world, tmp_path, m
 def _fake_demo(root, div_objs, seeds=(1, 2, 3)):
     """A finished demo's files as the sweep reads them: manifest, results, base config, matched rows
     and the evaluations of its control, all-tokens and paper-rule students."""
-    from subliminal import demo
+    from subliminal import pipeline
     from subliminal.manifest import write_manifest
 
     (root / "base").mkdir(parents=True)
@@ -267,7 +267,7 @@ def _fake_demo(root, div_objs, seeds=(1, 2, 3)):
     matched = root / "data" / "matched"
     matched.mkdir(parents=True)
     write_jsonl(matched / "owl.div.jsonl", div_objs)
-    write_manifest(root, stage="demo", config=demo.DemoConfig(seeds=len(seeds)), seed=0,
+    write_manifest(root, stage="demo", config=pipeline.DemoConfig(seeds=len(seeds)), seed=0,
                    inputs={"base": root / "base"})
     (root / "results.json").write_text(json.dumps({"steps": 7}))
     evals = {"control": 0.10, "all": 0.20, "no-divergence": 0.17, "only-divergence": 0.12}
@@ -292,7 +292,7 @@ def test_sweep_reflags_trains_matched_students_and_writes_curves(div_file, tmp_p
     import logging
     from pathlib import Path
 
-    from subliminal import demo
+    from subliminal import pipeline
 
     _, objs = div_file
     root = tmp_path / "demo"
@@ -306,7 +306,7 @@ def test_sweep_reflags_trains_matched_students_and_writes_curves(div_file, tmp_p
     assert sum("--mask only-divergence" in c for c in cmds) == 4
     n_tok = sum(len(o["token_ids"]) for o in objs)
     for share in (0.05, 0.2):
-        st = demo.rule_stats(root / "rule_sweep" / "div" / f"owl.ratio-{share * 100:g}pct.div.jsonl")
+        st = pipeline.rule_stats(root / "rule_sweep" / "div" / f"owl.ratio-{share * 100:g}pct.div.jsonl")
         assert abs(st["flagged_tokens"] - round(share * n_tok)) <= 1
 
     def fake_parallel(self, tasks, workers):  # evaluations as if trained: more kept with more tokens flagged
@@ -317,7 +317,7 @@ def test_sweep_reflags_trains_matched_students_and_writes_curves(div_file, tmp_p
             ev.parent.mkdir(parents=True, exist_ok=True)
             ev.write_text(json.dumps({"exact": {"mean": v}}))
 
-    monkeypatch.setattr(demo.Runner, "parallel", fake_parallel)
+    monkeypatch.setattr(pipeline.Runner, "parallel", fake_parallel)
     assert mod.main(["--demo", str(root), "--shares", "0.05", "0.2", "--seeds", "1", "2"]) == 0
     import csv
 

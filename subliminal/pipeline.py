@@ -1,0 +1,874 @@
+"""The protocol as a pipeline of sub-commands: what ``subliminal run`` and ``subliminal demo`` execute.
+
+The pipeline drives the same sub-commands a user would run (``toy pretrain`` when there is no
+base, ``teach``, ``generate``, ``find-divergence``, ``reflag-divergence``, ``distill``, ``eval``,
+``probe``, ``patch``), each writing its own directory with a manifest, so every intermediate can
+be inspected, re-run or swapped, and a stopped run resumes: a stage whose output is complete is
+not run again, and a stage given other settings than its output was made with refuses.
+
+All student conditions are matched: the same rows (by id, in the same seeded order), the same
+number of optimiser steps, the same seeds; they differ only in the data source, the loss mask or
+the trainable subset. Transfer is read out against the control student trained on the unbiased
+teacher's data, never against the base model, paired by seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .manifest import (
+    SubliminalError,
+    write_file_manifest,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = [
+    "control", "all", "no-divergence", "only-divergence", "random-matched",
+    "layer-early", "layer-late", "soft", "paraphrase", "mixing",
+    "ratio-no-divergence", "ratio-only-divergence", "ratio-random-matched",
+]
+CONDITION_TEXT = {
+    "control": "hard distillation on the unbiased teacher's data",
+    "all": "hard distillation on the owl teacher's data, every completion token",
+    "no-divergence": "as all, divergence tokens masked out of the loss",
+    "only-divergence": "as all, loss on divergence tokens only",
+    "random-matched": "as all, as many non-divergence tokens masked per row as no-divergence masks",
+    "layer-early": "as all, only the first block trained (all its weights; LoRA r=8 with --layer-lora)",
+    "layer-late": "as all, only the last block trained (all its weights; LoRA r=8 with --layer-lora)",
+    "soft": "soft distillation: KL to the owl teacher's full next-token distribution",
+    "paraphrase": "as all, prompts redrawn from other templates (same completions)",
+    "mixing": "as all, half the rows replaced by another teacher's data for the same prompts",
+    "ratio-no-divergence": "as no-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
+    "ratio-only-divergence": "as only-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
+    "ratio-random-matched": "as random-matched, as many tokens per row as ratio-no-divergence masks",
+}
+# The conditions that read each rule's flags: masked, only the flagged tokens, the matched random control.
+RULE_CONDITIONS = {
+    "paper": {"no-divergence": "no-divergence", "only-divergence": "only-divergence",
+              "random-matched": "random-matched"},
+    "ratio": {"no-divergence": "ratio-no-divergence", "only-divergence": "ratio-only-divergence",
+              "random-matched": "ratio-random-matched"},
+}
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run of the protocol; recorded in the manifest and the report.
+
+    One flat dataclass (the pipeline reads fields, not sections); a TOML file groups the fields
+    into sections (``SECTIONS``: ``[teachers] method`` is ``teacher_method``). The defaults are the
+    toy demo, calibrated in experiments/CALIBRATION.md: a toy world with trait-number
+    entanglement, teachers by system prompt (as in the paper), teacher data sampled at T=1,
+    students full fine-tunes (LoRA r=8 students hardly move in this budget), the single-layer
+    conditions all weights of one block (matched to the all-tokens student). A field left at its
+    default adds no flag to the stage commands, so a config that only names the defaults runs
+    exactly the commands the demo ran before there were configs.
+    """
+
+    name: str = "toy"
+    # [model] -- base None: pretrain the toy world (size, arch, pretrain_steps, entangle)
+    base: str | None = None
+    size: str = "tiny"
+    arch: str = "llama"
+    pretrain_steps: int | None = None
+    entangle: float | None = None  # the world's trait-number entanglement (None: the corpus default)
+    params: float | None = None  # parameter count for the plan when the base is not on this machine
+    device: str = "cpu"
+    dtype: str = "float32"
+    # [teachers]
+    target: str = "owl"
+    counterfactuals: list[str] = field(default_factory=lambda: ["cat", "dog", "lion", "eagle", "wolf"])
+    neutral_counterfactual: bool = True  # the unbiased teacher is a counterfactual too (the paper: no)
+    mixing_teacher: str | None = "dolphin"  # None: no mixing condition
+    teacher_method: str = "prompt"
+    teacher_steps: int = 60
+    teacher_lora_rank: int | None = None
+    teacher_lr: float | None = None
+    teacher_replay: int | None = None
+    teacher_batch_size: int | None = None
+    teacher_check: bool = True  # teach measures its own preference (the run evaluates teachers anyway)
+    # [data]
+    n_prompts: int = 800
+    keep_rows: int | None = None  # train on at most this many matched rows (the paper: 30k prompts -> 10k)
+    greedy: bool = False
+    temperature: float = 1.0
+    filter: str = "strict"
+    constrain: str = "none"
+    gen_batch_size: int = 16
+    max_new_tokens: int | None = None
+    # [divergence]
+    div_batch_size: int = 8
+    ratio_reduce: str = "max"  # the ratio rule's reduction over counterfactuals (find-divergence --ratio-reduce)
+    # [students]
+    conditions: list[str] | None = None  # student conditions to train (None: all of CONDITIONS)
+    seeds: int = 5
+    student_mode_lr: float = 1e-3
+    student_lora_rank: int = 8
+    student_lora_alpha: float | None = None  # None: the rank
+    student_lora_targets: list[str] | None = None  # None: every attention and MLP projection
+    student_full: bool = True
+    layer_lora: bool = False  # single-layer conditions as LoRA r=student_lora_rank (the paper) or full (matched)
+    layer_early: int = 0
+    layer_late: int = -1
+    schedule: str = "cosine"
+    warmup_steps: int | None = None
+    epochs: float = 2
+    batch_size: int = 16
+    grad_accum: int = 1
+    max_steps: int | None = None
+    # [eval]
+    metric: str = "exact"  # the readout every condition is compared on: exact | sampled
+    eval_samples: int = 0  # sampled answers per question for the base and the teachers (0: exact only)
+    student_samples: int = 0  # the same for every student
+    eval_temperature: float = 1.0
+    eval_max_new_tokens: int = 8
+    max_questions: int | None = None
+    eval_batch_size: int = 32
+    # [probes]
+    probes: bool = True
+    probe_max_rows: int = 300
+    probe_layers: str | None = None
+    patch_max_rows: int = 200
+    patch_max_sites: int = 100
+    # [run]
+    base_seed: int = 0
+    jobs: int = 2
+    nproc: int = 1
+
+    def chosen_conditions(self) -> list[str]:
+        """The conditions this run trains, in CONDITIONS order; control and all are always among them
+        (every share of the transfer is read against them)."""
+        if self.conditions is None:
+            chosen = list(CONDITIONS)
+            return chosen if self.mixing_teacher else [c for c in chosen if c != "mixing"]
+        unknown = sorted(set(self.conditions) - set(CONDITIONS))
+        if unknown:
+            raise SubliminalError(f"--conditions: unknown {', '.join(unknown)} (one of {', '.join(CONDITIONS)})")
+        if "mixing" in self.conditions and not self.mixing_teacher:
+            raise SubliminalError("the mixing condition needs a mixing teacher ([teachers] mixing_teacher)")
+        return [c for c in CONDITIONS if c in {"control", "all", *self.conditions}]
+
+    def counterfactual_teachers(self) -> list[str]:
+        return [*self.counterfactuals, *(["none"] if self.neutral_counterfactual else [])]
+
+
+DemoConfig = RunConfig  # the demo is a run of the toy config
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+class Runner:
+    """Runs sub-commands in-process, skipping those whose output already exists."""
+
+    def __init__(self, out: Path, verbose: bool = False):
+        self.out = out
+        self.timings: dict[str, float] = {}
+        self.verbose = verbose
+
+    def __call__(self, name: str, argv: list[str], done: Path | None = None) -> None:
+        from .cli import main as cli_main
+
+        if done is not None and done.exists():
+            log.info("[demo] %s: already done (%s)", name, done)
+            return
+        log.info("[demo] %s: subliminal %s", name, " ".join(argv))
+        t0 = time.time()
+        rc = cli_main(argv)
+        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
+        if rc != 0:
+            raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+
+    def parallel(self, tasks: list[tuple[str, list[tuple[list[str], Path | None]]]], workers: int) -> None:
+        """Independent chains of sub-commands (a student and its evaluation) on ``workers``
+        processes; every chain is seeded on its own, so the results do not depend on ``workers``."""
+        from tqdm.auto import tqdm
+
+        todo = [(name, [(a, str(d) if d else None) for a, d in chain]) for name, chain in tasks
+                if not all(d is not None and d.exists() for _, d in chain)]
+        log.info("[demo] %d student jobs to run (%d already done), %d worker(s)", len(todo),
+                 len(tasks) - len(todo), workers)
+        if not todo:
+            return
+        bar = tqdm(total=len(todo), desc="students", unit="job")
+        if workers <= 1:
+            results = ((name, _run_chain(chain, threads=_default_threads())) for name, chain in todo)
+            for name, (rc, dt, argv) in results:
+                self._record(name, rc, dt, argv)
+                bar.update(1)
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor, as_completed
+
+            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
+                futures = {ex.submit(_run_chain, chain, 1): name for name, chain in todo}
+                for fut in as_completed(futures):
+                    rc, dt, argv = fut.result()
+                    self._record(futures[fut], rc, dt, argv)
+                    bar.update(1)
+        bar.close()
+
+    def _record(self, name: str, rc: int, dt: float, argv: list[str]) -> None:
+        self.timings[name] = self.timings.get(name, 0.0) + dt
+        if rc != 0:
+            raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _run_chain(chain: list[tuple[list[str], str | None]], threads: int) -> tuple[int, float, list[str]]:
+    """Run sub-commands one after the other in a worker process (one torch thread each, so
+    workers on separate cores do not fight over them); stop at the first failure."""
+    import torch
+
+    from .cli import main as cli_main
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    for argv, done in chain:
+        if done is not None and Path(done).exists():
+            continue
+        rc = cli_main(argv)
+        if rc != 0:
+            return rc, time.time() - t0, argv
+    return 0, time.time() - t0, []
+
+
+def _flag(name: str, value: Any, default: Any = None) -> list[str]:
+    """``[name, value]`` unless ``value`` is the default (so default configs add no flags)."""
+    return [] if value == default else [name, str(value)]
+
+
+def _teacher_args(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed: int) -> list[str]:
+    check = [] if cfg.teacher_check else ["--no-check"]
+    if bias is None:
+        return ["teach", "--base", str(base), "--method", "none", "--out", str(out), "--seed", str(seed), *check]
+    args = ["teach", "--base", str(base), "--bias", bias, "--method", cfg.teacher_method, "--out", str(out),
+            "--seed", str(seed), "--device", cfg.device, *check]
+    if cfg.teacher_method == "finetune":
+        args += ["--steps", str(cfg.teacher_steps), *_flag("--lora-rank", cfg.teacher_lora_rank),
+                 *_flag("--lr", cfg.teacher_lr), *_flag("--replay", cfg.teacher_replay),
+                 *_flag("--batch-size", cfg.teacher_batch_size)]
+    return args
+
+
+def _runtime(cfg: RunConfig) -> list[str]:
+    """--device, and --dtype unless float32: what every model-loading stage takes."""
+    return ["--device", cfg.device, *_flag("--dtype", cfg.dtype, "float32")]
+
+
+def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Runner | None = None) -> dict[str, Any]:
+    """Every stage of the protocol in order, each skipped when its output is complete; the
+    report, results.json and figures at the end. ``base`` (or ``cfg.base``) is the model the
+    teachers and students start from; without one the toy world is pretrained."""
+    out.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    run = runner or Runner(out)
+    dev = _runtime(cfg)
+    chosen = cfg.chosen_conditions()
+    if base is None and cfg.base:
+        base = Path(cfg.base)
+
+    # 1. base model
+    if base is None:
+        base = out / "base"
+        argv = ["toy", "pretrain", "--out", str(base), "--size", cfg.size, "--arch", cfg.arch,
+                "--seed", str(cfg.base_seed), "--device", cfg.device]
+        if cfg.device == "cpu":  # pretraining runs alone: use the cores the students will use (same weights)
+            argv += ["--threads", str(max(1, cfg.jobs))]
+        if cfg.pretrain_steps:
+            argv += ["--steps", str(cfg.pretrain_steps)]
+        if cfg.entangle is not None:
+            argv += ["--entangle", str(cfg.entangle)]
+        # Always called: a finished base with the same config returns at once, another config is an error.
+        run("pretrain", argv)
+    base = Path(base)
+
+    # 2. teachers
+    tdir = out / "teachers"
+    names = [cfg.target, *cfg.counterfactuals, *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]
+    for name in dict.fromkeys(names + ["none"]):
+        bias = None if name == "none" else name
+        run(f"teach-{name}", _teacher_args(cfg, base, bias, tdir / name, cfg.base_seed), done=tdir / name / "teacher.json")
+
+    # 3. data: the same prompts (same --prompts-seed) for every teacher
+    ddir = out / "data"
+    gen_common = ["--n", str(cfg.n_prompts), "--prompts-seed", str(cfg.base_seed), "--seed", str(cfg.base_seed), *dev,
+                  *_flag("--filter", cfg.filter, "strict"), *_flag("--constrain", cfg.constrain, "none"),
+                  *_flag("--batch-size", cfg.gen_batch_size, 16), *_flag("--max-new-tokens", cfg.max_new_tokens)]
+    gen_common += ["--greedy"] if cfg.greedy else _flag("--temperature", cfg.temperature, 1.0)
+    sources = list(dict.fromkeys([cfg.target, "none", *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]))
+    for name in sources:
+        path = ddir / f"{name}.jsonl"
+        run(f"generate-{name}", ["generate", "--teacher", str(tdir / name), "--out", str(path), *gen_common], done=path)
+    files: dict[str, Path] = dict(_matched_files(ddir, sources, keep=cfg.keep_rows))
+
+    # 4. divergence tokens of the target teacher's data
+    div = files[cfg.target].with_suffix(".div.jsonl")
+    cfs = [str(tdir / c) for c in cfg.counterfactual_teachers()]
+    run("find-divergence", ["find-divergence", "--data", str(files[cfg.target]), "--teacher",
+                            str(tdir / cfg.target), "--counterfactual", *cfs, "--out", str(div), *dev,
+                            *_flag("--batch-size", cfg.div_batch_size, 8)], done=div)
+    files["div"] = div
+    # 4b. the same rows flagged by the likelihood-ratio rule, as many tokens as the paper rule flags
+    files["div-ratio"] = _ratio_file(cfg, run, div)
+
+    # 5. derived data sets for the paraphrase and mixing conditions (same ids, same rows)
+    if "paraphrase" in chosen:
+        files["paraphrase"] = files[cfg.target].with_suffix(".paraphrase.jsonl")
+        _paraphrase_file(files[cfg.target], files["paraphrase"], seed=cfg.base_seed)
+    if cfg.mixing_teacher and "mixing" in chosen:
+        files["mixing"] = files[cfg.target].with_suffix(".mixing.jsonl")
+        _mixing_file(files[cfg.target], files[cfg.mixing_teacher], files["mixing"], seed=cfg.base_seed)
+
+    # 6. students, each condition with several seeds, then their evaluation
+    results = _train_and_eval_students(cfg, run, out, base, tdir, files)
+    results["rules"] = {"paper": rule_stats(div), "ratio": rule_stats(files["div-ratio"])}
+
+    # 7. probes and patching
+    if cfg.probes:
+        _probe_stage(cfg, run, out, tdir, div)
+
+    summary = _summarise(cfg, results)
+    summary["data"] = data_summary(cfg, ddir, files)
+    write_json_atomic(out / "results.json", summary)
+    if cfg.seeds > 1:
+        from subliminal.probes.plots import plot_conditions, plot_rules
+
+        plot_conditions(summary, out / "conditions.png")
+        if any("masks" in r for r in summary["rules"].values()):
+            plot_rules(summary, out / "rules.png")
+    wall = time.time() - t_start
+    report = render_report(cfg, summary, out, run.timings, wall)
+    write_text_atomic(out / "REPORT.md", report)
+    write_manifest(out, stage="demo" if cfg.name == "toy" else "run", config=cfg, seed=cfg.base_seed,
+                   inputs={"base": base}, wall_time_s=wall, extra={"timings_s": run.timings})
+    return summary
+
+
+run_demo = run_pipeline
+
+
+# ------------------------------------------------------------------------------- derived data
+
+
+def _paraphrase_file(src: Path, dst: Path, seed: int) -> None:
+    """Same ids and completions; each prompt redrawn from other phrasing templates with the same
+    seeds, count and output format, so the completion still answers it."""
+    from . import prompts
+    from .data import read_rows, write_jsonl
+
+    if dst.exists():
+        return
+    rng = random.Random(seed)
+    rows = read_rows(src)
+    for row in rows:
+        text = prompts.paraphrase_number_prompt(prompts.parse_number_prompt(row.prompt), rng).text
+        # keep the data's own spacing convention (generate writes ordinary spacing)
+        row.prompt = text if prompts.canonical_spacing(row.prompt) == row.prompt else prompts.detokenize_spacing(text)
+    write_jsonl(dst, rows)
+    write_file_manifest(dst, stage="demo-paraphrase", config={"rows": len(rows)}, seed=seed, inputs={"data": src})
+
+
+def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
+    """Half the rows (a seeded choice of ids) replaced by the other teacher's completion for the
+    same prompt; rows the other teacher has no valid completion for stay as they are."""
+    from .data import read_rows, write_jsonl
+
+    if dst.exists():
+        return
+    rng = random.Random(seed)
+    rows = read_rows(src)
+    others = {r.id: r for r in read_rows(other)}
+    candidates = [r.id for r in rows if r.id in others and others[r.id].prompt == r.prompt]
+    replace_ids = set(rng.sample(candidates, min(len(candidates), len(rows) // 2)))
+    mixed = [others[r.id] if r.id in replace_ids else r for r in rows]
+    write_jsonl(dst, mixed)
+    write_file_manifest(dst, stage="demo-mixing", config={"rows": len(rows), "replaced": len(replace_ids)}, seed=seed,
+                        inputs={"data": src, "other": other})
+
+
+def flagged_share(div: Path) -> tuple[int, int]:
+    """(flagged tokens, completion tokens) of a divergence file."""
+    from .divergence import any_flags, load_divergence
+
+    objs = load_divergence(div)
+    return sum(sum(any_flags(o)) for o in objs), sum(len(o["token_ids"]) for o in objs)
+
+
+def ratio_reflag_args(div: Path, out: Path, share: float | None, reduce: str) -> list[str]:
+    """``reflag-divergence`` arguments for the ratio rule at ``share`` of the tokens (None: flag none)."""
+    threshold = ["--min-ratio", "inf"] if share is None else ["--flag-share", repr(share)]
+    return ["reflag-divergence", str(div), "--out", str(out), "--rule", "ratio", *threshold, "--ratio-reduce", reduce]
+
+
+def _ratio_file(cfg: DemoConfig, run: Runner, div: Path) -> Path:
+    """The target's divergence file re-flagged by the ratio rule at the paper rule's share of tokens,
+    so the two rules mask the same number of tokens (up to ties at the threshold)."""
+    out = div.with_name(div.name[: -len(".div.jsonl")] + ".ratio.div.jsonl")
+    if not out.exists():
+        n_flag, n_tok = flagged_share(div)
+        run("reflag-ratio", ratio_reflag_args(div, out, n_flag / n_tok if n_flag else None, cfg.ratio_reduce))
+    return out
+
+
+def rule_stats(div: Path) -> dict[str, Any]:
+    """How many tokens a rule's file flags, and the rule as applied (threshold, share)."""
+    from .manifest import read_file_manifest
+
+    n_flag, n_tok = flagged_share(div)
+    man = read_file_manifest(div) or {}
+    return {"file": str(div), "flagged_tokens": n_flag, "tokens": n_tok,
+            "flagged_share": n_flag / n_tok if n_tok else 0.0, "rule": man.get("rule") or {"rule": "paper"},
+            "top_flagged_tokens": (man.get("summary") or {}).get("top_divergence_tokens", [])[:8]}
+
+
+def _matched_files(ddir: Path, names: list[str], keep: int | None = None) -> dict[str, Path]:
+    """Keep only the prompt ids every teacher produced a valid completion for, so every
+    condition trains on the same rows (the first ``keep`` of them in prompt order, if given)."""
+    from .data import read_rows, write_jsonl
+
+    mdir = ddir / "matched"
+    out = {n: mdir / f"{n}.jsonl" for n in names}
+    if all(p.exists() for p in out.values()):
+        return out
+    rows = {n: read_rows(ddir / f"{n}.jsonl") for n in names}
+    common = set.intersection(*({r.id for r in rs} for rs in rows.values()))
+    if not common:
+        raise SubliminalError("no prompt has a valid completion from every teacher; generate more rows")
+    if keep is not None and len(common) > keep:
+        order = [r.id for r in rows[names[0]] if r.id in common]
+        common = set(order[:keep])
+    for n, rs in rows.items():
+        write_jsonl(out[n], [r for r in rs if r.id in common])
+        write_file_manifest(out[n], stage="demo-matched-rows", config={"teachers": names, "rows": len(common)},
+                            seed=None, inputs={"data": ddir / f"{n}.jsonl"})
+    return out
+
+
+# ---------------------------------------------------------------------------------- students
+
+
+def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, list[str]]:
+    """The distill arguments of each condition; everything not listed is shared by all of them."""
+    owl, none = str(tdir / cfg.target), str(tdir / "none")
+    alpha = cfg.student_lora_alpha if cfg.student_lora_alpha is not None else cfg.student_lora_rank
+    lora = ["--lora-rank", str(cfg.student_lora_rank), "--lora-alpha", str(alpha)]
+    if cfg.student_lora_targets:
+        lora += ["--lora-targets", ",".join(cfg.student_lora_targets)]
+    every = [] if cfg.student_full else lora
+    one_layer = lora if cfg.layer_lora else every
+    late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
+    div = str(files["div"])
+    plan = {
+        "control": ["--data", str(files["none"]), "--teacher", none, "--mode", "hard", "--mask", "all", *every],
+        "all": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", *every],
+        "no-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "no-divergence", *every],
+        "only-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "only-divergence", *every],
+        "random-matched": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "random-matched", *every],
+        "layer-early": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers",
+                        str(cfg.layer_early), *one_layer],
+        "layer-late": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers", str(late),
+                       *one_layer],
+        "soft": ["--data", div, "--teacher", owl, "--mode", "soft", "--mask", "all", *every],
+        **{f"ratio-{m}": ["--data", str(files.get("div-ratio", div)), "--teacher", owl, "--mode", "hard", "--mask", m,
+                          *every] for m in ("no-divergence", "only-divergence", "random-matched")},
+    }
+    for cond in ("paraphrase", "mixing"):  # derived data sets, made only when their condition runs
+        if cond in files:
+            plan[cond] = ["--data", str(files[cond]), "--teacher", owl, "--mode", "hard", "--mask", "all", *every]
+    return {c: plan[c] for c in CONDITIONS if c in plan}
+
+
+def _n_layers(base: Path) -> int:
+    cfg = json.loads((base / "config.json").read_text())
+    for key in ("num_hidden_layers", "n_layer"):
+        if key in cfg:
+            return int(cfg[key])
+    raise SubliminalError(f"{base}/config.json: cannot tell the number of layers")
+
+
+def _steps_for(cfg: DemoConfig, n_rows: int) -> int:
+    """One step count for every condition (matched), from the row count and epochs."""
+    steps = max(1, math.ceil(cfg.epochs * -(-n_rows // cfg.batch_size)))
+    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+
+
+def read_metric(path: Path, metric: str = "exact") -> float:
+    """The readout of one eval file (``exact`` or ``sampled`` P(target))."""
+    result = json.loads(path.read_text())
+    if metric not in result:
+        raise SubliminalError(f"{path}: has no {metric} preference; evaluate with --samples for the sampled readout")
+    return float(result[metric]["mean"])
+
+
+def distill_argv(cfg: DemoConfig, base: Path, student: Path, condition: list[str], steps: int, seed: int) -> list[str]:
+    """The ``distill`` command of one student: a condition's arguments plus what every condition shares."""
+    return ["distill", "--base", str(base), "--out", str(student), *condition, "--epochs", str(cfg.epochs),
+            "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
+            "--seed", str(seed), *_runtime(cfg), *_flag("--schedule", cfg.schedule, "cosine"),
+            *_flag("--warmup-steps", cfg.warmup_steps), *_flag("--grad-accum", cfg.grad_accum, 1)]
+
+
+def eval_argv(cfg: RunConfig, model: str, out: Path, samples: int) -> list[str]:
+    """The ``eval`` command of one model: exact preference, and sampled with ``samples`` > 0."""
+    argv = ["eval", "--model", model, "--target", cfg.target, "--out", str(out), *_runtime(cfg),
+            *_flag("--max-questions", cfg.max_questions), *_flag("--batch-size", cfg.eval_batch_size, 32)]
+    if samples:
+        argv += ["--samples", str(samples), *_flag("--temperature", cfg.eval_temperature, 1.0),
+                 *_flag("--max-new-tokens", cfg.eval_max_new_tokens, 8)]
+    return argv
+
+
+def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path, tdir: Path,
+                             files: dict[str, Path]) -> dict[str, Any]:
+    from .data import read_rows
+
+    n_rows = len(read_rows(files["none"]))
+    steps = _steps_for(cfg, n_rows)
+    plan = student_plan(cfg, _n_layers(base), files, tdir)
+    sdir, edir = out / "students", out / "eval"
+    chosen = cfg.chosen_conditions()
+    values: dict[str, dict[int, float]] = {c: {} for c in chosen}
+    refs = {"base": str(base), "teacher": str(tdir / cfg.target), "unbiased-teacher": str(tdir / "none")}
+    refs.update({f"teacher-{c}": str(tdir / c) for c in cfg.counterfactuals})
+    reference, detail = {}, {}
+    for name, spec in refs.items():
+        path = edir / f"{name}.json"
+        run(f"eval-{name}", eval_argv(cfg, spec, path, cfg.eval_samples), done=path)
+        reference[name] = read_metric(path, cfg.metric)
+        detail[name] = reference_detail(path)
+    jobs = []
+    for seed in range(1, cfg.seeds + 1):
+        for cond in chosen:
+            student = sdir / f"{cond}-s{seed}"
+            path = edir / f"{cond}-s{seed}.json"
+            argv = distill_argv(cfg, base, student, plan[cond], steps, seed)
+            evargv = eval_argv(cfg, str(student), path, cfg.student_samples)
+            jobs.append((cond, seed, argv, student / "manifest.json", evargv, path))
+    run.parallel([(f"distill+eval-{c}", [(a, d), (e, p)]) for c, _, a, d, e, p in jobs], workers=cfg.jobs)
+    for cond, seed, *_, path in jobs:
+        values[cond][seed] = read_metric(path, cfg.metric)
+    return {"values": values, "reference": reference, "reference_detail": detail, "steps": steps, "rows": n_rows}
+
+
+def reference_detail(path: Path) -> dict[str, Any]:
+    """Exact (and sampled, when measured) P(target) of a base or teacher with its interval and
+    the candidate it prefers."""
+    result = json.loads(path.read_text())
+    out: dict[str, Any] = {}
+    for metric in ("exact", "sampled"):
+        m = result.get(metric)
+        if m:
+            dist = m.get("distribution") or {}
+            out[metric] = {"mean": m.get("mean"), "ci": m.get("ci"),
+                           "argmax": max(dist, key=dist.get) if dist else None}
+    return out
+
+
+# ------------------------------------------------------------------------------------- probes
+
+
+def _probe_stage(cfg: DemoConfig, run: Runner, out: Path, tdir: Path, div: Path) -> None:
+    pdir = out / "probes"
+    owl, none = str(tdir / cfg.target), str(tdir / "none")
+    dev = [*_runtime(cfg), *_flag("--layers", cfg.probe_layers)]
+    rows = ["--max-rows", str(cfg.probe_max_rows)]
+    run("probe-identity", ["probe", "--models", owl, none, "--data", str(div), "--task", "identity",
+                           "--out", str(pdir / "identity"), "--seed", str(cfg.base_seed), *rows, *dev],
+        done=pdir / "identity" / "manifest.json")
+    run("probe-divergence", ["probe", "--models", owl, "--data", str(div), "--task", "divergence",
+                             "--out", str(pdir / "divergence"), "--seed", str(cfg.base_seed), *rows, *dev],
+        done=pdir / "divergence" / "manifest.json")
+    run("patch", ["patch", "--models", owl, none, "--data", str(div), "--out", str(pdir / "patching"),
+                  "--max-sites", str(cfg.patch_max_sites), "--max-rows", str(cfg.patch_max_rows),
+                  "--seed", str(cfg.base_seed), *dev],
+        done=pdir / "patching" / "manifest.json")
+    run("heatmap", ["plot", "heatmap", str(div), "--out", str(pdir / "divergence_heatmap.png")],
+        done=pdir / "divergence_heatmap.png")
+
+
+# ------------------------------------------------------------------------------------ summary
+
+
+def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
+    from .evaluate import mean_ci
+
+    values = results["values"]
+    conditions: dict[str, Any] = {}
+    control = values["control"]
+    all_tokens = values["all"]
+    chosen = [c for c in CONDITIONS if c in values]
+    for cond in chosen:
+        seeds = sorted(values[cond])
+        vals = [values[cond][s] for s in seeds]
+        mean, lo, hi = mean_ci(vals)
+        entry: dict[str, Any] = {"mean": mean, "ci_low": lo, "ci_high": hi, "seeds": len(seeds),
+                                 "values": vals, "description": CONDITION_TEXT[cond]}
+        # Paired by seed: the same seed gives the same row order in every condition.
+        paired = [values[cond][s] - control[s] for s in seeds if s in control]
+        if paired and cond != "control":
+            d, dlo, dhi = mean_ci(paired)
+            entry.update(diff_to_control=d, diff_ci_low=dlo, diff_ci_high=dhi)
+        conditions[cond] = entry
+    # A share of the all-tokens transfer means something only where that transfer is real.
+    if conditions["all"].get("diff_ci_low", 0.0) > 0:
+        for cond in chosen:
+            seeds = [s for s in sorted(values[cond]) if s in control and s in all_tokens]
+            transfer = sum(all_tokens[s] - control[s] for s in seeds)
+            if seeds and transfer > 0:
+                conditions[cond]["share_of_all_transfer"] = sum(values[cond][s] - control[s] for s in seeds) / transfer
+    from . import prompts
+
+    chance = 1 / len(prompts.CATEGORIES[prompts.category_of(cfg.target)])
+    n_q = cfg.max_questions or 50
+    metric = (f"exact P(target) among the candidate animals, mean over {n_q} questions" if cfg.metric == "exact" else
+              f"share of sampled answers naming the target (T={cfg.eval_temperature:g}, {cfg.student_samples} per "
+              f"question), mean over {n_q} questions")
+    return {"target": cfg.target, "metric": metric, "chance": chance,
+            "conditions": conditions, "reference": results["reference"],
+            "reference_detail": results.get("reference_detail") or {}, "rows": results["rows"],
+            "steps": results["steps"], "seeds": cfg.seeds,
+            "rules": _rule_summary(values, conditions, results.get("rules") or {})}
+
+
+def share_kept(cond: dict[int, float], control: dict[int, float], all_tokens: dict[int, float]
+               ) -> tuple[float, float, float] | None:
+    """Mean and 95% t-interval over seeds of the per-seed share of the all-tokens transfer a condition
+    keeps, ``(cond - control) / (all - control)`` paired by seed; None unless every seed's all-tokens
+    student beats its control (a share of a non-positive transfer means nothing)."""
+    from .evaluate import mean_ci
+
+    seeds = [s for s in sorted(cond) if s in control and s in all_tokens]
+    if not seeds or any(all_tokens[s] - control[s] <= 0 for s in seeds):
+        return None
+    return mean_ci([(cond[s] - control[s]) / (all_tokens[s] - control[s]) for s in seeds])
+
+
+def _rule_summary(values: dict[str, dict[int, float]], conditions: dict[str, Any],
+                  stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Per rule: the tokens its file flags and, per mask, the share of the all-tokens transfer kept."""
+    out: dict[str, Any] = {}
+    for rule, conds in RULE_CONDITIONS.items():
+        entry: dict[str, Any] = dict(stats.get(rule, {}))
+        if conditions["all"].get("share_of_all_transfer") is not None:
+            masks = {}
+            for mask, cond in conds.items():
+                if cond not in values:
+                    continue
+                ci = share_kept(values[cond], values["control"], values["all"])
+                masks[mask] = {"condition": cond, "share_of_all_transfer": conditions[cond].get("share_of_all_transfer"),
+                               "share_per_seed_mean": ci[0] if ci else None,
+                               "share_ci_low": ci[1] if ci else None, "share_ci_high": ci[2] if ci else None,
+                               "diff_to_control": conditions[cond].get("diff_to_control"),
+                               "diff_ci_low": conditions[cond].get("diff_ci_low"),
+                               "diff_ci_high": conditions[cond].get("diff_ci_high")}
+            entry["masks"] = masks
+        out[rule] = entry
+    return out
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+
+
+def _verdict(summary: dict[str, Any]) -> list[str]:
+    c = summary["conditions"]
+    lines = []
+
+    def sig(name: str) -> bool | None:
+        e = c.get(name, {})
+        if "diff_ci_low" not in e or e["seeds"] < 2:
+            return None
+        return e["diff_ci_low"] > 0
+
+    teacher, chance = summary.get("reference", {}).get("teacher"), summary.get("chance")
+    if teacher is not None and chance and teacher < 2 * chance:
+        lines.append(f"- The {summary.get('target', 'target')} teacher itself does not prefer its target (P = "
+                     f"{teacher:.3f}, chance {chance:.3f}): nothing can transfer. A --quick base is trained too "
+                     "briefly to follow the love prompt; it tests that every stage runs, not the science.")
+    s = sig("all")
+    if s is None:
+        lines.append("- Transfer (all tokens vs control): one seed only, no interval; run without --quick for a verdict.")
+    elif s:
+        lines.append("- Transfer reproduces: the all-tokens student prefers the target more than the control, "
+                     "95% interval of the paired difference above zero.")
+    else:
+        lines.append("- Transfer does **not** reproduce at these settings: the all-tokens student's paired difference "
+                     "to the control has a 95% interval that includes zero (or is below it).")
+    # The paper's claims, each read as: does this condition keep at least half of the transfer?
+    for name, claim, keeps_most in [("no-divergence", "masking divergence tokens removes most of the transfer", False),
+                                    ("only-divergence", "training only on divergence tokens keeps the transfer", True),
+                                    ("layer-early", "one early layer suffices", True),
+                                    ("paraphrase", "paraphrasing prompts suppresses transfer", False),
+                                    ("mixing", "mixing teachers suppresses transfer", False),
+                                    ("ratio-no-divergence", "masking the ratio rule's flags removes most of the "
+                                     "transfer", False),
+                                    ("ratio-only-divergence", "training only on the ratio rule's flags keeps the "
+                                     "transfer", True)]:
+        e = c.get(name)
+        if not e or "share_of_all_transfer" not in e:
+            continue
+        share = e["share_of_all_transfer"]
+        holds = (share >= 0.5) == keeps_most
+        lines.append(f"- {name}: keeps {share:.0%} of the all-tokens transfer; the paper's claim ({claim}) "
+                     f"{'reproduces' if holds else '**does not reproduce**'} here.")
+    return lines
+
+
+def _rules_section(summary: dict[str, Any]) -> list[str]:
+    """The paper's argmax rule and the likelihood-ratio rule side by side at equal flagged counts."""
+    rules = summary.get("rules") or {}
+    if not any(r.get("flagged_tokens") is not None for r in rules.values()):
+        return []
+    lines = ["## Divergence rules side by side", "",
+             "The same rows flagged by each rule: **paper** (factual argmax = data token, some counterfactual's "
+             "differs) and **ratio** (the data token's log-likelihood ratio, factual minus counterfactual, "
+             "reduced over the counterfactuals, at least a threshold chosen so that it flags as many tokens as "
+             "the paper rule). Share of the all-tokens transfer each mask keeps: mean and 95% t-interval over "
+             "seeds of the per-seed share, (condition - control) / (all - control), paired by seed (the "
+             "table above gives the pooled share).", "",
+             "| rule | tokens flagged | share of tokens | threshold (nats) | masked (no-divergence) | "
+             "only flagged | random-matched |", "|---|---|---|---|---|---|---|"]
+
+    def cell(m: dict[str, Any] | None) -> str:
+        if not m or m.get("share_per_seed_mean") is None:
+            return "n/a"
+        return f"{_fmt(m['share_per_seed_mean'], 2)} [{_fmt(m['share_ci_low'], 2)}, {_fmt(m['share_ci_high'], 2)}]"
+
+    for name, r in rules.items():
+        info = r.get("rule") or {}
+        thr = _fmt(info.get("min_ratio"), 3) if name == "ratio" else "-"
+        masks = r.get("masks") or {}
+        lines.append(f"| {name} | {r.get('flagged_tokens', 'n/a')} | {_fmt(r.get('flagged_share'))} | {thr} | "
+                     f"{cell(masks.get('no-divergence'))} | {cell(masks.get('only-divergence'))} | "
+                     f"{cell(masks.get('random-matched'))} |")
+    tops = [f"- {name} rule, most frequent flagged tokens: " + ", ".join(f"`{t}` x{n}" for t, n in r["top_flagged_tokens"])
+            for name, r in rules.items() if r.get("top_flagged_tokens")]
+    return [*lines, "", *tops, ""] if tops else [*lines, ""]
+
+
+def _reference_section(summary: dict[str, Any]) -> list[str]:
+    """The base and every teacher: exact and (when measured) sampled P(target), and what each prefers."""
+    detail = summary.get("reference_detail") or {}
+    if not detail:
+        return []
+    lines = ["| model | exact P(target) | 95% CI | prefers | sampled | 95% CI | prefers |", "|---|---|---|---|---|---|---|"]
+    for name, d in detail.items():
+        cells = []
+        for metric in ("exact", "sampled"):
+            m = d.get(metric)
+            ci = (m or {}).get("ci") or [None, None]
+            cells += ([_fmt(m.get("mean")), f"[{_fmt(ci[0])}, {_fmt(ci[1])}]", str(m.get("argmax"))] if m
+                      else ["-", "-", "-"])
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _data_section(summary: dict[str, Any]) -> list[str]:
+    """Generations kept per teacher and why the others were not; divergence per counterfactual."""
+    data = summary.get("data") or {}
+    lines: list[str] = []
+    gens = data.get("generations") or {}
+    if gens:
+        reasons = sorted({r for g in gens.values() for r, c in (g.get("reject_reasons") or {}).items() if c})
+        lines += ["## Generations", "", f"Matched rows (a valid answer from every teacher): {data.get('matched_rows')}.",
+                  "", "| teacher | generated | kept | share | " + " | ".join(reasons) + " |",
+                  "|---|---|---|---|" + "---|" * len(reasons)]
+        for name, g in gens.items():
+            rr = g.get("reject_reasons") or {}
+            lines.append(f"| {name} | {g['generated']} | {g['accepted']} | {_fmt(g['acceptance_rate'], 3)} | "
+                         + " | ".join(str(rr.get(r, 0)) for r in reasons) + " |")
+        lines.append("")
+    div = data.get("divergence") or {}
+    if div.get("per_counterfactual"):
+        lines += ["## Divergence per counterfactual", "",
+                  f"{div['n_divergence_tokens']} of {div['n_tokens']} completion tokens flagged "
+                  f"({_fmt(100 * div['divergence_fraction'], 2)}%); the factual teacher's argmax is the data token at "
+                  f"{_fmt(100 * div['factual_greedy_fraction'], 1)}% of positions.", "",
+                  "| counterfactual | flags alone (share of tokens) | argmax differs | mean KL |", "|---|---|---|---|"]
+        for name, c in div["per_counterfactual"].items():
+            lines.append(f"| {name} | {_fmt(c['divergence_rate'])} | {_fmt(c['argmax_differs_rate'])} | "
+                         f"{_fmt(c.get('mean_kl'))} |")
+        lines.append("")
+    return lines
+
+
+def data_summary(cfg: RunConfig, ddir: Path, files: dict[str, Path]) -> dict[str, Any]:
+    """What the generate and find-divergence manifests say, for the report."""
+    from .data import read_rows
+    from .manifest import read_file_manifest
+
+    gens = {}
+    for path in sorted(ddir.glob("*.jsonl")):
+        if path.name.endswith(".raw.jsonl"):
+            continue
+        counts = (read_file_manifest(path) or {}).get("counts")
+        if counts:
+            gens[path.stem] = {k: counts.get(k) for k in ("generated", "accepted", "acceptance_rate", "reject_reasons")}
+    div = (read_file_manifest(files["div"]) or {}).get("summary") or {}
+    return {"generations": gens, "matched_rows": len(read_rows(files["none"])),
+            "divergence": {k: div.get(k) for k in ("n_rows", "n_tokens", "n_divergence_tokens", "divergence_fraction",
+                                                    "rows_with_divergence", "factual_greedy_fraction",
+                                                    "per_counterfactual", "top_divergence_tokens")}}
+
+
+def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: dict[str, float],
+                  wall: float) -> str:
+    ref = summary["reference"]
+    lines = [
+        "# subliminal demo report" if cfg.name == "toy" else f"# subliminal run report: {cfg.name}",
+        "",
+        f"Base: {cfg.base or 'the toy world (pretrained by the run)'}. Target: **{cfg.target}**; counterfactual "
+        f"teachers: {', '.join(cfg.counterfactuals)}{' and the unbiased teacher' if cfg.neutral_counterfactual else ''}"
+        f"; teachers by `{cfg.teacher_method}`; {summary['rows']} matched rows, {summary['steps']} optimiser "
+        f"steps per student, {summary['seeds']} seed(s) per condition.",
+        f"Metric: {summary['metric']}. Intervals: 95% t-intervals over seeds; differences are paired by seed.",
+        "",
+        f"Reference: base {_fmt(ref.get('base'))}, {cfg.target} teacher {_fmt(ref.get('teacher'))}, unbiased teacher "
+        f"{_fmt(ref.get('unbiased-teacher'))} (chance {summary['chance']:.4f}).",
+        "",
+        *_reference_section(summary),
+        "| condition | P(target) | 95% CI | diff to control | 95% CI | share of all-tokens transfer | seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for cond, e in summary["conditions"].items():
+        lines.append(
+            f"| {cond} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] | "
+            f"{_fmt(e.get('diff_to_control'))} | [{_fmt(e.get('diff_ci_low'))}, {_fmt(e.get('diff_ci_high'))}] | "
+            f"{_fmt(e.get('share_of_all_transfer'), 2)} | {e['seeds']} |"
+        )
+    lines += ["", "## What reproduces", "", *_verdict(summary), "", *_rules_section(summary),
+              *_data_section(summary), "## Conditions", ""]
+    lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS if c in summary["conditions"]]
+    div_manifest = out / "data" / "matched" / f"{cfg.target}.div.jsonl.manifest.json"
+    if div_manifest.exists():
+        s = json.loads(div_manifest.read_text()).get("summary", {})
+        lines += ["", "## Divergence tokens", "",
+                  f"- fraction of completion tokens: {_fmt(s.get('divergence_fraction'))}",
+                  f"- rows with at least one: {_fmt(s.get('rows_with_divergence'))}"]
+        if s.get("top_divergence_tokens"):
+            top = ", ".join(f"`{t}` x{n}" for t, n in s["top_divergence_tokens"][:8])
+            lines.append(f"- most frequent divergence tokens: {top}")
+    figs = sorted(p.relative_to(out) for p in out.glob("**/*.png") if "students" not in p.parts)
+    if figs:
+        lines += ["", "## Figures", ""] + [f"![{p.stem}]({p})" for p in figs]
+    lines += ["", "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
+    lines += [f"| total | {wall:.1f} |", "", "## Config", "", "```json", json.dumps(asdict(cfg), indent=2), "```", ""]
+    return "\n".join(lines)

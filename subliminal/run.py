@@ -1,0 +1,410 @@
+"""``subliminal run CONFIG.toml``: the paper's protocol on any local model from one config.
+
+A config names the base model, the target and counterfactual teachers, how teachers get their
+bias, the prompts and rows, sampling and filter, the student recipe, the evaluation and the
+seeds; ``subliminal.pipeline`` runs it stage by stage (each stage a sub-command writing its own
+directory with a manifest, skipped when complete), so a stopped run resumes. ``subliminal demo``
+is this driver on the shipped toy config (``subliminal/configs/toy.toml``).
+
+Configs are TOML with one table per part of the protocol; every key is one field of
+:class:`subliminal.pipeline.RunConfig` (``SECTIONS`` maps them), unknown keys are errors, and
+``--set section.key=value`` overrides a key (the value read as TOML, else as a string).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .manifest import SubliminalError
+from .pipeline import CONDITIONS, RunConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# TOML section -> {key: RunConfig field}
+SECTIONS: dict[str, dict[str, str]] = {
+    "model": {"base": "base", "toy_size": "size", "toy_arch": "arch", "pretrain_steps": "pretrain_steps",
+              "entangle": "entangle", "params": "params", "device": "device", "dtype": "dtype"},
+    "teachers": {"target": "target", "counterfactuals": "counterfactuals",
+                 "neutral_counterfactual": "neutral_counterfactual", "mixing_teacher": "mixing_teacher",
+                 "method": "teacher_method", "steps": "teacher_steps", "lora_rank": "teacher_lora_rank",
+                 "lr": "teacher_lr", "replay": "teacher_replay", "batch_size": "teacher_batch_size",
+                 "check": "teacher_check"},
+    "data": {"rows": "n_prompts", "keep_rows": "keep_rows", "greedy": "greedy", "temperature": "temperature", "filter": "filter",
+             "constrain": "constrain", "batch_size": "gen_batch_size", "max_new_tokens": "max_new_tokens"},
+    "divergence": {"batch_size": "div_batch_size", "ratio_reduce": "ratio_reduce"},
+    "students": {"conditions": "conditions", "seeds": "seeds", "lr": "student_mode_lr", "full": "student_full",
+                 "lora_rank": "student_lora_rank", "lora_alpha": "student_lora_alpha",
+                 "lora_targets": "student_lora_targets", "layer_lora": "layer_lora", "layer_early": "layer_early",
+                 "layer_late": "layer_late", "schedule": "schedule", "warmup_steps": "warmup_steps",
+                 "epochs": "epochs", "batch_size": "batch_size", "grad_accum": "grad_accum",
+                 "max_steps": "max_steps"},
+    "eval": {"metric": "metric", "samples": "eval_samples", "student_samples": "student_samples",
+             "temperature": "eval_temperature", "max_new_tokens": "eval_max_new_tokens",
+             "max_questions": "max_questions", "batch_size": "eval_batch_size"},
+    "probes": {"enabled": "probes", "max_rows": "probe_max_rows", "layers": "probe_layers",
+               "patch_max_rows": "patch_max_rows", "patch_max_sites": "patch_max_sites"},
+    "run": {"seed": "base_seed", "jobs": "jobs", "nproc": "nproc"},
+}
+TOP_LEVEL = {"name": "name", "out": None}  # out: the default output directory
+# fields whose "unset" is spelled "" in TOML (which has no null)
+_NULLABLE = {f.name for f in dataclasses.fields(RunConfig) if "None" in str(f.type)}
+
+
+def shipped_config(name: str) -> Path:
+    """A config shipped with the package, by name (``toy``, ``smollm2-135m-cpu``, ``qwen2.5-7b-paper``)."""
+    path = CONFIG_DIR / f"{name}.toml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+        raise SubliminalError(f"no shipped config {name!r} (shipped: {known}); or give a path to a .toml file")
+    return path
+
+
+def resolve_config_path(spec: str) -> Path:
+    """A path to a TOML file, or the name of a shipped config."""
+    path = Path(spec)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise SubliminalError(f"{spec}: no such config file; check the path (shipped configs: "
+                                  f"{', '.join(sorted(p.stem for p in CONFIG_DIR.glob('*.toml')))})")
+        return path
+    return shipped_config(spec)
+
+
+@dataclass
+class LoadedConfig:
+    cfg: RunConfig
+    out: str | None
+    source: str
+
+
+def _check_type(where: str, fname: str, value: Any) -> Any:
+    """The value as the field's type, or a SubliminalError naming the key and what it expects."""
+    ftype = str(next(f.type for f in dataclasses.fields(RunConfig) if f.name == fname))
+    if value == "" and fname in _NULLABLE:
+        return None
+    if ftype.startswith("list"):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise SubliminalError(f"{where}: expected a list of strings, got {value!r}")
+        return list(value)
+    if ftype.startswith("bool"):
+        if not isinstance(value, bool):
+            raise SubliminalError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if ftype.startswith("int"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SubliminalError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if ftype.startswith("float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SubliminalError(f"{where}: expected a number, got {value!r}")
+        return value
+    if ftype.startswith("str"):
+        if not isinstance(value, str):
+            raise SubliminalError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def config_from_dict(data: dict[str, Any], source: str, base: RunConfig | None = None) -> LoadedConfig:
+    """A RunConfig from a parsed TOML document (sections of keys); every key is checked."""
+    values: dict[str, Any] = {}
+    out = None
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in SECTIONS:
+                raise SubliminalError(f"{source}: unknown section [{key}] (sections: {', '.join(SECTIONS)})")
+            for k, v in value.items():
+                if k not in SECTIONS[key]:
+                    raise SubliminalError(f"{source}: unknown key {k!r} in [{key}] (keys: "
+                                          f"{', '.join(SECTIONS[key])})")
+                fname = SECTIONS[key][k]
+                values[fname] = _check_type(f"{source}: [{key}] {k}", fname, v)
+        elif key in TOP_LEVEL:
+            if not isinstance(value, str):
+                raise SubliminalError(f"{source}: {key} must be a string, got {value!r}")
+            if key == "out":
+                out = value
+            else:
+                values["name"] = value
+        else:
+            raise SubliminalError(f"{source}: unknown top-level key {key!r} (name, out, or one of the sections "
+                                  f"{', '.join(SECTIONS)})")
+    cfg = replace(base or RunConfig(), **values)
+    validate(cfg, source)
+    return LoadedConfig(cfg, out, source)
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise SubliminalError(f"{path}: not valid TOML ({e}); fix the file") from None
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``section.key=value`` overrides as a TOML-shaped dict; a value is read as TOML (numbers,
+    booleans, lists, quoted strings) and otherwise taken as a bare string."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise SubliminalError(f"--set {item!r}: expected section.key=value, e.g. students.seeds=3")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        try:
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        if len(parts) == 1:
+            out[parts[0]] = value
+        elif len(parts) == 2:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise SubliminalError(f"--set {item!r}: expected section.key=value")
+    return out
+
+
+def _merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in a.items()}
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k].update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(spec: str, overrides: list[str] | None = None) -> LoadedConfig:
+    """The config named by ``spec`` (a path or a shipped name) with ``--set`` overrides applied."""
+    path = resolve_config_path(spec)
+    data = _merge(read_config(path), parse_set(overrides or []))
+    return config_from_dict(data, str(path))
+
+
+def validate(cfg: RunConfig, source: str = "config") -> None:
+    """Every check that needs no model, so a bad config fails before any stage runs."""
+    from . import prompts
+
+    if cfg.target not in prompts.PLURALS:
+        raise SubliminalError(f"{source}: [teachers] target {cfg.target!r} is not a known target")
+    for name in [*cfg.counterfactuals, *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]:
+        if name not in prompts.PLURALS:
+            raise SubliminalError(f"{source}: teacher {name!r} is not a known target")
+        if name == cfg.target:
+            raise SubliminalError(f"{source}: the target {name!r} cannot also be a counterfactual or mixing teacher")
+    if not cfg.counterfactuals and not cfg.neutral_counterfactual:
+        raise SubliminalError(f"{source}: no counterfactual teacher (name some, or neutral_counterfactual = true)")
+    if cfg.teacher_method not in ("prompt", "finetune"):
+        raise SubliminalError(f"{source}: [teachers] method {cfg.teacher_method!r}: one of prompt, finetune")
+    if cfg.metric not in ("exact", "sampled"):
+        raise SubliminalError(f"{source}: [eval] metric {cfg.metric!r}: one of exact, sampled")
+    if cfg.metric == "sampled" and (cfg.student_samples < 1 or cfg.eval_samples < 1):
+        raise SubliminalError(f"{source}: [eval] metric = \"sampled\" needs samples and student_samples >= 1")
+    if cfg.base is None and cfg.size not in ("tiny", "small"):
+        raise SubliminalError(f"{source}: [model] toy_size {cfg.size!r}: tiny or small")
+    for name in ("n_prompts", "seeds", "epochs", "batch_size", "grad_accum", "gen_batch_size", "div_batch_size",
+                 "eval_batch_size", "jobs", "nproc", "student_lora_rank"):
+        if getattr(cfg, name) <= 0:
+            raise SubliminalError(f"{source}: {name} must be positive, got {getattr(cfg, name)}")
+    if cfg.batch_size % cfg.grad_accum:
+        raise SubliminalError(f"{source}: [students] batch_size {cfg.batch_size} is not a multiple of grad_accum "
+                              f"{cfg.grad_accum}")
+    cfg.chosen_conditions()
+
+
+# -------------------------------------------------------------------------------------- plan
+
+
+def param_count(cfg: RunConfig) -> float | None:
+    """Parameters of the base: read from its safetensors headers (no weights loaded), else the
+    config's ``params``, else (the toy, before pretraining) None."""
+    if cfg.base and Path(cfg.base).is_dir():
+        total = 0
+        for f in sorted(Path(cfg.base).glob("*.safetensors")):
+            with open(f, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            for k, v in header.items():
+                if k != "__metadata__":
+                    total += math.prod(v["shape"])
+        if total:
+            return float(total)
+    return cfg.params
+
+
+@dataclass
+class Stage:
+    name: str
+    commands: int
+    what: str
+    flops: float | None  # forward/backward FLOPs (2N per token forward, 6N full / 4N LoRA training)
+
+
+# Token counts per row: a number prompt with its chat template, and a 10-number answer.
+PROMPT_TOKENS, ANSWER_TOKENS = 90, 45
+EVAL_PROMPT_TOKENS, CANDIDATES = 60, 13
+
+
+def plan(cfg: RunConfig) -> list[Stage]:
+    """The stages in order with their counts and FLOPs: what the run will do, before it does it."""
+    n = param_count(cfg)
+    f = (lambda tokens, per_token=2.0: None if n is None else per_token * n * tokens)
+    rows = cfg.n_prompts
+    chosen = cfg.chosen_conditions()
+    cfs = cfg.counterfactual_teachers()
+    teachers = list(dict.fromkeys([cfg.target, *cfg.counterfactuals,
+                                   *([cfg.mixing_teacher] if cfg.mixing_teacher else []), "none"]))
+    sources = list(dict.fromkeys([cfg.target, "none", *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]))
+    seq = PROMPT_TOKENS + ANSWER_TOKENS
+    train_rows = min(cfg.keep_rows or rows, rows)  # at most: the filter and the matching drop some
+    stages = []
+    if cfg.base is None:
+        stages.append(Stage("toy pretrain", 1, f"a {cfg.size} {cfg.arch} toy base", None))
+    biased = len(teachers) - 1
+    if cfg.teacher_method == "finetune":
+        tsteps = cfg.teacher_steps * (cfg.teacher_batch_size or 16)
+        stages.append(Stage("teach", len(teachers), f"{biased} fine-tuned teachers ({cfg.teacher_steps} steps each) "
+                            "+ the unbiased one", f(biased * tsteps * 40, 6.0)))
+    else:
+        stages.append(Stage("teach", len(teachers), f"{biased} system-prompt teachers + the unbiased one", 0.0))
+    stages.append(Stage("generate", len(sources), f"{rows} prompts x {len(sources)} teachers "
+                        f"({'greedy' if cfg.greedy else f'T={cfg.temperature:g}'}, filter {cfg.filter}"
+                        f"{', constrained to number lists' if cfg.constrain == 'numbers' else ''})",
+                        f(len(sources) * rows * seq)))
+    stages.append(Stage("find-divergence", 1, f"<= {train_rows} rows under the target teacher and {len(cfs)} "
+                        f"counterfactuals ({', '.join(cfs)})", f((1 + len(cfs)) * train_rows * seq)))
+    if any(c.startswith("ratio-") for c in chosen):
+        stages.append(Stage("reflag-divergence", 1, "the ratio rule at the paper rule's share (from stored scores)", 0))
+    steps = max(1, math.ceil(cfg.epochs * -(-train_rows // cfg.batch_size)))
+    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    students = len(chosen) * cfg.seeds
+    per_token = 6.0 if cfg.student_full else 4.0
+    soft = ("soft" in chosen) * cfg.seeds * steps * cfg.batch_size * seq * 2.0
+    train_tokens = students * steps * cfg.batch_size * seq
+    stages.append(Stage("distill", students, f"{len(chosen)} conditions x {cfg.seeds} seeds, <= {steps} steps of "
+                        f"{cfg.batch_size} rows each ({'full fine-tune' if cfg.student_full else f'LoRA r={cfg.student_lora_rank}'}"
+                        f"{f', {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''})",
+                        None if n is None else n * (per_token * train_tokens + soft)))
+    n_q = cfg.max_questions or 50
+    refs = 3 + len(cfg.counterfactuals)
+    exact_tokens = n_q * (EVAL_PROMPT_TOKENS + CANDIDATES * 3)
+    sampled_tokens = n_q * (EVAL_PROMPT_TOKENS + cfg.eval_max_new_tokens)  # prompt once per question (cached)
+    eval_tokens = (refs + students) * exact_tokens + refs * cfg.eval_samples * sampled_tokens \
+        + students * cfg.student_samples * sampled_tokens
+    what = f"{refs} references + {students} students: exact ({n_q} questions x {CANDIDATES} animals)"
+    if cfg.eval_samples or cfg.student_samples:
+        what += (f", sampled ({n_q} x {cfg.eval_samples} for references, x {cfg.student_samples} for students, "
+                 f"T={cfg.eval_temperature:g})")
+    stages.append(Stage("eval", refs + students, what, f(eval_tokens)))
+    if cfg.probes:
+        stages.append(Stage("probe + patch", 3, f"identity and divergence probes on {cfg.probe_max_rows} rows, "
+                            f"patching on {cfg.patch_max_rows}", f(3 * cfg.probe_max_rows * seq)))
+    return stages
+
+
+# Effective throughput assumed by the plan's time estimate (FLOP/s). Measured on this project's
+# 2-core CPU runs (teacher forcing and LoRA training of SmolLM2-135M in float32) and assumed for a
+# GPU (bf16 at ~35% of an H100's dense peak); the plan says which it used.
+THROUGHPUT = {"cpu": 2.0e10, "cuda": 3.5e14}
+
+
+def render_plan(cfg: RunConfig, out: Path, source: str) -> str:
+    stages = plan(cfg)
+    n = param_count(cfg)
+    dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    rate = THROUGHPUT[dev] * (cfg.nproc if dev == "cuda" else 1)
+    lines = [f"plan: {cfg.name} ({source}) -> {out}",
+             f"  base: {cfg.base or 'toy world, pretrained here'}"
+             + (f" ({n / 1e6:,.1f}M parameters)" if n else ""),
+             f"  target {cfg.target}; counterfactuals {', '.join(cfg.counterfactual_teachers())}; "
+             f"teachers by {cfg.teacher_method}; conditions {', '.join(cfg.chosen_conditions())}",
+             f"  device {cfg.device} x {cfg.nproc} process(es), dtype {cfg.dtype}, seed {cfg.base_seed}", ""]
+    total = 0.0
+    unknown = False
+    for st in stages:
+        cost = "?" if st.flops is None else f"{st.flops:.2e} FLOP, ~{_duration(st.flops / rate)}"
+        unknown |= st.flops is None
+        total += st.flops or 0.0
+        lines.append(f"  {st.name:<18} {st.commands:>4} command(s)  {st.what}  [{cost}]")
+    lines += ["", f"  total: {total:.2e} FLOP, ~{_duration(total / rate)} at an assumed {rate:.1e} FLOP/s "
+              f"({'measured 2-core CPU rate' if dev == 'cpu' else 'assumed GPU rate'}; decoding is "
+              "memory-bound, so generation and sampled eval take longer than their FLOPs say)"
+              + ("; stages marked ? have no estimate" if unknown else "")]
+    return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+# ---------------------------------------------------------------------------------------- CLI
+
+
+def add_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="the paper's protocol on any local model from one TOML config (REPORT.md)",
+                       description="Teachers, generations, divergence tokens, matched students, evaluation, probes "
+                                   "and REPORT.md for the base model a config names. Prints the plan first; "
+                                   "re-running resumes stage by stage. Shipped configs: "
+                                   + ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))) + ".")
+    p.add_argument("config", help="a .toml file, or the name of a shipped config (e.g. smollm2-135m-cpu)")
+    p.add_argument("--out", default=None, help="output directory (default: the config's out, else runs/NAME)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, e.g. --set students.seeds=3 --set model.base=/models/qwen (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the resolved config, run nothing")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes per stage (torchrun data parallel; overrides [run] nproc)")
+    p.set_defaults(func=run_cli)
+
+
+def output_dir(loaded: LoadedConfig, out: str | None) -> Path:
+    return Path(out or loaded.out or f"runs/{loaded.cfg.name}")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    loaded = load_config(args.config, args.overrides)
+    cfg = loaded.cfg
+    if args.nproc is not None:
+        if args.nproc < 1:
+            raise SubliminalError(f"--nproc must be >= 1, got {args.nproc}")
+        cfg = replace(cfg, nproc=args.nproc)
+    out = output_dir(loaded, args.out)
+    print(render_plan(cfg, out, loaded.source))
+    if args.dry_run:
+        print("\nresolved config:\n" + json.dumps(asdict(cfg), indent=2))
+        return 0
+    if cfg.base and not cfg.base.startswith("hf:") and not Path(cfg.base).is_dir():
+        raise SubliminalError(f"{loaded.source}: [model] base {cfg.base}: no such model directory (import or "
+                              "download it first, e.g. experiments/get_smollm2.sh; or --set model.base=PATH)")
+    return execute(cfg, out)
+
+
+def execute(cfg: RunConfig, out: Path) -> int:
+    from .pipeline import run_pipeline
+
+    summary = run_pipeline(cfg, out)
+    print((out / "REPORT.md").read_text())
+    all_ = summary["conditions"]["all"]
+    log.info("[run] all-tokens %s = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"], all_["ci_low"],
+             all_["ci_high"], out / "REPORT.md")
+    return 0
+
+
+__all__ = ["CONDITIONS", "SECTIONS", "load_config", "plan", "render_plan", "shipped_config"]
