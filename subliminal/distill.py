@@ -453,7 +453,8 @@ def run_training(student: Any, teacher: Any | None, examples: Sequence[Example],
         _append_log(out / LOSS_CSV, result.log)
     return {"steps": tcfg.steps, "resumed_from": result.resumed_from, "losses": result.log,
             "rows_digest": rows_digest(EpochSampler(examples, tcfg.batch_size, tcfg.seed), tcfg.steps),
-            "loss_tokens_seen": sum(e["loss_tokens"] for e in result.log)}
+            "loss_tokens_seen": sum(e["loss_tokens"] for e in result.log),
+            "train_time_s": round(result.wall_time_s, 3)}
 
 
 def plot_losses(entries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -708,7 +709,7 @@ def run_distill(cfg: DistillConfig) -> int:
                     if cfg.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
                     "teacher_system_prompt": teacher.system_prompt if teacher else None},
         "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
-        "world_size": world_size(),
+        "world_size": world_size(), "train_time_s": result["train_time_s"],
         "train_config": tcfg.to_json(), "rows_digest": result["rows_digest"],
         "loss_tokens": sum(sum(e.mask) for e in examples), "loss_tokens_by_mask": stats,
         "loss_tokens_seen": result["loss_tokens_seen"],
