@@ -97,21 +97,14 @@ class TrainResult:
 LossFn = Callable[[Any, Sequence[Aligned]], tuple[torch.Tensor, int] | tuple[torch.Tensor, int, float]]
 
 
-def completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False
-                    ) -> tuple[torch.Tensor, int]:
-    """Weighted mean next-token cross-entropy and the number of weighted tokens.
+def completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False,
+                    return_norm: bool = False) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, float]:
+    """Weighted mean next-token cross-entropy and the number of weighted tokens (and, with
+    ``return_norm``, the sum of the weights it divides by: the loss hook's optional third element).
 
     Completion tokens weigh 1; prompt tokens (after the first) weigh ``float(loss_on_prompt)``
     (0: only the completion is learned; a fraction lets pretraining learn the prompts' structure
     without drowning the answers)."""
-    loss, n, _ = weighted_completion_loss(model, examples, pad_id, loss_on_prompt=loss_on_prompt)
-    return loss, n
-
-
-def weighted_completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *,
-                             loss_on_prompt: bool | float = False) -> tuple[torch.Tensor, int, float]:
-    """:func:`completion_loss` and the sum of the token weights it divides by (the loss hook's
-    optional third element)."""
     w_prompt = float(loss_on_prompt)
     seqs = [e.input_ids for e in examples]
     first = [1 if w_prompt > 0 else e.n_prompt for e in examples]
@@ -126,7 +119,8 @@ def weighted_completion_loss(model: Any, examples: Sequence[Aligned], pad_id: in
     target, weight = target.to(logits.device).reshape(-1), weight.to(logits.device).reshape(-1)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target, ignore_index=IGNORE,
                                            reduction="none")
-    return (ce * weight).sum() / weight.sum().clamp_min(1e-8), int((weight > 0).sum()), float(weight.sum())
+    loss, n = (ce * weight).sum() / weight.sum().clamp_min(1e-8), int((weight > 0).sum())
+    return (loss, n, float(weight.sum())) if return_norm else (loss, n)
 
 
 class EpochSampler:
@@ -383,7 +377,7 @@ def train(
     get_batch = batches if callable(batches) else EpochSampler(batches, cfg.batch_size, cfg.seed)
     if loss_fn is None:
         def loss_fn(m: Any, ex: Sequence[Aligned]) -> tuple[torch.Tensor, int, float]:
-            return weighted_completion_loss(m, ex, pad_id, loss_on_prompt=loss_on_prompt)
+            return completion_loss(m, ex, pad_id, loss_on_prompt=loss_on_prompt, return_norm=True)
     par = _DataParallel(device, desc) if launched() else None
     model.to(par.device if par else device)
     model.train(dropout)
