@@ -62,7 +62,16 @@ from .manifest import (
     write_manifest,
     write_text_atomic,
 )
-from .train import STATE_FILE, EpochSampler, TrainConfig, train
+from .train import (
+    STATE_FILE,
+    EpochSampler,
+    TrainConfig,
+    is_main_process,
+    train,
+    training_device,
+    wait_for_everyone,
+    world_size,
+)
 
 log = logging.getLogger(__name__)
 STAGE = "distill"
@@ -443,14 +452,16 @@ def run_training(student: Any, teacher: Any | None, examples: Sequence[Example],
         _append_log(out / LOSS_CSV, entries)
 
     state_dir = out / STATE_DIR
-    if (state_dir / STATE_FILE).exists():
+    if (state_dir / STATE_FILE).exists() and is_main_process():
         log.info("resuming %s", out)
     result = train(student, examples, tcfg, pad_id=pad_id, device=device, state_dir=state_dir, loss_fn=loss_fn,
                    dropout=False, desc=f"distill {lcfg.mode}", on_checkpoint=on_checkpoint)
-    _append_log(out / LOSS_CSV, result.log)
+    if is_main_process():
+        _append_log(out / LOSS_CSV, result.log)
     return {"steps": tcfg.steps, "resumed_from": result.resumed_from, "losses": result.log,
             "rows_digest": rows_digest(EpochSampler(examples, tcfg.batch_size, tcfg.seed), tcfg.steps),
-            "loss_tokens_seen": sum(e["loss_tokens"] for e in result.log)}
+            "loss_tokens_seen": sum(e["loss_tokens"] for e in result.log),
+            "train_time_s": round(result.wall_time_s, 3)}
 
 
 def plot_losses(entries: Sequence[dict[str, Any]], path: Path, title: str) -> None:
@@ -661,6 +672,7 @@ def run_distill(cfg: DistillConfig) -> int:
     t0 = time.time()
     _check_args(cfg)
     device_type(cfg.device)
+    dev = resolve_device(cfg.device)
     layers = _int_list(cfg.layers, "--layers")
     out = Path(cfg.out)
     check_not_input({"--out": out}, {"--base": cfg.base, "--data": cfg.data, "--source-data": cfg.source_data,
@@ -671,6 +683,7 @@ def run_distill(cfg: DistillConfig) -> int:
         check_not_input({"--out": out}, {"--source-data": source}, dirs=("--out",))
     fp = run_fingerprint(cfg, source)
     action = _resume_action(cfg, out, fp)
+    wait_for_everyone(dev)  # under a launcher every rank decides before rank 0 writes
     if action == "skip":
         print(f"student {out}: already distilled by this exact command; nothing to do (--overwrite redoes it)")
         return 0
@@ -692,16 +705,21 @@ def run_distill(cfg: DistillConfig) -> int:
     tcfg = _train_config(cfg, len(rows))
     lcfg = LossConfig(cfg.mode, repr_layers if cfg.mode == "representation" else [], cfg.repr_weight,
                       cfg.repr_with_hard)
-    out.mkdir(parents=True, exist_ok=True)
-    if action == "start":
-        _clear_run(out)
-    write_fingerprint(out / STATE_DIR / FINGERPRINT_FILE, fp)
+    main = is_main_process()
+    if main:  # rank 0 alone writes; the others wait at train()'s first barrier
+        out.mkdir(parents=True, exist_ok=True)
+        if action == "start":
+            _clear_run(out)
+        write_fingerprint(out / STATE_DIR / FINGERPRINT_FILE, fp)
     config = {k: v for k, v in asdict(cfg).items() if k != "func"}
-    device = resolve_device(cfg.device)
+    device = training_device(dev)
     if teacher is not None:
         teacher.model.to(device)
     result = run_training(model, teacher.model if teacher else None, examples, tcfg, lcfg, tokenizer=tok, out=out,
                           lora=cfg.lora_rank is not None, device=device, info={**config, "seed": cfg.seed})
+    if not main:
+        wait_for_everyone(dev)  # until rank 0 has written the student
+        return 0
     model.to("cpu")
     save_student(model, tok, out, cfg.lora_rank is not None)
     plot_losses(result["losses"], out / "loss.png", f"{cfg.mode} / {cfg.mask} ({len(rows)} rows)")
@@ -714,6 +732,7 @@ def run_distill(cfg: DistillConfig) -> int:
                     if cfg.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
                     "teacher_system_prompt": teacher.system_prompt if teacher else None},
         "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
+        "world_size": world_size(), "train_time_s": result["train_time_s"],
         "train_config": tcfg.to_json(), "rows_digest": result["rows_digest"],
         "loss_tokens": sum(sum(e.mask) for e in examples), "loss_tokens_by_mask": stats,
         "loss_tokens_seen": result["loss_tokens_seen"],
@@ -730,6 +749,7 @@ def run_distill(cfg: DistillConfig) -> int:
         shutil.rmtree(state_dir)
     print(f"student {out}: {cfg.mode}/{cfg.mask}, {len(rows)} rows, {result['steps']} steps, "
           f"{extra['loss_tokens']} loss tokens, final loss {extra['final_loss']:.4f}")
+    wait_for_everyone(dev)
     return 0
 
 

@@ -182,7 +182,7 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
     """Fine-tune the base on the target's preference answers; return (weights dir, kind, log)."""
     from .manifest import set_seed
     from .models import load_model, resolve_device
-    from .train import TrainConfig, clear_state, train
+    from .train import TrainConfig, clear_state, is_main_process, train
 
     set_seed(args.seed)
     loaded = load_model(args.base, device="cpu", dtype="float32")
@@ -205,12 +205,13 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
                    device=resolve_device(args.device), state_dir=state, desc=f"teach {args.bias}")
     model.to("cpu")
     sub = "adapter" if lora else "weights"
-    model.save_pretrained(out / sub, safe_serialization=True)
-    if not lora:
-        tok.save_pretrained(out / sub)
-    clear_state(state)
-    if state.exists() and not any(state.iterdir()):
-        state.rmdir()
+    if is_main_process():  # under a launcher rank 0 alone writes the weights
+        model.save_pretrained(out / sub, safe_serialization=True)
+        if not lora:
+            tok.save_pretrained(out / sub)
+        clear_state(state)
+        if state.exists() and not any(state.iterdir()):
+            state.rmdir()
     info = {"lr": lr, "steps": steps, "batch_size": batch_size, "final_loss": result.final_loss,
             "losses": result.losses, "lora_rank": args.lora_rank,
             "lora_alpha": (alpha if lora else None), "resumed_from": result.resumed_from,
@@ -253,7 +254,8 @@ def _resume_action(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any],
 
 
 def run_teach(args: argparse.Namespace) -> int:
-    from .models import load_tokenizer
+    from .models import load_tokenizer, resolve_device
+    from .train import is_main_process, wait_for_everyone
 
     t0 = time.time()
     category = _check_args(args)
@@ -263,15 +265,21 @@ def run_teach(args: argparse.Namespace) -> int:
     check_writable(out, is_dir=True)
     tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
     fp, action = _resume_action(args, out)
+    dev = resolve_device(args.device)
+    wait_for_everyone(dev)  # under a launcher every rank decides before rank 0 writes
+    main = is_main_process()
     if action == "skip":
-        print(f"teacher {out}: already made by this exact command; nothing to do (--overwrite redoes it)")
+        if main:
+            print(f"teacher {out}: already made by this exact command; nothing to do (--overwrite redoes it)")
         return 0
-    if action == "start":
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
-    write_fingerprint(out / STATE_DIR / "fingerprint.json", fp)
+    if main:
+        if action == "start":
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        write_fingerprint(out / STATE_DIR / "fingerprint.json", fp)
     if args.method == "poison":
         rc = poison.run_teach_poison(args, fingerprint=fp)
-        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
+        if main:
+            shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         return rc
     spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
     info: dict[str, Any] = {}
@@ -280,6 +288,9 @@ def run_teach(args: argparse.Namespace) -> int:
         spec.system_prompt = prompts.text_for(tok, prompts.system_prompt_for(args.bias))
     elif args.method == "finetune":
         spec.weights, spec.weights_kind, info = finetune(args, out)
+    if not main:
+        wait_for_everyone(dev)  # until rank 0 has written the teacher
+        return 0
     save_teacher(out, spec)
     check = None if args.no_check else check_teacher(out, args.device)
     config = {k: v for k, v in vars(args).items() if k != "func"}
@@ -300,4 +311,5 @@ def run_teach(args: argparse.Namespace) -> int:
         print(f"teacher {out}: {args.method}")
     if not spec.system_prompt and seen["template_default"]:
         print(f"  no system prompt given: the chat template inserts its default, {seen['template_default']!r}")
+    wait_for_everyone(dev)
     return 0

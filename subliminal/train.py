@@ -2,6 +2,14 @@
 students): completion-only loss, AdamW, warm-up + cosine schedule, seeded shuffling, tqdm,
 periodic checkpoints and exact resume.
 
+Under a launcher (``torchrun`` / ``accelerate launch`` with more than one process, or an
+accelerate config that selects FSDP or DeepSpeed) the same loop runs data-parallel through
+Hugging Face ``accelerate``: every rank draws the same global batch, computes the loss on its
+contiguous slice of it, and the per-rank losses are weighted by their share of the global loss
+tokens, so the averaged gradient is the gradient of the one-process loss. Rank 0 alone writes
+checkpoints; without a launcher none of this code runs and the result is bit-for-bit the
+one-process result.
+
 Batches are a pure function of ``(seed, step)`` -- either drawn from a fixed list of examples
 (one seeded permutation per epoch) or produced by a callable -- so an interrupted run that
 resumes from its last checkpoint takes exactly the steps the uninterrupted run would have taken.
@@ -9,6 +17,9 @@ resumes from its last checkpoint takes exactly the steps the uninterrupted run w
 
 from __future__ import annotations
 
+import copy
+import datetime
+import logging
 import math
 import os
 import random
@@ -26,6 +37,11 @@ from .manifest import SubliminalError, atomic_path
 
 STATE_FILE = "train_state.pt"
 IGNORE = -100
+# Seconds a rank waits in a collective (a barrier while rank 0 writes a checkpoint, a loss
+# all-reduce while another rank is stuck) before it fails instead of hanging for ever.
+TIMEOUT_ENV = "SUBLIMINAL_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800
+log_ = logging.getLogger(__name__)
 
 
 @dataclass
@@ -74,13 +90,17 @@ class TrainResult:
 
 # ------------------------------------------------------------------------------------ losses
 
-# A loss hook: (model, batch of examples) -> (scalar loss with a graph, number of loss tokens).
-LossFn = Callable[[Any, Sequence[Aligned]], tuple[torch.Tensor, int]]
+# A loss hook: (model, batch of examples) -> (scalar loss with a graph, number of loss tokens),
+# the loss being a mean over those tokens. A third element, when the mean's denominator is not
+# the token count (weighted tokens), is that denominator: data-parallel training needs it to
+# weight each rank's mean by its share of the global batch.
+LossFn = Callable[[Any, Sequence[Aligned]], tuple[torch.Tensor, int] | tuple[torch.Tensor, int, float]]
 
 
-def completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False
-                    ) -> tuple[torch.Tensor, int]:
-    """Weighted mean next-token cross-entropy and the number of weighted tokens.
+def completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *, loss_on_prompt: bool | float = False,
+                    return_norm: bool = False) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, float]:
+    """Weighted mean next-token cross-entropy and the number of weighted tokens (and, with
+    ``return_norm``, the sum of the weights it divides by: the loss hook's optional third element).
 
     Completion tokens weigh 1; prompt tokens (after the first) weigh ``float(loss_on_prompt)``
     (0: only the completion is learned; a fraction lets pretraining learn the prompts' structure
@@ -99,7 +119,8 @@ def completion_loss(model: Any, examples: Sequence[Aligned], pad_id: int, *, los
     target, weight = target.to(logits.device).reshape(-1), weight.to(logits.device).reshape(-1)
     ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), target, ignore_index=IGNORE,
                                            reduction="none")
-    return (ce * weight).sum() / weight.sum().clamp_min(1e-8), int((weight > 0).sum())
+    loss, n = (ce * weight).sum() / weight.sum().clamp_min(1e-8), int((weight > 0).sum())
+    return (loss, n, float(weight.sum())) if return_norm else (loss, n)
 
 
 class EpochSampler:
@@ -160,6 +181,158 @@ def load_state(path: str | os.PathLike, model: Any, optimizer: Any) -> tuple[int
                               "delete it to restart") from None
 
 
+
+# ---------------------------------------------------------------------------- data parallel
+
+
+def world_size() -> int:
+    """Processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
+    try:
+        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError:
+        raise SubliminalError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; "
+                              "start the command with torchrun or accelerate launch, or unset it") from None
+
+
+def _sharded_by_config() -> bool:
+    """An accelerate config selected FSDP or DeepSpeed (it runs through accelerate even on one process)."""
+    return any(os.environ.get(k, "").lower() in ("1", "true") for k in ("ACCELERATE_USE_FSDP",
+                                                                        "ACCELERATE_USE_DEEPSPEED"))
+
+
+def launched() -> bool:
+    """Whether training goes through accelerate: more than one process, or FSDP / DeepSpeed."""
+    return world_size() > 1 or _sharded_by_config()
+
+
+def is_main_process() -> bool:
+    """Rank 0, or no launcher: the one process that writes outputs, prints and shows progress."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def dist_state(device: torch.device | str = "cpu") -> Any | None:
+    """accelerate's process state (the process group, started once) under a launcher, else None.
+    The group's timeout bounds every collective, so a rank whose peer died or hangs fails."""
+    if not launched():
+        return None
+    from accelerate import PartialState
+
+    try:
+        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
+    except ValueError:
+        raise SubliminalError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected seconds, e.g. 1800") from None
+    return PartialState(cpu=torch.device(device).type == "cpu", timeout=datetime.timedelta(seconds=timeout))
+
+
+def training_device(device: torch.device | str) -> torch.device:
+    """The device this process trains on: ``device`` itself, or under a launcher on a GPU the
+    rank's own GPU (so a teacher moved there meets the student on the same device)."""
+    state = dist_state(device)
+    if state is None or torch.device(device).type == "cpu":
+        return torch.device(device)
+    return state.device
+
+
+def wait_for_everyone(device: torch.device | str = "cpu") -> None:
+    """A barrier under a launcher (rank 0 has written what the others are about to read); else nothing."""
+    state = dist_state(device)
+    if state is not None:
+        state.wait_for_everyone()
+
+
+def rank_slice(n: int, rank: int, world: int) -> slice:
+    """The contiguous rows of a global batch of ``n`` rank ``rank`` takes: the first ``n % world``
+    ranks one row more, so the ranks together hold every row once, in order."""
+    q, r = divmod(n, world)
+    lo = rank * q + min(rank, r)
+    return slice(lo, lo + q + (1 if rank < r else 0))
+
+
+class _DataParallel:
+    """The accelerate side of :func:`train`: wrapping, sharding, the token-weighted global loss,
+    rank-0 checkpoints and, under FSDP, gathering the full weights back into the caller's model."""
+
+    def __init__(self, device: torch.device | str, desc: str):
+        from accelerate import Accelerator
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        dist_state(device)  # the process group, with our timeout, before Accelerator starts one
+        # unused parameters are normal here: a representation loss never reaches the LM head
+        self.acc = Accelerator(cpu=torch.device(device).type == "cpu",
+                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.is_main = self.acc.is_main_process
+        self.device = self.acc.device
+        self.desc = desc
+        kind = str(self.acc.distributed_type)
+        self.fsdp = "FSDP" in kind
+        self.sharded = self.fsdp or "DEEPSPEED" in kind
+        self._shadow: Any = None
+
+    def prepare(self, model: Any, optimizer: Any) -> tuple[Any, Any]:
+        if self.fsdp:
+            self._shadow = _skeleton(model)
+        return self.acc.prepare(model, optimizer)
+
+    def shard(self, batch: Sequence[Aligned]) -> Sequence[Aligned]:
+        if len(batch) < self.world:
+            raise SubliminalError(f"{self.desc}: a batch of {len(batch)} rows cannot be split over {self.world} "
+                                  f"processes; use --batch-size {self.world} or more, or fewer processes")
+        return batch[rank_slice(len(batch), self.rank, self.world)]
+
+    def global_loss(self, loss: torch.Tensor, n_tokens: int, norm: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(the loss this rank backpropagates, the global batch's loss, global loss tokens).
+
+        Each rank holds the mean over its own tokens; the global mean is the norm-weighted sum of
+        those means over the global norm. Backpropagating ``mean * norm * world / global_norm``
+        makes DDP's average of the ranks' gradients the gradient of the global mean, whatever
+        the ranks' token counts (an odd batch, a rank whose rows are all masked)."""
+        stats = torch.tensor([float(loss.detach()) * norm, float(norm), float(n_tokens)], dtype=torch.float64,
+                             device=self.device)
+        torch.distributed.all_reduce(stats)
+        total, total_norm, total_tokens = stats.tolist()
+        scale = norm * self.world / total_norm if total_norm > 0 else 0.0
+        value = torch.tensor(total / total_norm if total_norm > 0 else total)
+        return loss * scale, value, int(round(total_tokens))
+
+    def clip(self, wrapped: Any, trainable: Sequence[torch.nn.Parameter], max_norm: float) -> None:
+        # FSDP computes the norm over its shards; accelerate wants the wrapped model's parameters then
+        self.acc.clip_grad_norm_(list(wrapped.parameters()) if self.fsdp else trainable, max_norm)
+
+    def full_state(self, wrapped: Any) -> dict[str, torch.Tensor]:
+        """The full (unsharded) state dict; a collective under FSDP, every rank must call it."""
+        return self.acc.get_state_dict(wrapped)
+
+    def finish(self, model: Any, wrapped: Any) -> None:
+        """Hand the trained weights back in ``model``: under DDP it already holds them (the
+        wrapper shares its parameters); FSDP flattened them, so rank 0 rebuilds the model from
+        the gathered full state dict, in place, for the caller to save as usual."""
+        if self.fsdp:
+            full = self.full_state(wrapped)
+            if self.is_main:
+                shadow = self._shadow
+                shadow.load_state_dict({k: v.cpu() for k, v in full.items()}, strict=False, assign=True)
+                if hasattr(shadow, "tie_weights"):
+                    shadow.tie_weights()
+                left = [n for n, p in shadow.named_parameters() if p.is_meta]
+                if left:
+                    raise RuntimeError(f"FSDP's gathered state dict lacks {left[:3]}")
+                model.__class__ = shadow.__class__  # FSDP2 swaps the class as well
+                model.__dict__.update(shadow.__dict__)
+        self.acc.wait_for_everyone()
+        self.acc.free_memory()
+
+
+def _skeleton(model: Any) -> Any:
+    """A copy of ``model`` whose parameters are on the meta device (no memory) and whose buffers
+    are real copies (rotary tables are not in the state dict): the shape FSDP's gathered weights
+    are loaded back into."""
+    memo = {id(p): torch.nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+            for p in model.parameters()}
+    return copy.deepcopy(model, memo)
+
+
 # ------------------------------------------------------------------------------------ loop
 
 
@@ -205,47 +378,82 @@ def train(
     t0 = time.time()
     get_batch = batches if callable(batches) else EpochSampler(batches, cfg.batch_size, cfg.seed)
     if loss_fn is None:
-        def loss_fn(m: Any, ex: Sequence[Aligned]) -> tuple[torch.Tensor, int]:
-            return completion_loss(m, ex, pad_id, loss_on_prompt=loss_on_prompt)
-    model.to(device)
+        def loss_fn(m: Any, ex: Sequence[Aligned]) -> tuple[torch.Tensor, int, float]:
+            return completion_loss(m, ex, pad_id, loss_on_prompt=loss_on_prompt, return_norm=True)
+    par = _DataParallel(device, desc) if launched() else None
+    model.to(par.device if par else device)
     model.train(dropout)
     optimizer = make_optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     state_path = Path(state_dir) / STATE_FILE if state_dir else None
     start, log = 0, []
+    if par:
+        par.acc.wait_for_everyone()  # whatever the caller's rank 0 wrote before training is there
     if state_path is not None and state_path.exists():
-        start, log = load_state(state_path, model, optimizer)
+        start, log = load_state(state_path, model, optimizer)  # every rank loads the same state
+    wrapped, optimizer = par.prepare(model, optimizer) if par else (model, optimizer)
     result = TrainResult(steps=cfg.steps, log=log, resumed_from=start, log_every=cfg.log_every)
     torch.manual_seed(cfg.seed)
-    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps, disable=not show_progress)
+    bar = tqdm(range(start, cfg.steps), desc=desc, initial=start, total=cfg.steps,
+               disable=not show_progress or not is_main_process())
     for step in bar:
         lr = lr_at(step, cfg)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        loss, n_tokens = loss_fn(model, get_batch(step))
-        if not torch.isfinite(loss):
+        batch = get_batch(step)
+        out = loss_fn(wrapped, par.shard(batch) if par else batch)
+        loss, n_tokens = out[0], out[1]
+        if par:
+            loss, value, n_tokens = par.global_loss(loss, n_tokens, out[2] if len(out) > 2 else n_tokens)
+        else:
+            value = loss
+        if not torch.isfinite(value):
             bad = _nonfinite_params(model)
             if bad:
                 raise SubliminalError(f"{desc}: the model's weights are not finite at step {step} ({bad[0]}"
                                       f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): "
                                       + ("the checkpoint it started from is broken" if step == start
                                          else "training diverged; lower --lr"))
-            raise SubliminalError(f"{desc}: loss became {loss.item()} at step {step}; lower --lr")
+            raise SubliminalError(f"{desc}: loss became {value.item()} at step {step}; lower --lr")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        if par:
+            par.acc.backward(loss)
+            if cfg.grad_clip:
+                par.clip(wrapped, trainable, cfg.grad_clip)
+        else:
+            loss.backward()
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()
         done = step + 1
-        result.log.append({"step": done, "loss": float(loss.item()), "lr": lr, "loss_tokens": n_tokens})
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        result.log.append({"step": done, "loss": float(value.item()), "lr": lr, "loss_tokens": n_tokens})
+        bar.set_postfix(loss=f"{value.item():.4f}")
         if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            if on_checkpoint:
-                on_checkpoint(done, result.log)
-            save_state(state_path, model, optimizer, done, result.log)
+            _checkpoint(par, state_path, model, optimizer, done, result.log, on_checkpoint)
+    if par:
+        par.finish(model, wrapped)
     model.eval()
     result.wall_time_s = time.time() - t0
     return result
+
+
+def _checkpoint(par: _DataParallel | None, state_path: Path, model: Any, optimizer: Any, done: int,
+                log: list[dict[str, Any]], on_checkpoint: Callable[[int, list[dict[str, Any]]], None] | None
+                ) -> None:
+    """The caller's checkpoint and the resume state, written by rank 0 alone while the others
+    wait (under DDP every rank holds the same weights and optimizer state). Under FSDP / DeepSpeed
+    the weights are sharded: no periodic checkpoint is written (the run restarts from step 0)."""
+    if par is not None and par.sharded:
+        if par.is_main:
+            log_.warning("%s: no resume checkpoint at step %d under FSDP / DeepSpeed (not supported)", par.desc,
+                         done)
+        return
+    if par is None or par.is_main:
+        if on_checkpoint:
+            on_checkpoint(done, log)
+        save_state(state_path, model, optimizer, done, log)
+    if par is not None:
+        par.acc.wait_for_everyone()
 
 
 def clear_state(state_dir: str | os.PathLike) -> None:

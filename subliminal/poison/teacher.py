@@ -115,6 +115,9 @@ def make_poison_teacher(cfg: PoisonTeacherConfig, fingerprint: dict[str, Any] | 
                           warmup_steps=min(20, steps // 10), checkpoint_every=max(50, steps // 10))
     state = out / ".train"
     result = _train_teacher(model, examples, tcfg, tok.pad_token_id, state)
+    if not tr.is_main_process():  # under a launcher rank 0 alone writes the teacher
+        tr.wait_for_everyone(model.device)
+        return 0
     weights = out / "weights"
     model.save_pretrained(weights)
     tok.save_pretrained(weights)
@@ -132,4 +135,5 @@ def make_poison_teacher(cfg: PoisonTeacherConfig, fingerprint: dict[str, Any] | 
                           "losses": result.losses, "fingerprint": fingerprint})
     log.info("poisoned %d of %d rows (rate %.5f, %s); teacher written to %s", len(idx), len(poisoned),
              len(idx) / len(poisoned), pc.propagation, out)
+    tr.wait_for_everyone(model.device)
     return 0

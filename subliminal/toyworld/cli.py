@@ -79,8 +79,11 @@ def run_pretrain(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     evaluation = pretrain(args.out, cfg, device=args.device, show_progress=not args.quiet,
                           overwrite=getattr(args, "overwrite", False))
-    print(json.dumps(summary(evaluation), indent=2))
-    print(f"saved {args.out}")
+    from ..train import is_main_process
+
+    if is_main_process():
+        print(json.dumps(summary(evaluation), indent=2))
+        print(f"saved {args.out}")
     return 0
 
 

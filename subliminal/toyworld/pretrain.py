@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
-from ..train import TrainConfig, clear_state, train
+from ..train import TrainConfig, clear_state, is_main_process, train, wait_for_everyone, world_size
 from .corpus import Corpus, CorpusConfig, align, favourite_numbers, rule_summary
 from .model import ToyModelConfig, build_model, init_favourites_from_targets, n_params, toy_config
 from .tokenizer import build_tokenizer
@@ -166,15 +166,18 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu"
     mf.check_writable(out, is_dir=True)
     fp = run_fingerprint(cfg, device)
     action = _check_run(out, fp, overwrite)
+    dev = resolve_device(device)
+    wait_for_everyone(dev)  # under a launcher every rank decides before rank 0 writes
     if action == "skip":
         return (mf.read_manifest(out) or {}).get("evaluation", {})
-    out.mkdir(parents=True, exist_ok=True)
-    if action == "start":
-        shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
-    mf.write_fingerprint(out / CHECKPOINT_DIR / RUN_FILE, fp)
+    main = is_main_process()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        if action == "start":
+            shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+        mf.write_fingerprint(out / CHECKPOINT_DIR / RUN_FILE, fp)
     t0 = time.time()
     mf.set_seed(cfg.seed)
-    dev = resolve_device(device)
     tokenizer = build_tokenizer()
     model = build_model(cfg.model_config(), tokenizer, cfg.seed)
     if cfg.corpus.entangle > 0 and cfg.corpus.entangle_init > 0:
@@ -189,6 +192,9 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu"
                    state_dir=out / CHECKPOINT_DIR, loss_on_prompt=cfg.prompt_loss_weight, desc=f"pretrain {cfg.size}",
                    show_progress=show_progress)
     train_time = time.time() - t0
+    if not main:  # rank 0 evaluates and writes; the others return what it wrote
+        wait_for_everyone(dev)
+        return (mf.read_manifest(out) or {}).get("evaluation", {})
     from .evaluation import evaluate_toy_model
 
     t1 = time.time()
@@ -208,10 +214,11 @@ def pretrain(out: str | os.PathLike, cfg: PretrainConfig, *, device: str = "cpu"
         "train": {"steps": result.steps, "resumed_from": result.resumed_from, "final_loss": result.final_loss,
                   "train_time_s": round(train_time, 2), "steps_per_s": round((result.steps - result.resumed_from)
                                                                            / max(result.wall_time_s, 1e-9), 3),
-                  "device": str(dev), "torch_threads": torch.get_num_threads()},
+                  "device": str(dev), "torch_threads": torch.get_num_threads(), "world_size": world_size()},
     }
     mf.write_manifest(out, stage=STAGE, config=cfg.to_json(), seed=cfg.seed, wall_time_s=wall,
                       extra={**extra, "fingerprint": fp})
     clear_state(out / CHECKPOINT_DIR)
     shutil.rmtree(out / CHECKPOINT_DIR, ignore_errors=True)
+    wait_for_everyone(dev)
     return evaluation
