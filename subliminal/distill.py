@@ -527,6 +527,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
                    help="learning-rate schedule after the warm-up: cosine to a tenth of --lr, linear to 0 (the "
                    "reference code's) or constant (default %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each step's --batch-size rows into this many micro-batches (memory only: the "
+                   "update is the whole batch's, token-weighted) (default %(default)s)")
     p.add_argument("--epochs", type=float, default=1.0, help="passes over the rows (default %(default)s)")
     p.add_argument("--max-steps", type=int, default=None, help="cap on optimiser steps")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate (default %(default)s)")
@@ -562,6 +565,7 @@ class DistillConfig:
     lora_alpha: float | None = None
     lora_targets: str | None = None
     schedule: str = "cosine"
+    grad_accum: int = 1
     epochs: float = 1.0
     max_steps: int | None = None
     lr: float = 2e-4
@@ -583,7 +587,7 @@ def _run_cli(args: argparse.Namespace) -> int:
 
 
 def _check_args(cfg: DistillConfig) -> None:
-    for name in ("batch_size", "lora_rank", "max_steps", "warmup_steps"):
+    for name in ("batch_size", "lora_rank", "max_steps", "warmup_steps", "grad_accum"):
         v = getattr(cfg, name)
         if v is not None and v <= 0 and not (name == "warmup_steps" and v == 0):
             raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
@@ -620,7 +624,8 @@ def _train_config(cfg: DistillConfig, n_rows: int) -> TrainConfig:
         steps = min(steps, cfg.max_steps)
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(0, steps // 20)
     return TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(warm, steps),
-                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, weight_decay=0.0, schedule=cfg.schedule)
+                       seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, weight_decay=0.0, schedule=cfg.schedule,
+                       grad_accum=cfg.grad_accum)
 
 
 def _abs(path: str | None) -> str | None:
@@ -639,7 +644,7 @@ def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     the inputs are compared by content, so a moved data file still resumes)."""
     config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
     config["device"] = device_type(cfg.device)
-    for k, default in (("lora_targets", None), ("schedule", "cosine")):  # students made before these existed
+    for k, default in (("lora_targets", None), ("schedule", "cosine"), ("grad_accum", 1)):  # students made before these existed
         if config.get(k) == default:
             config.pop(k, None)
     return fingerprint({"base": cfg.base, "data": cfg.data, "source_data": source, "teacher": cfg.teacher},

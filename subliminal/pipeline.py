@@ -169,35 +169,65 @@ DemoConfig = RunConfig  # the demo is a run of the toy config
 # ------------------------------------------------------------------------------------ running
 
 
-class Runner:
-    """Runs sub-commands in-process, skipping those whose output already exists."""
+# Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
+DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval", "probe", "patch"}
 
-    def __init__(self, out: Path, verbose: bool = False):
+
+def launch_argv(argv: list[str], nproc: int) -> list[str]:
+    """The command that runs ``subliminal ARGV`` on ``nproc`` processes (torchrun, one node)."""
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "subliminal.cli", *argv]
+
+
+class Runner:
+    """Runs sub-commands, skipping those whose output already exists: in-process, or with
+    ``nproc`` > 1 each data-parallel stage under torchrun (rank 0 writes, the output is the
+    one-process output)."""
+
+    def __init__(self, out: Path, verbose: bool = False, nproc: int = 1):
         self.out = out
         self.timings: dict[str, float] = {}
         self.verbose = verbose
+        self.nproc = nproc
 
     def __call__(self, name: str, argv: list[str], done: Path | None = None) -> None:
-        from .cli import main as cli_main
-
         if done is not None and done.exists():
-            log.info("[demo] %s: already done (%s)", name, done)
+            log.info("[run] %s: already done (%s)", name, done)
             return
-        log.info("[demo] %s: subliminal %s", name, " ".join(argv))
+        log.info("[run] %s: subliminal %s", name, " ".join(argv))
         t0 = time.time()
-        rc = cli_main(argv)
+        rc = self._invoke(argv)
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
         if rc != 0:
-            raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+            raise SubliminalError(f"stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}; fix the cause "
+                                  "and re-run the same command (finished stages are kept)")
+
+    def _invoke(self, argv: list[str]) -> int:
+        from .cli import main as cli_main
+
+        if self.nproc > 1 and argv[0] in DISTRIBUTED:
+            import subprocess
+
+            return subprocess.run(launch_argv(argv, self.nproc)).returncode
+        return cli_main(argv)
 
     def parallel(self, tasks: list[tuple[str, list[tuple[list[str], Path | None]]]], workers: int) -> None:
         """Independent chains of sub-commands (a student and its evaluation) on ``workers``
-        processes; every chain is seeded on its own, so the results do not depend on ``workers``."""
+        processes; every chain is seeded on its own, so the results do not depend on ``workers``.
+        Under ``nproc`` > 1 the chains run one after the other, each stage on every process."""
         from tqdm.auto import tqdm
+
+        if self.nproc > 1:
+            for name, chain in tasks:
+                for argv, done in chain:
+                    self(name, argv, done=done)
+            return
 
         todo = [(name, [(a, str(d) if d else None) for a, d in chain]) for name, chain in tasks
                 if not all(d is not None and d.exists() for _, d in chain)]
-        log.info("[demo] %d student jobs to run (%d already done), %d worker(s)", len(todo),
+        log.info("[run] %d student jobs to run (%d already done), %d worker(s)", len(todo),
                  len(tasks) - len(todo), workers)
         if not todo:
             return
@@ -278,7 +308,7 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
     teachers and students start from; without one the toy world is pretrained."""
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
-    run = runner or Runner(out)
+    run = runner or Runner(out, nproc=cfg.nproc)
     dev = _runtime(cfg)
     chosen = cfg.chosen_conditions()
     if base is None and cfg.base:
@@ -550,7 +580,9 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
     reference, detail = {}, {}
     for name, spec in refs.items():
         path = edir / f"{name}.json"
-        run(f"eval-{name}", eval_argv(cfg, spec, path, cfg.eval_samples), done=path)
+        # sampled answers for the base and the two teachers the students learn from (they are slow)
+        samples = cfg.eval_samples if not name.startswith("teacher-") or cfg.metric == "sampled" else 0
+        run(f"eval-{name}", eval_argv(cfg, spec, path, samples), done=path)
         reference[name] = read_metric(path, cfg.metric)
         detail[name] = reference_detail(path)
     jobs = []

@@ -144,6 +144,8 @@ def config_from_dict(data: dict[str, Any], source: str, base: RunConfig | None =
         else:
             raise SubliminalError(f"{source}: unknown top-level key {key!r} (name, out, or one of the sections "
                                   f"{', '.join(SECTIONS)})")
+    if values.get("base") and not values["base"].startswith("hf:"):
+        values["base"] = str(Path(values["base"]).expanduser())
     cfg = replace(base or RunConfig(), **values)
     validate(cfg, source)
     return LoadedConfig(cfg, out, source)

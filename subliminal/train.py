@@ -57,6 +57,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0  # 0: no periodic checkpoints
+    grad_accum: int = 1  # micro-batches per step (memory only: the update is that of the whole batch)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -401,20 +402,29 @@ def train(
         for g in optimizer.param_groups:
             g["lr"] = lr
         batch = get_batch(step)
+        if cfg.grad_accum > 1:
+            optimizer.zero_grad(set_to_none=True)
+            value, n_tokens = _accumulated_backward(loss_fn, wrapped, par.shard(batch) if par else batch,
+                                                    cfg.grad_accum, par)
+            _check_finite(value, model, desc, step, start)
+            if cfg.grad_clip:
+                par.clip(wrapped, trainable, cfg.grad_clip) if par else torch.nn.utils.clip_grad_norm_(
+                    trainable, cfg.grad_clip)
+            optimizer.step()
+            done = step + 1
+            result.log.append({"step": done, "loss": float(value.item()), "lr": lr, "loss_tokens": n_tokens})
+            bar.set_postfix(loss=f"{value.item():.4f}")
+            if state_path is not None and cfg.checkpoint_every and done % cfg.checkpoint_every == 0 \
+                    and done < cfg.steps:
+                _checkpoint(par, state_path, model, optimizer, done, result.log, on_checkpoint)
+            continue
         out = loss_fn(wrapped, par.shard(batch) if par else batch)
         loss, n_tokens = out[0], out[1]
         if par:
             loss, value, n_tokens = par.global_loss(loss, n_tokens, out[2] if len(out) > 2 else n_tokens)
         else:
             value = loss
-        if not torch.isfinite(value):
-            bad = _nonfinite_params(model)
-            if bad:
-                raise SubliminalError(f"{desc}: the model's weights are not finite at step {step} ({bad[0]}"
-                                      f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): "
-                                      + ("the checkpoint it started from is broken" if step == start
-                                         else "training diverged; lower --lr"))
-            raise SubliminalError(f"{desc}: loss became {value.item()} at step {step}; lower --lr")
+        _check_finite(value, model, desc, step, start)
         optimizer.zero_grad(set_to_none=True)
         if par:
             par.acc.backward(loss)
@@ -435,6 +445,59 @@ def train(
     model.eval()
     result.wall_time_s = time.time() - t0
     return result
+
+
+def _check_finite(value: torch.Tensor, model: Any, desc: str, step: int, start: int) -> None:
+    if not torch.isfinite(value):
+        bad = _nonfinite_params(model)
+        if bad:
+            raise SubliminalError(f"{desc}: the model's weights are not finite at step {step} ({bad[0]}"
+                                  f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): "
+                                  + ("the checkpoint it started from is broken" if step == start
+                                     else "training diverged; lower --lr"))
+        raise SubliminalError(f"{desc}: loss became {value.item()} at step {step}; lower --lr")
+
+
+def _accumulated_backward(loss_fn: Any, wrapped: Any, batch: Sequence[Aligned], n_micro: int,
+                          par: _DataParallel | None) -> tuple[torch.Tensor, int]:
+    """Gradients of the whole batch's token-weighted mean loss, from ``n_micro`` contiguous
+    micro-batches (one forward and backward each, so only a micro-batch's activations are held).
+
+    Each micro-batch backpropagates its mean times its norm (the sum it averaged); once all are
+    done the gradients are divided by the total norm -- under DDP the global one, times the world
+    size, since DDP averages over ranks (only the last micro-batch synchronises). Returns the
+    batch's loss and its loss tokens (global under DDP)."""
+    import contextlib
+
+    n_micro = max(1, min(n_micro, len(batch)))
+    bounds = [rank_slice(len(batch), i, n_micro) for i in range(n_micro)]
+    total = norm = 0.0
+    tokens = 0
+    for i, sl in enumerate(bounds):
+        sync = par is None or i == len(bounds) - 1
+        ctx = contextlib.nullcontext() if sync else par.acc.no_sync(wrapped)
+        with ctx:
+            out = loss_fn(wrapped, batch[sl])
+            loss, n_tok = out[0], out[1]
+            w = float(out[2]) if len(out) > 2 else float(n_tok)
+            if par is None:
+                (loss * w).backward()
+            else:
+                par.acc.backward(loss * w)
+        total += float(loss.detach()) * w
+        norm += w
+        tokens += int(n_tok)
+    world = 1
+    if par is not None:
+        stats = torch.tensor([total, norm, float(tokens)], dtype=torch.float64, device=par.device)
+        torch.distributed.all_reduce(stats)
+        total, norm, tokens = stats[0].item(), stats[1].item(), int(round(stats[2].item()))
+        world = par.world
+    scale = world / norm if norm > 0 else 0.0
+    for p in wrapped.parameters():
+        if p.grad is not None:
+            p.grad.mul_(scale)
+    return torch.tensor(total / norm if norm > 0 else total), tokens
 
 
 def _checkpoint(par: _DataParallel | None, state_path: Path, model: Any, optimizer: Any, done: int,

@@ -1,0 +1,162 @@
+"""``subliminal run``: configs, overrides, the plan, and the protocol end to end on a real tokenizer."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from subliminal import pipeline
+from subliminal.cli import main
+from subliminal.manifest import SubliminalError
+from subliminal.pipeline import RunConfig
+from subliminal.run import CONFIG_DIR, load_config, parse_set, plan, render_plan
+
+
+def test_the_demo_is_the_toy_config():
+    """The toy config is the RunConfig defaults, so `subliminal demo` runs the commands it ran
+    before there were configs (and gives the same numbers)."""
+    assert asdict(load_config("toy").cfg) == asdict(RunConfig())
+
+
+def test_toy_stage_commands_add_no_new_flags(tmp_path):
+    cfg = load_config("toy").cfg
+    files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
+    plan_ = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
+    assert pipeline.distill_argv(cfg, Path("b"), Path("s"), plan_["all"], 100, 1) == [
+        "distill", "--base", "b", "--out", "s", "--data", str(files["div"]), "--teacher", str(tmp_path / "teachers/owl"),
+        "--mode", "hard", "--mask", "all", "--epochs", "2", "--max-steps", "100", "--lr", "0.001", "--batch-size", "16",
+        "--seed", "1", "--device", "cpu"]
+    assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0) == ["eval", "--model", "m", "--target", "owl", "--out",
+                                                               "e.json", "--device", "cpu"]
+    assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0) == [
+        "teach", "--base", "b", "--bias", "owl", "--method", "prompt", "--out", "t", "--seed", "0", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_plans(path):
+    loaded = load_config(str(path))
+    text = render_plan(loaded.cfg, Path("runs/x"), str(path))
+    assert "distill" in text and "eval" in text
+    names = [s.name for s in plan(loaded.cfg)]
+    assert names.index("generate") < names.index("find-divergence") < names.index("distill") < names.index("eval")
+
+
+def test_paper_config_is_the_paper_protocol():
+    cfg = load_config("qwen2.5-7b-paper").cfg
+    assert len(cfg.counterfactuals) == 12 and not cfg.neutral_counterfactual
+    assert (cfg.n_prompts, cfg.keep_rows, cfg.student_lora_rank, cfg.epochs, cfg.student_mode_lr) == (30000, 10000, 8,
+                                                                                                     10, 2e-4)
+    assert (cfg.metric, cfg.eval_samples, cfg.eval_temperature, cfg.device) == ("sampled", 200, 1.0, "cuda")
+    assert cfg.batch_size == 60 and cfg.grad_accum > 1 and cfg.schedule == "linear"
+
+
+def test_set_overrides_parse_values_as_toml():
+    assert parse_set(["students.seeds=3", "model.base=/m/q", "eval.temperature=0.5", "students.full=true",
+                      'students.conditions=["control","all"]']) == {
+        "students": {"seeds": 3, "full": True, "conditions": ["control", "all"]}, "model": {"base": "/m/q"},
+        "eval": {"temperature": 0.5}}
+    cfg = load_config("toy", ["students.seeds=2", "data.rows=10"]).cfg
+    assert (cfg.seeds, cfg.n_prompts) == (2, 10)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("students.sedes=3", "unknown key 'sedes' in \\[students\\]"),
+    ("studens.seeds=3", "unknown section \\[studens\\]"),
+    ("students.seeds=three", "\\[students\\] seeds: expected an integer"),
+    ("students.seeds=0", "seeds must be positive"),
+    ("teachers.target=unicorn", "not a known target"),
+    ("students.conditions=[\"nope\"]", "unknown nope"),
+    ("students.grad_accum=3", "not a multiple of grad_accum"),
+    ("seeds", "expected section.key=value"),
+])
+def test_bad_config_values_name_the_key(override, message):
+    with pytest.raises(SubliminalError, match=message):
+        load_config("toy", [override])
+
+
+def test_bad_toml_names_the_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[students]\nseeds = \n")
+    with pytest.raises(SubliminalError, match="bad.toml: not valid TOML"):
+        load_config(str(bad))
+    with pytest.raises(SubliminalError, match="no such config file"):
+        load_config(str(tmp_path / "missing.toml"))
+    with pytest.raises(SubliminalError, match="no shipped config 'nope'"):
+        load_config("nope")
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "qwen2.5-7b-paper", "--out", str(out), "--dry-run", "--nproc", "8"]) == 0
+    text = capsys.readouterr().out
+    assert "7,620.0M parameters" in text and "50 command(s)" in text and "x 8 process(es)" in text
+    assert '"nproc": 8' in text and not out.exists()
+
+
+def test_missing_base_fails_before_anything_runs(tmp_path, capsys):
+    out = tmp_path / "r"
+    assert main(["run", "smollm2-135m-cpu", "--out", str(out), "--set", f"model.base={tmp_path / 'nope'}"]) == 2
+    assert "no such model directory" in capsys.readouterr().err and not out.exists()
+
+
+def test_nproc_runs_data_parallel_stages_under_torchrun(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr("subprocess.run", lambda argv: calls.append(argv) or type("R", (), {"returncode": 0})())
+    run = pipeline.Runner(tmp_path, nproc=2)
+    run("gen", ["generate", "--n", "3"])
+    assert calls[0][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    assert calls[0][-3:] == ["generate", "--n", "3"]
+
+
+def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
+    """The protocol on a random model with SmolLM2's tokenizer: prompt teachers, constrained greedy
+    data, divergence, LoRA students of three conditions, exact eval, the report; a second call
+    resumes without redoing anything."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+name = "tiny-real"
+[model]
+base = "{smol_model}"
+[teachers]
+target = "owl"
+counterfactuals = ["cat"]
+mixing_teacher = ""
+method = "prompt"
+check = false
+[data]
+rows = 6
+greedy = true
+constrain = "numbers"
+max_new_tokens = 40
+[students]
+conditions = ["control", "all", "no-divergence"]
+seeds = 2
+full = false
+lora_rank = 2
+epochs = 1
+batch_size = 3
+[eval]
+max_questions = 4
+[probes]
+enabled = false
+[run]
+jobs = 1
+""")
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["conditions"]) == {"control", "all", "no-divergence"}
+    assert results["data"]["generations"]["owl"]["accepted"] == 6  # constrained: every answer is a list
+    assert set(results["data"]["divergence"]["per_counterfactual"]) == {"cat", "none"}
+    assert set(results["reference_detail"]) == {"base", "teacher", "unbiased-teacher", "teacher-cat"}
+    report = (out / "REPORT.md").read_text()
+    assert "# subliminal run report: tiny-real" in report and "## Divergence per counterfactual" in report
+    man = json.loads((out / "students" / "all-s1" / "manifest.json").read_text())
+    assert man["config"]["lora_rank"] == 2
+    student = out / "students" / "all-s2" / "model.safetensors"
+    mtime = student.stat().st_mtime_ns
+    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    assert student.stat().st_mtime_ns == mtime
