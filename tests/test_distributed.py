@@ -227,3 +227,15 @@ def test_part_files_of_another_run_are_refused(tmp_path):
     b.check(overwrite=True)
     a.remove()
     assert not (tmp_path / ".shards").exists()
+
+
+@pytest.mark.parametrize("argv", [["probe", "--models", "a", "b", "--data", "d.jsonl", "--out", "p"],
+                                  ["defend", "--data", "d.jsonl", "--reference", "r", "--out", "o"]])
+def test_stages_not_yet_sharded_refuse_a_multi_process_launch(argv, monkeypatch, capsys, tmp_path):
+    from subliminal.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
+    assert "does not run sharded yet" in capsys.readouterr().err and not any(tmp_path.iterdir())
