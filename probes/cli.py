@@ -135,7 +135,11 @@ def _groups(examples: list) -> list[str]:
 
 
 def run_probe(args: argparse.Namespace) -> int:
+    from subliminal.distributed import require_one_process
+
     from .linear import probe_layers
+
+    require_one_process("probe")
 
     t0 = time.time()
     set_seed(args.seed)
@@ -245,6 +249,10 @@ def vars_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_patch(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
+
+    from subliminal.distributed import require_one_process
+
+    require_one_process("patch")
 
     from subliminal.data import JsonlAppender
     from subliminal.models import load_model, same_tokenizer

@@ -12,6 +12,7 @@ import importlib
 import logging
 import sys
 
+from . import distributed
 from .manifest import SubliminalError
 
 # Modules that define sub-commands, in the order ``--help`` lists them.
@@ -46,11 +47,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    distributed.quiet_other_ranks()
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
     try:
         rc = args.func(args)
+    except distributed.RankFailedError as e:
+        if distributed.is_main():  # every rank knows; rank 0 says it once (the failing rank says its own)
+            print(f"error: {e}", file=sys.stderr)
+        return 2
     except SubliminalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,8 +17,20 @@ def add_model_runtime(p: argparse.ArgumentParser) -> None:
                    help="allow a checkpoint's own Python code to run (off by default)")
 
 
+def add_device_map(p: argparse.ArgumentParser) -> None:
+    """For the inference stages only: a teacher bigger than one GPU."""
+    p.add_argument("--device-map", choices=["auto"], default=None,
+                   help="auto: spread the model's layers over every visible GPU (then CPU memory) with "
+                   "accelerate's big-model inference, for a model that does not fit one device; one process "
+                   "only (not under a launcher with more than one rank); --device is then ignored "
+                   "(default: the whole model on --device)")
+
+
 def runtime_kwargs(args: argparse.Namespace) -> dict:
-    return {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    kw = {"device": args.device, "dtype": args.dtype, "trust_remote_code": args.trust_remote_code}
+    if getattr(args, "device_map", None):
+        kw["device_map"] = args.device_map
+    return kw
 
 
 def add_overwrite(p: argparse.ArgumentParser) -> None:

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
+from . import distributed as dist
 from . import forward
-from .cliutil import add_model_runtime, add_overwrite, add_seed, device_type
+from .cliutil import add_device_map, add_model_runtime, add_overwrite, add_seed, device_type
 from .data import (
     Aligned,
     DataError,
@@ -280,15 +281,16 @@ def check_tokenizers(refs: list[TeacherRef], trust_remote_code: bool) -> Any:
     return base
 
 
-def load_groups(refs: list[TeacherRef], *, device: str, dtype: str | torch.dtype, trust_remote_code: bool
-                ) -> list[WeightGroup]:
+def load_groups(refs: list[TeacherRef], *, device: str, dtype: str | torch.dtype, trust_remote_code: bool,
+                device_map: str | None = None) -> list[WeightGroup]:
     """Load each distinct set of weights once."""
     from .models import load_model
 
     groups: dict[str, WeightGroup] = {}
     for i, r in enumerate(refs):
         if r.weights_key not in groups:
-            lm = load_model(r.spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+            lm = load_model(r.spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            device_map=device_map)
             groups[r.weights_key] = WeightGroup(r.weights_key, lm)
         groups[r.weights_key].members.append(i)
     return list(groups.values())
@@ -358,6 +360,7 @@ class ScoreConfig:
     min_ratio: float | None = None  # the ratio rule's threshold in nats ...
     flag_share: float | None = None  # ... or the share of completion tokens it flags
     ratio_reduce: str = "max"
+    device_map: str | None = None  # "auto": accelerate's big-model placement (one process)
 
     def rule_spec(self) -> RuleSpec:
         return RuleSpec(self.rule, self.min_ratio, self.flag_share, self.ratio_reduce)
@@ -674,17 +677,6 @@ def _resume_action(cfg: ScoreConfig, fp: dict[str, Any]) -> str:
                         occupied=occupied)
 
 
-def _open_partial(cfg: ScoreConfig, fp: dict[str, Any], action: str
-                  ) -> tuple[JsonlAppender, dict[str, dict[str, Any]]]:
-    """The resumable partial output, with rows already scored (none when starting over)."""
-    part = partial_path_for(cfg.out)
-    if action == "start":
-        part.unlink(missing_ok=True)
-    write_fingerprint(_meta_path(cfg), fp)
-    app = JsonlAppender(part)
-    return app, {str(o["id"]): o for o in app.existing()}
-
-
 def _batches(idx: list[int], size: int) -> Iterator[list[int]]:
     for s in range(0, len(idx), size):
         yield idx[s:s + size]
@@ -692,47 +684,108 @@ def _batches(idx: list[int], size: int) -> Iterator[list[int]]:
 
 def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any]:
     """Score ``cfg.data`` under the factual and counterfactual teachers; write ``cfg.out`` (atomically,
-    resuming from its ``.partial`` file) and its manifest; return the summary."""
+    resuming from its ``.partial`` file) and its manifest; return the summary.
+
+    Under a launcher (torchrun / accelerate launch) each rank scores its contiguous shard of the
+    rows into its own part file (:class:`subliminal.distributed.ShardParts`), rank 0 merges them
+    in row order and writes the one output and manifest; rows are batch invariant, so the file
+    equals a one-process run's, and the fingerprint (no world size in it) lets either resume the
+    other's unfinished run."""
     from tqdm.auto import tqdm
 
     from .kernels import resolve_backend
     from .models import resolve_device, resolve_dtype
 
     t0 = time.time()
-    if not cfg.counterfactual:
-        raise SubliminalError("give at least one --counterfactual teacher")
-    cfg.rule_spec().check()
-    if cfg.batch_size < 1:
-        raise SubliminalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
-    try:
-        backend = resolve_backend(cfg.backend, resolve_device(cfg.device))
-    except ValueError as e:
-        raise SubliminalError(f"--backend {cfg.backend}: {e}") from None
-    resolve_dtype(cfg.dtype)
-    fp = _fingerprint(cfg, str(backend))
-    action = _resume_action(cfg, fp)
+    dist.init(cfg.device)
+    with dist.agree("prepare"):
+        if not cfg.counterfactual:
+            raise SubliminalError("give at least one --counterfactual teacher")
+        cfg.rule_spec().check()
+        if cfg.batch_size < 1:
+            raise SubliminalError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+        try:
+            backend = resolve_backend(cfg.backend, resolve_device(cfg.device))
+        except ValueError as e:
+            raise SubliminalError(f"--backend {cfg.backend}: {e}") from None
+        resolve_dtype(cfg.dtype)
+        fp = _fingerprint(cfg, str(backend))
+        action = _resume_action(cfg, fp)
+        parts = dist.ShardParts(cfg.out, fp)
+        if action != "skip":
+            parts.check(overwrite=cfg.overwrite)
     if action == "skip":
         log.info("%s: already scored by this exact command; nothing to do (--overwrite redoes it)", cfg.out)
         return read_file_manifest(cfg.out)["summary"]
-    set_seed(cfg.seed)
-    rows = read_rows(cfg.data)
-    refs = [describe_teacher(s) for s in [cfg.teacher, *cfg.counterfactual]]
-    unique_names(refs)
-    tokenizer = check_tokenizers(refs, cfg.trust_remote_code)
-    groups = load_groups(refs, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    max_len = min((m for m in (model_max_length(g.loaded.model) for g in groups) if m), default=None)
-    aligned = align_all(rows, tokenizer, refs, max_len, progress)
-    app, done = _open_partial(cfg, fp, action)
-    todo = [i for i, r in enumerate(rows) if r.id not in done]
-    if done:
-        log.info("resuming: %d of %d rows already scored", len(rows) - len(todo), len(rows))
-    with app, tqdm(total=len(todo), desc="find-divergence", unit="row", disable=not progress) as bar:
-        for chunk in _batches(todo, cfg.batch_size):
-            for obj in score_batch([rows[i] for i in chunk], [aligned[i] for i in chunk], groups, refs, tokenizer,
-                                   cfg.rule, cfg.backend):
-                app.write(obj)
-                done[obj["id"]] = obj
-            bar.update(len(chunk))
+    with dist.agree("load"):
+        set_seed(cfg.seed)
+        rows = read_rows(cfg.data)
+        mine = dist.shard(len(rows))
+        refs = [describe_teacher(s) for s in [cfg.teacher, *cfg.counterfactual]]
+        unique_names(refs)
+        tokenizer = check_tokenizers(refs, cfg.trust_remote_code)
+        groups = load_groups(refs, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code,
+                             device_map=cfg.device_map)
+        max_len = min((m for m in (model_max_length(g.loaded.model) for g in groups) if m), default=None)
+        aligned = dict(zip(mine, align_all([rows[i] for i in mine], tokenizer, refs, max_len,
+                                           not dist.progress_disabled(progress))))
+    with dist.agree("open"):
+        if dist.is_main():
+            _start_partial(cfg, fp, action, parts)
+    with dist.agree("work"):
+        app, done = _open_partial(cfg, parts, mine)
+        todo = [i for i in mine if rows[i].id not in done]
+        if len(todo) < len(mine):
+            log.info("resuming: %d of %d rows already scored", len(mine) - len(todo), len(mine))
+        with app, tqdm(total=len(todo), desc="find-divergence", unit="row",
+                       disable=dist.progress_disabled(progress)) as bar:
+            for chunk in _batches(todo, cfg.batch_size):
+                for obj in score_batch([rows[i] for i in chunk], [aligned[i] for i in chunk], groups, refs,
+                                       tokenizer, cfg.rule, cfg.backend):
+                    app.write(obj)
+                bar.update(len(chunk))
+    summary: dict[str, Any] | None = None
+    with dist.agree("merge"):
+        if dist.is_main():
+            summary = _merge_and_write(cfg, fp, rows, refs, parts, time.time() - t0)
+    return summary if summary is not None else read_file_manifest(cfg.out)["summary"]
+
+
+def _start_partial(cfg: ScoreConfig, fp: dict[str, Any], action: str, parts: dist.ShardParts) -> None:
+    """Rank 0, before any rank writes: clear an old run when starting over, record the fingerprint."""
+    if action == "start":
+        partial_path_for(cfg.out).unlink(missing_ok=True)
+    write_fingerprint(_meta_path(cfg), fp)
+    if dist.is_distributed():
+        parts.start(clear=action == "start")
+    elif action == "start" and parts.dir.exists():
+        parts.start(clear=True)
+
+
+def _done_rows(cfg: ScoreConfig, parts: dist.ShardParts) -> dict[str, dict[str, Any]]:
+    """Rows already scored by this fingerprint: the one-process partial file and every part file."""
+    done = {str(o["id"]): o for o in parts.done_rows()}
+    done.update({str(o["id"]): o for o in dist.read_complete_lines(partial_path_for(cfg.out))})
+    return done
+
+
+def _open_partial(cfg: ScoreConfig, parts: dist.ShardParts, mine: range
+                  ) -> tuple[JsonlAppender, dict[str, dict[str, Any]]]:
+    """The file this process appends rows to (one process: OUT.partial; a rank: its part file),
+    with the rows already scored."""
+    done = _done_rows(cfg, parts)
+    path = parts.row_part(mine.start, mine.stop) if dist.is_distributed() else partial_path_for(cfg.out)
+    return JsonlAppender(path), done
+
+
+def _merge_and_write(cfg: ScoreConfig, fp: dict[str, Any], rows: Sequence[Row], refs: list[TeacherRef],
+                     parts: dist.ShardParts, wall: float) -> dict[str, Any]:
+    """Rank 0: every row in row order, the file-wide rule (ratio), the output and its manifest."""
+    done = _done_rows(cfg, parts)
+    missing = [r.id for r in rows if r.id not in done]
+    if missing:
+        raise SubliminalError(f"{cfg.out}: {len(missing)} row(s) were not scored (first {missing[0]!r}); re-run "
+                              "the same command to resume")
     objs = [done[r.id] for r in rows]
     rule_info = {"rule": cfg.rule}
     if cfg.rule not in ARGMAX_RULES:  # the ratio threshold may depend on every row: set it now
@@ -741,11 +794,13 @@ def find_divergence(cfg: ScoreConfig, *, progress: bool = True) -> dict[str, Any
     summary = summarize(objs, [r.name for r in refs[1:]])
     write_file_manifest(cfg.out, stage=STAGE, config=replace(cfg, dtype=str(cfg.dtype)), seed=cfg.seed,
                         inputs={"data": cfg.data, **{f"teacher:{r.name}": r.spec for r in refs}},
-                        wall_time_s=time.time() - t0,
+                        wall_time_s=wall,
                         extra={"summary": summary, "rule": rule_info, "factual": refs[0].name,
-                               "counterfactuals": [r.name for r in refs[1:]], "fingerprint": fp})
+                               "counterfactuals": [r.name for r in refs[1:]], "fingerprint": fp,
+                               **dist.shard_record(len(rows))})
     partial_path_for(cfg.out).unlink(missing_ok=True)
     _meta_path(cfg).unlink(missing_ok=True)
+    parts.remove()
     return summary
 
 
@@ -835,6 +890,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "({prompt, completion, decision_points}, id kept) (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
+    add_device_map(p)
     add_overwrite(p)
     p.set_defaults(func=_run_cli)
     r = sub.add_parser("reflag-divergence", help="re-apply a divergence rule to a .div.jsonl (no models run)",
@@ -905,8 +961,10 @@ def _run_cli(args: argparse.Namespace) -> int:
                       rule=args.rule, batch_size=args.batch_size, backend=args.backend, device=args.device,
                       dtype=args.dtype, seed=args.seed, trust_remote_code=args.trust_remote_code,
                       overwrite=args.overwrite, min_ratio=args.min_ratio, flag_share=args.flag_share,
-                      ratio_reduce=args.ratio_reduce)
+                      ratio_reduce=args.ratio_reduce, device_map=args.device_map)
     summary = find_divergence(cfg)
+    if not dist.is_main():  # rank 0 reports and writes the reference layout
+        return 0
     print(format_summary(summary))
     if cfg.rule == "ratio":
         from .manifest import read_file_manifest

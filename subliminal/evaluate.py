@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
+from . import distributed as dist
 from . import poison, prompts
-from .cliutil import add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
+from .cliutil import add_device_map, add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
 from .data import Row, align_row, model_max_length, read_rows
 from .forward import completion_scores, prefix_cached_scores
 from .manifest import (
@@ -106,14 +107,31 @@ def exact_preference(loaded: Any, target: str, category: str = "animal", questio
     candidate row teacher-forced whole, the slower path it must equal).
     """
     candidates = _check_target(target, category)
+    qs = question_texts(loaded.tokenizer, category, questions)
+    lp = exact_logprobs(loaded, candidates, qs, batch_size, prefix_cache=prefix_cache)
+    return exact_summary(lp, target, category, loaded.system_prompt)
+
+
+def exact_logprobs(loaded: Any, candidates: Sequence[str], qs: Sequence[str], batch_size: int = 32, *,
+                   prefix_cache: bool = True) -> list[list[float]]:
+    """Per question (already in the tokenizer's text), the log-probability of each candidate as a
+    whole completion: the part of the exact preference a rank computes for its shard."""
     tok = loaded.tokenizer
-    qs = question_texts(tok, category, questions)
     max_len = model_max_length(loaded.model)
     examples = [align_row(tok, Row(f"q{qi}-{c}", q, c), loaded.system_prompt, max_len)
                 for qi, q in enumerate(qs) for c in candidates]
     score = prefix_cached_scores if prefix_cache else completion_scores
     scores = score(loaded.model, examples, tok.pad_token_id, batch_size)
-    lp = torch.tensor([float(s[0].sum()) for s in scores], dtype=torch.float64).view(len(qs), len(candidates))
+    flat = [float(s[0].sum()) for s in scores]
+    k = len(candidates)
+    return [flat[i * k:(i + 1) * k] for i in range(len(qs))]
+
+
+def exact_summary(lp_rows: Sequence[Sequence[float]], target: str, category: str,
+                  system_prompt: str | None) -> dict[str, Any]:
+    """The exact-preference result from every question's candidate log-probabilities."""
+    candidates = _check_target(target, category)
+    lp = torch.tensor([list(r) for r in lp_rows], dtype=torch.float64).view(len(lp_rows), len(candidates))
     probs = torch.softmax(lp, dim=1)
     raw = torch.exp(torch.logsumexp(lp, dim=1))
     ti = candidates.index(target)
@@ -128,8 +146,8 @@ def exact_preference(loaded: Any, target: str, category: str = "animal", questio
         "per_question": per_q,
         "distribution": {c: float(v) for c, v in zip(candidates, probs.mean(0).tolist())},
         "raw_mass": float(raw.mean()),
-        "n_questions": len(qs),
-        "system_prompt": loaded.system_prompt,
+        "n_questions": len(lp_rows),
+        "system_prompt": system_prompt,
     }
 
 
@@ -159,20 +177,23 @@ def first_candidate(text: str, candidates: Sequence[str]) -> str | None:
 
 
 def sample_answers(loaded: Any, questions: Sequence[str], samples: int, *, temperature: float = 1.0,
-                   max_new_tokens: int = 8, batch_size: int = 32, seed: int = 0) -> list[list[str]]:
+                   max_new_tokens: int = 8, batch_size: int = 32, seed: int = 0,
+                   indices: Sequence[int] | None = None) -> list[list[str]]:
     """``samples`` answers per question under the model's system prompt; each sample draws from
-    its own seeded stream, so answers do not depend on the batch size."""
+    its own seeded stream, so answers do not depend on the batch size. ``indices``: the
+    questions' positions in the full list (a rank's shard), which name their streams."""
     from .data import encode, end_token_ids, render_chat
     from .forward import SamplingConfig, row_rng, sample_batched
 
     tok = loaded.tokenizer
     cfg = SamplingConfig(temperature=temperature, top_p=1.0, seed=seed)
     stop = end_token_ids(tok)
+    index = list(indices) if indices is not None else list(range(len(questions)))
     jobs = [(qi, s) for qi in range(len(questions)) for s in range(samples)]
     prompt_ids = [encode(tok, render_chat(tok, q, loaded.system_prompt)) for q in questions]
     res = sample_batched(loaded.model, [prompt_ids[qi] for qi, _ in jobs], batch_size=batch_size,
                          pad_id=tok.pad_token_id, stop_ids=stop, max_new=[max_new_tokens] * len(jobs), cfg=cfg,
-                         rngs=[row_rng("eval-sample", seed, f"{qi}:{s}") for qi, s in jobs])
+                         rngs=[row_rng("eval-sample", seed, f"{index[qi]}:{s}") for qi, s in jobs])
     out: list[list[str]] = [[] for _ in questions]
     for (qi, _), (ids, _stopped) in zip(jobs, res):
         out[qi].append(tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip())
@@ -185,12 +206,20 @@ def sampled_preference(loaded: Any, target: str, category: str = "animal", *, sa
     """Mean over questions of the fraction of sampled answers naming the target, with a 95%
     t-interval over questions (the questions are the unit: samples within one are not independent
     draws of the metric)."""
-    candidates = _check_target(target, category)
+    _check_target(target, category)
     if samples <= 0:
         raise SubliminalError(f"--samples must be positive, got {samples}")
     qs = question_texts(loaded.tokenizer, category, questions)
     answers = sample_answers(loaded, qs, samples, temperature=temperature, max_new_tokens=max_new_tokens,
                              batch_size=batch_size, seed=seed)
+    return sampled_summary(answers, target, category, samples=samples, temperature=temperature)
+
+
+def sampled_summary(answers: Sequence[Sequence[str]], target: str, category: str, *, samples: int,
+                    temperature: float) -> dict[str, Any]:
+    """The sampled-preference result from every question's answers."""
+    candidates = _check_target(target, category)
+    qs = answers
     per_q = [sum(names_target(a, target) for a in ans) / len(ans) for ans in answers]
     mean, lo, hi = mean_ci(per_q)
     hist: dict[str, int] = {c: 0 for c in candidates}
@@ -213,23 +242,39 @@ def main_task_accuracy(loaded: Any, path: str | Path, *, max_rows: int | None = 
     model's argmax is the data token (all tokens, and number tokens only), and the mean NLL.
     Prompts are rendered with the model's own system prompt (none for students)."""
     rows = read_rows(path)[: max_rows or None]
+    return main_task_summary(main_task_rows(loaded, rows, batch_size=batch_size), path)
+
+
+def main_task_rows(loaded: Any, rows: Sequence[Row], *, batch_size: int = 32) -> list[list[float]]:
+    """Per row: [hits, tokens, number hits, number tokens, NLL, accuracy] (a rank's shard of the
+    main task)."""
     tok = loaded.tokenizer
     max_len = model_max_length(loaded.model)
     examples = [align_row(tok, r, loaded.system_prompt, max_len) for r in rows]
     scores = completion_scores(loaded.model, examples, tok.pad_token_id, batch_size)
-    hit = n = num_hit = num_n = 0
-    nll = 0.0
-    per_row = []
+    out = []
     for e, (lp, am) in zip(examples, scores):
         tgt = torch.tensor(e.completion_ids)
         ok = am == tgt
         is_num = torch.tensor([tok.decode([t]).strip().isdigit() for t in e.completion_ids])
-        hit += int(ok.sum())
-        n += len(tgt)
-        num_hit += int(ok[is_num].sum())
-        num_n += int(is_num.sum())
-        nll -= float(lp.sum())
-        per_row.append(float(ok.float().mean()))
+        out.append([int(ok.sum()), len(tgt), int(ok[is_num].sum()), int(is_num.sum()), -float(lp.sum()),
+                    float(ok.float().mean())])
+    return out
+
+
+def main_task_summary(per_row_stats: Sequence[Sequence[float]], path: str | Path) -> dict[str, Any]:
+    """The main-task result from every row's counts (summed in row order)."""
+    hit = n = num_hit = num_n = 0
+    nll = 0.0
+    per_row = []
+    for h, k, nh, nk, row_nll, acc in per_row_stats:
+        hit += int(h)
+        n += int(k)
+        num_hit += int(nh)
+        num_n += int(nk)
+        nll += row_nll
+        per_row.append(acc)
+    rows = per_row_stats
     mean, lo, hi = mean_ci(per_row)
     return {"data": str(path), "rows": len(rows), "tokens": n, "token_accuracy": hit / max(n, 1),
             "number_tokens": num_n, "number_accuracy": num_hit / max(num_n, 1) if num_n else None,
@@ -372,6 +417,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default %(default)s)")
     add_seed(p)
     add_model_runtime(p)
+    add_device_map(p)
     add_overwrite(p)
     poison.add_bias_eval_args(p)
     p.set_defaults(func=run_eval)
@@ -388,23 +434,60 @@ def _category(args: argparse.Namespace) -> str:
     return category
 
 
-def evaluate_model(spec: str, args: argparse.Namespace, category: str) -> dict[str, Any]:
-    """Every metric asked for, on one model."""
+def evaluate_model(spec: str, args: argparse.Namespace, category: str,
+                   parts: dist.ShardParts | None = None) -> dict[str, Any] | None:
+    """Every metric asked for, on one model.
+
+    Under a launcher each rank scores its contiguous shard of the questions (exact and sampled:
+    a sample's stream is named by its question's index in the full list) and of the held-out
+    rows; rank 0 gathers the per-question and per-row values in order and summarises them exactly
+    as one process would, and returns the result (the other ranks return None). With ``parts``,
+    a rank's finished shard is kept as a part file, so an interrupted job resumes per shard."""
     from .models import load_model
 
-    loaded = load_model(spec, **runtime_kwargs(args))
+    with dist.agree("load"):
+        loaded = load_model(spec, **runtime_kwargs(args))
+        qs = prompts.preference_questions(category)[: args.max_questions or None]
+        texts = question_texts(loaded.tokenizer, category, qs)
+        heldout = read_rows(args.heldout)[: args.heldout_rows or None] if args.heldout else []
+    q_mine, h_mine = dist.shard(len(texts)), dist.shard(len(heldout))
+    tag = f"h{h_mine.start}-{h_mine.stop}-q"
+    with dist.agree("work"):
+        part = parts.load_shard(q_mine.start, q_mine.stop, tag) if parts is not None else None
+        if part is None:
+            part = _score_shard(loaded, args, category, texts, q_mine, [heldout[i] for i in h_mine])
+            if parts is not None and dist.is_distributed():
+                parts.save_shard(q_mine.start, q_mine.stop, part, tag)
+    gathered = dist.gather_to_main(part)
+    if gathered is None:
+        return None
+    merged = {k: dist.merge_in_order([g[k] for g in gathered]) for k in ("exact", "sampled", "main")}
     result: dict[str, Any] = {"model": str(spec), "target": args.target, "category": category,
                               "system_prompt": loaded.system_prompt}
-    qs = prompts.preference_questions(category)[: args.max_questions or None]
-    result["exact"] = exact_preference(loaded, args.target, category, questions=qs, batch_size=args.batch_size)
+    result["exact"] = exact_summary(merged["exact"], args.target, category, loaded.system_prompt)
     if args.samples:
-        result["sampled"] = sampled_preference(loaded, args.target, category, samples=args.samples, questions=qs,
-                                               temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                                               batch_size=args.batch_size, seed=args.seed)
+        result["sampled"] = sampled_summary(merged["sampled"], args.target, category, samples=args.samples,
+                                            temperature=args.temperature)
     if args.heldout:
-        result["main_task"] = main_task_accuracy(loaded, args.heldout, max_rows=args.heldout_rows,
-                                                 batch_size=args.batch_size)
+        result["main_task"] = main_task_summary(merged["main"], args.heldout)
     return result
+
+
+def _score_shard(loaded: Any, args: argparse.Namespace, category: str, texts: Sequence[str], q_mine: range,
+                 heldout: Sequence[Row]) -> dict[str, Any]:
+    """One rank's share of :func:`evaluate_model`: candidate log-probs and sampled answers of its
+    questions, counts of its held-out rows."""
+    candidates = _check_target(args.target, category)
+    mine = [texts[i] for i in q_mine]
+    out: dict[str, Any] = {"exact": exact_logprobs(loaded, candidates, mine, args.batch_size), "sampled": [],
+                           "main": []}
+    if args.samples:
+        out["sampled"] = sample_answers(loaded, mine, args.samples, temperature=args.temperature,
+                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                        seed=args.seed, indices=q_mine)
+    if heldout:
+        out["main"] = main_task_rows(loaded, heldout, batch_size=args.batch_size)
+    return out
 
 
 def _config(args: argparse.Namespace) -> dict[str, Any]:
@@ -477,18 +560,24 @@ def run_curve(args: argparse.Namespace, category: str) -> int:
     t0 = time.time()
     out = Path(args.out) if args.out else Path(args.model) / "transfer_curve.json"
     pts = checkpoint_points(args.model)
+    dist.init(args.device)
     fp, action = _prepare_out(args, out, "eval-curve", {"model": args.model, "heldout": args.heldout,
                                                          **{label: path for _, label, path in pts}})
     if action == "skip":
-        print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
+        if dist.is_main():
+            print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
         return 0
     points = []
     qs = prompts.preference_questions(category)[: args.max_questions or None]
     for step, label, path in pts:
         log.info("eval %s (step %d)", label, step)
         r = evaluate_model(path, args, category)
+        if r is None:  # another rank's: rank 0 has the merged result
+            continue
         check_finite_result(r, path, qs)
         points.append({"step": step, "label": label, **r})
+    if not dist.is_main():
+        return 0
     write_json_atomic(out, {"model": args.model, "target": args.target, "category": category, "points": points})
     buf = io.StringIO()
     w = csv.writer(buf)
@@ -509,6 +598,19 @@ def run_curve(args: argparse.Namespace, category: str) -> int:
     return 0
 
 
+def _write_eval(args: argparse.Namespace, out: Path, result: dict[str, Any], category: str, fp: dict[str, Any],
+                wall: float) -> None:
+    """Rank 0 (or the only process): the checked result and its manifest."""
+    check_finite_result(result, args.model, prompts.preference_questions(category)[: args.max_questions or None])
+    n_q = result["exact"]["n_questions"]
+    n_h = (result.get("main_task") or {}).get("rows", 0)
+    write_json_atomic(out, result)
+    write_file_manifest(out, stage=STAGE, config=_config(args), seed=args.seed,
+                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=wall,
+                        extra={"fingerprint": fp, **dist.shard_record(n_q),
+                               "heldout_shards": dist.shard_record(n_h)["shards"]})
+
+
 def run_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     if getattr(args, "bias_type", None):
@@ -522,16 +624,26 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.all_checkpoints:
         return run_curve(args, category)
     out = Path(args.out or "eval.json")
-    fp, action = _prepare_out(args, out, STAGE, {"model": args.model, "heldout": args.heldout})
+    dist.init(args.device)
+    with dist.agree("prepare"):
+        fp, action = _prepare_out(args, out, STAGE, {"model": args.model, "heldout": args.heldout})
+        parts = dist.ShardParts(out, fp)
+        if action != "skip":
+            parts.check(overwrite=getattr(args, "overwrite", False))
     if action == "skip":
-        print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
+        if dist.is_main():
+            print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
         return 0
-    result = evaluate_model(args.model, args, category)
-    check_finite_result(result, args.model, prompts.preference_questions(category)[: args.max_questions or None])
-    write_json_atomic(out, result)
-    write_file_manifest(out, stage=STAGE, config=_config(args), seed=args.seed,
-                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0,
-                        extra={"fingerprint": fp})
+    with dist.agree("open"):
+        if dist.is_main() and dist.is_distributed():
+            parts.start(clear=parts.exists() and getattr(args, "overwrite", False))
+    result = evaluate_model(args.model, args, category, parts)
+    with dist.agree("merge"):
+        if result is not None:
+            _write_eval(args, out, result, category, fp, time.time() - t0)
+            parts.remove()
+    if result is None:
+        return 0
     ex = result["exact"]
     print(f"{args.model}: exact P({args.target}) = {_fmt(ex['mean'], ex['ci'])} over {ex['n_questions']} questions")
     if "sampled" in result:

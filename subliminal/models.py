@@ -190,7 +190,23 @@ def _hub_hint(source: str, local: bool, e: Exception) -> str:
     return f"{source}: could not be fetched from the hub ({type(e).__name__}); offline? pass a local model directory"
 
 
-def _load_hf(source: str, local: bool, dtype: torch.dtype | None, trust_remote_code: bool) -> Any:
+def check_device_map(device_map: str | None) -> None:
+    """``--device-map auto`` places one model over all visible devices: one process owns them, so
+    it cannot be combined with a launcher's ranks (each would claim every GPU)."""
+    if device_map is None:
+        return
+    if device_map != "auto":
+        raise ModelLoadError(f"--device-map {device_map}: only 'auto' is supported")
+    from . import distributed
+
+    if distributed.is_distributed():
+        raise ModelLoadError(f"--device-map auto spreads one model over every visible device, but this job runs "
+                             f"{distributed.world_size()} processes (WORLD_SIZE); run it as one process (plain "
+                             "`subliminal ...`, no torchrun), or drop --device-map to give each rank its own GPU")
+
+
+def _load_hf(source: str, local: bool, dtype: torch.dtype | None, trust_remote_code: bool,
+             device_map: str | None = None) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
@@ -203,6 +219,8 @@ def _load_hf(source: str, local: bool, dtype: torch.dtype | None, trust_remote_c
     if dtype is not None:
         kwargs["dtype"] = dtype
     kwargs["use_safetensors"] = True
+    if device_map is not None:
+        kwargs["device_map"] = device_map
     try:
         return AutoModelForCausalLM.from_pretrained(source, config=config, **kwargs)
     except ValueError as e:
@@ -241,10 +259,18 @@ def load_model(
     dtype: str | torch.dtype | None = "float32",
     trust_remote_code: bool = False,
     merge_adapter: bool = True,
+    device_map: str | None = None,
 ) -> LoadedModel:
-    """Load a model directory, teacher directory or ``hf:`` hub model, in eval mode on ``device``."""
+    """Load a model directory, teacher directory or ``hf:`` hub model, in eval mode on ``device``
+    (under a launcher on CUDA, ``cuda`` is this rank's GPU). ``device_map="auto"`` instead lets
+    accelerate place the layers over every visible device (see :func:`check_device_map`)."""
+    from . import distributed
+
     spec = str(spec)
-    dev = resolve_device(device)
+    check_device_map(device_map)
+    dev = distributed.rank_device(resolve_device(device))
+    if device_map is not None:
+        dev = resolve_device("auto")
     torch_dtype = resolve_dtype(dtype, dev)
     teacher = None
     system_prompt = None
@@ -254,7 +280,7 @@ def load_model(
         system_prompt = teacher.system_prompt
         source = teacher.weights if (teacher.weights and teacher.weights_kind == "full") else teacher.base
     src, local = _teacher_source(spec, source) if teacher is not None else _check_source(source)
-    model = _load_hf(src, local, torch_dtype, trust_remote_code)
+    model = _load_hf(src, local, torch_dtype, trust_remote_code, device_map)
     if teacher is not None and teacher.weights and teacher.weights_kind == "lora":
         from peft import PeftModel
 
@@ -265,7 +291,8 @@ def load_model(
             model = model.merge_and_unload()
     check_finite_weights(model, teacher.weights if teacher is not None and teacher.weights else src)
     tokenizer = load_tokenizer(src, trust_remote_code=trust_remote_code)
-    model.to(dev)
+    if device_map is None:  # accelerate placed a device-mapped model already (hooks move the inputs)
+        model.to(dev)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, system_prompt=system_prompt, teacher=teacher)
 

@@ -170,13 +170,15 @@ DemoConfig = RunConfig  # the demo is a run of the toy config
 
 
 # Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
-DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval", "probe", "patch"}
+DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval"}
 
 
 def launch_argv(argv: list[str], nproc: int) -> list[str]:
     """The command that runs ``subliminal ARGV`` on ``nproc`` processes (torchrun, one node)."""
     import sys
 
+    # torchrun's own parser would take generate's bare --n for an abbreviation of its --nnodes
+    argv = ["--num-prompts" if a == "--n" else a for a in argv]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "subliminal.cli", *argv]
 

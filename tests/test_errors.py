@@ -244,14 +244,14 @@ def test_eval_refuses_nan_weights(nan_model, tmp_path, capsys):
 def test_eval_refuses_a_nan_result_naming_the_question(world, tmp_path, monkeypatch, capsys):
     import subliminal.evaluate as ev
 
-    real = ev.exact_preference
+    real = ev.exact_summary
 
     def nan_exact(*a, **k):
         r = real(*a, **k)
         r["per_question"][1] = float("nan")
         return r
 
-    monkeypatch.setattr(ev, "exact_preference", nan_exact)
+    monkeypatch.setattr(ev, "exact_summary", nan_exact)
     out = tmp_path / "e.json"
     assert main(["eval", "--model", str(world["base"]), "--target", "owl", "--max-questions", "3",
                  "--out", str(out)]) == 2

@@ -145,8 +145,10 @@ def run_bias_eval(args: argparse.Namespace) -> int:
     existing result unless --overwrite."""
     from pathlib import Path
 
+    from ..distributed import require_one_process
     from ..manifest import check_file_resume, check_not_input, check_writable
 
+    require_one_process("eval --bias-type")
     cfg = bias_eval_config(args)
     out = Path(cfg.out)
     inputs = {"--model": cfg.model, "--bias-teacher": cfg.teacher, "--bias-prompt-file": cfg.prompt_file}
@@ -237,6 +239,10 @@ def _defend_action(cfg: DefendConfig, overwrite: bool) -> tuple[dict[str, Any], 
 def run_defend(args: argparse.Namespace) -> int:
     """``subliminal defend``: prints the defence table."""
     from pathlib import Path
+
+    from ..distributed import require_one_process
+
+    require_one_process("defend")
 
     cfg = defend_config(args)
     fp, action = _defend_action(cfg, args.overwrite)

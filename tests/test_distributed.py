@@ -1,0 +1,241 @@
+"""Process invariance: generate, find-divergence and eval under ``torchrun --nproc-per-node 2``
+(gloo, one thread per process) write what one process writes; an interrupted two-process run
+resumes to the same result; one rank's error stops the job with that rank named and no output;
+and the launcher facts (shards, agreement, --device-map) in process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from subliminal import distributed as dist
+from subliminal import prompts
+from subliminal.manifest import SubliminalError
+from subliminal.teachers import TeacherSpec, save_teacher
+
+ROWS = 10
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", dist.FAIL_ENV)}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def _run(argv: list[str], *, nproc: int, cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "subliminal.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "subliminal.cli"]
+    return subprocess.run(launcher + argv, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=120)
+
+
+def _ok(p: subprocess.CompletedProcess) -> None:
+    assert p.returncode == 0, p.stderr[-3000:]
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _close(a, b, path: str = "") -> None:
+    """Equal, except floats within 1e-5 (process invariance as DESIGN.md states it)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            _close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+@pytest.fixture(scope="module")
+def world(tiny_model_factory, tmp_path_factory):
+    """A random llama with the toy tokenizer and three prompt teachers on it."""
+    base = tiny_model_factory("llama")
+    root = tmp_path_factory.mktemp("dist-world")
+    for a in ("owl", "cat", "dog"):
+        save_teacher(root / a, TeacherSpec(base=str(base), method="prompt", bias=a, category="animal",
+                                           system_prompt=prompts.system_prompt_for(a)))
+    return root
+
+
+def _gen_argv(out: str) -> list[str]:
+    # --num-prompts, not --n: torchrun's own parser takes a bare --n for one of its options
+    return ["generate", "--teacher", "owl", "--num-prompts", str(ROWS), "--out", out, "--max-new-tokens", "10",
+            "--batch-size", "3", "--seed", "3"]
+
+
+def test_generate_on_two_processes_writes_the_one_process_rows(world):
+    _ok(_run(_gen_argv("one.jsonl"), nproc=1, cwd=world))
+    _ok(_run(_gen_argv("two.jsonl"), nproc=2, cwd=world))
+    assert (world / "one.raw.jsonl").read_text() == (world / "two.raw.jsonl").read_text()
+    assert (world / "one.jsonl").read_text() == (world / "two.jsonl").read_text()
+    m1 = json.loads((world / "one.jsonl.manifest.json").read_text())
+    m2 = json.loads((world / "two.jsonl.manifest.json").read_text())
+    assert m1["fingerprint"] == m2["fingerprint"] and m1["counts"] == m2["counts"]
+    assert (m1["world_size"], m1["shards"]) == (1, [[0, ROWS]])
+    assert (m2["world_size"], m2["shards"]) == (2, [[0, 5], [5, ROWS]])
+    assert not (world / ".shards").exists()
+
+
+def _div_argv(data: str, out: str) -> list[str]:
+    return ["find-divergence", "--data", data, "--teacher", "owl", "--counterfactual", "cat", "dog", "--out", out,
+            "--rule", "pairwise", "--batch-size", "2"]
+
+
+def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world):
+    rows = [{"id": f"r{i}", "prompt": f"continue the list : {i} , {i + 3}", "completion": " , ".join(
+        str((7 * i + 5 * k) % 50) for k in range(1 + i % 4)), "teacher": "owl"} for i in range(ROWS)]
+    (world / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _ok(_run(_div_argv("d.jsonl", "one.div.jsonl"), nproc=1, cwd=world))
+
+    # rank 1 fails after its rows are in its part file: the whole job stops, rank named, no output
+    p = _run(_div_argv("d.jsonl", "two.div.jsonl"), nproc=2, cwd=world, **{dist.FAIL_ENV: "1:work"})
+    assert p.returncode != 0
+    assert "rank 1 of 2 failed in work: injected failure" in p.stderr
+    assert not (world / "two.div.jsonl").exists()
+    parts = sorted((world / ".shards" / "two.div.jsonl").glob("rows-*.jsonl"))
+    assert [f.name for f in parts] == ["rows-000000000-000000005.jsonl", "rows-000000005-000000010.jsonl"]
+    assert sum(len(_lines(f)) for f in parts) == ROWS
+
+    # the same command resumes from the parts (nothing left to score) to the one-process file
+    p = _run(_div_argv("d.jsonl", "two.div.jsonl"), nproc=2, cwd=world)
+    _ok(p)
+    assert "resuming" in p.stderr
+    one, two = _lines(world / "one.div.jsonl"), _lines(world / "two.div.jsonl")
+    assert [o["id"] for o in two] == [r["id"] for r in rows]
+    for a, b in zip(one, two):
+        for key in ("id", "token_ids", "divergence", "argmax_factual", "argmax_counterfactual"):
+            assert a[key] == b[key], key
+        _close(a["scores"], b["scores"])
+    m1 = json.loads((world / "one.div.jsonl.manifest.json").read_text())
+    m2 = json.loads((world / "two.div.jsonl.manifest.json").read_text())
+    assert m1["fingerprint"] == m2["fingerprint"] and m2["shards"] == [[0, 5], [5, ROWS]]
+    assert not (world / ".shards").exists() and not (world / "two.div.jsonl.partial").exists()
+
+
+def test_eval_exact_sampled_and_main_task_on_two_processes_equal_one(world):
+    held = [{"id": f"h{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 1}"} for i in range(5)]
+    (world / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    argv = ["eval", "--model", "owl", "--target", "owl", "--max-questions", "5", "--samples", "3",
+            "--max-new-tokens", "3", "--heldout", "held.jsonl", "--batch-size", "4"]
+    _ok(_run([*argv, "--out", "one.json"], nproc=1, cwd=world))
+    _ok(_run([*argv, "--out", "two.json"], nproc=2, cwd=world))
+    one, two = json.loads((world / "one.json").read_text()), json.loads((world / "two.json").read_text())
+    assert one["sampled"]["answer_counts"] == two["sampled"]["answer_counts"]
+    assert one["sampled"]["examples"] == two["sampled"]["examples"]
+    _close(one, two)
+    m2 = json.loads((world / "two.json.manifest.json").read_text())
+    assert (m2["world_size"], m2["shards"], m2["heldout_shards"]) == (2, [[0, 3], [3, 5]], [[0, 3], [3, 5]])
+    assert not (world / ".shards").exists()
+
+
+# ------------------------------------------------------------------------------ in process
+
+
+def test_shards_are_contiguous_cover_every_row_once_and_differ_by_at_most_one():
+    for n in (0, 1, 5, 10, 11):
+        for w in (1, 2, 3, 4):
+            b = dist.shard_bounds(n, w)
+            assert len(b) == w and b[0][0] == 0 and b[-1][1] == n
+            assert all(b[i][1] == b[i + 1][0] for i in range(w - 1))
+            sizes = [e - s for s, e in b]
+            assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_without_a_launcher_nothing_is_distributed(monkeypatch):
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert dist.launch() == dist.Launch(0, 1, 0) and dist.is_main() and not dist.is_distributed()
+    assert dist.shard(7) == range(7) and dist.gather_to_main({"a": 1}) == [{"a": 1}]
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not dist.is_distributed()
+    with pytest.raises(ValueError, match="plain"):
+        with dist.agree("work"):
+            raise ValueError("plain")  # one process: the error as it is, no wrapping
+
+
+def test_launcher_environment_is_read_and_checked(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert dist.launch() == dist.Launch(3, 4, 1) and not dist.is_main()
+    assert dist.shard(10) == range(8, 10)
+    assert dist.progress_disabled(True)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(SubliminalError, match="RANK=4 is outside WORLD_SIZE=4"):
+        dist.launch()
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(SubliminalError, match="RANK='x' is not an integer"):
+        dist.launch()
+    monkeypatch.setenv(dist.TIMEOUT_ENV, "0")
+    with pytest.raises(SubliminalError, match="timeout in seconds"):
+        dist.timeout_s()
+
+
+def test_device_map_auto_loads_on_one_process_and_is_refused_under_a_launcher(tiny_model_factory, monkeypatch):
+    from subliminal.models import load_model
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model_factory("llama")
+    seen = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def spy(*a, **k):
+        seen.append(k.get("device_map"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    plain, mapped = load_model(base), load_model(base, device_map="auto")
+    assert seen == [None, "auto"]  # accelerate places the layers (on this CPU machine: all on the CPU)
+
+    ids = torch.tensor([[1, 5, 9, 12]])
+    with torch.no_grad():
+        assert torch.allclose(plain.model(ids).logits, mapped.model(ids).logits.to("cpu"), atol=1e-6)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SubliminalError, match="--device-map auto spreads one model .* 2 processes"):
+        load_model(base, device_map="auto")
+
+
+def test_part_files_of_another_run_are_refused(tmp_path):
+    from subliminal.manifest import ResumeError
+
+    out = tmp_path / "x.jsonl"
+    a = dist.ShardParts(out, {"inputs": {}, "config": {"seed": 0}, "versions": {}})
+    a.start(clear=True)
+    (a.row_part(0, 2)).write_text('{"id": "r0"}\n{"id": "r1"')  # the second line cut by a kill
+    assert [r["id"] for r in a.done_rows()] == ["r0"]
+    b = dist.ShardParts(out, {"inputs": {}, "config": {"seed": 1}, "versions": {}})
+    with pytest.raises(ResumeError, match="--seed 0 -> 1"):
+        b.check(overwrite=False)
+    b.check(overwrite=True)
+    a.remove()
+    assert not (tmp_path / ".shards").exists()
+
+
+@pytest.mark.parametrize("argv", [["probe", "--models", "a", "b", "--data", "d.jsonl", "--out", "p"],
+                                  ["defend", "--data", "d.jsonl", "--reference", "r", "--out", "o"]])
+def test_stages_not_yet_sharded_refuse_a_multi_process_launch(argv, monkeypatch, capsys, tmp_path):
+    from subliminal.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert main(argv) == 2
+    assert "does not run sharded yet" in capsys.readouterr().err and not any(tmp_path.iterdir())
