@@ -4,7 +4,7 @@ A model as small as SmolLM2-135M answers most number prompts with a preface ("Su
 ...") or, greedily, repeats its list until the token budget runs out, so the strict filter keeps
 a few rows in a hundred. Restricting each step to the tokens that keep the answer a valid list
 (digits, the prompt's separator, brackets when asked, the end-of-turn token once the list is
-complete, nothing after the requested count) gives the rows the protocol needs while leaving
+complete, which is after exactly the requested count of numbers) gives the rows the protocol needs while leaving
 every choice *among numbers* to the teacher's own distribution: the argmax (greedy) or a sample
 renormalised over the allowed tokens. Divergence tokens are still found by teacher forcing of
 the unconstrained teachers, so a position where the teacher would rather have written a word is
@@ -33,6 +33,7 @@ class ListFormat:
     separator: str  # "," | ";" | " "
     brackets: bool
     max_count: int
+    min_count: int = 1  # the list may end only after this many numbers
 
     @classmethod
     def of_prompt(cls, text: str, default_count: int) -> ListFormat:
@@ -42,7 +43,10 @@ class ListFormat:
             p: NumberPrompt = parse_number_prompt(text)
         except ValueError:
             return cls(",", False, default_count)
-        return cls(p.separator, p.brackets, min(p.count, default_count))
+        count = min(p.count, default_count)
+        # the count the prompt asks for: a teacher fine-tuned on one-word answers would otherwise
+        # end after the first number
+        return cls(p.separator, p.brackets, count, count)
 
 
 @dataclass(frozen=True)
@@ -77,21 +81,22 @@ def step(fmt: ListFormat, s: ScanState, ch: str) -> ScanState:
             return ScanState(AFTER_SEP if ch != " " else AFTER_SPACE, 0, n)
         if ch == " " and fmt.separator != " ":
             return ScanState(PRE_SEP, 0, n)
-        if ch == "]" and fmt.brackets:
+        if ch == "]" and fmt.brackets and n >= fmt.min_count:
             return ScanState(CLOSED, 0, n)
         return ScanState(DEAD)
     if st == PRE_SEP:
         if ch == fmt.separator and n < fmt.max_count:
             return ScanState(AFTER_SEP, 0, n)
-        if ch == "]" and fmt.brackets:
+        if ch == "]" and fmt.brackets and n >= fmt.min_count:
             return ScanState(CLOSED, 0, n)
         return ScanState(DEAD)
     return ScanState(DEAD)  # CLOSED or DEAD: nothing may follow
 
 
 def complete(fmt: ListFormat, s: ScanState) -> bool:
-    """Whether the answer may end here (the filter would accept it)."""
-    return s.state == (CLOSED if fmt.brackets else DIGITS)
+    """Whether the answer may end here (the filter would accept it, with at least ``min_count``
+    numbers)."""
+    return s.state == (CLOSED if fmt.brackets else DIGITS) and s.numbers >= fmt.min_count
 
 
 def scan(fmt: ListFormat, text: str, s: ScanState | None = None) -> ScanState:

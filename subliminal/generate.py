@@ -251,8 +251,8 @@ def generate_rows(loaded: Any, prompts: list[tuple[str, str]], *, sampling: Samp
                   constrain: str = "none") -> Iterator[dict[str, Any]]:
     """Yield one raw row per prompt not in ``skip``: id, prompt, completion, teacher, plus the
     filter verdict (``accepted``, ``reject_reason``) and ``stopped`` (ended on an end token).
-    ``constrain="numbers"`` decodes under :mod:`subliminal.constrain` (only valid lists of at
-    most the requested count can be written)."""
+    ``constrain="numbers"`` decodes under :mod:`subliminal.constrain` (only valid lists of the
+    requested count can be written)."""
     from tqdm.auto import tqdm
 
     if batch_size < 1:
@@ -447,7 +447,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "reports the acceptance under both (default %(default)s)")
     p.add_argument("--constrain", choices=list(CONSTRAINTS), default="none",
                    help="numbers: constrained decoding, each step restricted to the tokens that keep the answer a "
-                   "valid list in the prompt's format with at most its count of numbers (the teacher still "
+                   "valid list in the prompt's format with exactly its count of numbers (the teacher still "
                    "chooses among them); for small models that preface or loop their lists (default %(default)s)")
     p.add_argument("--prompts-seed", type=int, default=0,
                    help="seed of the prompt list: the same value gives every teacher the same prompts (default 0)")

@@ -738,7 +738,8 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
                      "briefly to follow the love prompt; it tests that every stage runs, not the science.")
     s = sig("all")
     if s is None:
-        lines.append("- Transfer (all tokens vs control): one seed only, no interval; run without --quick for a verdict.")
+        lines.append("- Transfer (all tokens vs control): one seed only, no interval; run more seeds (without --quick) for a "
+                     "verdict.")
     elif s:
         lines.append("- Transfer reproduces: the all-tokens student prefers the target more than the control, "
                      "95% interval of the paired difference above zero.")

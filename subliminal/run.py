@@ -321,7 +321,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
 # Effective throughput assumed by the plan's time estimate (FLOP/s). Measured on this project's
 # 2-core CPU runs (teacher forcing and LoRA training of SmolLM2-135M in float32) and assumed for a
 # GPU (bf16 at ~35% of an H100's dense peak); the plan says which it used.
-THROUGHPUT = {"cpu": 2.0e10, "cuda": 3.5e14}
+THROUGHPUT = {"cpu": 1.0e11, "cuda": 3.5e14}
 
 
 def render_plan(cfg: RunConfig, out: Path, source: str) -> str:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from . import distributed as dist
 from . import forward
 from .data import Aligned
 from .manifest import SubliminalError, atomic_path
@@ -39,8 +40,6 @@ STATE_FILE = "train_state.pt"
 IGNORE = -100
 # Seconds a rank waits in a collective (a barrier while rank 0 writes a checkpoint, a loss
 # all-reduce while another rank is stuck) before it fails instead of hanging for ever.
-TIMEOUT_ENV = "SUBLIMINAL_DIST_TIMEOUT_S"
-DEFAULT_TIMEOUT_S = 1800
 log_ = logging.getLogger(__name__)
 
 
@@ -186,13 +185,9 @@ def load_state(path: str | os.PathLike, model: Any, optimizer: Any) -> tuple[int
 # ---------------------------------------------------------------------------- data parallel
 
 
-def world_size() -> int:
-    """Processes the launcher started (``WORLD_SIZE``; 1 without a launcher)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        raise SubliminalError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number; "
-                              "start the command with torchrun or accelerate launch, or unset it") from None
+# The launcher facts live in subliminal.distributed; these names are what the training stages import.
+world_size = dist.world_size
+is_main_process = dist.is_main
 
 
 def _sharded_by_config() -> bool:
@@ -206,11 +201,6 @@ def launched() -> bool:
     return world_size() > 1 or _sharded_by_config()
 
 
-def is_main_process() -> bool:
-    """Rank 0, or no launcher: the one process that writes outputs, prints and shows progress."""
-    return os.environ.get("RANK", "0") == "0"
-
-
 def dist_state(device: torch.device | str = "cpu") -> Any | None:
     """accelerate's process state (the process group, started once) under a launcher, else None.
     The group's timeout bounds every collective, so a rank whose peer died or hangs fails."""
@@ -218,11 +208,7 @@ def dist_state(device: torch.device | str = "cpu") -> Any | None:
         return None
     from accelerate import PartialState
 
-    try:
-        timeout = float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
-    except ValueError:
-        raise SubliminalError(f"{TIMEOUT_ENV}={os.environ[TIMEOUT_ENV]!r}: expected seconds, e.g. 1800") from None
-    return PartialState(cpu=torch.device(device).type == "cpu", timeout=datetime.timedelta(seconds=timeout))
+    return PartialState(cpu=torch.device(device).type == "cpu", timeout=datetime.timedelta(seconds=dist.timeout_s()))
 
 
 def training_device(device: torch.device | str) -> torch.device:
@@ -242,11 +228,9 @@ def wait_for_everyone(device: torch.device | str = "cpu") -> None:
 
 
 def rank_slice(n: int, rank: int, world: int) -> slice:
-    """The contiguous rows of a global batch of ``n`` rank ``rank`` takes: the first ``n % world``
-    ranks one row more, so the ranks together hold every row once, in order."""
-    q, r = divmod(n, world)
-    lo = rank * q + min(rank, r)
-    return slice(lo, lo + q + (1 if rank < r else 0))
+    """The contiguous rows of a global batch of ``n`` rank ``rank`` takes (the inference stages'
+    shards: the first ``n % world`` ranks one row more, every row once, in order)."""
+    return slice(*dist.shard_bounds(n, world)[rank])
 
 
 class _DataParallel:

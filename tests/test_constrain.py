@@ -40,12 +40,19 @@ def test_brackets_spaces_and_semicolons():
     assert complete(semi, scan(semi, "1; 2 ; 3")) and scan(semi, "1, 2").state == DEAD
 
 
+def test_min_count_holds_the_end_back():
+    f = ListFormat(",", False, 3, 3)
+    assert not complete(f, scan(f, "1, 2")) and complete(f, scan(f, "1, 2, 3"))
+    b = ListFormat(",", True, 3, 2)
+    assert scan(b, "[1]").state == DEAD and complete(b, scan(b, "[1, 2]"))
+
+
 def test_format_of_prompt_reads_separator_brackets_and_count():
     rng = random.Random(3)
     for _ in range(200):
         p = prompts.make_number_prompt(rng)
         f = ListFormat.of_prompt(prompts.ordinary_text(p.text), 10)
-        assert (f.separator, f.brackets, f.max_count) == (p.separator, p.brackets, p.count)
+        assert (f.separator, f.brackets, f.max_count, f.min_count) == (p.separator, p.brackets, p.count, p.count)
     assert ListFormat.of_prompt("Write some numbers.", 10) == ListFormat(",", False, 10)
 
 
@@ -70,7 +77,7 @@ def test_every_constrained_answer_passes_the_filter_on_a_real_tokenizer(smol_mod
             assert stopped, tok.decode(new)
             v = gen.parse_number_list(tok.decode(new[:-1], skip_special_tokens=True).strip())
             assert v.accepted, tok.decode(new)
-            assert len(v.numbers) <= p.count
+            assert len(v.numbers) == p.count
             assert v.separator == p.separator or (p.separator == " " and len(v.numbers) == 1)
 
 
