@@ -124,6 +124,13 @@ class RuleSpec:
             raise SubliminalError(f"--flag-share must be in (0, 1], got {self.flag_share}")
 
 
+def json_rule(d: dict[str, Any]) -> dict[str, Any]:
+    """A rule's parameters as strict JSON: an infinite threshold (``--min-ratio inf`` flags only
+    tokens impossible under a counterfactual; a share can land on such a token) is written as the
+    string ``"inf"`` / ``"-inf"``, which ``float()`` reads back."""
+    return {k: (("inf" if v > 0 else "-inf") if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
+
 def log_ratio(logp_factual: torch.Tensor, logp_cf: torch.Tensor, reduce: str = "max") -> torch.Tensor:
     """[N] the data token's log-likelihood ratio ``logp_factual - logp_counterfactual`` ([K, N]),
     reduced over the K counterfactuals: ``max`` (against the counterfactual that finds the token
@@ -209,7 +216,7 @@ def flag_rows(objs: Sequence[dict[str, Any]], spec: RuleSpec) -> tuple[list[dict
         threshold = spec.min_ratio
         if spec.flag_share is not None:
             threshold = share_threshold(torch.cat(ratios) if ratios else torch.zeros(0), spec.flag_share)
-        info.update(reduce=spec.reduce, min_ratio=threshold, flag_share=spec.flag_share)
+        info.update(json_rule({"reduce": spec.reduce, "min_ratio": float(threshold), "flag_share": spec.flag_share}))
         flags = [(r >= threshold).tolist() for r in ratios]
     n_tok = sum(len(f) for f in flags)
     n_flag = sum(sum(f) for f in flags)
@@ -655,7 +662,7 @@ def _fingerprint(cfg: ScoreConfig, backend: str) -> dict[str, Any]:
     teachers = [cfg.teacher, *cfg.counterfactual]
     return fingerprint({"data": cfg.data, **{f"teacher {i}": t for i, t in enumerate(teachers)}},
                        {"data": cfg.data, "teacher": cfg.teacher, "counterfactual": list(cfg.counterfactual),
-                        "rule": asdict(cfg.rule_spec()), "dtype": str(cfg.dtype), "device": device_type(cfg.device),
+                        "rule": json_rule(asdict(cfg.rule_spec())), "dtype": str(cfg.dtype), "device": device_type(cfg.device),
                         "backend": backend})
 
 
@@ -829,7 +836,7 @@ def reflag(src: str | os.PathLike, out: str | os.PathLike, spec: RuleSpec, *, ov
     if out.resolve() == src.resolve() or (out.exists() and out.samefile(src)):
         raise SubliminalError(f"--out {out} is the input file; re-flagging never writes over its input")
     check_writable(out)
-    fp = fingerprint({"divergence": src}, {"rule": asdict(spec)})
+    fp = fingerprint({"divergence": src}, {"rule": json_rule(asdict(spec))})
     if check_file_resume(out, fp, overwrite=overwrite, stage="reflag-divergence") == "skip":
         return None
     objs = load_divergence(src)
@@ -841,7 +848,7 @@ def reflag(src: str | os.PathLike, out: str | os.PathLike, spec: RuleSpec, *, ov
     data = (man.get("inputs") or {}).get("data", {}).get("path")
     if data:  # distill finds the rows' source data through this entry
         inputs["data"] = data
-    write_file_manifest(out, stage="reflag-divergence", config=asdict(spec), seed=None, inputs=inputs,
+    write_file_manifest(out, stage="reflag-divergence", config=json_rule(asdict(spec)), seed=None, inputs=inputs,
                         wall_time_s=time.time() - t0,
                         extra={"summary": summary, "rule": info, "factual": man.get("factual"),
                                "counterfactuals": flagged[0].get("counterfactuals"), "fingerprint": fp})
@@ -927,7 +934,7 @@ def _add_rule_args(p: argparse.ArgumentParser) -> None:
 
 def _print_rule(info: dict[str, Any]) -> None:
     if info.get("rule") == "ratio":
-        print(f"rule ratio ({info['reduce']} over counterfactuals): threshold {info['min_ratio']:.6g} nats, "
+        print(f"rule ratio ({info['reduce']} over counterfactuals): threshold {float(info['min_ratio']):.6g} nats, "
               f"{info['n_flagged']} of {info['n_tokens']} tokens flagged ({100 * info['realised_share']:.2f}%)")
 
 

@@ -717,7 +717,9 @@ def _rule_summary(values: dict[str, dict[int, float]], conditions: dict[str, Any
     return out
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
+def _fmt(x: float | str | None, digits: int = 4) -> str:
+    if isinstance(x, str):  # an infinite threshold, stored as "inf" (strict JSON)
+        x = float(x)
     return "n/a" if x is None or x != x else f"{x:.{digits}f}"
 
 

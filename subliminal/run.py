@@ -305,11 +305,13 @@ def plan(cfg: RunConfig) -> list[Stage]:
     refs = 3 + len(cfg.counterfactuals)
     exact_tokens = n_q * (EVAL_PROMPT_TOKENS + CANDIDATES * 3)
     sampled_tokens = n_q * (EVAL_PROMPT_TOKENS + cfg.eval_max_new_tokens)  # prompt once per question (cached)
-    eval_tokens = (refs + students) * exact_tokens + refs * cfg.eval_samples * sampled_tokens \
+    sampled_refs = refs if cfg.metric == "sampled" else 3  # else only the base and the two data teachers
+    eval_tokens = (refs + students) * exact_tokens + sampled_refs * cfg.eval_samples * sampled_tokens \
         + students * cfg.student_samples * sampled_tokens
     what = f"{refs} references + {students} students: exact ({n_q} questions x {CANDIDATES} animals)"
     if cfg.eval_samples or cfg.student_samples:
-        what += (f", sampled ({n_q} x {cfg.eval_samples} for references, x {cfg.student_samples} for students, "
+        what += (f", sampled ({n_q} x {cfg.eval_samples} for {sampled_refs} references, x {cfg.student_samples} for "
+                 f"students, "
                  f"T={cfg.eval_temperature:g})")
     stages.append(Stage("eval", refs + students, what, f(eval_tokens)))
     if cfg.probes:

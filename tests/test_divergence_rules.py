@@ -333,3 +333,16 @@ def test_sweep_reflags_trains_matched_students_and_writes_curves(div_file, tmp_p
     assert table["seeds"] == [1, 2] and len(table["rows"]) == 6
     # seeds the demo has no control for are a clear error
     assert mod.main(["--demo", str(root), "--seeds", "9"]) == 2
+
+
+def test_reflag_with_an_infinite_threshold_writes_strict_json(div_file, tmp_path):
+    """--min-ratio inf (what the demo uses when the paper rule flags nothing) flags only tokens
+    impossible under a counterfactual and stores the threshold as "inf", not a JSON error."""
+    path, _ = div_file
+    out = tmp_path / "none.div.jsonl"
+    argv = ["reflag-divergence", str(path), "--out", str(out), "--rule", "ratio", "--min-ratio", "inf"]
+    assert cli.main(argv) == 0
+    man = json.loads((tmp_path / "none.div.jsonl.manifest.json").read_text())
+    assert man["rule"]["min_ratio"] == "inf" and man["config"]["min_ratio"] == "inf"
+    assert float(man["rule"]["min_ratio"]) == float("inf")
+    assert cli.main(argv) == 0  # the same command again: finished, nothing to do

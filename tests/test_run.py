@@ -108,7 +108,10 @@ def test_nproc_runs_data_parallel_stages_under_torchrun(tmp_path, monkeypatch):
     run = pipeline.Runner(tmp_path, nproc=2)
     run("gen", ["generate", "--n", "3"])
     assert calls[0][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    assert calls[0][-3:] == ["generate", "--n", "3"]
+    assert calls[0][-3:] == ["generate", "--num-prompts", "3"]  # torchrun's parser would eat a bare --n
+    with pytest.raises(SubliminalError, match="stage 'plot' failed"):  # not data-parallel: in-process
+        run("plot", ["plot", "heatmap", str(tmp_path / "missing.div.jsonl"), "--out", str(tmp_path / "h.png")])
+    assert len(calls) == 1
 
 
 def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
