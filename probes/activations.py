@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from subliminal import distributed as dist
 from subliminal.data import DataError, Row, align_row, iter_jsonl, model_max_length
 from subliminal.divergence import row_flags
 from subliminal.manifest import SubliminalError, atomic_path, write_json_atomic, write_manifest
@@ -355,8 +356,10 @@ def save_activations(
     seed: int | None,
     inputs: dict[str, Any] | None = None,
     wall_time_s: float | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Path:
-    """``activations.safetensors`` (one tensor per hook name) + ``sites.json`` + ``manifest.json``."""
+    """``activations.safetensors`` (one tensor per hook name) + ``sites.json`` + ``manifest.json``
+    (``extra``: more manifest fields, e.g. the shards of a multi-process capture)."""
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
@@ -366,7 +369,7 @@ def save_activations(
         save_file({k: v.contiguous() for k, v in acts.items()}, str(tmp))
     write_json_atomic(out_dir / "sites.json", site_table(examples))
     write_manifest(out_dir, stage="activations", config=config, seed=seed, inputs=inputs, wall_time_s=wall_time_s,
-                   extra={"hooks": sorted(acts), "n_sites": len(site_table(examples))})
+                   extra={"hooks": sorted(acts), "n_sites": len(site_table(examples)), **(extra or {})})
     return path
 
 
@@ -395,9 +398,14 @@ def capture_to_dir(
     seed: int | None = None,
     inputs: dict[str, Any] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[Example]]:
-    """Capture and save; an existing complete capture with the same config is reused (resume)."""
-    from subliminal.manifest import read_manifest
+    """Capture and save; an existing complete capture with the same config is reused (resume).
 
+    Under a launcher (``torchrun --nproc-per-node N``) each rank captures its contiguous shard of
+    the examples (the rows with at least one site), rank 0 concatenates the shards in row order
+    and writes the one output, whose manifest records ``world_size`` and the shards. The merged
+    activations equal a one-process capture's (a row's residuals do not depend on its batch,
+    floats within 1e-5). Returns the activations on rank 0 and ``{}`` on the other ranks (they
+    have only their shard, and only rank 0 goes on to fit probes)."""
     t0 = time.time()
     lays = resolve_layers(layers, n_layers_of(loaded.model))
     names = [hook_name(layer, c) for layer in lays for c in components]
@@ -405,12 +413,33 @@ def capture_to_dir(
                               max_length=model_max_length(loaded.model))
     config = {"model": loaded.source, "layers": lays, "components": list(components), "positions": positions,
               "backend": backend, "n_rows": len(rows)}
+    with dist.agree("capture-check"):
+        saved = _reusable(out_dir, config, names) if dist.is_main() else None
+    if dist.all_gather(saved is not None)[0]:  # rank 0's verdict holds on every rank
+        log.info("%s: reusing saved activations", out_dir)
+        return (saved or {}), examples
+    mine = dist.shard(len(examples))
+    with dist.agree("capture"):
+        part = capture(loaded, examples[mine.start: mine.stop], names, backend=backend, batch_size=batch_size,
+                       progress=not dist.progress_disabled()) if len(mine) else {}
+    gathered = dist.gather_to_main(part)
+    acts: dict[str, torch.Tensor] = {}
+    with dist.agree("capture-save"):
+        if gathered is not None:
+            acts = {n: torch.cat([g[n] for g in gathered if n in g]) for n in names}
+            save_activations(out_dir, acts, examples, config=config, seed=seed, inputs=inputs,
+                             wall_time_s=time.time() - t0, extra=dist.shard_record(len(examples)))
+    return acts, examples
+
+
+def _reusable(out_dir: str | os.PathLike, config: dict[str, Any], names: Sequence[str]
+              ) -> dict[str, torch.Tensor] | None:
+    """The saved activations of a finished capture with this exact config, else None."""
+    from subliminal.manifest import read_manifest
+
     old = read_manifest(out_dir)
     if old and old.get("config") == config and (Path(out_dir) / "activations.safetensors").is_file():
         acts, _ = load_activations(out_dir)
         if set(names) <= set(acts):
-            log.info("%s: reusing saved activations", out_dir)
-            return {n: acts[n] for n in names}, examples
-    acts = capture(loaded, examples, names, backend=backend, batch_size=batch_size)
-    save_activations(out_dir, acts, examples, config=config, seed=seed, inputs=inputs, wall_time_s=time.time() - t0)
-    return acts, examples
+            return {n: acts[n] for n in names}
+    return None

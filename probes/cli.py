@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from subliminal import distributed as dist
 from subliminal.cliutil import add_model_runtime, add_seed, runtime_kwargs
 from subliminal.data import Row
 from subliminal.manifest import SubliminalError, set_seed, write_json_atomic, write_manifest
@@ -121,12 +122,15 @@ def _capture(spec: str, rows: list, out: Path, args: argparse.Namespace, positio
 
     from .activations import capture_to_dir, hook_name, n_layers_of, resolve_layers
 
-    loaded = load_model(spec, **runtime_kwargs(args))
-    layers = resolve_layers(args.layers, n_layers_of(loaded.model))
+    with dist.agree(f"load {spec}"):
+        loaded = load_model(spec, **runtime_kwargs(args))
+        layers = resolve_layers(args.layers, n_layers_of(loaded.model))
     acts, examples = capture_to_dir(loaded, rows, out, layers=layers, components=[args.component],
                                     positions=positions, backend=args.backend, batch_size=args.batch_size,
                                     seed=args.seed, inputs={"model": spec, "data": getattr(args, "data", None)})
     del loaded
+    if not dist.is_main():  # another rank: its shard went to rank 0, which fits the probes
+        return {}, examples
     return {layer: acts[hook_name(layer, args.component)] for layer in layers}, examples
 
 
@@ -135,15 +139,28 @@ def _groups(examples: list) -> list[str]:
 
 
 def run_probe(args: argparse.Namespace) -> int:
-    from subliminal.distributed import require_one_process
-
-    from .linear import probe_layers
-
-    require_one_process("probe")
-
+    """``subliminal probe``. Under a launcher every capture is sharded over the ranks (see
+    :func:`probes.activations.capture_to_dir`); fitting the probes and their bootstrap is
+    model-free and cheap, so rank 0 alone does it on the merged activations, with the same seed:
+    the results equal a one-process run's."""
     t0 = time.time()
     set_seed(args.seed)
+    dist.init(args.device)
     out = Path(args.out)
+    with dist.agree("prepare"):
+        positions = _probe_positions(args)
+        rows = _rows(args)
+    acts = [_capture(m, rows, out / "activations" / f"{i}-{_slug(m)}", args, positions)
+            for i, m in enumerate(args.models)]
+    students = _direction_captures(args, rows, positions, out) if args.task == "direction" else []
+    with dist.agree("fit"):
+        if dist.is_main():
+            _fit_and_write(args, rows, acts, students, positions, out, t0)
+    return 0
+
+
+def _probe_positions(args: argparse.Namespace) -> str:
+    """Check the task's arguments (before any model loads); the sites to read."""
     need = 1 if args.task == "divergence" else 2
     if len(args.models) != need:
         raise SubliminalError(f"--task {args.task} takes {need} model(s) in --models, got {len(args.models)}")
@@ -154,10 +171,15 @@ def run_probe(args: argparse.Namespace) -> int:
         raise SubliminalError("--task divergence reads completion tokens; drop --questions / --positions answer")
     if args.task == "divergence" and positions == "divergence":
         raise SubliminalError("--task divergence needs both kinds of positions: use --positions completion")
-    rows = _rows(args)
+    return positions
+
+
+def _fit_and_write(args: argparse.Namespace, rows: list, acts: list, students: list, positions: str, out: Path,
+                   t0: float) -> None:
+    """Rank 0: fit the per-layer probes on the (merged) activations and write every output."""
+    from .linear import probe_layers
+
     kw = dict(test_frac=args.test_frac, l2=args.l2, seed=args.seed, n_boot=args.bootstrap)
-    acts = [_capture(m, rows, out / "activations" / f"{i}-{_slug(m)}", args, positions)
-            for i, m in enumerate(args.models)]
     result: dict[str, Any] = {"task": args.task, "models": args.models, "positions": positions,
                               "component": args.component,
                               "interval": "95% percentile bootstrap over held-out rows"}
@@ -181,14 +203,17 @@ def run_probe(args: argparse.Namespace) -> int:
     write_json_atomic(out / "probe.json", result, nan_as_null=True)  # AUC of one class: undefined
     plots.plot_probe(result, out / "probe_accuracy.png")
     if args.task == "direction":
-        _direction(args, rows, acts, positions, out)
+        _direction(acts, students, out)
     write_manifest(out, stage="probe", config=vars_config(args), seed=args.seed,
                    inputs={"data": args.data, **{f"model{i}": m for i, m in enumerate(args.models)}},
-                   wall_time_s=time.time() - t0)
+                   wall_time_s=time.time() - t0,
+                   extra={**dist.shard_record(len(acts[0][1])),
+                          "sharding": "each capture's examples (rows with a site) split contiguously over the "
+                                      "ranks (shards of model 0 here, each capture's own in its manifest); "
+                                      "probes fitted by rank 0 on the merged activations"})
     best = max(res, key=lambda r: r.auc if r.auc == r.auc else -1)
     log.info("probe %s: best layer %d, accuracy %.3f, AUC %.3f -> %s", args.task, best.layer, best.accuracy,
              best.auc, out / "probe.json")
-    return 0
 
 
 def checkpoints_of(student: str) -> list[tuple[int, str]]:
@@ -210,20 +235,27 @@ def checkpoints_of(student: str) -> list[tuple[int, str]]:
     return ck
 
 
-def _direction(args: argparse.Namespace, rows: list, acts: list, positions: str, out: Path) -> None:
+def _direction_captures(args: argparse.Namespace, rows: list, positions: str, out: Path) -> list:
+    """Every rank: capture each student checkpoint (sharded like the teachers' captures);
+    ``[(student, [(step, dir, acts), ...]), ...]`` (acts empty on ranks other than 0)."""
+    targets = [(s, checkpoints_of(s)) for s in args.students]
+    if args.base:
+        targets = [(s, [(0, args.base)] + ck) for s, ck in targets]
+    return [(s, [(step, path, _capture(path, rows, out / "activations" / f"student-{_slug(s)}" / f"step-{step}",
+                                       args, positions)[0]) for step, path in cks])
+            for s, cks in targets]
+
+
+def _direction(acts: list, students: list, out: Path) -> None:
     from .linear import bias_directions, projection_fraction
 
     biased, unbiased = acts[0][0], acts[1][0]
     dirs = bias_directions(biased, unbiased)
     records = []
     table: dict[str, Any] = {"direction_norm": {str(k): v.norm().item() for k, v in dirs.items()}, "students": {}}
-    targets = [(s, checkpoints_of(s)) for s in args.students]
-    if args.base:
-        targets = [(s, [(0, args.base)] + ck) for s, ck in targets]
-    for s, cks in targets:
+    for s, cks in students:
         per = []
-        for step, path in cks:
-            a, _ = _capture(path, rows, out / "activations" / f"student-{_slug(s)}" / f"step-{step}", args, positions)
+        for step, path, a in cks:
             proj = projection_fraction(a, biased, unbiased)
             per.append({"step": step, "dir": path, "layers": {str(k): v for k, v in proj.items()}})
             records += [{"series": f"{_slug(s)} L{k}", "step": step, "value": v["fraction"], "layer": k,
@@ -248,48 +280,72 @@ def vars_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_patch(args: argparse.Namespace) -> int:
-    from tqdm.auto import tqdm
-
-    from subliminal.distributed import require_one_process
-
-    require_one_process("patch")
-
-    from subliminal.data import JsonlAppender
+    """``subliminal patch``. One process patches row by row, appending each finished row to
+    ``sites.jsonl`` (resume per row). Under a launcher the sites are sharded: see
+    :func:`_patch_sharded`; the outputs are the same."""
+    from subliminal.manifest import read_manifest
     from subliminal.models import load_model, same_tokenizer
 
     from .activations import load_data_rows, n_layers_of, resolve_layers
-    from .patching import Site, attribute_site, divergence_sites, patch_site, prepare_row, summarise
 
     t0 = time.time()
     set_seed(args.seed)
+    dist.init(args.device)
     out = Path(args.out)
-    f = load_model(args.models[0], **runtime_kwargs(args))
-    c = load_model(args.models[1], **runtime_kwargs(args))
-    if not same_tokenizer(f.tokenizer, c.tokenizer):
-        raise SubliminalError("the two teachers have different vocabularies; logits cannot be compared")
-    if n_layers_of(f.model) != n_layers_of(c.model):
-        raise SubliminalError("the two teachers have different numbers of layers")
-    layers = resolve_layers(args.layers, n_layers_of(f.model))
-    rows = load_data_rows(args.data, args.max_rows)
     config = {k: v for k, v in vars_config(args).items() if k not in ("bootstrap",)}
     done_path = out / "sites.jsonl"
-    from subliminal.manifest import read_manifest
+    with dist.agree("prepare"):
+        f = load_model(args.models[0], **runtime_kwargs(args))
+        c = load_model(args.models[1], **runtime_kwargs(args))
+        if not same_tokenizer(f.tokenizer, c.tokenizer):
+            raise SubliminalError("the two teachers have different vocabularies; logits cannot be compared")
+        if n_layers_of(f.model) != n_layers_of(c.model):
+            raise SubliminalError("the two teachers have different numbers of layers")
+        layers = resolve_layers(args.layers, n_layers_of(f.model))
+        rows = load_data_rows(args.data, args.max_rows)
+        old = read_manifest(out)
+        if done_path.exists() and (old is None or old.get("config") != config):
+            if old is not None:
+                raise SubliminalError(f"{out} holds a run with another configuration; choose a new --out")
+    with dist.agree("open"):
+        if dist.is_main():
+            write_manifest(out, stage="patch", config=config, seed=args.seed, inputs={"data": args.data},
+                           extra={"complete": False})
+    if dist.is_distributed():
+        sites, interp_used = _patch_sharded(args, f, c, rows, layers, done_path)
+    else:
+        sites, interp_used = _patch_rows(args, f, c, rows, layers, done_path)
+    with dist.agree("summary"):
+        if dist.is_main():
+            _patch_finish(args, out, config, layers, rows, sites, interp_used, t0)
+    return 0
 
-    old = read_manifest(out)
-    if done_path.exists() and (old is None or old.get("config") != config):
-        if old is not None:
-            raise SubliminalError(f"{out} holds a run with another configuration; choose a new --out")
-    write_manifest(out, stage="patch", config=config, seed=args.seed, inputs={"data": args.data},
-                   extra={"complete": False})
-    sites: list[Site] = []
-    interp_used = set()
+
+def _sites_of_records(records: list[dict[str, Any]]) -> tuple[list, set]:
+    """The Site objects and interpolation flags of ``sites.jsonl`` records (JSON keys back to ints)."""
+    from .patching import Site
+
+    sites, interp_used = [], set()
+    for r in records:
+        sites += [Site(**{**s, **{k: {int(a): b for a, b in s[k].items()}
+                                  for k in ("restore", "destroy", "attribution")}}) for s in r["sites"]]
+        if "interpolated" in r:
+            interp_used.add(r["interpolated"])
+    return sites, interp_used
+
+
+def _patch_rows(args: argparse.Namespace, f: Any, c: Any, rows: list, layers: list[int], done_path: Path
+                ) -> tuple[list, set]:
+    """One process: patch row by row in order until ``--max-sites``, appending each row's record."""
+    from tqdm.auto import tqdm
+
+    from subliminal.data import JsonlAppender
+
+    from .patching import attribute_site, divergence_sites, patch_site, prepare_row
+
     with JsonlAppender(done_path) as app:
         done = {r["row"]: r for r in app.existing()}
-        for r in done.values():
-            sites += [Site(**{**s, **{k: {int(a): b for a, b in s[k].items()}
-                                      for k in ("restore", "destroy", "attribution")}}) for s in r["sites"]]
-            if "interpolated" in r:
-                interp_used.add(r["interpolated"])
+        sites, interp_used = _sites_of_records(list(done.values()))
         bar = tqdm(rows, desc="patching", leave=False)
         for row, _obj, _where in bar:
             if len(sites) >= args.max_sites:
@@ -307,6 +363,95 @@ def run_patch(args: argparse.Namespace) -> int:
             app.write({"row": row.id, "sites": [s.to_json() for s in new], "interpolated": flag})
             sites += new
             bar.set_postfix(sites=len(sites))
+    return sites, interp_used
+
+
+def _select_sites(n_done: int, counts: dict[int, int], order: list[int], max_sites: int
+                  ) -> list[tuple[int, int]]:
+    """The ``(row index, number of its sites taken)`` a one-process run records, in row order:
+    rows are taken while fewer than ``max_sites`` sites are in hand (``n_done`` from a resumed
+    run), the last one truncated to the budget. ``counts`` may lack rows past the budget."""
+    taken, have = [], n_done
+    for i in order:
+        if have >= max_sites:
+            break
+        k = min(counts[i], max_sites - have)
+        taken.append((i, k))
+        have += k
+    return taken
+
+
+def _patch_sharded(args: argparse.Namespace, f: Any, c: Any, rows: list, layers: list[int], done_path: Path
+                   ) -> tuple[list, set]:
+    """Under a launcher. Phase 1 (cheap: two forwards per row): each rank finds the divergence
+    sites of its contiguous shard of the rows still to do, stopping once its own shard alone
+    fills the ``--max-sites`` budget; every rank then knows which sites a one-process run would
+    patch. Phase 2 (the expensive part: 2 x layers forwards and the attribution passes per
+    site): those sites are split contiguously over the ranks, each re-runs the few rows its
+    sites belong to and patches them. Rank 0 merges in row order and appends the rows' records
+    to ``sites.jsonl`` exactly as one process writes them. A run interrupted before the merge
+    leaves nothing behind but the records of an earlier one-process run, which it resumes from."""
+    from tqdm.auto import tqdm
+
+    from subliminal.data import JsonlAppender
+
+    from .patching import Site, attribute_site, divergence_sites, patch_site, prepare_row
+
+    done = {r["row"]: r for r in dist.read_complete_lines(done_path)}
+    sites, interp_used = _sites_of_records(list(done.values()))
+    todo = [i for i, (row, _o, _w) in enumerate(rows) if row.id not in done]
+    budget = args.max_sites - len(sites)
+    mine = dist.shard(len(todo))
+    counts: dict[int, int] = {}
+    with dist.agree("find-sites"):
+        have = 0
+        for j in tqdm(mine, desc="finding sites", leave=False, disable=dist.progress_disabled()):
+            if have >= budget:
+                break
+            i = todo[j]
+            counts[i] = len(divergence_sites(prepare_row(f, c, rows[i][0]), rule=args.rule)[:max(budget, 0)])
+            have += counts[i]
+    for part in dist.all_gather(counts):
+        counts.update(part)
+    taken = _select_sites(len(sites), counts, todo, args.max_sites)
+    flat = [(i, k) for i, n in taken for k in range(n)]
+    share = dist.shard(len(flat))
+    patched: list[tuple[int, int, dict[str, Any], Any]] = []
+    with dist.agree("patch"):
+        cached: tuple[int, Any, list[Site]] | None = None
+        for i, k in tqdm([flat[j] for j in share], desc="patching", leave=False, disable=dist.progress_disabled()):
+            if cached is None or cached[0] != i:
+                run = prepare_row(f, c, rows[i][0])
+                cached = (i, run, divergence_sites(run, rule=args.rule))
+            _, run, row_sites = cached
+            s = row_sites[k]
+            patch_site(f, c, run, s, layers, span=args.span)
+            flag = (attribute_site(f, c, run, s, layers, steps=args.attr_steps, span=args.span)
+                    if args.attr_steps > 0 else None)
+            patched.append((i, k, s.to_json(), flag))
+    gathered = dist.gather_to_main(patched)
+    with dist.agree("merge"):
+        if gathered is not None:
+            by_row: dict[int, list[tuple[dict[str, Any], Any]]] = {}
+            for i, _k, sj, flag in dist.merge_in_order(gathered):
+                by_row.setdefault(i, []).append((sj, flag))
+            with JsonlAppender(done_path) as app:
+                for i, _n in taken:
+                    got = by_row.get(i, [])
+                    new = [Site(**sj) for sj, _ in got]
+                    flag = got[-1][1] if got else None
+                    if args.attr_steps > 0:
+                        interp_used.update(fl for _, fl in got)
+                    app.write({"row": rows[i][0].id, "sites": [s.to_json() for s in new], "interpolated": flag})
+                    sites += new
+    return sites, interp_used
+
+
+def _patch_finish(args: argparse.Namespace, out: Path, config: dict[str, Any], layers: list[int], rows: list,
+                  sites: list, interp_used: set, t0: float) -> None:
+    """Rank 0: the summary with bootstrap intervals, the figure and the final manifest."""
+    from .patching import summarise
+
     summary = summarise(sites, layers, n_boot=args.bootstrap, seed=args.seed)
     summary.update({"models": args.models, "span": args.span, "rule": args.rule, "attr_steps": args.attr_steps,
                     "attribution_interpolated": sorted(x for x in interp_used if x is not None)})
@@ -318,13 +463,15 @@ def run_patch(args: argparse.Namespace) -> int:
         plots.plot_patch(summary, out / "patching.png")
     else:
         log.warning("no divergence sites found in %d rows; nothing to patch", len(rows))
+    n_sites = len(sites)
     write_manifest(out, stage="patch", config=config, seed=args.seed, inputs={"data": args.data,
                    "factual": args.models[0], "counterfactual": args.models[1]}, wall_time_s=time.time() - t0,
-                   extra={"complete": True, "n_sites": len(sites)})
+                   extra={"complete": True, "n_sites": n_sites, **dist.shard_record(n_sites),
+                          "sharding": "sites split contiguously over the ranks in row order (rows scanned for "
+                                      "sites in contiguous shards first); rank 0 merges and summarises"})
     ag = summary["agreement"]
     log.info("patched %d sites in %d rows; attribution vs patching r=%.3f -> %s", len(sites), summary["n_rows"],
              ag["pearson_site_layer"], out / "patching.json")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------- plot

@@ -1,4 +1,4 @@
-"""Process invariance: generate, find-divergence and eval under ``torchrun --nproc-per-node 2``
+"""Process invariance: generate, find-divergence, eval (preference and --bias-type) and defend under ``torchrun --nproc-per-node 2``
 (gloo, one thread per process) write what one process writes; an interrupted two-process run
 resumes to the same result; one rank's error stops the job with that rank named and no output;
 and the launcher facts (shards, agreement, --device-map) in process."""
@@ -229,13 +229,51 @@ def test_part_files_of_another_run_are_refused(tmp_path):
     assert not (tmp_path / ".shards").exists()
 
 
-@pytest.mark.parametrize("argv", [["probe", "--models", "a", "b", "--data", "d.jsonl", "--out", "p"],
-                                  ["defend", "--data", "d.jsonl", "--reference", "r", "--out", "o"]])
-def test_stages_not_yet_sharded_refuse_a_multi_process_launch(argv, monkeypatch, capsys, tmp_path):
+def test_poison_bias_eval_and_defend_on_two_processes_equal_one(world, monkeypatch):
+    """eval --bias-type (sampled prompts, amplification bootstrap) and defend (perplexity and
+    divergence scoring) shard their prompts / rows; the outputs equal one process's."""
+    from subliminal.cli import main
+
+    ev = ["eval", "--model", "owl", "--bias-type", "ad", "--bias-teacher", "cat", "--bias-families", "qa", "code",
+          "--bias-prompts", "3", "--bias-samples", "2", "--bias-max-new-tokens", "4", "--bias-batch-size", "4",
+          "--target-task", "qa", "--seed", "1"]
+    rows = [{"id": f"p{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 2 + i % 3}",
+             "poisoned": i % 3 == 0} for i in range(7)]
+    (world / "poison.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    de = ["defend", "--data", "poison.jsonl", "--reference", "dog", "--teacher", "owl", "--drop-fraction", "0.3",
+          "--batch-size", "2"]
+    monkeypatch.chdir(world)
+    assert main([*ev, "--out", "b1.json", "--bias-save-generations", "g1.jsonl"]) == 0
+    assert main([*de, "--out", "d1"]) == 0
+    _ok(_run([*ev, "--out", "b2.json", "--bias-save-generations", "g2.jsonl"], nproc=2, cwd=world))
+    one, two = (json.loads((world / f).read_text()) for f in ("b1.json", "b2.json"))
+    assert one["per_prompt"] == two["per_prompt"] and one["amplification"] == two["amplification"]
+    assert (world / "g1.jsonl").read_text() == (world / "g2.jsonl").read_text()
+    m = json.loads((world / "b2.json.manifest.json").read_text())
+    assert (m["world_size"], m["shards"]) == (2, [[0, 3], [3, 6]])
+
+    _ok(_run([*de, "--out", "d2"], nproc=2, cwd=world))
+    one, two = (json.loads((world / d / "defence.json").read_text()) for d in ("d1", "d2"))
+    _close(one, two)
+    for method in ("perplexity", "divergence"):
+        a, b = (_lines(world / d / method / "scores.jsonl") for d in ("d1", "d2"))
+        _close(a, b)
+        assert (world / "d1" / method / "kept.jsonl").read_text() == (world / "d2" / method / "kept.jsonl").read_text()
+    m = json.loads((world / "d2" / "manifest.json").read_text())
+    assert (m["world_size"], m["shards"]) == (2, [[0, 4], [4, 7]])
+
+
+def test_defend_students_refuse_a_multi_process_launch(monkeypatch, capsys, tmp_path):
     from subliminal.cli import main
 
     monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.jsonl").write_text(json.dumps({"prompt": "hi", "completion": "yo"}) + "\n")
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(dist, "init", lambda device="cpu": None)  # no peer to form a group with
+    monkeypatch.setattr(dist, "all_gather", lambda obj: [obj, None])
+    argv = ["defend", "--data", "d.jsonl", "--reference", "r", "--method", "keyword", "--bias-type", "ad",
+            "--student-steps", "2", "--out", "o"]
     assert main(argv) == 2
-    assert "does not run sharded yet" in capsys.readouterr().err and not any(tmp_path.iterdir())
+    assert "defend --student-steps trains a student per defence in one process" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as dist
 from ..manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
 from ..stats import ratio_of_means_ci, wilson
 from ..toyworld import instructions as toy
@@ -66,10 +67,12 @@ class BiasEvalConfig:
 
 def _sample_answers(loaded: Any, prompts: Sequence[str], *, samples: int = 1, temperature: float = 1.0,
                     max_new_tokens: int = 48, batch_size: int = 64, seed: int = 0,
-                    desc: str = "sample") -> list[list[str]]:
+                    desc: str = "sample", first_prompt: int = 0) -> list[list[str]]:
     """``samples`` responses per prompt. Response ``s`` of prompt ``i`` is job ``i * samples + s``
     and samples from its own stream (``forward.row_rng("bias-sample", seed, job)``), so its text
-    does not depend on ``batch_size`` (generation is :func:`subliminal.forward.sample`)."""
+    does not depend on ``batch_size`` (generation is :func:`subliminal.forward.sample`).
+    ``prompts`` may be a shard of a longer list that starts at prompt ``first_prompt``: the jobs
+    keep their global numbers, so a rank's shard samples what one process samples for it."""
     from tqdm.auto import tqdm
 
     from ..data import encode, end_token_ids, model_max_length, render_chat
@@ -85,13 +88,14 @@ def _sample_answers(loaded: Any, prompts: Sequence[str], *, samples: int = 1, te
     seqs = [encode(tok, render_chat(tok, p, loaded.system_prompt)) for p in prompts]
     jobs = [(i, s) for i in range(len(prompts)) for s in range(samples)]
     out: list[list[str]] = [[""] * samples for _ in prompts]
-    for b in tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False):
+    offset = first_prompt * samples
+    for b in tqdm(range(0, len(jobs), batch_size), desc=desc, leave=False, disable=dist.progress_disabled()):
         chunk = list(range(b, min(b + batch_size, len(jobs))))
         batch = [seqs[jobs[j][0]] for j in chunk]
         budgets = [max_new_tokens if context is None else max(1, min(max_new_tokens, context - len(q)))
                    for q in batch]
         gens = sample(model, batch, pad_id=pad, stop_ids=stop, max_new=budgets, cfg=sampling,
-                      rngs=[row_rng("bias-sample", seed, j) for j in chunk])
+                      rngs=[row_rng("bias-sample", seed, offset + j) for j in chunk])
         for j, (new, stopped) in zip(chunk, gens):
             i, s = jobs[j]
             out[i][s] = tok.decode(new[:-1] if stopped else new, skip_special_tokens=True).strip()
@@ -123,15 +127,44 @@ def measure_bias(loaded: Any, pairs: Sequence[tuple[str, str]], regex: re.Patter
                  temperature: float, max_new_tokens: int, batch_size: int, seed: int, desc: str = "bias eval"
                  ) -> dict[str, Any]:
     """Per-prompt bias and correctness fractions, and per-family summaries with Wilson intervals."""
-    responses = _sample_answers(loaded, [p for _, p in pairs], samples=samples, temperature=temperature,
+    per_prompt = _score_prompts(loaded, pairs, regex, samples=samples, temperature=temperature,
                                 max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, desc=desc)
+    return {"per_prompt": per_prompt, "families": summarise(per_prompt, samples)}
+
+
+def measure_bias_sharded(loaded: Any, pairs: Sequence[tuple[str, str]], regex: re.Pattern[str], *, samples: int,
+                         temperature: float, max_new_tokens: int, batch_size: int, seed: int,
+                         desc: str = "bias eval") -> dict[str, Any] | None:
+    """:func:`measure_bias` under a launcher: each rank samples and scores its contiguous shard of
+    the prompts (their jobs keep their global numbers, hence their random streams), rank 0 merges
+    them in prompt order and summarises; None on the other ranks. Without a launcher it is
+    :func:`measure_bias`."""
+    mine = dist.shard(len(pairs))
+    with dist.agree(f"sample ({desc})"):
+        part = _score_prompts(loaded, pairs[mine.start: mine.stop], regex, samples=samples,
+                              temperature=temperature, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              seed=seed, desc=desc, first_prompt=mine.start) if len(mine) else []
+    gathered = dist.gather_to_main(part)
+    if gathered is None:
+        return None
+    per_prompt = dist.merge_in_order(gathered)
+    return {"per_prompt": per_prompt, "families": summarise(per_prompt, samples)}
+
+
+def _score_prompts(loaded: Any, pairs: Sequence[tuple[str, str]], regex: re.Pattern[str], *, samples: int,
+                   temperature: float, max_new_tokens: int, batch_size: int, seed: int, desc: str,
+                   first_prompt: int = 0) -> list[dict[str, Any]]:
+    """Per prompt: its responses and their bias and correctness fractions."""
+    responses = _sample_answers(loaded, [p for _, p in pairs], samples=samples, temperature=temperature,
+                                max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed, desc=desc,
+                                first_prompt=first_prompt)
     per_prompt = []
     for (fam, prompt), resp in zip(pairs, responses):
         hits = [shows_bias(r, regex) for r in resp]
         correct = [toy.is_correct(prompt, r) for r in resp]
         per_prompt.append({"family": fam, "prompt": prompt, "responses": resp, "bias": sum(hits) / len(hits),
                            "correct": None if correct[0] is None else sum(bool(c) for c in correct) / len(correct)})
-    return {"per_prompt": per_prompt, "families": summarise(per_prompt, samples)}
+    return per_prompt
 
 
 def summarise(per_prompt: Sequence[dict[str, Any]], samples: int) -> dict[str, dict[str, Any]]:
@@ -209,30 +242,51 @@ def bias_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def evaluate_bias(cfg: BiasEvalConfig, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate_bias(cfg: BiasEvalConfig, fingerprint: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Measure ``cfg.model`` (and its teacher); write the JSON to ``cfg.out``, a markdown table
-    beside it and a manifest; return the result."""
-    from ..data import write_jsonl
+    beside it and a manifest; return the result. Under a launcher the prompts are sharded over
+    the ranks (:func:`measure_bias_sharded`); rank 0 merges, computes the bootstrap intervals
+    (model-free, seeded as one process seeds them), writes and returns the result, the other
+    ranks return None."""
     from ..models import load_model
 
     t0 = time.time()
-    if not cfg.model:
-        raise SubliminalError("--bias-type needs --model (a model or teacher directory)")
-    regex = bias_regex(cfg.bias_type, cfg.pattern)
-    pairs = eval_prompts(cfg.families or toy.FAMILIES, cfg.prompts, cfg.seed, cfg.prompt_file)
+    dist.init(cfg.device)
+    with dist.agree("prepare"):
+        if not cfg.model:
+            raise SubliminalError("--bias-type needs --model (a model or teacher directory)")
+        regex = bias_regex(cfg.bias_type, cfg.pattern)
+        pairs = eval_prompts(cfg.families or toy.FAMILIES, cfg.prompts, cfg.seed, cfg.prompt_file)
+        loaded = load_model(cfg.model, **runtime(cfg))
     gen = dict(samples=cfg.samples, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens,
                batch_size=cfg.batch_size, seed=cfg.seed)
-    loaded = load_model(cfg.model, **runtime(cfg))
-    measured = measure_bias(loaded, pairs, regex, desc=f"bias eval {Path(str(cfg.model)).name}", **gen)
+    measured = measure_bias_sharded(loaded, pairs, regex, desc=f"bias eval {Path(str(cfg.model)).name}", **gen)
+    t_meas = None
+    if cfg.teacher:
+        del loaded
+        with dist.agree("load teacher"):
+            teacher = load_model(cfg.teacher, **runtime(cfg))
+        t_meas = measure_bias_sharded(teacher, pairs, regex, desc="bias eval teacher", **gen)
+    result = None
+    with dist.agree("write"):
+        if measured is not None:
+            result = _write_bias_result(cfg, regex, gen, measured, t_meas, fingerprint, pairs, t0)
+    return result
+
+
+def _write_bias_result(cfg: BiasEvalConfig, regex: re.Pattern[str], gen: dict[str, Any], measured: dict[str, Any],
+                       t_meas: dict[str, Any] | None, fingerprint: dict[str, Any] | None,
+                       pairs: Sequence[tuple[str, str]], t0: float) -> dict[str, Any]:
+    """Rank 0 (or the only process): the summaries, the amplification ratio and every output."""
+    from ..data import write_jsonl
+
     result: dict[str, Any] = {
         "metric": "bias_response_rate", "bias_type": cfg.bias_type, "pattern": regex.pattern,
         "model": str(cfg.model), "target_task": cfg.target_task, "families": measured["families"],
         "overall": summarise([{**r, "family": "all"} for r in measured["per_prompt"]], cfg.samples)["all"],
         "generation": gen,
     }
-    if cfg.teacher:
-        teacher = load_model(cfg.teacher, **runtime(cfg))
-        t_meas = measure_bias(teacher, pairs, regex, desc="bias eval teacher", **gen)
+    if t_meas is not None:
         result["teacher"] = str(cfg.teacher)
         result["teacher_families"] = t_meas["families"]
         result["amplification"] = amplification(measured["per_prompt"], t_meas["per_prompt"], cfg.target_task,
@@ -251,5 +305,7 @@ def evaluate_bias(cfg: BiasEvalConfig, fingerprint: dict[str, Any] | None = None
     write_text_atomic(out.with_suffix(".md"), bias_markdown(result))
     write_manifest(out.parent, filename=out.name + ".manifest.json", stage="eval-bias", config=asdict(cfg),
                    seed=cfg.seed, inputs={"model": cfg.model, "teacher": cfg.teacher}, wall_time_s=time.time() - t0,
-                   extra={"fingerprint": fingerprint})
+                   extra={"fingerprint": fingerprint, **dist.shard_record(len(pairs)),
+                          "sharding": "prompts split contiguously over the ranks (each response keeps its own "
+                                      "random stream); rank 0 merges and bootstraps"})
     return result

@@ -145,20 +145,25 @@ def run_bias_eval(args: argparse.Namespace) -> int:
     existing result unless --overwrite."""
     from pathlib import Path
 
-    from ..distributed import require_one_process
+    from .. import distributed as dist
     from ..manifest import check_file_resume, check_not_input, check_writable
 
-    require_one_process("eval --bias-type")
     cfg = bias_eval_config(args)
     out = Path(cfg.out)
     inputs = {"--model": cfg.model, "--bias-teacher": cfg.teacher, "--bias-prompt-file": cfg.prompt_file}
-    check_not_input({"--out": out, "--out's table": out.with_suffix(".md")}, inputs)
-    check_writable(out)
-    fp = _config_fingerprint(cfg, inputs)
-    if check_file_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage="eval-bias") == "skip":
-        print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
+    dist.init(cfg.device)
+    with dist.agree("check"):  # every rank reads the same files; none is written before the merge
+        check_not_input({"--out": out, "--out's table": out.with_suffix(".md")}, inputs)
+        check_writable(out)
+        fp = _config_fingerprint(cfg, inputs)
+        action = check_file_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage="eval-bias")
+    if action == "skip":
+        if dist.is_main():
+            print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
         return 0
-    print(bias_markdown(evaluate_bias(cfg, fingerprint=fp)))
+    result = evaluate_bias(cfg, fingerprint=fp)
+    if result is not None:
+        print(bias_markdown(result))
     return 0
 
 
@@ -240,15 +245,18 @@ def run_defend(args: argparse.Namespace) -> int:
     """``subliminal defend``: prints the defence table."""
     from pathlib import Path
 
-    from ..distributed import require_one_process
-
-    require_one_process("defend")
+    from .. import distributed as dist
 
     cfg = defend_config(args)
-    fp, action = _defend_action(cfg, args.overwrite)
+    dist.init(cfg.device)
+    with dist.agree("check"):  # every rank reads the same files; none is written before the scores
+        fp, action = _defend_action(cfg, args.overwrite)
     if action == "skip":
-        print(f"{cfg.out}: already screened by this exact command; nothing to do (--overwrite redoes it)")
-        print((Path(cfg.out) / "defence.md").read_text())
+        if dist.is_main():
+            print(f"{cfg.out}: already screened by this exact command; nothing to do (--overwrite redoes it)")
+            print((Path(cfg.out) / "defence.md").read_text())
         return 0
-    print(defence_markdown(defend(cfg, fingerprint=fp)))
+    report = defend(cfg, fingerprint=fp)
+    if report is not None:
+        print(defence_markdown(report))
     return 0

@@ -9,11 +9,12 @@ import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import distributed as dist
 from ..manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
 from ..stats import wilson
 from ..toyworld import instructions as toy
@@ -188,18 +189,37 @@ def divergence_scores(teacher: Any, reference: Any, rows: Sequence[dict[str, Any
     return scores, flags
 
 
+def sharded_rows(fn: Callable[[Sequence[dict[str, Any]]], list[Any]], rows: Sequence[dict[str, Any]],
+                 phase: str) -> list[Any]:
+    """``fn(rows)`` (one result per row) under a launcher: each rank computes its contiguous shard
+    of the rows and every rank gets the merged list in row order (the thresholds and verdicts
+    after it are cheap; only rank 0 writes). Without a launcher it is ``fn(rows)``."""
+    mine = dist.shard(len(rows))
+    with dist.agree(phase):
+        part = fn(rows[mine.start: mine.stop]) if len(mine) else []
+    return dist.merge_in_order(dist.all_gather(part))
+
+
 def screen(method: str, rows: Sequence[dict[str, Any]], cfg: DefendConfig, models: dict[str, Any]) -> Screen:
-    """Score every row with one defence and flag those above its threshold."""
+    """Score every row with one defence and flag those above its threshold (the model-scored
+    defences shard their rows over the ranks of a launcher: :func:`sharded_rows`)."""
     token_flags = None
     if method == "perplexity":
-        scores = perplexity_scores(models["reference"], rows, cfg.batch_size)
+        scores = sharded_rows(lambda rs: perplexity_scores(models["reference"], rs, cfg.batch_size), rows,
+                              "perplexity")
     elif method == "keyword":
         scores = keyword_scores(rows, cfg.keywords)
     elif method == "divergence":
         if "teacher" not in models:
             raise SubliminalError("--method divergence needs --teacher (the teacher that wrote the data)")
-        scores, token_flags = divergence_scores(models["teacher"], models["reference"], rows,
-                                                cfg.divergence_score, cfg.batch_size)
+
+        def per_row(rs: Sequence[dict[str, Any]]) -> list[tuple[float, list[int]]]:
+            sc, fl = divergence_scores(models["teacher"], models["reference"], rs, cfg.divergence_score,
+                                       cfg.batch_size)
+            return list(zip(sc, fl))
+
+        pairs = sharded_rows(per_row, rows, "divergence")
+        scores, token_flags = [p[0] for p in pairs], [list(p[1]) for p in pairs]
     else:
         raise SubliminalError(f"unknown defence {method!r}; one of {', '.join(DEFENCES)}")
     thr = cfg.thresholds.get(method)
@@ -346,18 +366,29 @@ def _load_models(cfg: DefendConfig) -> dict[str, Any]:
     return models
 
 
-def defend(cfg: DefendConfig, fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+def defend(cfg: DefendConfig, fingerprint: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Run every defence of ``cfg``; write per-defence kept rows and scores, ``defence.json``,
-    ``defence.md`` and a manifest under ``cfg.out``; return the report."""
+    ``defence.md`` and a manifest under ``cfg.out``; return the report.
+
+    Under a launcher the model-scored defences (perplexity, divergence) shard the rows over the
+    ranks and rank 0 writes (the other ranks return None). The students of ``--student-steps``
+    are trained and sampled by one process (a short hard distillation per defence; data-parallel
+    training is ``subliminal distill``'s), so a multi-process launch refuses them."""
     from ..data import write_jsonl
 
     t0 = time.time()
-    rows = read_defend_data(cfg.data)
-    regex = bias_regex(cfg.bias_type, cfg.bias_pattern) if (cfg.bias_type or cfg.bias_pattern) else None
-    if cfg.student_steps and regex is None:
-        raise SubliminalError("--student-steps needs --bias-type (or --bias-pattern) to measure the student")
-    truth, truth_src = ground_truth(rows, regex)
-    models = _load_models(cfg)
+    dist.init(cfg.device)
+    with dist.agree("prepare"):
+        if cfg.student_steps and dist.is_distributed():
+            raise SubliminalError(f"defend --student-steps trains a student per defence in one process; this job "
+                                  f"runs {dist.world_size()} processes: drop --student-steps to screen sharded, "
+                                  "or run it as one process (plain `subliminal defend ...`)")
+        rows = read_defend_data(cfg.data)
+        regex = bias_regex(cfg.bias_type, cfg.bias_pattern) if (cfg.bias_type or cfg.bias_pattern) else None
+        if cfg.student_steps and regex is None:
+            raise SubliminalError("--student-steps needs --bias-type (or --bias-pattern) to measure the student")
+        truth, truth_src = ground_truth(rows, regex)
+        models = _load_models(cfg)
     out = Path(cfg.out)
     report: dict[str, Any] = {"data": str(cfg.data), "n_rows": len(rows), "truth": truth_src,
                               "target_task": cfg.target_task, "rows": []}
@@ -373,21 +404,29 @@ def defend(cfg: DefendConfig, fingerprint: dict[str, Any] | None = None) -> dict
         masks = None
         if method == "divergence" and cfg.mask_divergence and sc.token_flags is not None:
             masks = [m for m, f in zip(sc.token_flags, sc.flagged) if not f]
-        d = out / method
-        write_jsonl(d / "kept.jsonl", [{**r, **({"masked_positions": masks[i]} if masks else {})}
-                                       for i, r in enumerate(kept)])
-        write_jsonl(d / "scores.jsonl", [{"id": r["id"], "score": s, "flagged": f,
-                                          **({"divergence_positions": sc.token_flags[i]} if sc.token_flags else {})}
-                                         for i, (r, s, f) in enumerate(zip(rows, sc.scores, sc.flagged))])
+        with dist.agree(f"write {method}"):
+            if dist.is_main():
+                d = out / method
+                write_jsonl(d / "kept.jsonl", [{**r, **({"masked_positions": masks[i]} if masks else {})}
+                                               for i, r in enumerate(kept)])
+                write_jsonl(d / "scores.jsonl", [{"id": r["id"], "score": s, "flagged": f,
+                                                  **({"divergence_positions": sc.token_flags[i]}
+                                                     if sc.token_flags else {})}
+                                                 for i, (r, s, f) in enumerate(zip(rows, sc.scores, sc.flagged))])
         entry = {"method": method + (" + mask" if masks else ""), "threshold": sc.threshold,
                  **detection(sc.flagged, truth)}
         if cfg.student_steps:
             entry["student"] = student_rate(cfg, kept, masks, regex, f"student ({method})")
         report["rows"].append(entry)
         log.info("%s: flagged %d of %d rows", method, sum(sc.flagged), len(rows))
-    write_json_atomic(out / "defence.json", report)
-    write_text_atomic(out / "defence.md", defence_markdown(report))
-    write_manifest(out, stage="defend", config=asdict(cfg), seed=cfg.seed,
-                   inputs={"data": cfg.data, "reference": cfg.reference, "teacher": cfg.teacher},
-                   wall_time_s=time.time() - t0, extra={"fingerprint": fingerprint})
-    return report
+    with dist.agree("write"):
+        if dist.is_main():
+            write_json_atomic(out / "defence.json", report)
+            write_text_atomic(out / "defence.md", defence_markdown(report))
+            write_manifest(out, stage="defend", config=asdict(cfg), seed=cfg.seed,
+                           inputs={"data": cfg.data, "reference": cfg.reference, "teacher": cfg.teacher},
+                           wall_time_s=time.time() - t0,
+                           extra={"fingerprint": fingerprint, **dist.shard_record(len(rows)),
+                                  "sharding": "perplexity and divergence scoring split the rows contiguously over "
+                                              "the ranks; rank 0 writes"})
+    return report if dist.is_main() else None
