@@ -273,15 +273,6 @@ def agree(phase: str) -> Iterator[None]:
                               "on every rank and wrote no output (re-run the same command to resume)")
 
 
-def require_one_process(stage: str) -> None:
-    """Stages not yet sharded refuse a multi-process launch instead of letting N ranks do the
-    same work and race to write one output."""
-    if is_distributed():
-        raise SubliminalError(f"{stage} does not run sharded yet, and this job runs {world_size()} processes "
-                              "(WORLD_SIZE); run it as one process (plain `subliminal ...`, without torchrun or "
-                              "accelerate launch)")
-
-
 def progress_disabled(progress: bool = True) -> bool:
     """tqdm's ``disable``: bars only on rank 0, and only when asked for."""
     return (not progress) or not is_main()

@@ -170,7 +170,7 @@ DemoConfig = RunConfig  # the demo is a run of the toy config
 
 
 # Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
-DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval"}
+DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval", "probe", "patch"}
 
 
 def launch_argv(argv: list[str], nproc: int) -> list[str]:
