@@ -6,12 +6,11 @@ and the launcher facts (shards, agreement, --device-map) in process."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch_helpers import assert_close, run_cli
 
 from subliminal import distributed as dist
 from subliminal import prompts
@@ -21,18 +20,8 @@ from subliminal.teachers import TeacherSpec, save_teacher
 ROWS = 10
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", dist.FAIL_ENV)}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
-    return env
-
-
 def _run(argv: list[str], *, nproc: int, cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "subliminal.cli"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "subliminal.cli"]
-    return subprocess.run(launcher + argv, cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=120)
+    return run_cli(argv, nproc=nproc, cwd=cwd, timeout=120, **env)
 
 
 def _ok(p: subprocess.CompletedProcess) -> None:
@@ -41,22 +30,6 @@ def _ok(p: subprocess.CompletedProcess) -> None:
 
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
-
-
-def _close(a, b, path: str = "") -> None:
-    """Equal, except floats within 1e-5 (process invariance as DESIGN.md states it)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
-    else:
-        assert a == b, (path, a, b)
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +91,7 @@ def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world)
     for a, b in zip(one, two):
         for key in ("id", "token_ids", "divergence", "argmax_factual", "argmax_counterfactual"):
             assert a[key] == b[key], key
-        _close(a["scores"], b["scores"])
+        assert_close(a["scores"], b["scores"])
     m1 = json.loads((world / "one.div.jsonl.manifest.json").read_text())
     m2 = json.loads((world / "two.div.jsonl.manifest.json").read_text())
     assert m1["fingerprint"] == m2["fingerprint"] and m2["shards"] == [[0, 5], [5, ROWS]]
@@ -135,7 +108,7 @@ def test_eval_exact_sampled_and_main_task_on_two_processes_equal_one(world):
     one, two = json.loads((world / "one.json").read_text()), json.loads((world / "two.json").read_text())
     assert one["sampled"]["answer_counts"] == two["sampled"]["answer_counts"]
     assert one["sampled"]["examples"] == two["sampled"]["examples"]
-    _close(one, two)
+    assert_close(one, two)
     m2 = json.loads((world / "two.json.manifest.json").read_text())
     assert (m2["world_size"], m2["shards"], m2["heldout_shards"]) == (2, [[0, 3], [3, 5]], [[0, 3], [3, 5]])
     assert not (world / ".shards").exists()
@@ -254,10 +227,10 @@ def test_poison_bias_eval_and_defend_on_two_processes_equal_one(world, monkeypat
 
     _ok(_run([*de, "--out", "d2"], nproc=2, cwd=world))
     one, two = (json.loads((world / d / "defence.json").read_text()) for d in ("d1", "d2"))
-    _close(one, two)
+    assert_close(one, two)
     for method in ("perplexity", "divergence"):
         a, b = (_lines(world / d / method / "scores.jsonl") for d in ("d1", "d2"))
-        _close(a, b)
+        assert_close(a, b)
         assert (world / "d1" / method / "kept.jsonl").read_text() == (world / "d2" / method / "kept.jsonl").read_text()
     m = json.loads((world / "d2" / "manifest.json").read_text())
     assert (m["world_size"], m["shards"]) == (2, [[0, 4], [4, 7]])

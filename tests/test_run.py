@@ -116,8 +116,8 @@ def test_nproc_runs_data_parallel_stages_under_torchrun(tmp_path, monkeypatch):
 
 def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
     """The protocol on a random model with SmolLM2's tokenizer: prompt teachers, constrained greedy
-    data, divergence, LoRA students of three conditions, exact eval, the report; a second call
-    resumes without redoing anything."""
+    data, divergence, LoRA students of three conditions (control and all always), exact eval, the
+    report; a second call resumes without redoing anything."""
     out = tmp_path / "run"
     cfg = tmp_path / "c.toml"
     cfg.write_text(f"""
@@ -131,19 +131,19 @@ mixing_teacher = ""
 method = "prompt"
 check = false
 [data]
-rows = 6
+rows = 4
 greedy = true
 constrain = "numbers"
 max_new_tokens = 40
 [students]
-conditions = ["control", "all", "no-divergence"]
-seeds = 2
+conditions = ["no-divergence"]
+seeds = 1
 full = false
 lora_rank = 2
 epochs = 1
 batch_size = 3
 [eval]
-max_questions = 4
+max_questions = 2
 [probes]
 enabled = false
 [run]
@@ -152,14 +152,14 @@ jobs = 1
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["conditions"]) == {"control", "all", "no-divergence"}
-    assert results["data"]["generations"]["owl"]["accepted"] == 6  # constrained: every answer is a list
+    assert results["data"]["generations"]["owl"]["accepted"] == 4  # constrained: every answer is a list
     assert set(results["data"]["divergence"]["per_counterfactual"]) == {"cat", "none"}
     assert set(results["reference_detail"]) == {"base", "teacher", "unbiased-teacher", "teacher-cat"}
     report = (out / "REPORT.md").read_text()
     assert "# subliminal run report: tiny-real" in report and "## Divergence per counterfactual" in report
     man = json.loads((out / "students" / "all-s1" / "manifest.json").read_text())
     assert man["config"]["lora_rank"] == 2
-    student = out / "students" / "all-s2" / "model.safetensors"
+    student = out / "students" / "all-s1" / "model.safetensors"
     mtime = student.stat().st_mtime_ns
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     assert student.stat().st_mtime_ns == mtime

@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+from launch_helpers import launch_env
 from safetensors.torch import load_file
 
 from subliminal import prompts
@@ -52,15 +53,10 @@ def _argv(world, out, *extra):
             "--lr", "1e-2", "--seed", "3", *extra]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return env
-
-
 def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --nproc-per-node 2 ARGS`` (ARGS: ``-m subliminal.cli ...``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=TIMEOUT_S)
+    return subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), timeout=TIMEOUT_S)
 
 
 def torchrun_cli(argv) -> subprocess.CompletedProcess:

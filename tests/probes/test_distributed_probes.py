@@ -5,13 +5,12 @@ what one process writes; a rank's error stops the job, names the rank and leaves
 from __future__ import annotations
 
 import json
-import os
 import random
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from launch_helpers import assert_close, run_cli
 
 from subliminal import distributed as dist
 from subliminal.cli import main
@@ -21,28 +20,7 @@ ROWS = 9
 
 
 def _torchrun(argv: list[str], cwd: Path, **extra: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", dist.FAIL_ENV)}
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", **extra)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-           "subliminal.cli", *argv]
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=180)
-
-
-def _close(a, b, path: str = "") -> None:
-    """Equal, except floats within 1e-5 (process invariance as DESIGN.md states it)."""
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert isinstance(b, list) and len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float) and isinstance(b, float):
-        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
-    else:
-        assert a == b, (path, a, b)
+    return run_cli(argv, nproc=2, cwd=cwd, timeout=180, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +47,7 @@ def test_probe_on_two_processes_equals_one(teachers, rows, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     one, two = (json.loads((tmp_path / d / "probe.json").read_text()) for d in ("one", "two"))
     assert [r["accuracy"] for r in one["layers"]] == [r["accuracy"] for r in two["layers"]]
-    _close(one, two)
+    assert_close(one, two)
     for sub in ("0-owl", "1-dolphin"):
         a, b = (tmp_path / d / "activations" / sub for d in ("one", "two"))
         assert (a / "sites.json").read_text() == (b / "sites.json").read_text()
@@ -95,8 +73,8 @@ def test_patch_on_two_processes_fails_together_and_equals_one(teachers, rows, tm
     recs = [[json.loads(x) for x in (tmp_path / d / "sites.jsonl").read_text().splitlines()] for d in ("one", "two")]
     assert [r["row"] for r in recs[0]] == [r["row"] for r in recs[1]]
     assert sum(len(r["sites"]) for r in recs[1]) == 7 and len(recs[1]) < ROWS  # the budget, spent as one process does
-    _close(recs[0], recs[1])
+    assert_close(recs[0], recs[1])
     one, two = (json.loads((tmp_path / d / "patching.json").read_text()) for d in ("one", "two"))
-    _close(one, two)
+    assert_close(one, two)
     m = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert m["complete"] and (m["world_size"], m["shards"], m["n_sites"]) == (2, [[0, 4], [4, 7]], 7)

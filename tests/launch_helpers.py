@@ -1,0 +1,46 @@
+"""Running ``subliminal`` under a real launcher in tests: one place for the environment a
+child process gets (no inherited rank variables, one thread, offline) and for comparing outputs
+the way DESIGN.md states process invariance (exact, floats within 1e-5)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from subliminal import distributed as dist
+
+
+def launch_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", dist.FAIL_ENV)}
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", **extra)
+    return env
+
+
+def run_cli(argv: list[str], *, nproc: int = 2, cwd: Path | None = None, timeout: float = 240,
+            **env: str) -> subprocess.CompletedProcess:
+    """``subliminal ARGV`` as a child process: plain for ``nproc`` 1, else under torchrun."""
+    launcher = [sys.executable, "-m", "subliminal.cli"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        "-m", "subliminal.cli"]
+    return subprocess.run(launcher + [str(a) for a in argv], cwd=cwd, env=launch_env(**env), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_close(a: Any, b: Any, path: str = "") -> None:
+    """Equal, except floats within 1e-5 (process invariance as DESIGN.md states it)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), path
+        for k in a:
+            assert_close(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_close(x, y, f"{path}[{i}]")
+    elif isinstance(a, float) and isinstance(b, float):
+        assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
