@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         # else is a bug and keeps its traceback (exit 1).
         print(f"error: {describe_fault(e)}", file=sys.stderr)
         return 2
+    if not rc:
+        from .distributed import finish
+
+        finish()
     return int(rc or 0)
 
 

@@ -146,6 +146,20 @@ def init(device: Any = "cpu") -> None:
     atexit.register(_shutdown)
 
 
+def finish() -> None:
+    """A command that succeeded on every rank: meet once more, then destroy the process group
+    while every rank is alive. Left to interpreter exit, gloo's threads can abort a rank
+    ("terminate called without an active exception") after its output is written, failing the
+    job. Not called after an error: a rank waiting here for a peer that crashed would hang."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        with contextlib.suppress(Exception):
+            td.barrier()
+        with contextlib.suppress(Exception):
+            td.destroy_process_group()
+
+
 def _shutdown() -> None:
     import torch.distributed as td
 

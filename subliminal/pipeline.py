@@ -609,7 +609,7 @@ def reference_detail(path: Path) -> dict[str, Any]:
     for metric in ("exact", "sampled"):
         m = result.get(metric)
         if m:
-            dist = m.get("distribution") or {}
+            dist = m.get("distribution") or {k: v for k, v in (m.get("answer_counts") or {}).items() if k != "other"}
             out[metric] = {"mean": m.get("mean"), "ci": m.get("ci"),
                            "argmax": max(dist, key=dist.get) if dist else None}
     return out
