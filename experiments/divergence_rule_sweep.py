@@ -36,6 +36,7 @@ from typing import Any
 from subliminal.probes.plots import plot_rule_sweep
 
 from subliminal import pipeline
+from subliminal.cli import guarded
 from subliminal.divergence import RuleSpec, reflag
 from subliminal.evaluate import mean_ci
 from subliminal.manifest import SubliminalError, atomic_path, read_manifest, write_json_atomic, write_manifest
@@ -99,11 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="re-flag and list the students to train, train nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return _main(args)
-    except SubliminalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(_main, args)  # the commands' own error boundary
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from typing import Any
 from subliminal.probes.activations import resolve_layers
 from subliminal.probes.plots import plot_ablation
 
+from subliminal.cli import guarded
 from subliminal.evaluate import mean_ci
 from subliminal.manifest import SubliminalError, write_json_atomic, write_manifest
 
@@ -137,11 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        return _main(args)
-    except SubliminalError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return guarded(_main, args)  # the commands' own error boundary
 
 
 def _main(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import errno
 import importlib
 import logging
 import sys
+from typing import Any
 
 from . import distributed
 from .manifest import SubliminalError
@@ -43,16 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
-    distributed.quiet_other_ranks()
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+def guarded(fn: Any, *args: Any) -> int:
+    """``fn(*args)`` inside the one error boundary of every command (and of the experiment
+    scripts): expected faults become ``error: ...`` and exit 2, an interrupt 130; a bug keeps its
+    traceback."""
     try:
-        rc = args.func(args)
+        rc = fn(*args)
     except distributed.RankFailedError as e:
         if distributed.is_main():  # every rank knows; rank 0 says it once (the failing rank says its own)
             print(f"error: {e}", file=sys.stderr)
@@ -69,6 +66,18 @@ def main(argv: list[str] | None = None) -> int:
         # else is a bug and keeps its traceback (exit 1).
         print(f"error: {describe_fault(e)}", file=sys.stderr)
         return 2
+    return int(rc or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    distributed.quiet_other_ranks()
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    rc = guarded(args.func, args)
     if not rc:
         from .distributed import finish
 
