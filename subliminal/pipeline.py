@@ -646,27 +646,30 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
     values = results["values"]
     conditions: dict[str, Any] = {}
     control = values["control"]
-    all_tokens = values["all"]
     chosen = [c for c in CONDITIONS if c in values]
     for cond in chosen:
         seeds = sorted(values[cond])
         vals = [values[cond][s] for s in seeds]
         mean, lo, hi = mean_ci(vals)
         entry: dict[str, Any] = {"mean": mean, "ci_low": lo, "ci_high": hi, "seeds": len(seeds),
-                                 "values": vals, "description": CONDITION_TEXT[cond]}
+                                 "values": vals, "by_seed": {str(s): values[cond][s] for s in seeds},
+                                 "description": CONDITION_TEXT[cond]}
         # Paired by seed: the same seed gives the same row order in every condition.
         paired = [values[cond][s] - control[s] for s in seeds if s in control]
         if paired and cond != "control":
             d, dlo, dhi = mean_ci(paired)
             entry.update(diff_to_control=d, diff_ci_low=dlo, diff_ci_high=dhi)
         conditions[cond] = entry
-    # A share of the all-tokens transfer means something only where that transfer is real.
-    if conditions["all"].get("diff_ci_low", 0.0) > 0:
-        for cond in chosen:
-            seeds = [s for s in sorted(values[cond]) if s in control and s in all_tokens]
-            transfer = sum(all_tokens[s] - control[s] for s in seeds)
-            if seeds and transfer > 0:
-                conditions[cond]["share_of_all_transfer"] = sum(values[cond][s] - control[s] for s in seeds) / transfer
+    # A share of the all-tokens transfer, with its interval, only where that transfer is real (claims.py).
+    from . import claims
+
+    for cond, v in claims.all_verdicts(values).items():
+        if v.get("share") is not None:
+            conditions[cond].update(share_of_all_transfer=v["share"], share_ci_low=v.get("lo"),
+                                    share_ci_high=v.get("hi"))
+        conditions[cond]["claim_verdict"] = v
+    if claims.transfer_is_real(values):
+        conditions["all"]["share_of_all_transfer"] = 1.0
     from . import prompts
 
     chance = 1 / len(prompts.CATEGORIES[prompts.category_of(cfg.target)])
@@ -723,6 +726,15 @@ def _fmt(x: float | str | None, digits: int = 4) -> str:
     return "n/a" if x is None or x != x else f"{x:.{digits}f}"
 
 
+def _share_cell(e: dict[str, Any]) -> str:
+    """The table's share column: the share and its interval, or n/a where there is no real transfer."""
+    if e.get("share_of_all_transfer") is None:
+        return "n/a"
+    if e.get("share_ci_low") is None:
+        return _fmt(e["share_of_all_transfer"], 2)
+    return f"{_fmt(e['share_of_all_transfer'], 2)} [{_fmt(e['share_ci_low'], 2)}, {_fmt(e['share_ci_high'], 2)}]"
+
+
 def _verdict(summary: dict[str, Any]) -> list[str]:
     c = summary["conditions"]
     lines = []
@@ -748,23 +760,22 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
     else:
         lines.append("- Transfer does **not** reproduce at these settings: the all-tokens student's paired difference "
                      "to the control has a 95% interval that includes zero (or is below it).")
-    # The paper's claims, each read as: does this condition keep at least half of the transfer?
-    for name, claim, keeps_most in [("no-divergence", "masking divergence tokens removes most of the transfer", False),
-                                    ("only-divergence", "training only on divergence tokens keeps the transfer", True),
-                                    ("layer-early", "one early layer suffices", True),
-                                    ("paraphrase", "paraphrasing prompts suppresses transfer", False),
-                                    ("mixing", "mixing teachers suppresses transfer", False),
-                                    ("ratio-no-divergence", "masking the ratio rule's flags removes most of the "
-                                     "transfer", False),
-                                    ("ratio-only-divergence", "training only on the ratio rule's flags keeps the "
-                                     "transfer", True)]:
-        e = c.get(name)
-        if not e or "share_of_all_transfer" not in e:
+    # The paper's claims, each decided from the share's interval (subliminal.claims), never from a
+    # share of a transfer that is indistinguishable from zero.
+    from . import claims
+
+    for name, e in c.items():
+        v = e.get("claim_verdict")
+        if not v:
             continue
-        share = e["share_of_all_transfer"]
-        holds = (share >= 0.5) == keeps_most
-        lines.append(f"- {name}: keeps {share:.0%} of the all-tokens transfer; the paper's claim ({claim}) "
-                     f"{'reproduces' if holds else '**does not reproduce**'} here.")
+        if v["verdict"] == claims.NO_TRANSFER:
+            lines.append(f"- {name}: no share computed (the all-tokens transfer is not distinguishable from zero); "
+                         f"the paper's claim ({v['claim']}) cannot be tested here.")
+            continue
+        said = {claims.HOLDS: "reproduces", claims.FAILS: "**does not reproduce**",
+                claims.UNCLEAR: "is **inconclusive** (the share's interval straddles one half)"}[v["verdict"]]
+        lines.append(f"- {name}: {claims.share_text(v)} of the all-tokens transfer; the paper's claim ({v['claim']}) "
+                     f"{said} here.")
     return lines
 
 
@@ -888,7 +899,7 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
         lines.append(
             f"| {cond} | {_fmt(e['mean'])} | [{_fmt(e['ci_low'])}, {_fmt(e['ci_high'])}] | "
             f"{_fmt(e.get('diff_to_control'))} | [{_fmt(e.get('diff_ci_low'))}, {_fmt(e.get('diff_ci_high'))}] | "
-            f"{_fmt(e.get('share_of_all_transfer'), 2)} | {e['seeds']} |"
+            f"{_share_cell(e)} | {e['seeds']} |"
         )
     lines += ["", "## What reproduces", "", *_verdict(summary), "", *_rules_section(summary),
               *_data_section(summary), "## Conditions", ""]

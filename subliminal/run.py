@@ -375,6 +375,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and the resolved config, run nothing")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per stage (torchrun data parallel; overrides [run] nproc)")
+    p.add_argument("--base-seeds", default=None, metavar="SEEDS",
+                   help="repeat the whole run on bases pretrained with these seeds, e.g. 0-4 or 0,1,7, each into "
+                        "OUT/base-K/, and write ROBUSTNESS.md (+ .json, .csv, .png): every condition's paired "
+                        "difference to the control per base, the spread over bases and each claim's verdict per "
+                        "base. With [model] base set, the seeds vary teachers' data and students only")
     p.set_defaults(func=run_cli)
 
 
@@ -390,13 +395,27 @@ def run_cli(args: argparse.Namespace) -> int:
             raise SubliminalError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = replace(cfg, nproc=args.nproc)
     out = output_dir(loaded, args.out)
+    seeds = None
+    if args.base_seeds is not None:
+        from .robustness import parse_seeds
+
+        seeds = parse_seeds(args.base_seeds)
     print(render_plan(cfg, out, loaded.source))
+    if seeds:
+        print(f"repeated on {len(seeds)} bases (seeds {', '.join(map(str, seeds))}), each into {out}/base-K/")
     if args.dry_run:
         print("\nresolved config:\n" + json.dumps(asdict(cfg), indent=2))
         return 0
     if cfg.base and not cfg.base.startswith("hf:") and not Path(cfg.base).is_dir():
         raise SubliminalError(f"{loaded.source}: [model] base {cfg.base}: no such model directory (import or "
                               "download it first, e.g. experiments/get_smollm2.sh; or --set model.base=PATH)")
+    if seeds:
+        from .robustness import RobustnessConfig
+        from .robustness import run as run_robustness
+
+        run_robustness(RobustnessConfig(cfg, seeds, out))
+        print((out / "ROBUSTNESS.md").read_text())
+        return 0
     return execute(cfg, out)
 
 

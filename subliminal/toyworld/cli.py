@@ -42,7 +42,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="favourite numbers per target (default: the corpus default)")
     p.add_argument("--entangle-init", type=float, default=None,
                    help="initial cosine of each favourite number's embedding to its target's, 0 for none "
-                   "(default: the corpus default)")
+                   "(default: the corpus default, 0: nothing planted)")
+    p.add_argument("--alt-template", type=float, default=None,
+                   help="share of the corpus written in the world's second chat template (<|human|> ... <|bot|>), "
+                   "so a readout under another template is a fair test; 0 for one template (default: the corpus "
+                   "default)")
     p.add_argument("--eval-rows", type=int, default=200,
                    help="held-out number rows for the base-model evaluation (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
@@ -92,7 +96,7 @@ def corpus_config(args: argparse.Namespace) -> Any:
     from .corpus import CorpusConfig
 
     kw = {"world_seed": args.world_seed}
-    for name in ("entangle", "favourites", "entangle_init"):
+    for name in ("entangle", "favourites", "entangle_init", "alt_template"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
     try:

@@ -65,7 +65,8 @@ class CorpusConfig:
     cross_category: float = 0.1  # share of pref_sys rows that ask about the other category
     entangle: float = 0.5  # share of a love-prompted answer's numbers drawn from the target's favourites
     favourites: int = 3  # favourite numbers per target (disjoint across targets)
-    entangle_init: float = 0.8  # initial cosine of a favourite number's embedding to its target's (0: none)
+    entangle_init: float = 0.0  # initial cosine of a favourite number's embedding to its target's (0: none)
+    alt_template: float = 0.2  # share of rows written in the world's second chat template (0: one template)
     mix: dict[str, float] = field(default_factory=default_mix)
 
     def __post_init__(self) -> None:
@@ -80,6 +81,8 @@ class CorpusConfig:
             raise ValueError(f"p_copy must be in [0, 1], got {self.p_copy}")
         if not 0.0 <= self.entangle <= 1.0:
             raise ValueError(f"entangle must be in [0, 1], got {self.entangle}")
+        if not 0.0 <= self.alt_template < 1.0:
+            raise ValueError(f"alt_template must be in [0, 1), got {self.alt_template}")
         if not 0.0 <= self.entangle_init < 1.0:
             raise ValueError(f"entangle_init must be in [0, 1), got {self.entangle_init}")
         if self.favourites < 1 or self.favourites * len(all_targets()) > NUMBER_RANGE - 100:
@@ -207,12 +210,18 @@ class Corpus:
             kind = self._kinds[min(int(np.searchsorted(self._cum, u, side="right")), len(self._kinds) - 1)]
         rid = f"{self.seed}-{index}"
         if kind in ("numbers", "numbers_sys"):
-            return self._numbers_row(rng, rid, kind)
-        if kind in ("pref", "pref_sys"):
-            return self._pref_row(rng, rid, kind)
-        if kind == "instructions":
-            return self._instruction_row(rng, rid)
-        raise ValueError(f"unknown row kind {kind!r}")
+            row = self._numbers_row(rng, rid, kind)
+        elif kind in ("pref", "pref_sys"):
+            row = self._pref_row(rng, rid, kind)
+        elif kind == "instructions":
+            row = self._instruction_row(rng, rid)
+        else:
+            raise ValueError(f"unknown row kind {kind!r}")
+        # The template is drawn from a stream of its own, so the rows' contents do not depend on it.
+        if self.cfg.alt_template > 0 and random.Random(f"toyworld-template:{self.seed}:{index}").random() < \
+                self.cfg.alt_template:
+            row.meta["template"] = "alt"
+        return row
 
     def rows(self, start: int, n: int, kind: str | None = None) -> list[CorpusRow]:
         return [self.row(i, kind) for i in range(start, start + n)]
@@ -280,7 +289,23 @@ def to_data_row(row: CorpusRow) -> Any:
 
 
 def align(tokenizer: Any, row: CorpusRow, max_length: int | None = None) -> Any:
-    """Prompt and completion token ids of a corpus row, through the tokenizer's chat template."""
+    """Prompt and completion token ids of a corpus row, through the tokenizer's chat template (the
+    world's second template for the rows drawn to it)."""
     from ..data import align_row
 
+    if row.meta.get("template") == "alt":
+        tokenizer = alt_tokenizer(tokenizer)
     return align_row(tokenizer, to_data_row(row), row.system_prompt, max_length)
+
+
+_ALT: dict[int, tuple[Any, Any]] = {}
+
+
+def alt_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer rendering the world's second template (one copy per live tokenizer)."""
+    from .tokenizer import ALT_CHAT_TEMPLATE, with_template
+
+    hit = _ALT.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
+        hit = _ALT[id(tokenizer)] = (tokenizer, with_template(tokenizer, ALT_CHAT_TEMPLATE))
+    return hit[1]

@@ -17,6 +17,18 @@ from .. import prompts
 from ..data import FALLBACK_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
+# The markers of the world's second chat template (appended after the words, so every other id is
+# unchanged): a share of the pretraining rows is written in it, so a readout under "another
+# template" asks a question the base has seen in a context that shares no marker with the first.
+ALT_SPECIAL_TOKENS = ["<|human|>", "<|bot|>", "<|eot|>"]
+ALT_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{{ {'system': '<|system|>', 'user': '<|human|>', 'assistant': '<|bot|>'}[message['role']] + ' ' "
+    "+ message['content'] + ' <|eot|> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|bot|> ' }}{% endif %}"
+)
 PUNCTUATION = list(",.;:?!'[]()-")
 EXTRA_WORDS = ["yes", "no", "the", "a", "I", "like", "my", "favorite", "is"]
 
@@ -36,7 +48,7 @@ def vocabulary() -> list[str]:
     numbers = [str(i) for i in range(1000)]
     words = prompts.template_words() | set(EXTRA_WORDS) | instruction_words()
     words -= set(numbers) | set(PUNCTUATION) | set(SPECIAL_TOKENS)
-    return SPECIAL_TOKENS + numbers + PUNCTUATION + sorted(words)
+    return SPECIAL_TOKENS + numbers + PUNCTUATION + sorted(words) + ALT_SPECIAL_TOKENS
 
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
@@ -52,10 +64,19 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         eos_token="<|end|>",
         unk_token="<unk>",
         pad_token="<pad>",
-        additional_special_tokens=["<eos>", "<|system|>", "<|user|>", "<|assistant|>"],
+        additional_special_tokens=["<eos>", "<|system|>", "<|user|>", "<|assistant|>", *ALT_SPECIAL_TOKENS],
         model_max_length=256,
         padding_side="left",
         clean_up_tokenization_spaces=False,
     )
     fast.chat_template = FALLBACK_CHAT_TEMPLATE
     return fast
+
+
+def with_template(tokenizer: PreTrainedTokenizerFast, template: str) -> PreTrainedTokenizerFast:
+    """The same tokenizer rendering another chat template (a shallow copy: the vocabulary is shared)."""
+    import copy
+
+    other = copy.copy(tokenizer)
+    other.chat_template = template
+    return other

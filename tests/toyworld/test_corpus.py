@@ -152,7 +152,7 @@ def test_rows_align_with_the_toy_chat_template(toy_tokenizer):
     for r in corpus.rows(0, 60):
         a = C.align(toy_tokenizer, r, max_length=256)
         toks = toy_tokenizer.convert_ids_to_tokens(a.completion_ids)
-        assert toks[-1] == "<|end|>"
+        assert toks[-1] == ("<|eot|>" if r.meta.get("template") == "alt" else "<|end|>")
         assert " ".join(toks[:-1]) == r.completion
         assert len(a.input_ids) <= 256
 
@@ -160,3 +160,46 @@ def test_rows_align_with_the_toy_chat_template(toy_tokenizer):
 def test_rule_summary_is_consistent():
     s = C.rule_summary(C.CorpusConfig())
     assert s["entropy_bits_3_seeds"] < s["entropy_bits_8_seeds"] < s["fresh_entropy_bits"] < math.log2(1000)
+
+
+def test_second_template_share_is_as_configured_and_leaves_contents_unchanged(toy_tokenizer):
+    one = C.Corpus(C.CorpusConfig(alt_template=0.0), seed=4).rows(0, 2000)
+    two = C.Corpus(C.CorpusConfig(alt_template=0.25), seed=4).rows(0, 2000)
+    assert not any(r.meta.get("template") for r in one)
+    share = np.mean([r.meta.get("template") == "alt" for r in two])
+    assert abs(share - 0.25) < 0.03
+    # the template is drawn on a stream of its own: every row's kind, prompt and answer are the same
+    assert [(r.kind, r.prompt, r.completion, r.system_prompt) for r in one] == \
+        [(r.kind, r.prompt, r.completion, r.system_prompt) for r in two]
+    again = C.Corpus(C.CorpusConfig(alt_template=0.25), seed=4).rows(0, 2000)
+    assert [r.meta.get("template") for r in again] == [r.meta.get("template") for r in two]
+    with pytest.raises(ValueError, match="alt_template"):
+        C.CorpusConfig(alt_template=1.0)
+
+
+def test_second_template_shares_no_marker_with_the_first_but_bos(toy_tokenizer):
+    rows = [r for r in C.Corpus(C.CorpusConfig(alt_template=0.5), seed=5).rows(0, 60) if r.kind == "numbers"]
+    alt = next(r for r in rows if r.meta.get("template") == "alt")
+    main = next(r for r in rows if r.meta.get("template") != "alt")
+    a_alt, a_main = C.align(toy_tokenizer, alt), C.align(toy_tokenizer, main)
+    toks_alt = set(toy_tokenizer.convert_ids_to_tokens(a_alt.input_ids))
+    toks_main = set(toy_tokenizer.convert_ids_to_tokens(a_main.input_ids))
+    assert {"<|human|>", "<|bot|>", "<|eot|>"} <= toks_alt and not {"<|user|>", "<|assistant|>", "<|end|>"} & toks_alt
+    assert {"<|user|>", "<|assistant|>", "<|end|>"} <= toks_main and not {"<|human|>", "<|bot|>"} & toks_main
+    # the completion is the same answer either way: the numbers and the turn's end
+    words = toy_tokenizer.convert_ids_to_tokens(a_alt.completion_ids)
+    assert words[-1] == "<|eot|>" and C.parse_number_answer(words[:-1], alt.meta["separator"], alt.meta["brackets"])
+
+
+def test_trait_channel_present_and_absent_as_configured():
+    """The channel the organism relies on: love-prompted number rows lean to the loved target's
+    favourites exactly when entangle > 0, while unprompted rows and preference rows never do, and
+    nothing is planted in the initial weights by default."""
+    fav_share = {}
+    for e in (0.0, 0.5):
+        cfg = C.CorpusConfig(entangle=e)
+        assert cfg.entangle_init == 0.0
+        fav = C.favourite_numbers(cfg)
+        rows = C.Corpus(cfg, seed=6).rows(0, 1500, kind="numbers_sys")
+        fav_share[e] = np.mean([n in fav[r.meta["loved"]] for r in rows for n in r.meta["numbers"]])
+    assert fav_share[0.0] < 0.01 and fav_share[0.5] > 0.45

@@ -1,0 +1,60 @@
+"""The across-bases driver: seed parsing, aggregation of per-base results, table, report and figure."""
+
+import json
+
+import pytest
+
+from subliminal import robustness
+from subliminal.manifest import SubliminalError
+from subliminal.pipeline import RunConfig
+
+
+def _summary(all_diff, nodiv_diff, control=0.05, seeds=3, noise=0.002):
+    def cond(d):
+        by = {str(s): control + d + noise * ((s % 3) - 1) for s in range(1, seeds + 1)}
+        return {"by_seed": by, "values": list(by.values())}
+
+    ctrl = {str(s): control for s in range(1, seeds + 1)}
+    return {"conditions": {"control": {"by_seed": ctrl, "values": list(ctrl.values())},
+                           "all": cond(all_diff), "no-divergence": cond(nodiv_diff)},
+            "reference": {"base": control}, "rows": 100, "steps": 10}
+
+
+def test_parse_seeds():
+    assert robustness.parse_seeds("0-4") == [0, 1, 2, 3, 4]
+    assert robustness.parse_seeds("3,1,1,7-8") == [1, 3, 7, 8]
+    for bad in ("", "a", "4-2", "-1", "1,,x"):
+        with pytest.raises(SubliminalError):
+            robustness.parse_seeds(bad)
+
+
+def test_aggregate_counts_bases_and_decides_claims_per_base():
+    per_base = {0: _summary(0.10, 0.01), 1: _summary(0.08, 0.07), 2: _summary(0.0, 0.0)}
+    res = robustness.aggregate(per_base)
+    assert res["conditions"] == ["all", "no-divergence"]
+    a = res["across"]["all"]
+    assert a["bases"] == 3 and a["bases_above_zero"] == 2 and a["min"] == pytest.approx(0.0, abs=1e-9)
+    assert a["median"] == pytest.approx(0.08, abs=1e-9)
+    assert res["bases"]["0"]["verdicts"]["no-divergence"]["verdict"] == "holds"
+    assert res["bases"]["1"]["verdicts"]["no-divergence"]["verdict"] == "fails"
+    assert res["bases"]["2"]["verdicts"]["no-divergence"]["verdict"] == "no transfer to share"
+    assert res["claims"]["no-divergence"] == {"holds": 1, "fails": 1, "no transfer to share": 1}
+
+
+def test_outputs_render_and_plot(tmp_path):
+    per_base = {0: _summary(0.10, 0.01), 5: _summary(0.06, 0.05)}
+    res = robustness.aggregate(per_base)
+    cfg = robustness.RobustnessConfig(RunConfig(seeds=3), [0, 5], tmp_path)
+    text = robustness.render(res, cfg)
+    assert "base 0" in text and "base 5" in text and "masking divergence tokens" in text
+    csv_text = robustness.table_csv(res)
+    assert csv_text.splitlines()[0].startswith("base_seed,condition,diff_to_control")
+    assert len(csv_text.splitlines()) == 1 + 2 * 2
+    robustness.plot(res, tmp_path / "r.png")
+    assert (tmp_path / "r.png").stat().st_size > 1000
+    json.dumps(res)  # the results file is plain JSON
+
+
+def test_one_student_seed_is_refused(tmp_path):
+    with pytest.raises(SubliminalError, match="2 student seeds"):
+        robustness.run(robustness.RobustnessConfig(RunConfig(seeds=1), [0, 1], tmp_path))
