@@ -192,7 +192,7 @@ do_kernels() {
         tests/kernels/test_kernels_triton.py tests/kernels/test_kernels_fused_linear.py 2>&1 | tee "$out/cuda_tests.log"
     tests_rc=${PIPESTATUS[0]}
     local anchor t args; anchor=$(anchor_path)
-    t=$(bound 240 "$([ "$do_run" = 1 ] && echo 250 || echo 10)")  # leave the run its share of the call
+    t=$(bound 240 "$([ "$want_run" = 1 ] && echo 250 || echo 10)")  # leave the run its share of the call
     if [ -n "$anchor" ]; then args=(--anchor "$anchor" --anchor-timeout $((t * 3 / 5))); else args=(--no-anchor); fi
     timeout "$t" "$PY" benchmarks/bench_divergence.py "${args[@]}" --sweep short \
         --out "$out/BENCHMARKS.md" --json "$out/divergence.jsonl" 2>&1 | tee "$out/bench.log"
@@ -200,7 +200,7 @@ do_kernels() {
     echo "cuda tests exit $tests_rc, benchmark exit $bench_rc"
 }
 
-do_run() {
+run_protocol() {
     local gguf runs="runs/smollm2-135m-gpu"
     gguf=$(assembled_gguf) || { run_rc=3; return; }
     if [ ! -f "$BASE/manifest.json" ]; then
@@ -225,10 +225,10 @@ main() {
         -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; return ;;
     esac
     local do_k=0 a
-    do_run=0
-    [ $# = 0 ] && { do_k=1; do_run=1; }
+    want_run=0
+    [ $# = 0 ] && { do_k=1; want_run=1; }
     for a in "$@"; do
-        case "$a" in kernels) do_k=1 ;; run) do_run=1 ;; stash) ;; *) die "unknown argument $a (kernels, run, stash, --check, --prepare)" ;; esac
+        case "$a" in kernels) do_k=1 ;; run) want_run=1 ;; stash) ;; *) die "unknown argument $a (kernels, run, stash, --check, --prepare)" ;; esac
     done
     out="${OUT:-gpu-out}"
     mkdir -p "$out" && out=$(cd "$out" && pwd)
@@ -236,9 +236,9 @@ main() {
     tests_rc=0 bench_rc=0 run_rc=0
     stash_parts
     if gguf=$(assembled_gguf); then echo "model: $gguf (SHA-256 checked)"; else echo "model: not complete yet"; fi
-    if [ "$do_k" = 1 ] || [ "$do_run" = 1 ]; then setup_device; fi
+    if [ "$do_k" = 1 ] || [ "$want_run" = 1 ]; then setup_device; fi
     [ "$do_k" = 1 ] && do_kernels
-    [ "$do_run" = 1 ] && do_run
+    [ "$want_run" = 1 ] && run_protocol
     echo "gpu_session: ${SECONDS}s; cuda tests $tests_rc, benchmark $bench_rc, run $run_rc"
     [ "$tests_rc" = 0 ] && [ "$bench_rc" = 0 ] && [ "$run_rc" = 0 ]
 }
