@@ -44,7 +44,12 @@ DRY_FUSED = [(20, 130, 32)]
 GPU_SWEEP = [(1, 1024, 8, 4, 2), (1, 2048, 8, 8, 2), (1, 2048, 8, 4, 2), (1, 4096, 8, 8, 2), (1, 4096, 16, 8, 2),
              (1, 4096, 8, 16, 2), (1, 8192, 16, 16, 2), (1, 2048, 8, 8, 1), (1, 2048, 8, 8, 3),
              (12, 1024, 8, 4, 1), (12, 2048, 8, 8, 1), (12, 1024, 8, 4, 2), (12, 512, 8, 2, 1)]
+# --sweep short (benchmarks/gpu_session.sh, a bounded device call): each default and its nearest
+# neighbours (block size, warps, stages), 7 configurations instead of 13.
+GPU_SWEEP_SHORT = [(1, 2048, 8, 8, 2), (1, 4096, 8, 8, 2), (1, 2048, 8, 4, 2), (1, 4096, 16, 8, 2),
+                   (12, 1024, 8, 4, 2), (12, 1024, 8, 4, 1), (12, 2048, 8, 8, 1)]
 DRY_SWEEP = [(1, 128, 4, 4, 1), (1, 512, 8, 8, 2), (3, 64, 1, 2, 1)]
+DRY_SWEEP_SHORT = [(1, 512, 8, 8, 2), (3, 64, 1, 2, 1)]
 K_MANY = 12
 CHECK_ROWS = 64
 
@@ -63,9 +68,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vec", type=int, default=None, help="override the logits kernel's ids per lane (tuning)")
     p.add_argument("--num-warps", type=int, default=None, help="override the logits kernel's num_warps (tuning)")
     p.add_argument("--num-stages", type=int, default=None, help="override the logits kernel's num_stages (tuning)")
-    p.add_argument("--sweep", action="store_true",
+    p.add_argument("--sweep", nargs="?", const="full", default=None, choices=["full", "short"],
                    help="also time the logits kernel (no JS, largest shape, K = 1 and 12) for several launch "
-                        "configurations (BLOCK_V, VEC, num_warps, num_stages)")
+                        "configurations (BLOCK_V, VEC, num_warps, num_stages); 'short': each default and its "
+                        "nearest neighbours only")
     return p.parse_args(argv)
 
 
@@ -225,7 +231,8 @@ def bench_sweep(rows: list[dict], args: argparse.Namespace, device: str, bw: flo
     from subliminal.kernels.divergence_triton import divergence_stats_triton
 
     n, v = (GPU_LOGIT_SHAPES if device == "cuda" else DRY_LOGIT_SHAPES)[-1]
-    plan = GPU_SWEEP if device == "cuda" else DRY_SWEEP
+    short = args.sweep == "short"
+    plan = (GPU_SWEEP_SHORT if short else GPU_SWEEP) if device == "cuda" else (DRY_SWEEP_SHORT if short else DRY_SWEEP)
     for k in sorted({p[0] for p in plan}):
         nk = n if k == 1 else (GPU_K_SHAPE[0] if device == "cuda" else DRY_K_SHAPE[0])
         lf, lc, tok = make_logits(nk, v, k, device, args.seed)

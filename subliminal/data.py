@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,14 +245,33 @@ def encode(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+# tokenizer -> ((eos id, vocabulary size), end ids): align_row asks once per row, and a fast
+# tokenizer's get_vocab() builds its whole vocabulary as a dict (~20-80 ms at SmolLM2's 49k tokens).
+_END_IDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def end_token_ids(tokenizer: Any) -> set[int]:
+    """The ids that end a turn: EOS and the chat templates' end-of-turn tokens the vocabulary has
+    (computed once per tokenizer; recomputed if its EOS or size changes)."""
+    key = (tokenizer.eos_token_id, len(tokenizer) if hasattr(tokenizer, "__len__") else None)
+    try:
+        cached = _END_IDS.get(tokenizer)
+    except TypeError:  # not weak-referenceable
+        cached = None
+    if cached is not None and cached[0] == key:
+        return set(cached[1])
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()
     for tok in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
-        tid = tokenizer.convert_tokens_to_ids(tok) if tok in tokenizer.get_vocab() else None
+        tid = tokenizer.convert_tokens_to_ids(tok) if tok in vocab else None
         if tid is not None and tid != tokenizer.unk_token_id:
             ids.add(int(tid))
+    try:
+        _END_IDS[tokenizer] = (key, frozenset(ids))
+    except TypeError:
+        pass
     return ids
 
 

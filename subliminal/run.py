@@ -254,6 +254,9 @@ class Stage:
     commands: int
     what: str
     flops: float | None  # forward/backward FLOPs (2N per token forward, 6N full / 4N LoRA training)
+    passes: float = 0.0  # sequential model calls (a decode step, a forward; a training step counts 4)
+    host_s: float = 0.0  # host-side work independent of the device (the number-list constraint)
+    workers: int = 1  # commands that run at once ([run] jobs for the students)
 
 
 # Token counts per row: a number prompt with its chat template, and a 10-number answer.
@@ -272,6 +275,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
                                    *([cfg.mixing_teacher] if cfg.mixing_teacher else []), "none"]))
     sources = list(dict.fromkeys([cfg.target, "none", *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]))
     seq = PROMPT_TOKENS + ANSWER_TOKENS
+    new_tokens = cfg.max_new_tokens or 2 * ANSWER_TOKENS  # decode steps per generation batch
     train_rows = min(cfg.keep_rows or rows, rows)  # at most: the filter and the matching drop some
     stages = []
     if cfg.base is None:
@@ -280,15 +284,19 @@ def plan(cfg: RunConfig) -> list[Stage]:
     if cfg.teacher_method == "finetune":
         tsteps = cfg.teacher_steps * (cfg.teacher_batch_size or 16)
         stages.append(Stage("teach", len(teachers), f"{biased} fine-tuned teachers ({cfg.teacher_steps} steps each) "
-                            "+ the unbiased one", f(biased * tsteps * 40, 6.0)))
+                            "+ the unbiased one", f(biased * tsteps * 40, 6.0),
+                            passes=biased * cfg.teacher_steps * TRAIN_STEP_PASSES))
     else:
         stages.append(Stage("teach", len(teachers), f"{biased} system-prompt teachers + the unbiased one", 0.0))
     stages.append(Stage("generate", len(sources), f"{rows} prompts x {len(sources)} teachers "
                         f"({'greedy' if cfg.greedy else f'T={cfg.temperature:g}'}, filter {cfg.filter}"
                         f"{', constrained to number lists' if cfg.constrain == 'numbers' else ''})",
-                        f(len(sources) * rows * seq)))
+                        f(len(sources) * rows * seq),
+                        passes=len(sources) * -(-rows // cfg.gen_batch_size) * (1 + new_tokens),
+                        host_s=(cfg.constrain == "numbers") * len(sources) * rows * new_tokens * CONSTRAIN_S_PER_ROW_STEP))
     stages.append(Stage("find-divergence", 1, f"<= {train_rows} rows under the target teacher and {len(cfs)} "
-                        f"counterfactuals ({', '.join(cfs)})", f((1 + len(cfs)) * train_rows * seq)))
+                        f"counterfactuals ({', '.join(cfs)})", f((1 + len(cfs)) * train_rows * seq),
+                        passes=(1 + len(cfs)) * -(-train_rows // cfg.div_batch_size)))
     if any(c.startswith("ratio-") for c in chosen):
         stages.append(Stage("reflag-divergence", 1, "the ratio rule at the paper rule's share (from stored scores)", 0))
     steps = max(1, math.ceil(cfg.epochs * -(-train_rows // cfg.batch_size)))
@@ -300,7 +308,9 @@ def plan(cfg: RunConfig) -> list[Stage]:
     stages.append(Stage("distill", students, f"{len(chosen)} conditions x {cfg.seeds} seeds, <= {steps} steps of "
                         f"{cfg.batch_size} rows each ({'full fine-tune' if cfg.student_full else f'LoRA r={cfg.student_lora_rank}'}"
                         f"{f', {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''})",
-                        None if n is None else n * (per_token * train_tokens + soft)))
+                        None if n is None else n * (per_token * train_tokens + soft),
+                        passes=students * steps * (cfg.grad_accum * (TRAIN_STEP_PASSES - 1) + 1),
+                        workers=min(cfg.jobs, students)))
     n_q = cfg.max_questions or 50
     refs = 3 + len(cfg.counterfactuals)
     exact_tokens = n_q * (EVAL_PROMPT_TOKENS + CANDIDATES * 3)
@@ -313,17 +323,46 @@ def plan(cfg: RunConfig) -> list[Stage]:
         what += (f", sampled ({n_q} x {cfg.eval_samples} for {sampled_refs} references, x {cfg.student_samples} for "
                  f"students, "
                  f"T={cfg.eval_temperature:g})")
-    stages.append(Stage("eval", refs + students, what, f(eval_tokens)))
+    exact_passes = n_q * (1 + -(-CANDIDATES // cfg.eval_batch_size))  # a prefix pass, then the candidates
+    sampled_passes = (1 + cfg.eval_max_new_tokens) * (sampled_refs * -(-n_q * cfg.eval_samples // cfg.eval_batch_size)
+                                                      + students * -(-n_q * cfg.student_samples // cfg.eval_batch_size))
+    stages.append(Stage("eval", refs + students, what, f(eval_tokens),
+                        passes=(refs + students) * exact_passes + sampled_passes,
+                        workers=min(cfg.jobs, students) if students >= refs else 1))
     if cfg.probes:
         stages.append(Stage("probe + patch", 3, f"identity and divergence probes on {cfg.probe_max_rows} rows, "
-                            f"patching on {cfg.patch_max_rows}", f(3 * cfg.probe_max_rows * seq)))
+                            f"patching on {cfg.patch_max_rows}", f(3 * cfg.probe_max_rows * seq),
+                            passes=3 * -(-cfg.probe_max_rows // 16) + 2 * cfg.patch_max_rows))
     return stages
 
 
-# Effective throughput assumed by the plan's time estimate (FLOP/s). Measured on this project's
-# 2-core CPU runs (teacher forcing and LoRA training of SmolLM2-135M in float32) and assumed for a
-# GPU (bf16 at ~35% of an H100's dense peak); the plan says which it used.
+# Effective throughput assumed by the plan's time estimate (FLOP/s). CPU: measured on this project's
+# 2-core runs (teacher forcing and LoRA training of SmolLM2-135M in float32; it includes their
+# per-call overheads). CUDA: ASSUMED, not measured on this project's code: 3.5e14 is ~44% of the
+# 790 TFLOP/s a large bf16 matmul reaches on one H200 (the device notes: 8192^3, 788 TFLOP/s), a
+# plausible share for teacher forcing and LoRA training of a 7B model. Small models never get
+# near it: their passes are launch- and Python-bound, hence the floors below.
 THROUGHPUT = {"cpu": 1.0e11, "cuda": 3.5e14}
+# ASSUMED per-pass floor on a GPU (s): an eager forward of a ~30-layer HF decoder launches ~500
+# kernels at ~10 us each; a stage takes at least its sequential passes times this. 0 on the CPU,
+# whose measured rate already includes it.
+PASS_LATENCY_S = {"cpu": 0.0, "cuda": 5e-3}
+# ASSUMED per-command cost on a GPU (s): loading a checkpoint onto the device (and saving a merged
+# student). 0 on the CPU (inside the measured rate).
+COMMAND_S = {"cpu": 0.0, "cuda": 1.0}
+TRAIN_STEP_PASSES = 4  # a training micro-batch: forward + backward (~2 forwards); +1 for the optimiser step
+# Host time of the number-list constraint per row and decode step (s): measured on this 2-core
+# machine, SmolLM2's tokenizer (59 candidate tokens), 640 row-steps: 0.09 ms.
+CONSTRAIN_S_PER_ROW_STEP = 9e-5
+
+
+def stage_seconds(st: Stage, dev: str, rate: float) -> float | None:
+    """The plan's time for one stage: its FLOPs at ``rate`` or its sequential passes at the
+    device's floor, whichever is longer, plus per-command and host costs, over its workers."""
+    if st.flops is None:
+        return None
+    device_s = max(st.flops / rate, st.passes * PASS_LATENCY_S[dev]) + st.commands * COMMAND_S[dev]
+    return (device_s + st.host_s) / max(1, st.workers)
 
 
 def render_plan(cfg: RunConfig, out: Path, source: str) -> str:
@@ -338,15 +377,22 @@ def render_plan(cfg: RunConfig, out: Path, source: str) -> str:
              f"teachers by {cfg.teacher_method}; conditions {', '.join(cfg.chosen_conditions())}",
              f"  device {cfg.device} x {cfg.nproc} process(es), dtype {cfg.dtype}, seed {cfg.base_seed}", ""]
     total = 0.0
+    seconds = 0.0
     unknown = False
     for st in stages:
-        cost = "?" if st.flops is None else f"{st.flops:.2e} FLOP, ~{_duration(st.flops / rate)}"
+        t = stage_seconds(st, dev, rate)
+        cost = "?" if st.flops is None else f"{st.flops:.2e} FLOP, ~{_duration(t or 0.0)}"
         unknown |= st.flops is None
         total += st.flops or 0.0
+        seconds += t or 0.0
         lines.append(f"  {st.name:<18} {st.commands:>4} command(s)  {st.what}  [{cost}]")
-    lines += ["", f"  total: {total:.2e} FLOP, ~{_duration(total / rate)} at an assumed {rate:.1e} FLOP/s "
-              f"({'measured 2-core CPU rate' if dev == 'cpu' else 'assumed GPU rate'}; decoding is "
-              "memory-bound, so generation and sampled eval take longer than their FLOPs say)"
+    if dev == "cpu":
+        how = (f"at a measured 2-core CPU rate of {rate:.1e} FLOP/s; decoding is memory-bound, so generation "
+               "and sampled eval take longer than their FLOPs say")
+    else:
+        how = (f"at an assumed {rate:.1e} FLOP/s or an assumed {PASS_LATENCY_S[dev] * 1e3:g} ms per sequential "
+               f"pass, whichever is longer, + {COMMAND_S[dev]:g} s per command (assumptions, not measurements)")
+    lines += ["", f"  total: {total:.2e} FLOP, ~{_duration(seconds)} {how}"
               + ("; stages marked ? have no estimate" if unknown else "")]
     return "\n".join(lines)
 

@@ -163,3 +163,46 @@ jobs = 1
     mtime = student.stat().st_mtime_ns
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     assert student.stat().st_mtime_ns == mtime
+
+
+def test_gpu_config_is_the_scaled_protocol_within_its_budget():
+    """smollm2-135m-gpu: what a public 1B reproduction needed (weights teacher, greedy constrained
+    data, thousands of rows, LoRA students, 5 seeds, both rules' masks), bf16 on cuda, and a plan
+    that stays inside the device session's ~4 minutes under the plan's own assumptions."""
+    from subliminal.run import stage_seconds
+
+    cfg = load_config("smollm2-135m-gpu").cfg
+    assert (cfg.device, cfg.dtype, cfg.teacher_method, cfg.greedy, cfg.constrain) == (
+        "cuda", "bfloat16", "finetune", True, "numbers")
+    assert cfg.n_prompts >= 2000 and cfg.seeds == 5 and not cfg.student_full and cfg.metric == "exact"
+    assert set(cfg.chosen_conditions()) == {"control", "all", "no-divergence", "only-divergence", "random-matched",
+                                            "ratio-no-divergence", "ratio-only-divergence", "ratio-random-matched"}
+    seconds = sum(stage_seconds(st, "cuda", 3.5e14) for st in plan(cfg))
+    assert 30 < seconds < 240
+    text = render_plan(cfg, Path("runs/x"), "gpu")
+    assert "134.5M parameters" in text and "40 command(s)" in text and "assumptions, not measurements" in text
+
+
+def test_gpu_config_runs_end_to_end_at_a_tiny_size_on_the_cpu(smol_model, tmp_path):
+    """The shipped GPU config itself, only shrunk (rows, steps, one seed, two questions; probes
+    off: four rows cannot hold both kinds of position) and moved to the CPU in float32: fine-tuned
+    teachers, constrained greedy data, the students of both divergence rules, sampled references,
+    the report."""
+    out = tmp_path / "run"
+    tiny = [f"model.base={smol_model}", "model.device=cpu", "model.dtype=float32", "teachers.steps=2",
+            "data.rows=4", "data.batch_size=4", "divergence.batch_size=4", "students.seeds=1",
+            "students.batch_size=2", "students.warmup_steps=0", "eval.max_questions=2", "eval.samples=2",
+            "eval.batch_size=8", "probes.enabled=false", "run.jobs=1"]
+    argv = ["run", "smollm2-135m-gpu", "--out", str(out), *(a for t in tiny for a in ("--set", t))]
+    assert main([*argv, "--dry-run"]) == 0 and not out.exists()
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["conditions"]) == load_config("smollm2-135m-gpu").cfg.chosen_conditions()
+    assert results["data"]["generations"]["owl"]["accepted"] == 4  # constrained: every answer is a list
+    assert set(results["rules"]) == {"paper", "ratio"}
+    assert results["reference_detail"]["teacher"]["sampled"]["mean"] is not None
+    man = json.loads((out / "students" / "ratio-only-divergence-s1" / "manifest.json").read_text())
+    assert man["config"]["lora_rank"] == 8 and man["config"]["mask"] == "only-divergence"
+    assert "ratio.div.jsonl" in json.dumps(man["inputs"])
+    report = (out / "REPORT.md").read_text()
+    assert "# subliminal run report: smollm2-135m-gpu" in report and "## Divergence rules side by side" in report
