@@ -216,3 +216,33 @@ def test_params_all_keeps_the_old_fingerprint(world):
     b = run_fingerprint(DistillConfig(base=str(world["base"]), data=str(world["div"]), out="x",
                                       params="template-rows"), None)
     assert "params" not in json.dumps(a["config"]) and a != b
+
+
+# ------------------------------------------------------------------------------- run configs
+
+
+def test_run_config_passes_params_to_every_condition_but_the_single_layer_ones(tmp_path):
+    from subliminal import pipeline
+    from subliminal.run import load_config, render_plan
+
+    cfg = load_config("toy", ["students.params=template-rows"]).cfg
+    assert cfg.student_params == "template-rows"
+    files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
+    plan = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
+    for cond, argv in plan.items():
+        has = argv[argv.index("--params") + 1] if "--params" in argv else None
+        assert has == (None if cond.startswith("layer-") else "template-rows"), cond
+    assert "--params template-rows" in render_plan(cfg, tmp_path / "run", "toy")
+    default = pipeline.student_plan(load_config("toy").cfg, 4, files, tmp_path / "teachers")
+    assert not any("--params" in argv for argv in default.values())
+
+
+@pytest.mark.parametrize("override,message", [
+    (["students.params=owl-rows"], "one of all, embeddings"),
+    (["students.params=bos-row", "students.full=false"], "set full = true"),
+])
+def test_bad_params_in_a_run_config_name_the_key(override, message):
+    from subliminal.run import load_config
+
+    with pytest.raises(SubliminalError, match=message):
+        load_config("toy", override)
