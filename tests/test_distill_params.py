@@ -246,3 +246,34 @@ def test_bad_params_in_a_run_config_name_the_key(override, message):
 
     with pytest.raises(SubliminalError, match=message):
         load_config("toy", override)
+
+
+def test_a_row_set_student_resumes_to_the_uninterrupted_one(world, tmp_path, monkeypatch):
+    import subliminal.distill as distill
+
+    extra = ["--params", "template-rows", "--checkpoint-every", "2", "--epochs", "2", "--max-steps", "4"]
+    full = tmp_path / "full"
+    _distill(world["base"], world["div"], full, *extra)
+    real, calls = distill.batch_loss, {"n": 0}
+
+    def stop_at_3(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # during step 3 of 4, after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(distill, "batch_loss", stop_at_3)
+    part = tmp_path / "part"
+    argv = ["distill", "--base", str(world["base"]), "--data", str(world["div"]), "--out", str(part),
+            "--batch-size", "4", "--lr", "1e-2", *extra]
+    assert main(argv) == 130
+    monkeypatch.setattr(distill, "batch_loss", real)
+    man = _distill(world["base"], world["div"], part, *extra)
+    assert man["resumed_from"] == 2
+    a, b = _weights(full), _weights(part)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    before = _weights(world["base"])
+    assert _changed_rows(before[EMB], b[EMB]) <= set(template_token_ids(world["tok"]))
+    # the checkpoint is a loadable student of the same set
+    ck = _weights(part / "checkpoint-0002")
+    assert _changed_rows(before[EMB], ck[EMB]) <= set(template_token_ids(world["tok"]))
