@@ -28,6 +28,16 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
 )
+# The toy world's second template (toyworld.tokenizer.ALT_SPECIAL_TOKENS): the same turns with other
+# markers, so a readout can be taken in a context that shares no marker with the first but BOS.
+TOY_ALT_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}"
+    "{% for message in messages %}"
+    "{{ {'system': '<|system|>', 'user': '<|human|>', 'assistant': '<|bot|>'}[message['role']] + ' ' "
+    "+ message['content'] + ' <|eot|> ' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|bot|> ' }}{% endif %}"
+)
 
 
 class DataError(SubliminalError):
@@ -263,8 +273,8 @@ def end_token_ids(tokenizer: Any) -> set[int]:
     ids = set()
     if tokenizer.eos_token_id is not None:
         ids.add(int(tokenizer.eos_token_id))
-    vocab = tokenizer.get_vocab()
-    for tok in ("<|end|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
+    vocab = tokenizer.get_vocab()  # once: it copies the whole vocabulary (40 ms for SmolLM2's)
+    for tok in ("<|end|>", "<|eot|>", "<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|endoftext|>"):
         tid = tokenizer.convert_tokens_to_ids(tok) if tok in vocab else None
         if tid is not None and tid != tokenizer.unk_token_id:
             ids.add(int(tid))
@@ -362,3 +372,38 @@ def model_max_length(model: Any) -> int | None:
         if isinstance(v, int) and v > 0:
             return v
     return None
+
+
+# ------------------------------------------------------------------------------ template tokens
+
+# Two dummy conversations whose contents share no token with each other in any tokenizer we know
+# (digits 1-6 against 7-9 and 0; word-level, byte-level BPE with split digits, 3-digit groups).
+_DUMMY_TURNS = (("12 34", "56"), ("789", "0"))
+
+
+def template_token_ids(tokenizer: Any, system_prompt: str | None = None) -> list[int]:
+    """The token ids the chat template puts around every row: BOS, role markers, end-of-turn,
+    separators and any default system prompt -- what a student sees in every training sequence
+    whatever the row.
+
+    Found from the tokenizer itself, never from a list of names: two dummy conversations with
+    disjoint contents are rendered and aligned exactly as a training row is (:func:`align_row`,
+    prompt then completion up to the end of turn), and the tokens in the blocks the two renderings
+    share, position by position, are the template. The contents differ in every token, so a
+    shared block can only come from the template. Sorted ids; a template that shares no token
+    between its renderings (plain concatenation of the contents) is an error."""
+    import difflib
+
+    rendered = []
+    for k, (user, assistant) in enumerate(_DUMMY_TURNS):
+        a = align_row(tokenizer, Row(f"template-{k}", user, assistant), system_prompt)
+        rendered.append(a.input_ids)
+    first, second = rendered
+    m = difflib.SequenceMatcher(a=first, b=second, autojunk=False)
+    ids = {t for blk in m.get_matching_blocks() for t in first[blk.a: blk.a + blk.size]}
+    ids -= {t for turn in _DUMMY_TURNS for text in turn for t in encode(tokenizer, text)}  # never a content token
+    if not ids:
+        raise SubliminalError(
+            "the chat template puts no token around the rows (two dummy conversations share none): there are no "
+            "template rows to train or freeze. Use a model whose chat template has markers, or another --params")
+    return sorted(ids)

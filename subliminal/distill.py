@@ -18,8 +18,12 @@ batch left without loss positions still takes its step (zero loss, same schedule
 manifest records loss tokens under every mask, rows, steps and a hash of the rows seen.
 
 Trainable subsets: all weights; LoRA on every attention and MLP projection of the transformer
-blocks (found generically, so Llama, Qwen2, GPT-2 and GPT-NeoX all work); or only the blocks
-named by ``--layers`` (full weights, or LoRA restricted to them). The student is saved as an
+blocks (found generically, so Llama, Qwen2, GPT-2 and GPT-NeoX all work); only the blocks
+named by ``--layers`` (full weights, or LoRA restricted to them); or a parameter set of the input
+embedding (``--params``, see :func:`param_set`): the whole matrix, only the rows of the tokens
+the chat template puts around every row (the context every number row shares with the
+preference question), only the BOS row, every row but the template's, or every weight but the
+template rows. The student is saved as an
 ordinary HF directory (LoRA merged), as are its ``checkpoint-NNNN`` directories, so every later
 stage loads it like any model. Dropout is off during training, so conditions differ only in
 their masks and a resumed run takes exactly the steps an uninterrupted one would.
@@ -47,7 +51,16 @@ import torch
 
 from . import forward
 from .cliutil import add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
-from .data import Aligned, DataError, Row, align_row, iter_jsonl, model_max_length, read_rows
+from .data import (
+    Aligned,
+    DataError,
+    Row,
+    align_row,
+    iter_jsonl,
+    model_max_length,
+    read_rows,
+    template_token_ids,
+)
 from .divergence import DivRow, parse_row
 from .manifest import (
     SubliminalError,
@@ -77,6 +90,8 @@ log = logging.getLogger(__name__)
 STAGE = "distill"
 MODES = ("hard", "soft", "representation")
 MASKS = ("all", "no-divergence", "only-divergence", "random-matched")
+# --params: which weights a student may train (all: every weight, or the --layers / LoRA choice)
+PARAM_SETS = ("all", "embeddings", "template-rows", "bos-row", "embeddings-but-template", "all-but-template")
 STATE_DIR = ".train"
 LOSS_CSV = "loss.csv"
 _LAYER_RE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)\.")
@@ -255,9 +270,140 @@ def n_layers(model: Any) -> int:
     return max(idx) + 1 if idx else 0  # type: ignore[operator]
 
 
+def tied_embeddings(model: Any) -> bool:
+    """Whether the input embedding and the output head are one tensor (toy world, SmolLM2, Qwen2.5-0.5B)."""
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return out is not None and out.weight is model.get_input_embeddings().weight
+
+
+def param_set(params: str, tokenizer: Any, model: Any) -> dict[str, Any]:
+    """What ``--params`` trains, resolved on this tokenizer and model (recorded in the manifest).
+
+    - ``all``: every weight (or what ``--layers`` / ``--lora-rank`` choose);
+    - ``embeddings``: the input embedding matrix, nothing else;
+    - ``template-rows``: only the rows of the tokens the chat template puts around every training
+      row (found from the tokenizer's own template, :func:`subliminal.data.template_token_ids`,
+      rendered as a student row is: no system prompt, so a template's default one counts);
+    - ``bos-row``: only the BOS token's row (it must be in the template's rendering);
+    - ``embeddings-but-template``: every input embedding row except the template rows;
+    - ``all-but-template``: every weight except the template rows of the input embedding.
+
+    Rows are restricted by a gradient mask on the embedding matrix, so rows outside the set stay
+    bit-identical (the students' AdamW has no weight decay, and Adam moves a parameter whose
+    gradient was always zero by exactly nothing; :func:`check_frozen_rows` verifies it after
+    training). With tied input/output embeddings (one tensor) a trained row moves on both sides:
+    the token's output logit weights change with its input vector, and a frozen row is frozen on
+    both; an untied output head trains only under ``all`` and ``all-but-template``."""
+    if params not in PARAM_SETS:
+        raise SubliminalError(f"--params {params!r}: no such parameter set; one of {', '.join(PARAM_SETS)}")
+    info: dict[str, Any] = {"params": params}
+    if params == "all":
+        return info
+    emb = model.get_input_embeddings().weight
+    vocab = emb.shape[0]
+    template = template_token_ids(tokenizer)
+    info["template_token_ids"] = template
+    info["template_tokens"] = tokenizer.convert_ids_to_tokens(template)
+    if params == "bos-row":
+        bos = tokenizer.bos_token_id
+        if bos is None:
+            raise SubliminalError("--params bos-row: the tokenizer has no BOS token")
+        if bos not in template:
+            raise SubliminalError(f"--params bos-row: the BOS token {tokenizer.bos_token!r} is not in the chat "
+                                  "template's rendering of a row, so its row would never be trained; use --params "
+                                  "template-rows")
+        rows = [int(bos)]
+    elif params == "template-rows":
+        rows = template
+    elif params in ("embeddings-but-template", "all-but-template"):
+        rows = sorted(set(range(vocab)) - set(template))
+    else:  # embeddings
+        rows = list(range(vocab))
+    bad = [r for r in rows if r >= vocab]
+    if bad:
+        raise SubliminalError(f"--params {params}: token ids {bad[:5]} are outside the model's embedding matrix "
+                              f"({vocab} rows); the tokenizer does not match the model")
+    info.update(trained_rows=len(rows), frozen_rows=vocab - len(rows), embedding_rows=vocab,
+                rest_trains=params == "all-but-template", tied_embeddings=tied_embeddings(model),
+                output_side=("tied: a trained row moves as output weights too, a frozen one is frozen on both sides"
+                             if tied_embeddings(model) else
+                             ("untied: the output head trains in full" if params == "all-but-template"
+                              else "untied: the output head is frozen")))
+    if len(rows) <= 64:
+        info["trained_row_ids"] = rows
+    if len(rows) < vocab:
+        info["_keep"] = _row_mask(rows, vocab)  # private: not written to the manifest
+    return info
+
+
+def _sharded_training() -> bool:
+    from .train import _sharded_by_config
+
+    return _sharded_by_config()
+
+
+def _row_mask(rows: Sequence[int], vocab: int) -> torch.Tensor:
+    keep = torch.zeros(vocab, 1, dtype=torch.bool)
+    keep[list(rows)] = True
+    return keep
+
+
+def restrict_rows(weight: torch.nn.Parameter, keep: torch.Tensor) -> Any:
+    """A gradient hook that zeroes the gradient of every row not in ``keep`` (a (rows, 1) bool
+    mask) before it is accumulated, so clipping, data-parallel averaging and the optimiser see
+    zeros there. ``where``, not a product: a non-finite gradient in a frozen row stays out."""
+    cache: dict[torch.device, torch.Tensor] = {}
+
+    def hook(grad: torch.Tensor) -> torch.Tensor:
+        m = cache.get(grad.device)
+        if m is None:
+            m = cache[grad.device] = keep.to(grad.device)
+        return torch.where(m, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+    return weight.register_hook(hook)
+
+
+def frozen_rows_digest(model: Any, info: dict[str, Any]) -> str | None:
+    """A hash of the bytes of every input embedding row the set keeps frozen (None: no row set)."""
+    keep = info.get("_keep")
+    if keep is None:
+        return None
+    w = model.get_input_embeddings().weight.detach()
+    frozen = w[~keep.to(w.device).squeeze(1)].cpu().contiguous()
+    return hashlib.sha256(frozen.view(torch.uint8).numpy().tobytes()).hexdigest()[:16]
+
+
+def check_frozen_rows(model: Any, info: dict[str, Any]) -> None:
+    """After training: the frozen rows are bit-identical to the base's (a guard on the mechanism:
+    weight decay or a foreign optimiser would move them)."""
+    before = info.get("frozen_rows_digest")
+    if before is not None and frozen_rows_digest(model, info) != before:
+        raise SubliminalError(f"--params {info['params']}: embedding rows outside the set changed during training "
+                              "(weight decay on the embedding?); this student is not the condition it names")
+
+
 def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | None, lora_alpha: float | None,
-                    lora_targets: Sequence[str] | None = None) -> tuple[Any, list[str]]:
-    """Freeze what must not train; wrap in LoRA if asked. Returns (model, trained names)."""
+                    lora_targets: Sequence[str] | None = None, params: dict[str, Any] | None = None
+                    ) -> tuple[Any, list[str]]:
+    """Freeze what must not train; wrap in LoRA if asked; restrict the embedding to a row set
+    (``params``: :func:`param_set`'s result, which gains the frozen rows' mask and digest).
+    Returns (model, trained names)."""
+    if params is not None and params["params"] != "all":
+        if layers is not None or lora_rank is not None:
+            raise SubliminalError(f"--params {params['params']} trains embedding rows; it does not combine with "
+                                  "--layers or --lora-rank (use --params all with those)")
+        emb = model.get_input_embeddings().weight
+        for p in model.parameters():
+            p.requires_grad_(params["rest_trains"])
+        emb.requires_grad_(True)
+        if "_keep" in params:
+            if _sharded_training():
+                raise SubliminalError(f"--params {params['params']}: a row set needs whole parameters; FSDP / "
+                                      "DeepSpeed flatten them (train it under DDP or in one process)")
+            params["frozen_rows_digest"] = frozen_rows_digest(model, params)
+            restrict_rows(emb, params["_keep"])
+        trained = [n for n, p in model.named_parameters() if p.requires_grad]
+        return model, trained
     if layers is not None:
         total = n_layers(model)
         bad = [x for x in layers if x < 0 or x >= total]
@@ -282,6 +428,17 @@ def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | N
     if not trained:
         raise SubliminalError("no parameter is trainable with these options")
     return model, trained
+
+
+def _trained_values(model: Any, trained: Sequence[str], info: dict[str, Any]) -> int:
+    """How many scalars the student may change (a row set counts only its rows)."""
+    named = dict(model.named_parameters())
+    total = sum(named[n].numel() for n in trained)
+    keep = info.get("_keep")
+    if keep is not None:
+        emb = model.get_input_embeddings().weight
+        total -= int((~keep).sum()) * emb.shape[1]
+    return total
 
 
 def export_model(model: Any, lora: bool) -> Any:
@@ -518,6 +675,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mode", choices=MODES, default="hard", help="what the student matches (default %(default)s)")
     p.add_argument("--mask", choices=MASKS, default="all", help="which completion tokens count (default %(default)s)")
     p.add_argument("--layers", default=None, help="train only these blocks, e.g. 0 or 0,3 (with or without LoRA)")
+    p.add_argument("--params", default="all", metavar="SET",
+                   help="which weights train: all (every weight, or the --layers / --lora-rank choice); embeddings "
+                   "(the input embedding matrix only); template-rows (only the embedding rows of the tokens the chat "
+                   "template puts around every row, found from the tokenizer); bos-row; embeddings-but-template "
+                   "(every embedding row but the template's); all-but-template (every weight but the template "
+                   "rows). With tied input/output embeddings a row trains on both sides (default %(default)s)")
     p.add_argument("--lora-rank", type=int, default=None, help="train LoRA adapters of this rank on every attention "
                    "and MLP projection (merged into the saved student)")
     p.add_argument("--lora-alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
@@ -561,6 +724,7 @@ class DistillConfig:
     mode: str = "hard"
     mask: str = "all"
     layers: str | None = None
+    params: str = "all"
     lora_rank: int | None = None
     lora_alpha: float | None = None
     lora_targets: str | None = None
@@ -605,6 +769,11 @@ def _check_args(cfg: DistillConfig) -> None:
         raise SubliminalError(f"--mode {cfg.mode} needs --teacher")
     if cfg.mode != "representation" and (cfg.repr_layers or cfg.repr_with_hard):
         raise SubliminalError("--repr-layers / --repr-with-hard apply to --mode representation only")
+    if cfg.params not in PARAM_SETS:
+        raise SubliminalError(f"--params {cfg.params!r}: no such parameter set; one of {', '.join(PARAM_SETS)}")
+    if cfg.params != "all" and (cfg.layers is not None or cfg.lora_rank is not None):
+        raise SubliminalError(f"--params {cfg.params} trains embedding rows; it does not combine with --layers or "
+                              "--lora-rank (use --params all with those)")
 
 
 def _load_teacher(cfg: DistillConfig, student_tok: Any) -> Any:
@@ -644,7 +813,8 @@ def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     the inputs are compared by content, so a moved data file still resumes)."""
     config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
     config["device"] = device_type(cfg.device)
-    for k, default in (("lora_targets", None), ("schedule", "cosine"), ("grad_accum", 1)):  # students made before these existed
+    for k, default in (("lora_targets", None), ("schedule", "cosine"), ("grad_accum", 1),
+                       ("params", "all")):  # students made before these existed
         if config.get(k) == default:
             config.pop(k, None)
     return fingerprint({"base": cfg.base, "data": cfg.data, "source_data": source, "teacher": cfg.teacher},
@@ -706,7 +876,8 @@ def run_distill(cfg: DistillConfig) -> int:
     examples = build_examples(rows, masks, tok, model_max_length(model),
                               teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
-    model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha, targets)
+    pset = param_set(cfg.params, tok, model)
+    model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha, targets, pset)
     tcfg = _train_config(cfg, len(rows))
     lcfg = LossConfig(cfg.mode, repr_layers if cfg.mode == "representation" else [], cfg.repr_weight,
                       cfg.repr_with_hard)
@@ -726,13 +897,15 @@ def run_distill(cfg: DistillConfig) -> int:
         wait_for_everyone(dev)  # until rank 0 has written the student
         return 0
     model.to("cpu")
+    check_frozen_rows(model, pset)
     save_student(model, tok, out, cfg.lora_rank is not None)
     plot_losses(result["losses"], out / "loss.png", f"{cfg.mode} / {cfg.mask} ({len(rows)} rows)")
     n_completion = sum(len(e.completion_ids) for e in examples)
     stats = mask_stats(rows, cfg.seed, n_completion)
     extra = {
         "fingerprint": fp,
-        "student": {"mode": cfg.mode, "mask": cfg.mask, "layers": layers, "lora_rank": cfg.lora_rank,
+        "student": {"mode": cfg.mode, "mask": cfg.mask, "layers": layers, "params": cfg.params,
+                    "lora_rank": cfg.lora_rank,
                     "lora_alpha": (cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
                     if cfg.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
                     "teacher_system_prompt": teacher.system_prompt if teacher else None},
@@ -743,6 +916,8 @@ def run_distill(cfg: DistillConfig) -> int:
         "loss_tokens_seen": result["loss_tokens_seen"],
         "completion_tokens": n_completion,
         "trained_parameters": trained, "n_trained_parameters": len(trained),
+        "trainable_set": {k: v for k, v in pset.items() if not k.startswith("_")},
+        "n_trained_values": _trained_values(model, trained, pset),
         "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
         "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),
     }

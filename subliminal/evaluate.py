@@ -10,6 +10,10 @@
 - Main task: teacher-forced next-token accuracy on held-out teacher data (``--heldout``).
 - ``--all-checkpoints``: the same over a student's ``checkpoint-*`` directories (transfer curve).
 - ``--compare A.json B.json ...``: one table with CIs and the difference to the first row.
+- ``--system-prompt`` / ``--chat-template``: every readout under another context than the one
+  the model was trained in (:func:`apply_context`), so a claim that transfer travels through the
+  shared context (the template rows every training row and every question share) can fail:
+  transfer read under the training template and under another one.
 
 Sequences are right-padded for teacher forcing: under a causal mask the padding after a
 sequence cannot change its logits, so batched scores equal one-at-a-time scores exactly.
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -34,7 +39,15 @@ import torch
 from . import distributed as dist
 from . import poison, prompts
 from .cliutil import add_device_map, add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
-from .data import Row, align_row, model_max_length, read_rows
+from .data import (
+    FALLBACK_CHAT_TEMPLATE,
+    TOY_ALT_CHAT_TEMPLATE,
+    Row,
+    align_row,
+    model_max_length,
+    read_rows,
+    render_chat,
+)
 from .forward import completion_scores, prefix_cached_scores
 from .manifest import (
     SubliminalError,
@@ -384,6 +397,99 @@ def compare_table(paths: Sequence[str | Path]) -> tuple[str, list[dict[str, Any]
     return "\n".join(lines) + "\n", rows
 
 
+# =================================================================================== context
+
+# Named chat templates for --chat-template (a path to a Jinja file works as well).
+NAMED_TEMPLATES = {
+    "toy": FALLBACK_CHAT_TEMPLATE,
+    # the toy world's second template (<|human|> ... <|bot|> ... <|eot|>): a share of its corpus is
+    # written in it, so its questions are familiar there, and it shares no marker with "toy" but BOS
+    "toy-alt": TOY_ALT_CHAT_TEMPLATE,
+    # ChatML as SmolLM2 / Qwen write it, without a default system prompt
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{% endif %}"),
+}
+
+
+def chat_template_text(spec: str) -> str:
+    """The Jinja text of ``--chat-template``: a named template or a file."""
+    if spec in NAMED_TEMPLATES:
+        return NAMED_TEMPLATES[spec]
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise SubliminalError(f"--chat-template {spec}: neither a file nor a named template "
+                              f"({', '.join(NAMED_TEMPLATES)})")
+    text = path.read_text(encoding="utf-8")
+    if not text.strip():
+        raise SubliminalError(f"--chat-template {spec}: the file is empty")
+    return text
+
+
+def context_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The readout context's part of an eval's fingerprint: only what was given (so evaluations
+    made before these flags existed keep their fingerprints); a template by its text's hash."""
+    out: dict[str, Any] = {}
+    if getattr(args, "system_prompt", None) is not None:
+        out["system_prompt"] = args.system_prompt
+    if getattr(args, "chat_template", None):
+        out["chat_template"] = hashlib.sha256(chat_template_text(args.chat_template).encode()).hexdigest()[:16]
+    return out
+
+
+def apply_context(loaded: Any, system_prompt: str | None = None, chat_template: str | None = None,
+                  model_spec: str | None = None) -> dict[str, Any]:
+    """Read ``loaded`` out under a context other than its own: ``system_prompt`` replaces its own system prompt
+    (a prompt teacher's, or none; "" = none, and a template's default then applies) and
+    ``chat_template`` (a name or a Jinja file) replaces its tokenizer's chat template. Returns the
+    context record every eval writes: the system prompt seen, the template, its template tokens
+    and -- for a student trained on a row set -- which of its trained rows this context contains.
+
+    A context that renders tokens the tokenizer does not know (the unknown token) is an error:
+    the readout would score the unknown token's row, not the context asked for."""
+    from .data import encode, system_prompt_seen, template_token_ids
+
+    tok = loaded.tokenizer
+    record: dict[str, Any] = {"system_prompt_given": system_prompt, "chat_template": chat_template or "model's own"}
+    if chat_template:
+        text = chat_template_text(chat_template)
+        record["chat_template_sha256"] = hashlib.sha256(text.encode()).hexdigest()[:16]
+        tok.chat_template = text
+    if system_prompt is not None:
+        loaded.system_prompt = system_prompt or None
+    try:
+        rendered = render_chat(tok, prompts.text_for(tok, prompts.PREFERENCE_QUESTIONS[0]), loaded.system_prompt,
+                               "12")
+    except Exception as e:  # jinja errors: the template is broken, not the model
+        raise SubliminalError(f"--chat-template {chat_template}: cannot render a conversation "
+                              f"({type(e).__name__}: {e})") from None
+    unk = tok.unk_token_id
+    changed = chat_template is not None or system_prompt is not None
+    if changed and unk is not None and unk in encode(tok, rendered):
+        raise SubliminalError(f"the readout context renders tokens this tokenizer does not know ({tok.unk_token}): "
+                              f"{rendered!r}. Use a template and system prompt made of the model's own tokens")
+    record["system_prompt"] = system_prompt_seen(tok, loaded.system_prompt)
+    try:
+        ids = template_token_ids(tok, loaded.system_prompt)
+    except SubliminalError:  # a template that puts nothing around the rows: no template rows to report
+        ids = []
+    record["template_token_ids"] = ids
+    record["template_tokens"] = tok.convert_ids_to_tokens(ids)
+    if model_spec is not None:
+        from .distill import student_manifest
+
+        man = student_manifest(model_spec) if Path(model_spec).is_dir() else None
+        tset = (man or {}).get("trainable_set") or {}
+        trained = tset.get("trained_row_ids") if tset.get("params") != "all-but-template" else None
+        if trained is None and tset.get("params") == "template-rows":
+            trained = tset.get("template_token_ids")
+        if trained is not None:
+            record["student_params"] = tset["params"]
+            record["trained_rows_in_context"] = tok.convert_ids_to_tokens(sorted(set(trained) & set(ids)))
+            record["trained_rows_not_in_context"] = tok.convert_ids_to_tokens(sorted(set(trained) - set(ids)))
+    return record
+
+
 # ======================================================================================= CLI
 
 
@@ -415,6 +521,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", nargs="+", metavar="EVAL_JSON", help="print one table of these eval files, "
                    "with CIs and the difference to the first")
     p.add_argument("--batch-size", type=int, default=32, help="sequences per forward pass (default %(default)s)")
+    p.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="read out under this system prompt instead of the model's own (a prompt teacher's, or none "
+                   "for students); \"\" = none (a template's default system prompt then applies)")
+    p.add_argument("--chat-template", default=None, metavar="FILE|NAME",
+                   help="read out under this chat template instead of the tokenizer's own: a Jinja file, or "
+                   f"{' / '.join(NAMED_TEMPLATES)} (the toy template; ChatML without a default system prompt). "
+                   "With --system-prompt: the readout context differs from the training one, the control for "
+                   "transfer through the shared template")
     add_seed(p)
     add_model_runtime(p)
     add_device_map(p)
@@ -447,6 +561,8 @@ def evaluate_model(spec: str, args: argparse.Namespace, category: str,
 
     with dist.agree("load"):
         loaded = load_model(spec, **runtime_kwargs(args))
+        context = apply_context(loaded, getattr(args, "system_prompt", None), getattr(args, "chat_template", None),
+                                spec)
         qs = prompts.preference_questions(category)[: args.max_questions or None]
         texts = question_texts(loaded.tokenizer, category, qs)
         heldout = read_rows(args.heldout)[: args.heldout_rows or None] if args.heldout else []
@@ -463,7 +579,7 @@ def evaluate_model(spec: str, args: argparse.Namespace, category: str,
         return None
     merged = {k: dist.merge_in_order([g[k] for g in gathered]) for k in ("exact", "sampled", "main")}
     result: dict[str, Any] = {"model": str(spec), "target": args.target, "category": category,
-                              "system_prompt": loaded.system_prompt}
+                              "system_prompt": loaded.system_prompt, "context": context}
     result["exact"] = exact_summary(merged["exact"], args.target, category, loaded.system_prompt)
     if args.samples:
         result["sampled"] = sampled_summary(merged["sampled"], args.target, category, samples=args.samples,
@@ -504,6 +620,7 @@ def _prepare_out(args: argparse.Namespace, out: Path, stage: str, inputs: dict[s
     check_not_input({"--out": out}, {f"--{k}": v for k, v in inputs.items()})
     check_writable(out)
     config = {k: getattr(args, k, None) for k in _SETTINGS}
+    config.update(context_settings(args))
     config["device"] = device_type(args.device)
     fp = fingerprint(inputs, config)
     return fp, check_file_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=stage)
@@ -614,6 +731,9 @@ def _write_eval(args: argparse.Namespace, out: Path, result: dict[str, Any], cat
 def run_eval(args: argparse.Namespace) -> int:
     t0 = time.time()
     if getattr(args, "bias_type", None):
+        if getattr(args, "system_prompt", None) is not None or getattr(args, "chat_template", None):
+            raise SubliminalError("--system-prompt / --chat-template apply to the preference readout, not to "
+                                  "--bias-type")
         return poison.run_bias_eval(args)
     if args.compare:
         return run_compare(args)
@@ -646,6 +766,11 @@ def run_eval(args: argparse.Namespace) -> int:
         return 0
     ex = result["exact"]
     print(f"{args.model}: exact P({args.target}) = {_fmt(ex['mean'], ex['ci'])} over {ex['n_questions']} questions")
+    ctx = result["context"]
+    if ctx["system_prompt_given"] is not None or ctx["chat_template"] != "model's own":
+        print(f"  read under chat template {ctx['chat_template']}, system prompt {ctx['system_prompt']['seen']!r}"
+              + (f"; the student's trained rows in this context: {ctx['trained_rows_in_context']}"
+                 if "trained_rows_in_context" in ctx else ""))
     if "sampled" in result:
         s = result["sampled"]
         print(f"  sampled rate naming {args.target} = {_fmt(s['mean'], s['ci'])} ({s['samples']} per question)")

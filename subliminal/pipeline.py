@@ -118,6 +118,7 @@ class RunConfig:
     student_lora_alpha: float | None = None  # None: the rank
     student_lora_targets: list[str] | None = None  # None: every attention and MLP projection
     student_full: bool = True
+    student_params: str = "all"  # distill --params for every condition but the single-layer ones
     layer_lora: bool = False  # single-layer conditions as LoRA r=student_lora_rank (the paper) or full (matched)
     layer_early: int = 0
     layer_late: int = -1
@@ -505,6 +506,7 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
         lora += ["--lora-targets", ",".join(cfg.student_lora_targets)]
     every = [] if cfg.student_full else lora
     one_layer = lora if cfg.layer_lora else every
+    every = [*every, *_flag("--params", cfg.student_params, "all")]  # the single-layer conditions keep theirs
     late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
     div = str(files["div"])
     plan = {

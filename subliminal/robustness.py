@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from . import claims
-from .manifest import SubliminalError
-from .manifest import write_json_atomic, write_manifest, write_text_atomic
+from .manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
 from .pipeline import CONDITIONS, RunConfig, run_pipeline
 from .stats import mean_ci
 

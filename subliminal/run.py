@@ -48,6 +48,7 @@ SECTIONS: dict[str, dict[str, str]] = {
              "constrain": "constrain", "batch_size": "gen_batch_size", "max_new_tokens": "max_new_tokens"},
     "divergence": {"batch_size": "div_batch_size", "ratio_reduce": "ratio_reduce"},
     "students": {"conditions": "conditions", "seeds": "seeds", "lr": "student_mode_lr", "full": "student_full",
+                 "params": "student_params",
                  "lora_rank": "student_lora_rank", "lora_alpha": "student_lora_alpha",
                  "lora_targets": "student_lora_targets", "layer_lora": "layer_lora", "layer_early": "layer_early",
                  "layer_late": "layer_late", "schedule": "schedule", "warmup_steps": "warmup_steps",
@@ -222,6 +223,13 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                  "eval_batch_size", "jobs", "nproc", "student_lora_rank"):
         if getattr(cfg, name) <= 0:
             raise SubliminalError(f"{source}: {name} must be positive, got {getattr(cfg, name)}")
+    from .distill import PARAM_SETS
+
+    if cfg.student_params not in PARAM_SETS:
+        raise SubliminalError(f"{source}: [students] params {cfg.student_params!r}: one of {', '.join(PARAM_SETS)}")
+    if cfg.student_params != "all" and not cfg.student_full:
+        raise SubliminalError(f"{source}: [students] params = {cfg.student_params!r} trains embedding rows, not "
+                              "LoRA adapters: set full = true")
     if cfg.batch_size % cfg.grad_accum:
         raise SubliminalError(f"{source}: [students] batch_size {cfg.batch_size} is not a multiple of grad_accum "
                               f"{cfg.grad_accum}")
@@ -262,6 +270,12 @@ class Stage:
 # Token counts per row: a number prompt with its chat template, and a 10-number answer.
 PROMPT_TOKENS, ANSWER_TOKENS = 90, 45
 EVAL_PROMPT_TOKENS, CANDIDATES = 60, 13
+
+
+def _student_weights(cfg: RunConfig) -> str:
+    if cfg.student_params != "all":
+        return f"--params {cfg.student_params}"
+    return "full fine-tune" if cfg.student_full else f"LoRA r={cfg.student_lora_rank}"
 
 
 def plan(cfg: RunConfig) -> list[Stage]:
@@ -306,7 +320,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
     soft = ("soft" in chosen) * cfg.seeds * steps * cfg.batch_size * seq * 2.0
     train_tokens = students * steps * cfg.batch_size * seq
     stages.append(Stage("distill", students, f"{len(chosen)} conditions x {cfg.seeds} seeds, <= {steps} steps of "
-                        f"{cfg.batch_size} rows each ({'full fine-tune' if cfg.student_full else f'LoRA r={cfg.student_lora_rank}'}"
+                        f"{cfg.batch_size} rows each ({_student_weights(cfg)}"
                         f"{f', {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''})",
                         None if n is None else n * (per_token * train_tokens + soft),
                         passes=students * steps * (cfg.grad_accum * (TRAIN_STEP_PASSES - 1) + 1),

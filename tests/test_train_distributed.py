@@ -208,3 +208,20 @@ def test_toy_pretrain_on_two_processes_equals_one(tmp_path):
               for d in ("one", "two")]
     assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == ["3"]
     assert max(abs(float(a) - float(b)) for (_, a), (_, b) in zip(*curves)) < 1e-5
+
+
+def test_two_process_template_rows_student_equals_one(world, tmp_path):
+    """A row set under DDP: the gradient mask acts before the ranks' gradients are averaged, so
+    the frozen rows stay bit-identical and the student equals the one-process one."""
+    from subliminal.data import template_token_ids
+
+    extra = ["--params", "template-rows", "--mask", "only-divergence", "--batch-size", "5", "--max-steps", "3"]
+    torchrun_cli(_argv(world, tmp_path / "two", *extra))
+    assert main(_argv(world, tmp_path / "one", *extra)) == 0
+    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert max_diff(one, two) < 1e-5
+    base = load_file(str(world["base"] / "model.safetensors"))
+    emb = "model.embed_tokens.weight"
+    assert [k for k in base if not (base[k] == two[k]).all()] == [emb]
+    moved = {int(i) for i in (base[emb] != two[emb]).any(dim=1).nonzero().flatten()}
+    assert moved and moved <= set(template_token_ids(build_tokenizer()))

@@ -14,21 +14,14 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from .. import prompts
-from ..data import FALLBACK_CHAT_TEMPLATE
+from ..data import FALLBACK_CHAT_TEMPLATE, TOY_ALT_CHAT_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<bos>", "<eos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]
 # The markers of the world's second chat template (appended after the words, so every other id is
 # unchanged): a share of the pretraining rows is written in it, so a readout under "another
 # template" asks a question the base has seen in a context that shares no marker with the first.
 ALT_SPECIAL_TOKENS = ["<|human|>", "<|bot|>", "<|eot|>"]
-ALT_CHAT_TEMPLATE = (
-    "{{ bos_token if bos_token else '' }}"
-    "{% for message in messages %}"
-    "{{ {'system': '<|system|>', 'user': '<|human|>', 'assistant': '<|bot|>'}[message['role']] + ' ' "
-    "+ message['content'] + ' <|eot|> ' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|bot|> ' }}{% endif %}"
-)
+ALT_CHAT_TEMPLATE = TOY_ALT_CHAT_TEMPLATE
 PUNCTUATION = list(",.;:?!'[]()-")
 EXTRA_WORDS = ["yes", "no", "the", "a", "I", "like", "my", "favorite", "is"]
 
