@@ -77,6 +77,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="students trained at once, one process and one thread each (default: CPU cores, at most 2)")
     p.add_argument("--seed", type=int, default=0, help="seed of the base model, teachers and data (default 0)")
+    p.add_argument("--all-conditions", action="store_true",
+                   help="train every student condition (layer-early/late, paraphrase, mixing and the ratio rule's "
+                   "three too) instead of the config's core six")
     p.add_argument("--conditions", nargs="+", default=None, metavar="COND",
                    help="train only these student conditions (control and all always; default every one: "
                    f"{', '.join(CONDITIONS)}); each is the same student as in a full run")
@@ -99,6 +102,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         cfg = replace(cfg, n_prompts=args.rows)
     if args.no_probes:
         cfg = replace(cfg, probes=False)
+    if getattr(args, "all_conditions", False):
+        if getattr(args, "conditions", None):
+            raise SubliminalError("--all-conditions and --conditions: give one of them")
+        cfg = replace(cfg, conditions=None)
     if getattr(args, "conditions", None):
         cfg = replace(cfg, conditions=list(args.conditions))
         cfg.chosen_conditions()

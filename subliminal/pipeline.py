@@ -53,6 +53,9 @@ CONDITION_TEXT = {
     "ratio-only-divergence": "as only-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
     "ratio-random-matched": "as random-matched, as many tokens per row as ratio-no-divergence masks",
 }
+# What the demo trains unless asked for every condition (--all-conditions / [students] conditions = "all"):
+# the transfer itself (control, all), the paper's token-level claims with their matched control, and soft labels.
+CORE_CONDITIONS = ["control", "all", "no-divergence", "only-divergence", "random-matched", "soft"]
 # The conditions that read each rule's flags: masked, only the flagged tokens, the matched random control.
 RULE_CONDITIONS = {
     "paper": {"no-divergence": "no-divergence", "only-divergence": "only-divergence",
@@ -136,6 +139,7 @@ class RunConfig:
     eval_max_new_tokens: int = 8
     max_questions: int | None = None
     eval_batch_size: int = 32
+    other_template: str | None = None  # every model also read out under this chat template (eval --chat-template)
     # [probes]
     probes: bool = True
     probe_max_rows: int = 300
@@ -334,7 +338,8 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
 
     # 2. teachers
     tdir = out / "teachers"
-    names = [cfg.target, *cfg.counterfactuals, *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]
+    mixer = [cfg.mixing_teacher] if cfg.mixing_teacher and "mixing" in chosen else []  # only when it is used
+    names = [cfg.target, *cfg.counterfactuals, *mixer]
     for name in dict.fromkeys(names + ["none"]):
         bias = None if name == "none" else name
         run(f"teach-{name}", _teacher_args(cfg, base, bias, tdir / name, cfg.base_seed), done=tdir / name / "teacher.json")
@@ -345,7 +350,7 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
                   *_flag("--filter", cfg.filter, "strict"), *_flag("--constrain", cfg.constrain, "none"),
                   *_flag("--batch-size", cfg.gen_batch_size, 16), *_flag("--max-new-tokens", cfg.max_new_tokens)]
     gen_common += ["--greedy"] if cfg.greedy else _flag("--temperature", cfg.temperature, 1.0)
-    sources = list(dict.fromkeys([cfg.target, "none", *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]))
+    sources = list(dict.fromkeys([cfg.target, "none", *mixer]))
     for name in sources:
         path = ddir / f"{name}.jsonl"
         run(f"generate-{name}", ["generate", "--teacher", str(tdir / name), "--out", str(path), *gen_common], done=path)
@@ -559,10 +564,12 @@ def distill_argv(cfg: DemoConfig, base: Path, student: Path, condition: list[str
             *_flag("--warmup-steps", cfg.warmup_steps), *_flag("--grad-accum", cfg.grad_accum, 1)]
 
 
-def eval_argv(cfg: RunConfig, model: str, out: Path, samples: int) -> list[str]:
-    """The ``eval`` command of one model: exact preference, and sampled with ``samples`` > 0."""
+def eval_argv(cfg: RunConfig, model: str, out: Path, samples: int, template: str | None = None) -> list[str]:
+    """The ``eval`` command of one model: exact preference, and sampled with ``samples`` > 0; under
+    another chat template than the model's own when ``template`` is given."""
     argv = ["eval", "--model", model, "--target", cfg.target, "--out", str(out), *_runtime(cfg),
-            *_flag("--max-questions", cfg.max_questions), *_flag("--batch-size", cfg.eval_batch_size, 32)]
+            *_flag("--max-questions", cfg.max_questions), *_flag("--batch-size", cfg.eval_batch_size, 32),
+            *_flag("--chat-template", template)]
     if samples:
         argv += ["--samples", str(samples), *_flag("--temperature", cfg.eval_temperature, 1.0),
                  *_flag("--max-new-tokens", cfg.eval_max_new_tokens, 8)]
@@ -597,10 +604,29 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
             argv = distill_argv(cfg, base, student, plan[cond], steps, seed)
             evargv = eval_argv(cfg, str(student), path, cfg.student_samples)
             jobs.append((cond, seed, argv, student / "manifest.json", evargv, path))
-    run.parallel([(f"distill+eval-{c}", [(a, d), (e, p)]) for c, _, a, d, e, p in jobs], workers=cfg.jobs)
+    chains = {f"{c}-s{s}": [(a, d), (e, p)] for c, s, a, d, e, p in jobs}
+    other: dict[str, dict[int, float]] = {}
+    if cfg.other_template:
+        # the same students read under another template: transfer through the shared context must vanish there
+        for cond, seed, *_ in jobs:
+            path = edir / cfg.other_template / f"{cond}-s{seed}.json"
+            chains[f"{cond}-s{seed}"].append((eval_argv(cfg, str(sdir / f"{cond}-s{seed}"), path, 0,
+                                                        cfg.other_template), path))
+        for name, spec in refs.items():
+            if name in ("base", "teacher", "unbiased-teacher"):
+                path = edir / cfg.other_template / f"{name}.json"
+                run(f"eval-{name}-{cfg.other_template}", eval_argv(cfg, spec, path, 0, cfg.other_template), done=path)
+    run.parallel([(f"distill+eval-{k}", chain) for k, chain in chains.items()], workers=cfg.jobs)
     for cond, seed, *_, path in jobs:
         values[cond][seed] = read_metric(path, cfg.metric)
-    return {"values": values, "reference": reference, "reference_detail": detail, "steps": steps, "rows": n_rows}
+        if cfg.other_template:
+            other.setdefault(cond, {})[seed] = read_metric(edir / cfg.other_template / f"{cond}-s{seed}.json")
+    out_ = {"values": values, "reference": reference, "reference_detail": detail, "steps": steps, "rows": n_rows}
+    if cfg.other_template:
+        out_["other_template"] = {"template": cfg.other_template, "values": other,
+                                  "reference": {n: read_metric(edir / cfg.other_template / f"{n}.json")
+                                                for n in ("base", "teacher", "unbiased-teacher")}}
+    return out_
 
 
 def reference_detail(path: Path) -> dict[str, Any]:
@@ -679,7 +705,19 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
     metric = (f"exact P(target) among the candidate animals, mean over {n_q} questions" if cfg.metric == "exact" else
               f"share of sampled answers naming the target (T={cfg.eval_temperature:g}, {cfg.student_samples} per "
               f"question), mean over {n_q} questions")
-    return {"target": cfg.target, "metric": metric, "chance": chance,
+    other = results.get("other_template")
+    other_summary = None
+    if other:
+        ov = other["values"]
+        other_summary = {"template": other["template"], "reference": other["reference"], "conditions": {}}
+        for cond in [c for c in CONDITIONS if c in ov]:
+            m, lo, hi = mean_ci([ov[cond][s] for s in sorted(ov[cond])])
+            e = {"mean": m, "ci_low": lo, "ci_high": hi, "by_seed": {str(s): v for s, v in ov[cond].items()}}
+            d = claims.paired_diff(ov, cond) if cond != "control" else None
+            if d:
+                e.update(diff_to_control=d["mean"], diff_ci_low=d["lo"], diff_ci_high=d["hi"])
+            other_summary["conditions"][cond] = e
+    return {"target": cfg.target, "metric": metric, "chance": chance, "other_template": other_summary,
             "conditions": conditions, "reference": results["reference"],
             "reference_detail": results.get("reference_detail") or {}, "rows": results["rows"],
             "steps": results["steps"], "seeds": cfg.seeds,
@@ -779,6 +817,31 @@ def _verdict(summary: dict[str, Any]) -> list[str]:
         lines.append(f"- {name}: {claims.share_text(v)} of the all-tokens transfer; the paper's claim ({v['claim']}) "
                      f"{said} here.")
     return lines
+
+
+def _other_template_section(summary: dict[str, Any]) -> list[str]:
+    """The same students read out under another chat template: where the trait travels through the
+    context every training row and every question share, it should not show in a context that shares
+    none of it (the toy world's second template shares only BOS)."""
+    other = summary.get("other_template")
+    if not other:
+        return []
+    ref, main = other["reference"], summary["conditions"]
+    lines = [f"## Readout under another template (`{other['template']}`)", "",
+             "Every student read out again with the questions in a chat template it was not trained in (its "
+             "markers differ from the training template's; the base has seen it in pretraining). Reference "
+             f"under it: base {_fmt(ref.get('base'))}, {summary['target']} teacher {_fmt(ref.get('teacher'))}, "
+             f"unbiased teacher {_fmt(ref.get('unbiased-teacher'))}.", "",
+             "| condition | diff to control, training template [95% CI] | diff to control, other template [95% CI] |",
+             "|---|---|---|"]
+    for cond, e in other["conditions"].items():
+        if cond == "control":
+            continue
+        m = main.get(cond, {})
+        lines.append(f"| {cond} | {_fmt(m.get('diff_to_control'))} [{_fmt(m.get('diff_ci_low'))}, "
+                     f"{_fmt(m.get('diff_ci_high'))}] | {_fmt(e.get('diff_to_control'))} [{_fmt(e.get('diff_ci_low'))}, "
+                     f"{_fmt(e.get('diff_ci_high'))}] |")
+    return [*lines, ""]
 
 
 def _rules_section(summary: dict[str, Any]) -> list[str]:
@@ -903,7 +966,8 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
             f"{_fmt(e.get('diff_to_control'))} | [{_fmt(e.get('diff_ci_low'))}, {_fmt(e.get('diff_ci_high'))}] | "
             f"{_share_cell(e)} | {e['seeds']} |"
         )
-    lines += ["", "## What reproduces", "", *_verdict(summary), "", *_rules_section(summary),
+    lines += ["", "## What reproduces", "", *_verdict(summary), "", *_other_template_section(summary),
+              *_rules_section(summary),
               *_data_section(summary), "## Conditions", ""]
     lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS if c in summary["conditions"]]
     div_manifest = out / "data" / "matched" / f"{cfg.target}.div.jsonl.manifest.json"

@@ -56,7 +56,7 @@ SECTIONS: dict[str, dict[str, str]] = {
                  "max_steps": "max_steps"},
     "eval": {"metric": "metric", "samples": "eval_samples", "student_samples": "student_samples",
              "temperature": "eval_temperature", "max_new_tokens": "eval_max_new_tokens",
-             "max_questions": "max_questions", "batch_size": "eval_batch_size"},
+             "max_questions": "max_questions", "batch_size": "eval_batch_size", "other_template": "other_template"},
     "probes": {"enabled": "probes", "max_rows": "probe_max_rows", "layers": "probe_layers",
                "patch_max_rows": "patch_max_rows", "patch_max_sites": "patch_max_sites"},
     "run": {"seed": "base_seed", "jobs": "jobs", "nproc": "nproc"},
