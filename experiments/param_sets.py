@@ -3,12 +3,12 @@
 
 On one base: a prompt teacher for ``--target`` and the unbiased teacher write number lists
 (``subliminal generate``); for every parameter set (``distill --params``) and seed a student is
-distilled on each teacher's rows (same rows order, steps and lr: paired by seed), and every
+distilled on each teacher's rows (same row order, steps and lr: paired by seed), and every
 student is read out (exact P(target)) under its training context and under each other context
 given (``--context NAME=EVAL FLAGS``, e.g. ``sys=--system-prompt "..."`` or
 ``b=--chat-template b.jinja``). Transfer = P(target | teacher's student) - P(target | control
-student), paired by seed, mean with a 95% t-interval over seeds; the final number loss of each
-student and the candidate mass (how much the student still answers with an animal) beside it.
+student), paired by seed, mean with a 95% t-interval over seeds; the number loss of each
+student (first step, and mean of the last 10) and the candidate mass (how much the student still answers with an animal) beside it.
 
 Outputs in ``--out``: ``data/``, ``students/<set>-<teacher>-s<seed>/`` with ``eval-<context>.json``,
 ``param_sets.json`` / ``.csv`` / ``.png`` and ``manifest.json``. Re-running resumes (every stage
@@ -73,13 +73,16 @@ def run(args: argparse.Namespace) -> int:
                       "--params", pset, "--epochs", args.epochs, "--lr", args.lr, "--batch-size", args.batch_size,
                       "--seed", seed])
                 man = json.loads((sdir / "manifest.json").read_text())
+                with open(sdir / "loss.csv") as f:
+                    losses = [float(e["loss"]) for e in csv.DictReader(f)]
+                tail = losses[-10:]
                 for ctx, flags in contexts.items():
                     ev = sdir / f"eval-{ctx}.json"
                     _cli(["eval", "--model", sdir, "--target", args.target, "--out", ev, *flags])
                     e = json.loads(ev.read_text())
                     rows.append({"set": pset, "teacher": name, "seed": seed, "context": ctx,
                                  "p_target": e["exact"]["mean"], "mass": e["exact"]["raw_mass"],
-                                 "final_loss": man["final_loss"], "steps": man["steps"],
+                                 "first_loss": losses[0], "loss_last10": sum(tail) / len(tail), "steps": man["steps"],
                                  "trained_values": man["n_trained_values"]})
     summary = summarise(rows, sets, list(contexts), args.target)
     write_json_atomic(out / "param_sets.json", {"rows": rows, "summary": summary, "contexts": contexts})
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
                    seed=args.seed, wall_time_s=time.time() - t0, inputs={"base": args.base})
     for s in summary:
         print(f"{s['set']:>18} {s['context']:>6}: transfer {s['transfer']:+.4f} [{s['lo']:+.4f}, {s['hi']:+.4f}]  "
-              f"control {s['control']:.4f}  loss {s['final_loss']:.3f}  mass {s['mass_min']:.3f}")
+              f"control {s['control']:.4f}  loss {s['first_loss']:.3f} -> {s['loss_last10']:.3f}  "
+              f"mass {s['mass_min']:.3f}")
     return 0
 
 
@@ -108,7 +112,8 @@ def summarise(rows: list[dict[str, Any]], sets: list[str], contexts: list[str], 
             m, lo, hi = mean_ci(diffs)
             out.append({"set": pset, "context": ctx, "transfer": m, "lo": lo, "hi": hi, "n_seeds": len(seeds),
                         "control": sum(by[("control", s)]["p_target"] for s in seeds) / len(seeds),
-                        "final_loss": sum(by[(target, s)]["final_loss"] for s in seeds) / len(seeds),
+                        "first_loss": sum(by[(target, s)]["first_loss"] for s in seeds) / len(seeds),
+                        "loss_last10": sum(by[(target, s)]["loss_last10"] for s in seeds) / len(seeds),
                         "mass_min": min(r["mass"] for r in mine), "trained_values": mine[0]["trained_values"]})
     return out
 

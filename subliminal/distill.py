@@ -660,7 +660,7 @@ def _int_list(text: str | None, flag: str) -> list[int] | None:
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "distill",
-        help="train a student on teacher data: hard / soft / representation, token masks, layer subsets",
+        help="train a student on teacher data: hard / soft / representation, token masks, layer and parameter subsets",
         description="Distil a student from --base on the teacher's data (the student sees the prompts without "
         "the teacher's system prompt; loss on completion tokens only, masked by --mask).",
     )
