@@ -294,3 +294,19 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path):
     mtime = student.stat().st_mtime_ns
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     assert student.stat().st_mtime_ns == mtime
+
+
+def test_report_of_a_null_transfer_prints_no_share(tmp_path):
+    """A transfer indistinguishable from zero gets no share anywhere in REPORT.md (the table says n/a,
+    every claim says it cannot be tested), however large the ratio of two noisy differences would be."""
+    control = {1: 0.050, 2: 0.052, 3: 0.049, 4: 0.051, 5: 0.050}
+    values = {c: dict(control) for c in pipeline.CORE_CONDITIONS}
+    values["all"] = {s: v + (0.002 if s % 2 else -0.001) for s, v in control.items()}  # CI straddles zero
+    values["only-divergence"] = {s: v + 0.02 for s, v in control.items()}  # would be a "share" of ~20x
+    cfg = pipeline.DemoConfig(seeds=5, conditions=list(pipeline.CORE_CONDITIONS))
+    s = pipeline._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3})
+    text = pipeline.render_report(cfg, s, tmp_path, {}, 1.0)
+    table = [ln for ln in text.splitlines() if ln.startswith("| only-divergence |")][0]
+    assert table.split("|")[6].strip() == "n/a"
+    assert "% of the all-tokens" not in text and "cannot be tested here" in text
+    assert "Transfer does **not** reproduce" in text

@@ -16,9 +16,12 @@ from subliminal.run import CONFIG_DIR, load_config, parse_set, plan, render_plan
 
 
 def test_the_demo_is_the_toy_config():
-    """The toy config is the RunConfig defaults, so `subliminal demo` runs the commands it ran
-    before there were configs (and gives the same numbers)."""
-    assert asdict(load_config("toy").cfg) == asdict(RunConfig())
+    """The toy config is the RunConfig defaults but for the organism's students (template rows, their
+    lr and epochs, the core six conditions) and the readout under the world's second template."""
+    toy, defaults = asdict(load_config("toy").cfg), asdict(RunConfig())
+    differ = {k for k in toy if toy[k] != defaults[k]}
+    assert differ == {"conditions", "student_params", "student_mode_lr", "epochs", "other_template"}
+    assert toy["conditions"] == pipeline.CORE_CONDITIONS and toy["student_params"] == "template-rows"
 
 
 def test_toy_stage_commands_add_no_new_flags(tmp_path):
@@ -27,10 +30,11 @@ def test_toy_stage_commands_add_no_new_flags(tmp_path):
     plan_ = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
     assert pipeline.distill_argv(cfg, Path("b"), Path("s"), plan_["all"], 100, 1) == [
         "distill", "--base", "b", "--out", "s", "--data", str(files["div"]), "--teacher", str(tmp_path / "teachers/owl"),
-        "--mode", "hard", "--mask", "all", "--epochs", "2", "--max-steps", "100", "--lr", "0.001", "--batch-size", "16",
-        "--seed", "1", "--device", "cpu"]
+        "--mode", "hard", "--mask", "all", "--params", "template-rows", "--epochs", "3", "--max-steps", "100",
+        "--lr", "0.003", "--batch-size", "16", "--seed", "1", "--device", "cpu"]
     assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0) == ["eval", "--model", "m", "--target", "owl", "--out",
                                                                "e.json", "--device", "cpu"]
+    assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0, "toy-alt")[-2:] == ["--chat-template", "toy-alt"]
     assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0) == [
         "teach", "--base", "b", "--bias", "owl", "--method", "prompt", "--out", "t", "--seed", "0", "--device", "cpu"]
 
