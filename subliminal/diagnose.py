@@ -1089,7 +1089,8 @@ def pipeline_argv(cfg: Any, out: Path, base: Path, tdir: Path, files: dict[str, 
     argv = ["diagnose", "--teacher", str(tdir / cfg.target), "--control", str(tdir / "none"),
             "--data", str(files[cfg.target]), "--control-data", str(files["none"]), "--base", str(base),
             "--divergence", *[str(files[k]) for k in ("div", "div-ratio") if k in files],
-            "--out", str(out), "--optimizer", "adam", "--lr", str(cfg.student_mode_lr), "--seed", str(cfg.base_seed),
+            "--out", str(out), "--optimizer", "adam", "--lr", str(cfg.student_mode_lr), "--validate",
+            "--seed", str(cfg.base_seed),
             "--device", cfg.device, "--batch-size", str(cfg.div_batch_size)]
     if cfg.dtype != "float32":
         argv += ["--dtype", cfg.dtype]
@@ -1170,3 +1171,24 @@ def _run_cli(args: argparse.Namespace) -> int:
     print(format_result(result))
     print(f"-> {Path(cfg.out) / OUT_JSON}")
     return 0
+
+
+def finish_diagnose_only(cfg: Any, out: Path, diagnostics: dict[str, Any] | None, timings: dict[str, float],
+                         wall: float) -> dict[str, Any]:
+    """``subliminal run --diagnose-only``: results.json and REPORT.md with the diagnostics alone
+    (the full run later rewrites both), and the run's manifest."""
+    import json
+
+    summary = {"target": cfg.target, "diagnose_only": True, "diagnostics": diagnostics, "timings_s": timings,
+               "wall_time_s": wall}
+    write_json_atomic(out / "results.json", summary, nan_as_null=True)
+    lines = [f"# subliminal run report: {cfg.name} (diagnostics only)", "",
+             f"Base: {cfg.base or 'the toy world (pretrained by the run)'}. Target: **{cfg.target}**; teachers by "
+             f"`{cfg.teacher_method}`. Stopped after the diagnostics (`--diagnose-only`): no student was trained.", "",
+             *report_section(diagnostics), "## Wall time per stage (s)", "", "| stage | seconds |", "|---|---|",
+             *[f"| {k} | {v:.1f} |" for k, v in timings.items()], f"| total | {wall:.1f} |", "", "## Config", "",
+             "```json", json.dumps(asdict(cfg), indent=2), "```", ""]
+    write_text_atomic(out / "REPORT.md", "\n".join(lines))
+    write_manifest(out, stage="run-diagnose-only", config=cfg, seed=cfg.base_seed, wall_time_s=wall,
+                   extra={"timings_s": timings})
+    return summary

@@ -345,3 +345,53 @@ def test_bad_input_is_a_named_error_exit_2(world, tmp_path, capsys, case, needle
     capsys.readouterr()
     assert cli.main(argv) == 2
     assert needle in capsys.readouterr().err
+
+
+# -------------------------------------------------------------------------------- the driver
+
+
+def test_run_diagnose_only_stops_before_any_student(smol_model, tmp_path):
+    """`subliminal run --diagnose-only` on a random model with SmolLM2's tokenizer: teachers, data,
+    divergence and the diagnostics (against the unbiased teacher, with the students' AdamW step,
+    validated), no student; REPORT.md and results.json carry the diagnostics."""
+    out = tmp_path / "run"
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+name = "tiny-diag"
+[model]
+base = "{smol_model}"
+[teachers]
+target = "owl"
+counterfactuals = ["cat"]
+mixing_teacher = ""
+method = "prompt"
+check = false
+[data]
+rows = 4
+greedy = true
+constrain = "numbers"
+max_new_tokens = 40
+[students]
+full = false
+lora_rank = 2
+[eval]
+max_questions = 2
+[run]
+jobs = 1
+""")
+    assert cli.main(["run", str(cfg), "--out", str(out), "--diagnose-only"]) == 0
+    assert not (out / "students").exists()
+    res = json.loads((out / "results.json").read_text())
+    d = res["diagnostics"]
+    assert res["diagnose_only"] and d["control"].endswith("teachers/none")
+    assert d["lean"]["teacher_rows"]["source"].startswith("stored log-probs")
+    assert set(d["lean"]["teacher_rows"]["rules"]) == {"paper", "ratio"}
+    assert d["link"]["optimizer"] == "adam" and "link_actual" in d["link"]
+    assert d["student"]["lora_rank"] == 2 and d["coverage"]["space"].startswith("adapted weights")
+    report = (out / "REPORT.md").read_text()
+    assert "## Transfer diagnostics (before any student)" in report and "lean, control's rows" in report
+    man = json.loads((out / "diagnose" / "manifest.json").read_text())
+    assert man["stage"] == "diagnose"
+    mtime = (out / "diagnose" / "diagnose.json").stat().st_mtime_ns
+    assert cli.main(["run", str(cfg), "--out", str(out), "--diagnose-only"]) == 0  # resumes: nothing redone
+    assert (out / "diagnose" / "diagnose.json").stat().st_mtime_ns == mtime
