@@ -5,7 +5,9 @@ named errors (exit 2)."""
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 import random
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from subliminal import cli
 from subliminal import diagnose as dg
 from subliminal.data import Row, write_jsonl
-from subliminal.prompts import system_prompt_for
+from subliminal.prompts import preference_questions, system_prompt_for
 from subliminal.teachers import TeacherSpec, save_teacher
 
 F64 = torch.float64
@@ -112,11 +114,13 @@ def test_lean_equals_an_explicit_float64_computation(world, tmp_path):
     cd = [a - b for x, y in zip(cowl, cnone) for a, b in zip(x, y)]
     assert lean["control_rows"]["nats_per_token"] == pytest.approx(sum(cd) / len(cd), abs=2e-6)
     # the entropy of the owl teacher's next-token distribution at those positions (T = 1)
-    scored = dg.score_rows(__import__("subliminal.models", fromlist=["load_model"]).load_model(world["t"]["owl"]),
-                           [Row(i, p, c) for i, p, c in ROWS], batch_size=2, entropy=True)
+    from subliminal.models import load_model
+
+    owl_model = load_model(world["t"]["owl"])
+    scored = dg.score_rows(owl_model, [Row(i, p, c) for i, p, c in ROWS], batch_size=2, entropy=True)
     ent = [v for s in scored for v in s.entropy]
     assert t["entropy_nats_per_token"] == pytest.approx(sum(ent) / len(ent), rel=1e-9)
-    assert 0 < t["entropy_nats_per_token"] <= torch.log(torch.tensor(float(200))).item() + 10
+    assert 0 < t["entropy_nats_per_token"] <= math.log(owl_model.model.config.vocab_size)
 
 
 def test_lean_reads_the_divergence_files_scores_and_the_rules_share(world, tmp_path):
@@ -163,7 +167,7 @@ def test_readout_is_evals_exact_preference(world):
     _, model, params = dg.student_model(world["base"], cfg)
     loaded = load_model(world["base"])
     r, g = dg.readout_gradient(model, loaded.tokenizer, params, "owl", "animal", max_questions=4, batch_size=5)
-    qs = __import__("subliminal.prompts", fromlist=["x"]).preference_questions("animal")[:4]
+    qs = preference_questions("animal")[:4]
     assert r == pytest.approx(evaluate.exact_preference(loaded, "owl", "animal", qs)["mean"], abs=1e-6)
     assert len(g) == len(params) and dg._norm(g) > 0
 
@@ -218,9 +222,9 @@ def test_lora_update_maps_to_the_merged_weights(world):
     torch.manual_seed(1)
     update = [torch.randn_like(p) * 1e-2 if ".lora_B." in n else torch.zeros_like(p) for n, p in params]
     mapped = dg.weight_space(model, params, update)
-    before = {n: p.detach().clone() for n, p in __import__("copy").deepcopy(model).merge_and_unload().named_parameters()}
+    before = {n: p.detach().clone() for n, p in copy.deepcopy(model).merge_and_unload().named_parameters()}
     dg._apply(params, update)
-    after = dict(__import__("copy").deepcopy(model).merge_and_unload().named_parameters())
+    after = dict(copy.deepcopy(model).merge_and_unload().named_parameters())
     assert mapped and all(".layers." in n for n in mapped)
     for n, d in mapped.items():
         assert torch.allclose(after[n].detach() - before[n], d, atol=1e-6), n
