@@ -330,7 +330,10 @@ def lean_values(biased: Sequence[Sequence[float]], control: Sequence[Sequence[fl
     """Per row, per token: log p_biased - log p_control (nats). A token impossible under one
     teacher has no finite ratio; it is left out and counted."""
     out, dropped = [], 0
-    for b, c in zip(biased, control):
+    for i, (b, c) in enumerate(zip(biased, control)):
+        if len(b) != len(c):
+            raise DataError(f"row {i}: the completion tokenises to {len(b)} tokens after the teacher's prompt and "
+                            f"{len(c)} after the control's; positions cannot be aligned")
         row = []
         for x, y in zip(b, c):
             v = (float(x) if x is not None else -math.inf) - (float(y) if y is not None else -math.inf)
@@ -579,30 +582,47 @@ def student_examples(rows: Sequence[Row], tokenizer: Any, max_length: int | None
     return build_examples(div_rows, [[] for _ in div_rows], tokenizer, max_length)
 
 
-def data_gradient(model: Any, examples: Sequence[Any], pad_id: int, params: ParamSet, *, batch_size: int = 8
-                  ) -> tuple[float, list[torch.Tensor], int]:
-    """(loss, gradient, tokens) of the students' hard loss over every row at once: the mean
-    cross-entropy over all completion tokens, through :func:`subliminal.distill.batch_loss`, each
-    batch weighted by its share of the tokens (so the result does not depend on ``batch_size`` up
-    to float rounding)."""
+def _batch_gradients(model: Any, examples: Sequence[Any], pad_id: int, params: ParamSet, batch_size: int
+                     ) -> Any:
+    """Per batch: (its share of the loss, its share of the gradient) of the students' hard loss over
+    every row, each batch weighted by its share of the tokens; summed they are the whole data's."""
     from .distill import LossConfig, batch_loss
 
     n_total = sum(sum(e.mask) for e in examples)
     if n_total == 0:
         raise DataError("no completion tokens to take a gradient on")
-    grads = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
-    loss_sum = 0.0
     for b in range(0, len(examples), batch_size):
         batch = examples[b:b + batch_size]
         loss, n = batch_loss(model, None, batch, LossConfig("hard"), pad_id)
         if n == 0:
             continue
         w = loss * (n / n_total)
-        loss_sum += float(w.detach())
-        for g, d in zip(grads, torch.autograd.grad(w, [p for _, p in params], allow_unused=True)):
-            if d is not None:
-                g += d.float()
+        grads = torch.autograd.grad(w, [p for _, p in params], allow_unused=True)
+        yield float(w.detach()), [torch.zeros_like(p, dtype=torch.float32) if d is None else d.float()
+                                  for d, (_, p) in zip(grads, params)], n_total
+
+
+def data_gradient(model: Any, examples: Sequence[Any], pad_id: int, params: ParamSet, *, batch_size: int = 8
+                  ) -> tuple[float, list[torch.Tensor], int]:
+    """(loss, gradient, tokens) of the students' hard loss over every row at once: the mean
+    cross-entropy over all completion tokens, through :func:`subliminal.distill.batch_loss`, each
+    batch weighted by its share of the tokens (so the result does not depend on ``batch_size`` up
+    to float rounding)."""
+    grads = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
+    loss_sum, n_total = 0.0, sum(sum(e.mask) for e in examples)
+    for loss, g, _ in _batch_gradients(model, examples, pad_id, params, batch_size):
+        loss_sum += loss
+        for acc, d in zip(grads, g):
+            acc += d
     return loss_sum, grads, n_total
+
+
+def data_gradient_dot(model: Any, examples: Sequence[Any], pad_id: int, params: ParamSet,
+                      direction: Sequence[torch.Tensor], *, batch_size: int = 8) -> float:
+    """grad(L_data) . ``direction`` over ``params`` (``direction`` = grad(R): the SGD link is ``-lr``
+    times this) without holding the data gradient: each batch's gradient is dotted and dropped.
+    With one token's loss it is that token's gradient attribution (the detectors issue)."""
+    return sum(dot(g, direction) for _, g, _ in _batch_gradients(model, examples, pad_id, params, batch_size))
 
 
 def first_update(grads: Sequence[torch.Tensor], optimizer: str, lr: float) -> list[torch.Tensor]:

@@ -185,6 +185,10 @@ def test_first_order_link_matches_the_readout_after_one_small_sgd_step(world, tm
         assert pred == pytest.approx(act, rel=0.05), side
         assert pred == pytest.approx(-cfg.lr * link[side]["grad_R_dot_grad_loss"], rel=1e-6)
     assert link["link_predicted"] == pytest.approx(link["link_actual"], rel=0.05, abs=1e-7)
+    # the dot product issue 26's per-token attribution shares, without holding the data gradient
+    ex = dg.student_examples(dg._limit(dg.read_rows(inp.data), None), gr.tokenizer, None)
+    assert dg.data_gradient_dot(gr.model, ex, gr.tokenizer.pad_token_id, gr.params, gr.g_readout, batch_size=2) \
+        == pytest.approx(link["teacher"]["grad_R_dot_grad_loss"], rel=1e-5)
     # the validation restored the student's weights
     r, _ = dg.readout_gradient(gr.model, gr.tokenizer, gr.params, "owl", "animal", max_questions=4)
     assert r == pytest.approx(gr.readout, abs=1e-7)
