@@ -334,8 +334,10 @@ def plan(cfg: RunConfig) -> list[Stage]:
 THROUGHPUT = {"cpu": 1.0e11, "cuda": 3.5e14}
 
 
-def render_plan(cfg: RunConfig, out: Path, source: str) -> str:
-    stages = plan(cfg)
+def render_plan(cfg: RunConfig, out: Path, source: str, diagnose_only: bool = False) -> str:
+    stages = plan(replace(cfg, diagnose=True) if diagnose_only else cfg)
+    if diagnose_only:  # the run stops after the diagnostics
+        stages = stages[: next(i for i, st in enumerate(stages) if st.name == "diagnose") + 1]
     n = param_count(cfg)
     dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
     rate = THROUGHPUT[dev] * (cfg.nproc if dev == "cuda" else 1)
@@ -402,7 +404,7 @@ def run_cli(args: argparse.Namespace) -> int:
             raise SubliminalError(f"--nproc must be >= 1, got {args.nproc}")
         cfg = replace(cfg, nproc=args.nproc)
     out = output_dir(loaded, args.out)
-    print(render_plan(cfg, out, loaded.source))
+    print(render_plan(cfg, out, loaded.source, diagnose_only=args.diagnose_only))
     if args.dry_run:
         print("\nresolved config:\n" + json.dumps(asdict(cfg), indent=2))
         return 0

@@ -403,3 +403,15 @@ jobs = 1
     mtime = (out / "diagnose" / "diagnose.json").stat().st_mtime_ns
     assert cli.main(["run", str(cfg), "--out", str(out), "--diagnose-only"]) == 0  # resumes: nothing redone
     assert (out / "diagnose" / "diagnose.json").stat().st_mtime_ns == mtime
+
+
+def test_plan_of_a_diagnose_only_run_stops_at_the_diagnostics():
+    from pathlib import Path
+
+    from subliminal.run import load_config, render_plan
+
+    cfg = load_config("toy").cfg
+    full = render_plan(cfg, Path("o"), "toy")
+    only = render_plan(cfg, Path("o"), "toy", diagnose_only=True)
+    assert "diagnose" in full and "distill" in full
+    assert "diagnose" in only and "distill" not in only and "eval" not in only
