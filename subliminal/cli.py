@@ -22,6 +22,7 @@ COMMAND_MODULES = [
     "subliminal.teachers_cli",      # teach
     "subliminal.generate",          # generate
     "subliminal.divergence",        # find-divergence
+    "subliminal.diagnose",          # diagnose
     "subliminal.distill",           # distill
     "subliminal.evaluate",          # eval
     "subliminal.probes.cli",        # probe, patch, plot

@@ -130,9 +130,7 @@ def exact_logprobs(loaded: Any, candidates: Sequence[str], qs: Sequence[str], ba
     """Per question (already in the tokenizer's text), the log-probability of each candidate as a
     whole completion: the part of the exact preference a rank computes for its shard."""
     tok = loaded.tokenizer
-    max_len = model_max_length(loaded.model)
-    examples = [align_row(tok, Row(f"q{qi}-{c}", q, c), loaded.system_prompt, max_len)
-                for qi, q in enumerate(qs) for c in candidates]
+    examples = candidate_examples(loaded, candidates, qs)
     score = prefix_cached_scores if prefix_cache else completion_scores
     scores = score(loaded.model, examples, tok.pad_token_id, batch_size)
     flat = [float(s[0].sum()) for s in scores]
@@ -140,12 +138,28 @@ def exact_logprobs(loaded: Any, candidates: Sequence[str], qs: Sequence[str], ba
     return [flat[i * k:(i + 1) * k] for i in range(len(qs))]
 
 
+def candidate_examples(loaded: Any, candidates: Sequence[str], qs: Sequence[str]) -> list[Any]:
+    """The rows the exact preference scores, question-major: every candidate as the whole
+    completion of every question (already in the tokenizer's text), under the model's own system
+    prompt. Shared with the differentiable readout of ``subliminal diagnose``."""
+    tok = loaded.tokenizer
+    max_len = model_max_length(loaded.model)
+    return [align_row(tok, Row(f"q{qi}-{c}", q, c), loaded.system_prompt, max_len)
+            for qi, q in enumerate(qs) for c in candidates]
+
+
+def candidate_probs(lp: torch.Tensor) -> torch.Tensor:
+    """[Q, K] candidate log-probabilities -> the renormalised probabilities over the candidates
+    (what the exact preference averages); differentiable, so gradients of the readout use it too."""
+    return torch.softmax(lp, dim=1)
+
+
 def exact_summary(lp_rows: Sequence[Sequence[float]], target: str, category: str,
                   system_prompt: str | None) -> dict[str, Any]:
     """The exact-preference result from every question's candidate log-probabilities."""
     candidates = _check_target(target, category)
     lp = torch.tensor([list(r) for r in lp_rows], dtype=torch.float64).view(len(lp_rows), len(candidates))
-    probs = torch.softmax(lp, dim=1)
+    probs = candidate_probs(lp)
     raw = torch.exp(torch.logsumexp(lp, dim=1))
     ti = candidates.index(target)
     per_q = probs[:, ti].tolist()

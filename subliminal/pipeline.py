@@ -140,6 +140,8 @@ class RunConfig:
     max_questions: int | None = None
     eval_batch_size: int = 32
     other_template: str | None = None  # every model also read out under this chat template (eval --chat-template)
+    # [diagnose] -- transfer diagnostics right after the data (subliminal.diagnose)
+    diagnose: bool = True
     # [probes]
     probes: bool = True
     probe_max_rows: int = 300
@@ -309,10 +311,12 @@ def _runtime(cfg: RunConfig) -> list[str]:
     return ["--device", cfg.device, *_flag("--dtype", cfg.dtype, "float32")]
 
 
-def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Runner | None = None) -> dict[str, Any]:
+def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Runner | None = None,
+                 diagnose_only: bool = False) -> dict[str, Any]:
     """Every stage of the protocol in order, each skipped when its output is complete; the
     report, results.json and figures at the end. ``base`` (or ``cfg.base``) is the model the
-    teachers and students start from; without one the toy world is pretrained."""
+    teachers and students start from; without one the toy world is pretrained. ``diagnose_only``
+    stops after the transfer diagnostics, before any student."""
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
     run = runner or Runner(out, nproc=cfg.nproc)
@@ -365,6 +369,14 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
     files["div"] = div
     # 4b. the same rows flagged by the likelihood-ratio rule, as many tokens as the paper rule flags
     files["div-ratio"] = _ratio_file(cfg, run, div)
+    # 4c. transfer diagnostics (lean, link, coverage) before any student is trained
+    diagnostics = None
+    if cfg.diagnose or diagnose_only:
+        from . import diagnose
+
+        diagnostics = diagnose.pipeline_stage(cfg, run, out, base, tdir, files)
+        if diagnose_only:
+            return diagnose.finish_diagnose_only(cfg, out, diagnostics, run.timings, time.time() - t_start)
 
     # 5. derived data sets for the paraphrase and mixing conditions (same ids, same rows)
     if "paraphrase" in chosen:
@@ -384,6 +396,7 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
 
     summary = _summarise(cfg, results)
     summary["data"] = data_summary(cfg, ddir, files)
+    summary["diagnostics"] = diagnostics
     write_json_atomic(out / "results.json", summary)
     if cfg.seeds > 1:
         from subliminal.probes.plots import plot_conditions, plot_rules
@@ -966,7 +979,10 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
             f"{_fmt(e.get('diff_to_control'))} | [{_fmt(e.get('diff_ci_low'))}, {_fmt(e.get('diff_ci_high'))}] | "
             f"{_share_cell(e)} | {e['seeds']} |"
         )
+    from .diagnose import report_section
+
     lines += ["", "## What reproduces", "", *_verdict(summary), "", *_other_template_section(summary),
+              *report_section(summary.get("diagnostics")),
               *_rules_section(summary),
               *_data_section(summary), "## Conditions", ""]
     lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS if c in summary["conditions"]]

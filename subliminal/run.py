@@ -57,6 +57,7 @@ SECTIONS: dict[str, dict[str, str]] = {
     "eval": {"metric": "metric", "samples": "eval_samples", "student_samples": "student_samples",
              "temperature": "eval_temperature", "max_new_tokens": "eval_max_new_tokens",
              "max_questions": "max_questions", "batch_size": "eval_batch_size", "other_template": "other_template"},
+    "diagnose": {"enabled": "diagnose"},
     "probes": {"enabled": "probes", "max_rows": "probe_max_rows", "layers": "probe_layers",
                "patch_max_rows": "patch_max_rows", "patch_max_sites": "patch_max_sites"},
     "run": {"seed": "base_seed", "jobs": "jobs", "nproc": "nproc"},
@@ -313,6 +314,13 @@ def plan(cfg: RunConfig) -> list[Stage]:
                         passes=(1 + len(cfs)) * -(-train_rows // cfg.div_batch_size)))
     if any(c.startswith("ratio-") for c in chosen):
         stages.append(Stage("reflag-divergence", 1, "the ratio rule at the paper rule's share (from stored scores)", 0))
+    if cfg.diagnose:
+        n_q = cfg.max_questions or 50
+        readout = n_q * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
+        stages.append(Stage("diagnose", 1, "lean (3 scoring passes), link and coverage (2 data gradients, grad R, "
+                            "2 validation readouts)", None if n is None else
+                            n * (2.0 * 3 * train_rows * seq + 6.0 * (2 * train_rows * seq + 2 * readout)
+                                 + 4.0 * readout)))
     steps = max(1, math.ceil(cfg.epochs * -(-train_rows // cfg.batch_size)))
     steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
     students = len(chosen) * cfg.seeds
@@ -379,8 +387,10 @@ def stage_seconds(st: Stage, dev: str, rate: float) -> float | None:
     return (device_s + st.host_s) / max(1, st.workers)
 
 
-def render_plan(cfg: RunConfig, out: Path, source: str) -> str:
-    stages = plan(cfg)
+def render_plan(cfg: RunConfig, out: Path, source: str, diagnose_only: bool = False) -> str:
+    stages = plan(replace(cfg, diagnose=True) if diagnose_only else cfg)
+    if diagnose_only:  # the run stops after the diagnostics
+        stages = stages[: next(i for i, st in enumerate(stages) if st.name == "diagnose") + 1]
     n = param_count(cfg)
     dev = "cuda" if cfg.device.startswith("cuda") else "cpu"
     rate = THROUGHPUT[dev] * (cfg.nproc if dev == "cuda" else 1)
@@ -433,6 +443,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key, e.g. --set students.seeds=3 --set model.base=/models/qwen (repeatable)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the resolved config, run nothing")
+    p.add_argument("--diagnose-only", action="store_true",
+                   help="stop after the transfer diagnostics (teachers, data, divergence, `subliminal diagnose`): "
+                   "whether the setup can transfer, before any student is trained; REPORT.md and results.json "
+                   "hold the diagnostics")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per stage (torchrun data parallel; overrides [run] nproc)")
     p.add_argument("--base-seeds", default=None, metavar="SEEDS",
@@ -460,7 +474,9 @@ def run_cli(args: argparse.Namespace) -> int:
         from .robustness import parse_seeds
 
         seeds = parse_seeds(args.base_seeds)
-    print(render_plan(cfg, out, loaded.source))
+        if args.diagnose_only:
+            raise SubliminalError("--base-seeds and --diagnose-only: the across-bases table needs students")
+    print(render_plan(cfg, out, loaded.source, diagnose_only=args.diagnose_only))
     if seeds:
         print(f"repeated on {len(seeds)} bases (seeds {', '.join(map(str, seeds))}), each into {out}/base-K/")
     if args.dry_run:
@@ -476,14 +492,16 @@ def run_cli(args: argparse.Namespace) -> int:
         run_robustness(RobustnessConfig(cfg, seeds, out))
         print((out / "ROBUSTNESS.md").read_text())
         return 0
-    return execute(cfg, out)
+    return execute(cfg, out, diagnose_only=args.diagnose_only)
 
 
-def execute(cfg: RunConfig, out: Path) -> int:
+def execute(cfg: RunConfig, out: Path, diagnose_only: bool = False) -> int:
     from .pipeline import run_pipeline
 
-    summary = run_pipeline(cfg, out)
+    summary = run_pipeline(cfg, out, diagnose_only=diagnose_only)
     print((out / "REPORT.md").read_text())
+    if diagnose_only:
+        return 0
     all_ = summary["conditions"]["all"]
     log.info("[run] all-tokens %s = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"], all_["ci_low"],
              all_["ci_high"], out / "REPORT.md")
