@@ -116,6 +116,7 @@ class DiagnoseConfig:
     lora_alpha: float | None = None
     lora_targets: str | None = None
     param_filter: str | None = None  # regex: only trained parameters whose name matches count
+    params: str = "all"  # distill --params: the student's parameter set (embedding rows of the template, ...)
     max_rows: int | None = None
     max_questions: int | None = None
     batch_size: int = 8
@@ -496,14 +497,15 @@ def trainable_params(model: Any) -> ParamSet:
 def student_model(base: str, cfg: DiagnoseConfig) -> tuple[Any, Any, ParamSet]:
     """The student as distill builds it (the same trainable subset: every weight, ``--layers``,
     LoRA), then narrowed to the parameter names ``--param-filter`` matches."""
-    from .distill import _int_list, setup_trainable
+    from .distill import _int_list, param_set, setup_trainable
     from .models import load_model
 
     set_seed(cfg.seed)
     loaded = load_model(base, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     layers = _int_list(cfg.layers, "--layers")
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
-    model, _ = setup_trainable(loaded.model, layers, cfg.lora_rank, cfg.lora_alpha, targets)
+    pset = param_set(cfg.params, loaded.tokenizer, loaded.model)  # row sets: a gradient mask, as distill's
+    model, _ = setup_trainable(loaded.model, layers, cfg.lora_rank, cfg.lora_alpha, targets, pset)
     model.to(cfg.device if cfg.device != "auto" else forward.device_of(loaded.model))
     model.eval()
     if cfg.param_filter:
@@ -925,7 +927,7 @@ def run(cfg: DiagnoseConfig, *, progress: bool = True) -> dict[str, Any]:
                               "control_method": inp.control_method, "divergence": inp.divergence,
                               "student": {"layers": cfg.layers, "lora_rank": cfg.lora_rank,
                                           "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets,
-                                          "param_filter": cfg.param_filter},
+                                          "param_filter": cfg.param_filter, "params": cfg.params},
                               "max_rows": cfg.max_rows, "timings_s": {}}
     todo = [p for p in parts if not _part(out, p).is_file()]
     for p in parts:
@@ -1120,6 +1122,8 @@ def pipeline_argv(cfg: Any, out: Path, base: Path, tdir: Path, files: dict[str, 
             argv += ["--lora-alpha", str(cfg.student_lora_alpha)]
         if cfg.student_lora_targets:
             argv += ["--lora-targets", ",".join(cfg.student_lora_targets)]
+    if getattr(cfg, "student_params", "all") != "all":
+        argv += ["--params", cfg.student_params]
     if cfg.max_questions:
         argv += ["--max-questions", str(cfg.max_questions)]
     return argv
@@ -1174,6 +1178,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--param-filter", default=None, metavar="REGEX",
                    help="narrow the trained parameters to those whose name matches this regular expression "
                    "(e.g. 'embed' for embeddings only)")
+    p.add_argument("--params", default="all", metavar="SET",
+                   help="the student's parameter set, as distill --params (e.g. template-rows: only the chat "
+                   "template's embedding rows; default %(default)s)")
     p.add_argument("--max-rows", type=int, default=None, help="use the first N rows of each data file")
     p.add_argument("--max-questions", type=int, default=None, help="readout on the first N preference questions")
     p.add_argument("--batch-size", type=int, default=8, help="rows per forward pass (default %(default)s)")

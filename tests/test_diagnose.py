@@ -173,9 +173,10 @@ def test_readout_is_evals_exact_preference(world):
 
 
 def test_first_order_link_matches_the_readout_after_one_small_sgd_step(world, tmp_path):
-    # lr 1e-2 moves R by ~1e-4 on this model; the first-order prediction must be within 5% of the
-    # actual change read by eval's own code (the second-order term is ~lr^2 and measured ~0.5%)
-    cfg = _cfg(world, tmp_path / "d", optimizer="sgd", lr=1e-2, validate=True)
+    # lr 3e-3 moves R by ~3e-5 on this model; the first-order prediction must be within 5% of the
+    # actual change read by eval's own code (the second-order term grows with lr: at 1e-2 it reached 8%
+    # on one draw of the tiny model, at 3e-3 it stays near 2%)
+    cfg = _cfg(world, tmp_path / "d", optimizer="sgd", lr=3e-3, validate=True)
     inp = dg.resolve_inputs(cfg)
     gr = dg.compute_gradients(cfg, inp)
     link = dg.compute_link(cfg, inp, gr)
