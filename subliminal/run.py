@@ -286,9 +286,9 @@ def plan(cfg: RunConfig) -> list[Stage]:
     rows = cfg.n_prompts
     chosen = cfg.chosen_conditions()
     cfs = cfg.counterfactual_teachers()
-    teachers = list(dict.fromkeys([cfg.target, *cfg.counterfactuals,
-                                   *([cfg.mixing_teacher] if cfg.mixing_teacher else []), "none"]))
-    sources = list(dict.fromkeys([cfg.target, "none", *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]))
+    mixer = [cfg.mixing_teacher] if cfg.mixing_teacher and "mixing" in chosen else []  # as the pipeline
+    teachers = list(dict.fromkeys([cfg.target, *cfg.counterfactuals, *mixer, "none"]))
+    sources = list(dict.fromkeys([cfg.target, "none", *mixer]))
     seq = PROMPT_TOKENS + ANSWER_TOKENS
     new_tokens = cfg.max_new_tokens or 2 * ANSWER_TOKENS  # decode steps per generation batch
     train_rows = min(cfg.keep_rows or rows, rows)  # at most: the filter and the matching drop some
