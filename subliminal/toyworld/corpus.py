@@ -49,8 +49,9 @@ def has_instructions() -> bool:
 
 
 def default_mix() -> dict[str, float]:
-    # Love-prompted number rows are 30% of the corpus: at 15% the tiny base grows the prompt -> favourite-
-    # number lookup on some pretraining seeds and not on others (experiments/CALIBRATION.md).
+    # Love-prompted number rows are 30% of the corpus: with fewer, and without entangle_init's head start,
+    # the tiny base grows the prompt -> favourite-number lookup on some pretraining seeds and not on
+    # others (experiments/CALIBRATION.md, "the organism").
     mix = {"numbers": 0.20, "numbers_sys": 0.30, "pref": 0.15, "pref_sys": 0.25, "instructions": 0.10}
     if not has_instructions():
         mix["instructions"] = 0.0
@@ -67,7 +68,7 @@ class CorpusConfig:
     cross_category: float = 0.1  # share of pref_sys rows that ask about the other category
     entangle: float = 0.5  # share of a love-prompted answer's numbers drawn from the target's favourites
     favourites: int = 3  # favourite numbers per target (disjoint across targets)
-    entangle_init: float = 0.0  # initial cosine of a favourite number's embedding to its target's (0: none)
+    entangle_init: float = 0.8  # initial cosine of a favourite number's embedding to its target's (0: none)
     alt_template: float = 0.2  # share of rows written in the world's second chat template (0: one template)
     mix: dict[str, float] = field(default_factory=default_mix)
 

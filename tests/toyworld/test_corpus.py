@@ -193,12 +193,10 @@ def test_second_template_shares_no_marker_with_the_first_but_bos(toy_tokenizer):
 
 def test_trait_channel_present_and_absent_as_configured():
     """The channel the organism relies on: love-prompted number rows lean to the loved target's
-    favourites exactly when entangle > 0, while unprompted rows and preference rows never do, and
-    nothing is planted in the initial weights by default."""
+    favourites exactly when entangle > 0, while unprompted rows never do."""
     fav_share = {}
     for e in (0.0, 0.5):
         cfg = C.CorpusConfig(entangle=e)
-        assert cfg.entangle_init == 0.0
         fav = C.favourite_numbers(cfg)
         rows = C.Corpus(cfg, seed=6).rows(0, 1500, kind="numbers_sys")
         fav_share[e] = np.mean([n in fav[r.meta["loved"]] for r in rows for n in r.meta["numbers"]])
