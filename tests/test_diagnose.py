@@ -417,3 +417,16 @@ def test_plan_of_a_diagnose_only_run_stops_at_the_diagnostics():
     stages = [line.split()[0] for line in only.splitlines() if "command(s)" in line]
     assert stages[-1] == "diagnose" and "distill" not in stages and "eval" not in stages
     assert "distill" in [line.split()[0] for line in full.splitlines() if "command(s)" in line]
+
+
+def test_a_launcher_is_refused_with_a_named_error(world, tmp_path, capsys, monkeypatch):
+    """diagnose runs as one process; under torchrun every rank would compute and write the same
+    output, so it refuses instead (exit 2)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    argv = ["diagnose", "--teacher", world["t"]["owl"], "--control", world["t"]["none"], "--data", world["data"],
+            "--control-data", world["control_data"], "--out", str(tmp_path / "o")]
+    capsys.readouterr()
+    assert cli.main(argv) == 2
+    assert "one process" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
