@@ -80,6 +80,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conditions", nargs="+", default=None, metavar="COND",
                    help="train only these student conditions (control and all always; default every one: "
                    f"{', '.join(CONDITIONS)}); each is the same student as in a full run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the stages whose finished output was made with other settings (see subliminal run "
+                   "--overwrite); without it such a re-run stops before anything runs, listing them")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what a demo into --out would reuse, run and redo (and why); run nothing")
     p.set_defaults(func=run_cli)
 
 
@@ -120,7 +125,14 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    summary = run_pipeline(cfg, out, base=Path(args.base) if args.base else None)
+    base = Path(args.base) if args.base else None
+    if getattr(args, "dry_run", False):
+        from .run import print_resume_plan
+
+        print_resume_plan(cfg, out, base)
+        return 0
+    summary = run_pipeline(cfg, out, base=base, overwrite=getattr(args, "overwrite", False))
+    assert summary is not None
     print((out / "REPORT.md").read_text())
     all_ = summary["conditions"]["all"]
     log.info("[demo] all-tokens P(%s) = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"],

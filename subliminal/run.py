@@ -372,7 +372,13 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the config's out, else runs/NAME)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key, e.g. --set students.seeds=3 --set model.base=/models/qwen (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the resolved config, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the resolved config and what a run into --out would reuse, run and redo "
+                   "(and why); run nothing")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the stages whose finished output was made with other inputs or settings (each "
+                   "output is reused only when its recorded fingerprint equals what its stage would compute "
+                   "now); without it such a re-run stops before anything runs, listing them")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per stage (torchrun data parallel; overrides [run] nproc)")
     p.set_defaults(func=run_cli)
@@ -391,19 +397,37 @@ def run_cli(args: argparse.Namespace) -> int:
         cfg = replace(cfg, nproc=args.nproc)
     out = output_dir(loaded, args.out)
     print(render_plan(cfg, out, loaded.source))
+    missing = cfg.base and not cfg.base.startswith("hf:") and not Path(cfg.base).is_dir()
     if args.dry_run:
         print("\nresolved config:\n" + json.dumps(asdict(cfg), indent=2))
+        if not missing:
+            print_resume_plan(cfg, out)
         return 0
-    if cfg.base and not cfg.base.startswith("hf:") and not Path(cfg.base).is_dir():
+    if missing:
         raise SubliminalError(f"{loaded.source}: [model] base {cfg.base}: no such model directory (import or "
                               "download it first, e.g. experiments/get_smollm2.sh; or --set model.base=PATH)")
-    return execute(cfg, out)
+    return execute(cfg, out, overwrite=args.overwrite)
 
 
-def execute(cfg: RunConfig, out: Path) -> int:
+def print_resume_plan(cfg: RunConfig, out: Path, base: Path | None = None) -> None:
+    """What a run into ``out`` would do with each stage's output, and why (``--dry-run``)."""
+    from .pipeline import resume_plan
+
+    decisions = resume_plan(cfg, out, base)
+    reused = [d for d in decisions if d.action == "reuse"]
+    print(f"\nstages for {out}: {len(reused)} reused, {len(decisions) - len(reused)} to run"
+          + (" (an --overwrite run: finished outputs marked redo are replaced)"
+             if any(d.replaces for d in decisions) else ""))
+    for d in decisions:
+        if d.action != "reuse":
+            print("  " + d.line())
+
+
+def execute(cfg: RunConfig, out: Path, *, overwrite: bool = False, base: Path | None = None) -> int:
     from .pipeline import run_pipeline
 
-    summary = run_pipeline(cfg, out)
+    summary = run_pipeline(cfg, out, base, overwrite=overwrite)
+    assert summary is not None
     print((out / "REPORT.md").read_text())
     all_ = summary["conditions"]["all"]
     log.info("[run] all-tokens %s = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"], all_["ci_low"],

@@ -108,9 +108,9 @@ def test_ratio_file_flags_as_many_tokens_as_the_paper_rule(tmp_path):
     write_jsonl(div, objs)
     from subliminal.cli import main
 
-    class Run:  # the demo's runner, without its skip logic
-        def __call__(self, name, argv, done=None):
-            assert main(argv) == 0
+    class Run:  # the demo's runner, without its resume logic
+        def __call__(self, name, call, out, inputs=(), lazy=False):
+            assert main(call() if lazy else call) == 0
 
     out = pipeline._ratio_file(pipeline.DemoConfig(), Run(), div)
     assert out.name == "owl.ratio.div.jsonl"
