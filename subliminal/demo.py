@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .manifest import SubliminalError
-from .pipeline import CONDITIONS, RunConfig, run_pipeline
+from .pipeline import CONDITIONS, RunConfig, _fmt, run_pipeline
 
 log = logging.getLogger(__name__)
 DemoConfig = RunConfig
@@ -135,6 +135,6 @@ def run_cli(args: argparse.Namespace) -> int:
     assert summary is not None
     print((out / "REPORT.md").read_text())
     all_ = summary["conditions"]["all"]
-    log.info("[demo] all-tokens P(%s) = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"],
-             all_["ci_low"], all_["ci_high"], out / "REPORT.md")
+    log.info("[demo] all-tokens P(%s) = %s [%s, %s]; report: %s", cfg.target, _fmt(all_["mean"]),
+             _fmt(all_["ci_low"]), _fmt(all_["ci_high"]), out / "REPORT.md")
     return 0

@@ -78,9 +78,7 @@ class Decision:
     replaces: bool = False  # a finished output would be replaced (needs --overwrite)
 
     def line(self) -> str:
-        verb = {"reuse": "reuse", "run": "run", "resume": "resume", "replace": "redo", "after": "redo"}[self.action]
-        if self.action == "after" and not self.replaces:
-            verb = "run"
+        verb = {"reuse": "reuse", "run": "run", "resume": "resume", "replace": "redo", "after": "after"}[self.action]
         return f"{verb:<6} {self.name}: {self.why}"
 
 
@@ -88,7 +86,8 @@ def decide(name: str, call: Call, out: str | Path, upstream: str | None) -> Deci
     """The decision for one stage: after ``upstream`` when that stage is redone (in a dry run its
     output is not there yet to fingerprint), else the stage's own answer."""
     if upstream is not None:
-        return Decision(name, str(out), "after", f"its input from {upstream} is redone", replaces=has_output(out))
+        return Decision(name, str(out), "after", f"decided once {upstream} has run (its input is remade; "
+                        "redone if that changes its fingerprint)", replaces=has_output(out))
     p = plan_call(call)
     return Decision(name, str(out), p.action, p.why(), replaces=p.action == "replace")
 
@@ -103,13 +102,14 @@ class Runner:
     outputs; a stage marked ``derived`` (the report) is always remade when its inputs changed."""
 
     def __init__(self, out: Path, verbose: bool = False, nproc: int = 1, *, overwrite: bool = False,
-                 dry: bool = False):
+                 dry: bool = False, quiet: bool = False):
         self.out = out
         self.timings: dict[str, float] = {}
         self.verbose = verbose
         self.nproc = nproc
         self.overwrite = overwrite
         self.dry = dry
+        self.quiet = quiet  # decisions logged at debug level only (the check pass before a run)
         self.decisions: list[Decision] = []
         self.pending: dict[str, str] = {}  # output path -> the stage that (re)makes it in this run
 
@@ -130,7 +130,7 @@ class Runner:
                 self.pending[str(Path(p))] = d.name
         if derived:
             d.replaces = False
-        log.log(logging.DEBUG if d.action == "reuse" else logging.INFO, "[run] %s", d.line())
+        log.log(logging.DEBUG if d.action == "reuse" or self.quiet else logging.INFO, "[run] %s", d.line())
         return d
 
     def __call__(self, name: str, call: Call | Callable[[], Call], out: str | Path,
@@ -201,7 +201,7 @@ class Runner:
                  workers)
         if not todo:
             return
-        plain = [(name, [argv for _, argv, _ in chain]) for name, chain in todo]
+        plain = [(name, [(stage, argv) for stage, argv, _ in chain]) for name, chain in todo]
         bar = tqdm(total=len(plain), desc="students", unit="job")
         if workers <= 1:
             results = ((name, run_chain(chain, _default_threads(), self.overwrite)) for name, chain in plain)
@@ -234,25 +234,27 @@ def _default_threads() -> int:
     return torch.get_num_threads()
 
 
-def run_chain(chain: list[list[str]], threads: int, overwrite: bool) -> tuple[int, float, list[str], str]:
-    """Run sub-commands one after the other in a worker process (one torch thread each, so
+def run_chain(chain: list[tuple[str, list[str]]], threads: int, overwrite: bool
+              ) -> tuple[int, float, list[str], str]:
+    """Run named sub-commands one after the other in a worker process (one torch thread each, so
     workers on separate cores do not fight over them), each decided by its fingerprint once the
-    one before it has run; stop at the first failure. Returns (exit code, seconds, the failed
-    argv, an error message)."""
+    one before it has run (the first was decided, and said, by the caller); stop at the first
+    failure. Returns (exit code, seconds, the failed argv, an error message)."""
     import torch
 
     from .cli import main as cli_main
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    for argv in chain:
+    for i, (name, argv) in enumerate(chain):
         try:
             p = plan_call(argv)
         except SubliminalError as e:
             return 2, time.time() - t0, argv, str(e)
         if p.action == "reuse":
             continue
-        log.info("[run] %s %s: %s", "redo" if p.action == "replace" else p.action, p.out, p.why())
+        if i:
+            log.info("[run] %s", Decision(name, p.out, p.action, p.why()).line())
         if p.action == "replace" and not overwrite:
             return 2, time.time() - t0, argv, f"{p.out}: {p.why()}; pass --overwrite to replace it"
         rc = cli_main([*argv, *(["--overwrite"] if p.action == "replace" else [])])

@@ -222,7 +222,7 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
     a finished output that would be replaced stops the run there unless ``overwrite``. With a
     ``runner`` given, only that runner's pass runs (a dry runner: the decisions, no summary)."""
     if runner is None:
-        dry = Runner(out, nproc=cfg.nproc, overwrite=overwrite, dry=True)
+        dry = Runner(out, nproc=cfg.nproc, overwrite=overwrite, dry=True, quiet=True)
         _stages(cfg, out, base, dry)
         replaced = [d for d in dry.decisions if d.replaces]
         if replaced and not overwrite:

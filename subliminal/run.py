@@ -424,14 +424,14 @@ def print_resume_plan(cfg: RunConfig, out: Path, base: Path | None = None) -> No
 
 
 def execute(cfg: RunConfig, out: Path, *, overwrite: bool = False, base: Path | None = None) -> int:
-    from .pipeline import run_pipeline
+    from .pipeline import _fmt, run_pipeline
 
     summary = run_pipeline(cfg, out, base, overwrite=overwrite)
     assert summary is not None
     print((out / "REPORT.md").read_text())
     all_ = summary["conditions"]["all"]
-    log.info("[run] all-tokens %s = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"], all_["ci_low"],
-             all_["ci_high"], out / "REPORT.md")
+    log.info("[run] all-tokens %s = %s [%s, %s]; report: %s", cfg.target, _fmt(all_["mean"]), _fmt(all_["ci_low"]),
+             _fmt(all_["ci_high"]), out / "REPORT.md")
     return 0
 
 
