@@ -15,11 +15,13 @@ over the whole run (:attr:`Runner.dry`) collects every replacement before anythi
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Union
 
@@ -27,9 +29,55 @@ from .manifest import MANIFEST, Planned, SubliminalError, planning
 
 log = logging.getLogger(__name__)
 
-# A stage as the driver calls it: a sub-command's argv, or a function of ``overwrite`` (the
-# driver's own derived files) that makes its output through the same resume check.
-Call = Union[list[str], Callable[[bool], Any]]
+# The stages the driver calls as functions: sub-command -> "module:function" taking the stage's
+# config dataclass (whose field names are the sub-command's flags).
+STAGE_RUNS = {"distill": "subliminal.distill:run_distill"}
+
+
+def config_argv(command: str, cfg: Any) -> list[str]:
+    """The one place a command line is made from a stage config: only where a launcher needs one
+    (torchrun for ``nproc`` > 1). Every field that differs from its default becomes its flag
+    (``lora_rank`` -> ``--lora-rank``); ``overwrite`` is the caller's."""
+    argv = [command]
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        has_default = f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        if f.name == "overwrite" or (has_default and value == default) or value is None:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            if value:
+                argv.append(flag)
+            continue
+        argv += [flag, *(str(v) for v in value)] if isinstance(value, (list, tuple)) else [flag, str(value)]
+    return argv
+
+
+@dataclass
+class StageCall:
+    """A stage called as a function with its typed config: ``call(overwrite)`` runs it (returns
+    its exit status); :meth:`argv` is its command line, for a launcher."""
+
+    command: str
+    cfg: Any
+
+    def __call__(self, overwrite: bool) -> int:
+        module, fn = STAGE_RUNS[self.command].split(":")
+        return int(getattr(importlib.import_module(module), fn)(replace(self.cfg, overwrite=overwrite)) or 0)
+
+    def argv(self) -> list[str]:
+        return config_argv(self.command, self.cfg)
+
+    def __str__(self) -> str:
+        return " ".join(self.argv())
+
+
+# A stage as the driver calls it: a stage config (StageCall), a sub-command's argv (the stages not
+# yet called as functions), or a function of ``overwrite`` (the driver's own derived files)
+# that makes its output through the same resume check.
+Call = Union[StageCall, list[str], Callable[[bool], Any]]
 
 # Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
 DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval", "probe", "patch"}
@@ -47,7 +95,7 @@ def plan_call(call: Call) -> Planned:
     """The stage's own resume decision for ``call``, without running it."""
     with planning():
         try:
-            if callable(call):
+            if callable(call):  # a StageCall too: the stage run as a function
                 call(False)
             else:
                 from .cli import build_parser
@@ -149,15 +197,19 @@ class Runner:
         if overwrite and not (self.overwrite or derived):
             raise SubliminalError(f"{out}: {d.why}; pass --overwrite to replace it")
         t0 = time.time()
-        if callable(built):
+        if isinstance(built, StageCall) and not (self.nproc > 1 and built.command in DISTRIBUTED):
+            rc = built(overwrite)
+        elif callable(built) and not isinstance(built, StageCall):
             built(overwrite)
             rc = 0
         else:
-            rc = self._invoke([*built, *(["--overwrite"] if overwrite else [])])
+            argv = built.argv() if isinstance(built, StageCall) else built
+            rc = self._invoke([*argv, *(["--overwrite"] if overwrite else [])])
         self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
         if rc != 0:
-            raise SubliminalError(f"stage {name!r} failed (exit {rc}): subliminal {' '.join(built)}; fix the "
-                                  "cause and re-run the same command (finished stages are kept)")
+            shown = str(built) if isinstance(built, StageCall) else " ".join(built)
+            raise SubliminalError(f"stage {name!r} failed (exit {rc}): subliminal {shown}; fix the cause and "
+                                  "re-run the same command (finished stages are kept)")
         return True
 
     def _invoke(self, argv: list[str]) -> int:
@@ -169,7 +221,7 @@ class Runner:
             return subprocess.run(launch_argv(argv, self.nproc)).returncode
         return cli_main(argv)
 
-    def parallel(self, tasks: list[tuple[str, list[tuple[str, list[str], str]]]], workers: int) -> None:
+    def parallel(self, tasks: list[tuple[str, list[tuple[str, Call, str]]]], workers: int) -> None:
         """Independent chains of stages (a student and its evaluation) on ``workers`` processes;
         each chain is ``(name, [(stage name, argv, out), ...])``, every stage the input of the
         next; every chain is seeded on its own, so the results do not depend on ``workers``.
@@ -220,12 +272,12 @@ class Runner:
                     bar.update(1)
         bar.close()
 
-    def _record(self, name: str, rc: int, dt: float, argv: list[str], msg: str) -> None:
+    def _record(self, name: str, rc: int, dt: float, argv: str, msg: str) -> None:
         self.timings[name] = self.timings.get(name, 0.0) + dt
         if msg:
             raise SubliminalError(msg)
         if rc != 0:
-            raise SubliminalError(f"stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
+            raise SubliminalError(f"stage {name!r} failed (exit {rc}): subliminal {argv}")
 
 
 def _default_threads() -> int:
@@ -234,30 +286,34 @@ def _default_threads() -> int:
     return torch.get_num_threads()
 
 
-def run_chain(chain: list[tuple[str, list[str]]], threads: int, overwrite: bool
-              ) -> tuple[int, float, list[str], str]:
+def run_chain(chain: list[tuple[str, Call]], threads: int, overwrite: bool) -> tuple[int, float, str, str]:
     """Run named sub-commands one after the other in a worker process (one torch thread each, so
     workers on separate cores do not fight over them), each decided by its fingerprint once the
     one before it has run (the first was decided, and said, by the caller); stop at the first
-    failure. Returns (exit code, seconds, the failed argv, an error message)."""
+    failure. Returns (exit code, seconds, the failed command, an error message)."""
     import torch
 
+    from .cli import guarded
     from .cli import main as cli_main
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    for i, (name, argv) in enumerate(chain):
+    for i, (name, call) in enumerate(chain):
+        shown = str(call) if isinstance(call, StageCall) else " ".join(call)
         try:
-            p = plan_call(argv)
+            p = plan_call(call)
         except SubliminalError as e:
-            return 2, time.time() - t0, argv, str(e)
+            return 2, time.time() - t0, shown, str(e)
         if p.action == "reuse":
             continue
         if i:
             log.info("[run] %s", Decision(name, p.out, p.action, p.why()).line())
         if p.action == "replace" and not overwrite:
-            return 2, time.time() - t0, argv, f"{p.out}: {p.why()}; pass --overwrite to replace it"
-        rc = cli_main([*argv, *(["--overwrite"] if p.action == "replace" else [])])
+            return 2, time.time() - t0, shown, f"{p.out}: {p.why()}; pass --overwrite to replace it"
+        if isinstance(call, StageCall):
+            rc = guarded(call, p.action == "replace")  # the stage's own error boundary, as on the command line
+        else:
+            rc = cli_main([*call, *(["--overwrite"] if p.action == "replace" else [])])
         if rc != 0:
-            return rc, time.time() - t0, argv, ""
-    return 0, time.time() - t0, [], ""
+            return rc, time.time() - t0, shown, ""
+    return 0, time.time() - t0, "", ""

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .driver import DISTRIBUTED, Decision, Runner, launch_argv  # noqa: F401 -- the driver's runner, re-exported
+from .driver import DISTRIBUTED, Decision, Runner, StageCall, launch_argv  # noqa: F401 -- re-exported
 from .manifest import (
     SubliminalError,
     check_file_resume,
@@ -472,49 +471,50 @@ def _matched_files(ddir: Path, names: list[str], keep: int | None = None, *, ove
 # ---------------------------------------------------------------------------------- students
 
 
-def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, list[str]]:
-    """The distill arguments of each condition; everything not listed is shared by all of them."""
+def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, dict[str, Any]]:
+    """The distill settings (:class:`~subliminal.distill.DistillConfig` fields) of each condition;
+    everything not listed is shared by all of them (:func:`distill_config`)."""
     owl, none = str(tdir / cfg.target), str(tdir / "none")
-    alpha = cfg.student_lora_alpha if cfg.student_lora_alpha is not None else cfg.student_lora_rank
-    lora = ["--lora-rank", str(cfg.student_lora_rank), "--lora-alpha", str(alpha)]
-    if cfg.student_lora_targets:
-        lora += ["--lora-targets", ",".join(cfg.student_lora_targets)]
-    every = [] if cfg.student_full else lora
+    # the alpha only when the config sets it: distill derives the default (subliminal.train.lora_alpha)
+    lora = {"lora_rank": cfg.student_lora_rank, "lora_alpha": cfg.student_lora_alpha,
+            "lora_targets": ",".join(cfg.student_lora_targets) if cfg.student_lora_targets else None}
+    every: dict[str, Any] = {} if cfg.student_full else lora
     one_layer = lora if cfg.layer_lora else every
     late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
     div = str(files["div"])
+
+    def hard(data: str, mask: str = "all", teacher: str = owl) -> dict[str, Any]:
+        return {"data": data, "teacher": teacher, "mode": "hard", "mask": mask}
+
     plan = {
-        "control": ["--data", str(files["none"]), "--teacher", none, "--mode", "hard", "--mask", "all", *every],
-        "all": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", *every],
-        "no-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "no-divergence", *every],
-        "only-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "only-divergence", *every],
-        "random-matched": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "random-matched", *every],
-        "layer-early": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers",
-                        str(cfg.layer_early), *one_layer],
-        "layer-late": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers", str(late),
-                       *one_layer],
-        "soft": ["--data", div, "--teacher", owl, "--mode", "soft", "--mask", "all", *every],
-        **{f"ratio-{m}": ["--data", str(files.get("div-ratio", div)), "--teacher", owl, "--mode", "hard", "--mask", m,
-                          *every] for m in ("no-divergence", "only-divergence", "random-matched")},
+        "control": {**hard(str(files["none"]), teacher=none), **every},
+        "all": {**hard(div), **every},
+        "no-divergence": {**hard(div, "no-divergence"), **every},
+        "only-divergence": {**hard(div, "only-divergence"), **every},
+        "random-matched": {**hard(div, "random-matched"), **every},
+        "layer-early": {**hard(div), "layers": str(cfg.layer_early), **one_layer},
+        "layer-late": {**hard(div), "layers": str(late), **one_layer},
+        "soft": {**hard(div), "mode": "soft", **every},
+        **{f"ratio-{m}": {**hard(str(files.get("div-ratio", div)), m), **every}
+           for m in ("no-divergence", "only-divergence", "random-matched")},
     }
     for cond in ("paraphrase", "mixing"):  # derived data sets, made only when their condition runs
         if cond in files:
-            plan[cond] = ["--data", str(files[cond]), "--teacher", owl, "--mode", "hard", "--mask", "all", *every]
+            plan[cond] = {**hard(str(files[cond])), **every}
     return {c: plan[c] for c in CONDITIONS if c in plan}
 
 
 def _n_layers(base: Path) -> int:
-    cfg = json.loads((base / "config.json").read_text())
-    for key in ("num_hidden_layers", "n_layer"):
-        if key in cfg:
-            return int(cfg[key])
-    raise SubliminalError(f"{base}/config.json: cannot tell the number of layers")
+    from .models import layer_count_of_dir
+
+    return layer_count_of_dir(base)
 
 
 def _steps_for(cfg: DemoConfig, n_rows: int) -> int:
-    """One step count for every condition (matched), from the row count and epochs."""
-    steps = max(1, math.ceil(cfg.epochs * -(-n_rows // cfg.batch_size)))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    """One step count for every condition (matched): the count distill trains."""
+    from .distill import student_steps
+
+    return student_steps(n_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
 
 
 def read_metric(path: Path, metric: str = "exact") -> float:
@@ -525,12 +525,16 @@ def read_metric(path: Path, metric: str = "exact") -> float:
     return float(result[metric]["mean"])
 
 
-def distill_argv(cfg: DemoConfig, base: Path, student: Path, condition: list[str], steps: int, seed: int) -> list[str]:
-    """The ``distill`` command of one student: a condition's arguments plus what every condition shares."""
-    return ["distill", "--base", str(base), "--out", str(student), *condition, "--epochs", str(cfg.epochs),
-            "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
-            "--seed", str(seed), *_runtime(cfg), *_flag("--schedule", cfg.schedule, "cosine"),
-            *_flag("--warmup-steps", cfg.warmup_steps), *_flag("--grad-accum", cfg.grad_accum, 1)]
+def distill_config(cfg: DemoConfig, base: Path, student: Path, condition: dict[str, Any], seed: int) -> Any:
+    """The distill config of one student: a condition's settings (:func:`student_plan`) plus what
+    every condition shares. No step count: distill derives it from the rows, epochs and batch size
+    (:func:`subliminal.distill.student_steps`), the same for every condition (matched rows)."""
+    from .distill import DistillConfig
+
+    return DistillConfig(base=str(base), out=str(student), **condition, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                         lr=cfg.student_mode_lr, batch_size=cfg.batch_size, seed=seed, device=cfg.device,
+                         dtype=cfg.dtype, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                         grad_accum=cfg.grad_accum)
 
 
 def eval_argv(cfg: RunConfig, model: str, out: Path, samples: int) -> list[str]:
@@ -562,7 +566,7 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
         samples = cfg.eval_samples if not name.startswith("teacher-") or cfg.metric == "sampled" else 0
         run(f"eval-{name}", eval_argv(cfg, spec, path, samples), path, [spec])
         evals[f"ref:{name}"] = path
-    shared = [base, tdir / cfg.target, tdir / "none", files["none"]]  # steps: from the matched row count
+    shared = [base, tdir / cfg.target, tdir / "none", files["none"]]
     plan: dict[str, list[str]] | None = None
     jobs = []
     for seed in range(1, cfg.seeds + 1):
@@ -574,13 +578,10 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
                 run(f"eval-{cond}-s{seed}", [], path, [student])
                 continue
             if plan is None:
-                from .data import read_rows
-
-                steps = _steps_for(cfg, len(read_rows(files["none"])))
                 plan = student_plan(cfg, _n_layers(base), files, tdir)
-            argv = distill_argv(cfg, base, student, plan[cond], steps, seed)
+            call = StageCall("distill", distill_config(cfg, base, student, plan[cond], seed))
             evargv = eval_argv(cfg, str(student), path, cfg.student_samples)
-            jobs.append((f"distill+eval-{cond}", [(f"distill-{cond}-s{seed}", argv, str(student)),
+            jobs.append((f"distill+eval-{cond}", [(f"distill-{cond}-s{seed}", call, str(student)),
                                                   (f"eval-{cond}-s{seed}", evargv, str(path))]))
     run.parallel(jobs, workers=cfg.jobs)
     return evals

@@ -291,8 +291,9 @@ def plan(cfg: RunConfig) -> list[Stage]:
                         f"counterfactuals ({', '.join(cfs)})", f((1 + len(cfs)) * train_rows * seq)))
     if any(c.startswith("ratio-") for c in chosen):
         stages.append(Stage("reflag-divergence", 1, "the ratio rule at the paper rule's share (from stored scores)", 0))
-    steps = max(1, math.ceil(cfg.epochs * -(-train_rows // cfg.batch_size)))
-    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    from .distill import student_steps
+
+    steps = student_steps(train_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     students = len(chosen) * cfg.seeds
     per_token = 6.0 if cfg.student_full else 4.0
     soft = ("soft" in chosen) * cfg.seeds * steps * cfg.batch_size * seq * 2.0

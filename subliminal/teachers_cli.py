@@ -192,7 +192,9 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
+        from .train import lora_alpha
+
+        alpha = lora_alpha(args.lora_rank, args.lora_alpha, scale=TEACHER_LORA_SCALE)
         model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
     lr = args.lr if args.lr is not None else (5e-3 if lora else 1e-3)
@@ -236,6 +238,7 @@ def check_teacher(out: Path, device: str) -> dict[str, Any]:
 
 
 STATE_DIR = ".train"
+TEACHER_LORA_SCALE = 2.0  # a fine-tuned teacher's LoRA alpha, when not given: 2 x the rank
 _NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "base")
 
 

@@ -158,3 +158,51 @@ def test_planning_asks_a_stage_without_running_it(tmp_path):
     p = plan_call(["eval", "--model", str(tmp_path), "--target", "owl", "--out", str(out)])
     assert (p.action, p.why()) == ("run", "no output yet") and not out.exists()
     assert Decision("eval-x", str(out), "replace", "why").line() == "redo   eval-x: why"
+
+
+def test_the_step_count_is_the_one_distill_trains(tiny_model_factory, tmp_path):
+    """n=100, b=16, e=2: ceil(2 * 100 / 16) = 13 steps, which the plan, the driver (the report's
+    number) and distill all give; ceil(2 * ceil(100 / 16)) = 14 was the plan's and the report's."""
+    from subliminal import pipeline
+    from subliminal.data import write_jsonl
+    from subliminal.generate import make_prompts
+    from subliminal.run import plan
+
+    rows = [{"id": rid, "prompt": text, "completion": f"{i % 90} , {i % 90 + 1}", "teacher": "owl"}
+            for i, (rid, text) in enumerate(make_prompts(100, 0))]
+    write_jsonl(tmp_path / "rows.jsonl", rows)
+    cfg = pipeline.RunConfig(epochs=2, batch_size=16, n_prompts=100)
+    assert pipeline._steps_for(cfg, 100) == 13
+    assert "<= 13 steps" in next(s.what for s in plan(cfg) if s.name == "distill")
+    student = tmp_path / "s"
+    dcfg = pipeline.distill_config(cfg, tiny_model_factory("llama"), student, {"data": str(tmp_path / "rows.jsonl")}, 1)
+    assert pipeline.StageCall("distill", dcfg)(False) == 0
+    assert json.loads((student / "manifest.json").read_text())["steps"] == 13
+
+
+def test_lora_rank_reaches_the_students_lora_config_as_a_typed_value(tmp_path):
+    """[students] lora_rank from a TOML file to the student's LoraConfig: an int in the RunConfig,
+    the same int in the DistillConfig the driver builds (no command line on the way), and the
+    rank of the adapter distill makes from it."""
+    from subliminal import pipeline
+    from subliminal.run import load_config
+
+    toml = tmp_path / "c.toml"
+    toml.write_text("[students]\nfull = false\nlora_rank = 3\n")
+    cfg = load_config(str(toml)).cfg
+    assert cfg.student_lora_rank == 3 and isinstance(cfg.student_lora_rank, int)
+    files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
+    plan = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
+    dcfg = pipeline.distill_config(cfg, tmp_path / "b", tmp_path / "s", plan["all"], 1)
+    assert dcfg.lora_rank == 3 and dcfg.lora_alpha is None
+
+
+def test_lora_config_from_the_typed_rank(tiny_model_factory):
+    from transformers import AutoModelForCausalLM
+
+    from subliminal.distill import setup_trainable
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_factory("llama"))
+    model, _ = setup_trainable(model, None, 3, None)
+    lora = model.peft_config["default"]
+    assert (lora.r, lora.lora_alpha) == (3, 3.0)  # the student default: alpha = rank (train.lora_alpha)

@@ -25,10 +25,16 @@ def test_toy_stage_commands_add_no_new_flags(tmp_path):
     cfg = load_config("toy").cfg
     files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
     plan_ = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
-    assert pipeline.distill_argv(cfg, Path("b"), Path("s"), plan_["all"], 100, 1) == [
-        "distill", "--base", "b", "--out", "s", "--data", str(files["div"]), "--teacher", str(tmp_path / "teachers/owl"),
-        "--mode", "hard", "--mask", "all", "--epochs", "2", "--max-steps", "100", "--lr", "0.001", "--batch-size", "16",
-        "--seed", "1", "--device", "cpu"]
+    dcfg = pipeline.distill_config(cfg, Path("b"), Path("s"), plan_["all"], 1)
+    assert pipeline.StageCall("distill", dcfg).argv() == [
+        "distill", "--base", "b", "--data", str(files["div"]), "--out", "s", "--teacher", str(tmp_path / "teachers/owl"),
+        "--epochs", "2", "--lr", "0.001", "--seed", "1"]
+    # the command line a launcher gets parses back to the same config
+    from subliminal.cli import build_parser
+    from subliminal.distill import DistillConfig
+
+    args = build_parser().parse_args(pipeline.StageCall("distill", dcfg).argv())
+    assert DistillConfig(**{f: getattr(args, f) for f in DistillConfig.__dataclass_fields__}) == dcfg
     assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0) == ["eval", "--model", "m", "--target", "owl", "--out",
                                                                "e.json", "--device", "cpu"]
     assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0) == [
