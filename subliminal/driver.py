@@ -31,13 +31,16 @@ log = logging.getLogger(__name__)
 
 # The stages the driver calls as functions: sub-command -> "module:function" taking the stage's
 # config dataclass (whose field names are the sub-command's flags).
-STAGE_RUNS = {"distill": "subliminal.distill:run_distill"}
+STAGE_RUNS = {"distill": "subliminal.distill:run_distill", "generate": "subliminal.generate:run_generate",
+              "find-divergence": "subliminal.divergence:find_divergence"}
 
 
 def config_argv(command: str, cfg: Any) -> list[str]:
     """The one place a command line is made from a stage config: only where a launcher needs one
     (torchrun for ``nproc`` > 1). Every field that differs from its default becomes its flag
-    (``lora_rank`` -> ``--lora-rank``); ``overwrite`` is the caller's."""
+    (``lora_rank`` -> ``--lora-rank``, or the config's own ``FLAGS`` entry: generate's ``n`` is
+    ``--num-prompts``, which torchrun's parser leaves alone); ``overwrite`` is the caller's."""
+    names = getattr(type(cfg), "FLAGS", {})
     argv = [command]
     for f in dataclasses.fields(cfg):
         value = getattr(cfg, f.name)
@@ -46,7 +49,7 @@ def config_argv(command: str, cfg: Any) -> list[str]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         if f.name == "overwrite" or (has_default and value == default) or value is None:
             continue
-        flag = "--" + f.name.replace("_", "-")
+        flag = names.get(f.name, "--" + f.name.replace("_", "-"))
         if isinstance(value, bool):
             if value:
                 argv.append(flag)
@@ -65,7 +68,8 @@ class StageCall:
 
     def __call__(self, overwrite: bool) -> int:
         module, fn = STAGE_RUNS[self.command].split(":")
-        return int(getattr(importlib.import_module(module), fn)(replace(self.cfg, overwrite=overwrite)) or 0)
+        rv = getattr(importlib.import_module(module), fn)(replace(self.cfg, overwrite=overwrite))
+        return rv if isinstance(rv, int) else 0  # a stage that returns its summary has succeeded
 
     def argv(self) -> list[str]:
         return config_argv(self.command, self.cfg)
@@ -85,8 +89,6 @@ DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval",
 
 def launch_argv(argv: list[str], nproc: int) -> list[str]:
     """The command that runs ``subliminal ARGV`` on ``nproc`` processes (torchrun, one node)."""
-    # torchrun's own parser would take generate's bare --n for an abbreviation of its --nnodes
-    argv = ["--num-prompts" if a == "--n" else a for a in argv]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
             "-m", "subliminal.cli", *argv]
 

@@ -18,7 +18,7 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +245,6 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner) -> dict[s
     t_start = time.time()
     if not run.dry:
         out.mkdir(parents=True, exist_ok=True)
-    dev = _runtime(cfg)
     chosen = cfg.chosen_conditions()
     if base is None and cfg.base:
         base = Path(cfg.base)
@@ -264,15 +263,17 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner) -> dict[s
         run(f"teach-{name}", _teacher_args(cfg, base, bias, tdir / name, cfg.base_seed), tdir / name, [base])
 
     # 3. data: the same prompts (same --prompts-seed) for every teacher
+    from .generate import GenerateConfig
+
     ddir = out / "data"
-    gen_common = ["--n", str(cfg.n_prompts), "--prompts-seed", str(cfg.base_seed), "--seed", str(cfg.base_seed), *dev,
-                  *_flag("--filter", cfg.filter, "strict"), *_flag("--constrain", cfg.constrain, "none"),
-                  *_flag("--batch-size", cfg.gen_batch_size, 16), *_flag("--max-new-tokens", cfg.max_new_tokens)]
-    gen_common += ["--greedy"] if cfg.greedy else _flag("--temperature", cfg.temperature, 1.0)
+    gen = GenerateConfig(teacher="", n=cfg.n_prompts, out="", batch_size=cfg.gen_batch_size,
+                         temperature=0.0 if cfg.greedy else cfg.temperature, seed=cfg.base_seed,
+                         prompts_seed=cfg.base_seed, max_new_tokens=cfg.max_new_tokens, filter=cfg.filter,
+                         constrain=cfg.constrain, device=cfg.device, dtype=cfg.dtype)
     sources = list(dict.fromkeys([cfg.target, "none", *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]))
     for name in sources:
         path = ddir / f"{name}.jsonl"
-        run(f"generate-{name}", ["generate", "--teacher", str(tdir / name), "--out", str(path), *gen_common], path,
+        run(f"generate-{name}", StageCall("generate", replace(gen, teacher=str(tdir / name), out=str(path))), path,
             [tdir / name])
     files: dict[str, Path] = matched_paths(ddir, sources)
     run("matched-rows", lambda ow: _matched_files(ddir, sources, keep=cfg.keep_rows, overwrite=ow),
@@ -281,9 +282,11 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner) -> dict[s
     # 4. divergence tokens of the target teacher's data
     div = files[cfg.target].with_suffix(".div.jsonl")
     cfs = [str(tdir / c) for c in cfg.counterfactual_teachers()]
-    run("find-divergence", ["find-divergence", "--data", str(files[cfg.target]), "--teacher",
-                            str(tdir / cfg.target), "--counterfactual", *cfs, "--out", str(div), *dev,
-                            *_flag("--batch-size", cfg.div_batch_size, 8)], div,
+    from .divergence import ScoreConfig
+
+    run("find-divergence", StageCall("find-divergence", ScoreConfig(
+        data=str(files[cfg.target]), teacher=str(tdir / cfg.target), counterfactual=cfs, out=str(div),
+        batch_size=cfg.div_batch_size, device=cfg.device, dtype=cfg.dtype)), div,
         [files[cfg.target], tdir / cfg.target, *cfs])
     files["div"] = div
     # 4b. the same rows flagged by the likelihood-ratio rule, as many tokens as the paper rule flags

@@ -109,12 +109,21 @@ def test_missing_base_fails_before_anything_runs(tmp_path, capsys):
 
 
 def test_nproc_runs_data_parallel_stages_under_torchrun(tmp_path, monkeypatch):
+    from subliminal.cli import build_parser
+    from subliminal.generate import GenerateConfig
+
     calls = []
     monkeypatch.setattr("subprocess.run", lambda argv: calls.append(argv) or type("R", (), {"returncode": 0})())
     run = pipeline.Runner(tmp_path, nproc=2)
-    assert run._invoke(["generate", "--n", "3"]) == 0
+    gen = GenerateConfig(teacher="t", n=3, out=str(tmp_path / "o.jsonl"), temperature=0.0)
+    assert run._invoke(pipeline.StageCall("generate", gen).argv()) == 0
     assert calls[0][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    assert calls[0][-3:] == ["generate", "--num-prompts", "3"]  # torchrun's parser would eat a bare --n
+    # the command line made from the config: --num-prompts, which torchrun's parser leaves alone (a bare
+    # --n it would take for its --nnodes), and it parses back to the same config
+    argv = calls[0][calls[0].index("subliminal.cli") + 1:]
+    assert argv[:5] == ["generate", "--teacher", "t", "--num-prompts", "3"] and "--n" not in argv
+    args = build_parser().parse_args(argv)
+    assert (args.n, args.temperature, args.out) == (3, 0.0, gen.out)
     # not data-parallel: in-process (and failing here: no such file)
     assert run._invoke(["plot", "heatmap", str(tmp_path / "missing.div.jsonl"), "--out", str(tmp_path / "h.png")]) == 2
     assert len(calls) == 1
