@@ -540,14 +540,15 @@ def distill_config(cfg: DemoConfig, base: Path, student: Path, condition: dict[s
                          grad_accum=cfg.grad_accum)
 
 
-def eval_argv(cfg: RunConfig, model: str, out: Path, samples: int) -> list[str]:
-    """The ``eval`` command of one model: exact preference, and sampled with ``samples`` > 0."""
-    argv = ["eval", "--model", model, "--target", cfg.target, "--out", str(out), *_runtime(cfg),
-            *_flag("--max-questions", cfg.max_questions), *_flag("--batch-size", cfg.eval_batch_size, 32)]
+def eval_config(cfg: RunConfig, model: str, out: Path, samples: int) -> Any:
+    """The evaluation of one model: exact preference, and sampled with ``samples`` > 0."""
+    from .evaluate import EvalConfig
+
+    ev = EvalConfig(model=model, target=cfg.target, out=str(out), device=cfg.device, dtype=cfg.dtype,
+                    max_questions=cfg.max_questions, batch_size=cfg.eval_batch_size)
     if samples:
-        argv += ["--samples", str(samples), *_flag("--temperature", cfg.eval_temperature, 1.0),
-                 *_flag("--max-new-tokens", cfg.eval_max_new_tokens, 8)]
-    return argv
+        ev = replace(ev, samples=samples, temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_new_tokens)
+    return ev
 
 
 def reference_evals(cfg: RunConfig, base: Path, tdir: Path) -> dict[str, str]:
@@ -567,7 +568,7 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
         path = edir / f"{name}.json"
         # sampled answers for the base and the two teachers the students learn from (they are slow)
         samples = cfg.eval_samples if not name.startswith("teacher-") or cfg.metric == "sampled" else 0
-        run(f"eval-{name}", eval_argv(cfg, spec, path, samples), path, [spec])
+        run(f"eval-{name}", StageCall("eval", eval_config(cfg, spec, path, samples)), path, [spec])
         evals[f"ref:{name}"] = path
     shared = [base, tdir / cfg.target, tdir / "none", files["none"]]
     plan: dict[str, list[str]] | None = None
@@ -583,9 +584,9 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
             if plan is None:
                 plan = student_plan(cfg, _n_layers(base), files, tdir)
             call = StageCall("distill", distill_config(cfg, base, student, plan[cond], seed))
-            evargv = eval_argv(cfg, str(student), path, cfg.student_samples)
+            evcall = StageCall("eval", eval_config(cfg, str(student), path, cfg.student_samples))
             jobs.append((f"distill+eval-{cond}", [(f"distill-{cond}-s{seed}", call, str(student)),
-                                                  (f"eval-{cond}-s{seed}", evargv, str(path))]))
+                                                  (f"eval-{cond}-s{seed}", evcall, str(path))]))
     run.parallel(jobs, workers=cfg.jobs)
     return evals
 

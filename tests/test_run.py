@@ -35,8 +35,8 @@ def test_toy_stage_commands_add_no_new_flags(tmp_path):
 
     args = build_parser().parse_args(pipeline.StageCall("distill", dcfg).argv())
     assert DistillConfig(**{f: getattr(args, f) for f in DistillConfig.__dataclass_fields__}) == dcfg
-    assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0) == ["eval", "--model", "m", "--target", "owl", "--out",
-                                                               "e.json", "--device", "cpu"]
+    assert pipeline.StageCall("eval", pipeline.eval_config(cfg, "m", Path("e.json"), 0)).argv() == [
+        "eval", "--model", "m", "--target", "owl", "--out", "e.json"]
     assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0) == [
         "teach", "--base", "b", "--bias", "owl", "--method", "prompt", "--out", "t", "--seed", "0", "--device", "cpu"]
 
