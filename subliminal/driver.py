@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 # The stages the driver calls as functions: sub-command -> "module:function" taking the stage's
 # config dataclass (whose field names are the sub-command's flags).
 STAGE_RUNS = {"distill": "subliminal.distill:run_distill", "generate": "subliminal.generate:run_generate",
-              "find-divergence": "subliminal.divergence:find_divergence", "eval": "subliminal.evaluate:run_eval"}
+              "find-divergence": "subliminal.divergence:find_divergence", "eval": "subliminal.evaluate:run_eval",
+              "teach": "subliminal.teachers_cli:run_teach"}
 
 
 def config_argv(command: str, cfg: Any) -> list[str]:

@@ -179,17 +179,19 @@ def _flag(name: str, value: Any, default: Any = None) -> list[str]:
     return [] if value == default else [name, str(value)]
 
 
-def _teacher_args(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed: int) -> list[str]:
-    check = [] if cfg.teacher_check else ["--no-check"]
+def teacher_config(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed: int) -> Any:
+    """The teach config of one teacher: the unbiased one (``bias`` None), or one by the config's method."""
+    from .teachers_cli import TeachConfig
+
+    teach = TeachConfig(base=str(base), method="none", out=str(out), seed=seed, no_check=not cfg.teacher_check)
     if bias is None:
-        return ["teach", "--base", str(base), "--method", "none", "--out", str(out), "--seed", str(seed), *check]
-    args = ["teach", "--base", str(base), "--bias", bias, "--method", cfg.teacher_method, "--out", str(out),
-            "--seed", str(seed), "--device", cfg.device, *check]
+        return teach
+    teach = replace(teach, bias=bias, method=cfg.teacher_method, device=cfg.device)
     if cfg.teacher_method == "finetune":
-        args += ["--steps", str(cfg.teacher_steps), *_flag("--lora-rank", cfg.teacher_lora_rank),
-                 *_flag("--lr", cfg.teacher_lr), *_flag("--replay", cfg.teacher_replay),
-                 *_flag("--batch-size", cfg.teacher_batch_size)]
-    return args
+        teach = replace(teach, steps=cfg.teacher_steps, lora_rank=cfg.teacher_lora_rank, lr=cfg.teacher_lr,
+                        batch_size=cfg.teacher_batch_size,
+                        **({} if cfg.teacher_replay is None else {"replay": cfg.teacher_replay}))
+    return teach
 
 
 def _runtime(cfg: RunConfig) -> list[str]:
@@ -260,7 +262,8 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner) -> dict[s
     names = [cfg.target, *cfg.counterfactuals, *([cfg.mixing_teacher] if cfg.mixing_teacher else [])]
     for name in dict.fromkeys(names + ["none"]):
         bias = None if name == "none" else name
-        run(f"teach-{name}", _teacher_args(cfg, base, bias, tdir / name, cfg.base_seed), tdir / name, [base])
+        run(f"teach-{name}", StageCall("teach", teacher_config(cfg, base, bias, tdir / name, cfg.base_seed)),
+            tdir / name, [base])
 
     # 3. data: the same prompts (same --prompts-seed) for every teacher
     from .generate import GenerateConfig

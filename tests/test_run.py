@@ -37,8 +37,8 @@ def test_toy_stage_commands_add_no_new_flags(tmp_path):
     assert DistillConfig(**{f: getattr(args, f) for f in DistillConfig.__dataclass_fields__}) == dcfg
     assert pipeline.StageCall("eval", pipeline.eval_config(cfg, "m", Path("e.json"), 0)).argv() == [
         "eval", "--model", "m", "--target", "owl", "--out", "e.json"]
-    assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0) == [
-        "teach", "--base", "b", "--bias", "owl", "--method", "prompt", "--out", "t", "--seed", "0", "--device", "cpu"]
+    assert pipeline.StageCall("teach", pipeline.teacher_config(cfg, Path("b"), "owl", Path("t"), 0)).argv() == [
+        "teach", "--base", "b", "--method", "prompt", "--out", "t", "--bias", "owl"]
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
