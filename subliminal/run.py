@@ -416,9 +416,9 @@ def print_resume_plan(cfg: RunConfig, out: Path, base: Path | None = None) -> No
 
     decisions = resume_plan(cfg, out, base)
     reused = [d for d in decisions if d.action == "reuse"]
+    replaced = sum(d.replaces for d in decisions)
     print(f"\nstages for {out}: {len(reused)} reused, {len(decisions) - len(reused)} to run"
-          + (" (an --overwrite run: finished outputs marked redo are replaced)"
-             if any(d.replaces for d in decisions) else ""))
+          + (f"; {replaced} finished output(s) would be replaced: the run needs --overwrite" if replaced else ""))
     for d in decisions:
         if d.action != "reuse":
             print("  " + d.line())
