@@ -5,7 +5,8 @@ same driver, stages and report as a run on a real model; its flags are overrides
 The driver runs the same sub-commands a user would run (``toy pretrain``, ``teach``,
 ``generate``, ``find-divergence``, ``distill``, ``eval``, ``probe``, ``patch``), each writing its
 own directory with a manifest, so every intermediate can be inspected, re-run or swapped, and a
-stopped demo resumes: a stage whose output is complete is not run again.
+stopped demo resumes: a stage's output is reused when its recorded fingerprint equals what the
+stage would compute now (:mod:`subliminal.driver`).
 
 All student conditions are matched: the same rows (by id, in the same seeded order), the same
 number of optimiser steps, the same seeds; they differ only in the data source, the loss mask or

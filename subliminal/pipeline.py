@@ -1,10 +1,13 @@
-"""The protocol as a pipeline of sub-commands: what ``subliminal run`` and ``subliminal demo`` execute.
+"""The protocol as a pipeline of stages: what ``subliminal run`` and ``subliminal demo`` execute.
 
-The pipeline drives the same sub-commands a user would run (``toy pretrain`` when there is no
-base, ``teach``, ``generate``, ``find-divergence``, ``reflag-divergence``, ``distill``, ``eval``,
-``probe``, ``patch``), each writing its own directory with a manifest, so every intermediate can
-be inspected, re-run or swapped, and a stopped run resumes: a stage whose output is complete is
-not run again, and a stage given other settings than its output was made with refuses.
+The pipeline drives the same stages a user would run (``toy pretrain`` when there is no base,
+``teach``, ``generate``, ``find-divergence``, ``reflag-divergence``, ``distill``, ``eval``,
+``probe``, ``patch``), most as functions with the stage's typed config, each writing its own
+directory with a manifest, so every intermediate can be inspected, re-run or swapped. Whether a
+stage runs is :mod:`subliminal.driver`'s one rule: its output is reused only when the fingerprint
+recorded with it equals what the stage would compute now; a changed setting redoes exactly the
+stages whose fingerprint changed and those downstream, and replacing a finished output needs
+``--overwrite``.
 
 All student conditions are matched: the same rows (by id, in the same seeded order), the same
 number of optimiser steps, the same seeds; they differ only in the data source, the loss mask or

@@ -2,8 +2,9 @@
 
 A config names the base model, the target and counterfactual teachers, how teachers get their
 bias, the prompts and rows, sampling and filter, the student recipe, the evaluation and the
-seeds; ``subliminal.pipeline`` runs it stage by stage (each stage a sub-command writing its own
-directory with a manifest, skipped when complete), so a stopped run resumes. ``subliminal demo``
+seeds; ``subliminal.pipeline`` runs it stage by stage (each stage writing its own directory with
+a manifest, reused when its recorded fingerprint equals what it would compute now), so a stopped
+run resumes and a changed setting redoes only what it changes. ``subliminal demo``
 is this driver on the shipped toy config (``subliminal/configs/toy.toml``).
 
 Configs are TOML with one table per part of the protocol; every key is one field of
