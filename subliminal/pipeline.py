@@ -240,7 +240,7 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
 
 def resume_plan(cfg: RunConfig, out: Path, base: Path | None = None) -> list[Decision]:
     """What a run of ``cfg`` into ``out`` would do with each stage's output, and why; runs nothing."""
-    run = Runner(out, nproc=cfg.nproc, dry=True)
+    run = Runner(out, nproc=cfg.nproc, dry=True, quiet=True)
     _stages(cfg, out, base, run)
     return run.decisions
 
