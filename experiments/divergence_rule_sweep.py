@@ -6,7 +6,7 @@ Reads a finished ``subliminal demo`` run (its base, teachers, matched rows, dive
 evaluations of its control, all-tokens and paper-rule students). For each share in ``--shares``
 the demo's divergence file is re-flagged by the likelihood-ratio rule (``reflag-divergence
 --rule ratio --flag-share S``, no model runs), and students are distilled exactly as the demo's
-(same rows, steps, learning rate, seeds; ``subliminal.pipeline.distill_argv``) with the flagged
+(same rows, steps, learning rate, seeds; ``subliminal.pipeline.distill_config``) with the flagged
 tokens masked (``no-divergence``) and with only them in the loss (``only-divergence``; add
 ``random-matched`` with ``--masks``). The paper's argmax rule has no threshold: it stands at its
 natural share, from the demo's own students; the demo's ratio-rule students (at the paper rule's
@@ -140,14 +140,15 @@ def _main(args: argparse.Namespace) -> int:
             for seed in seeds:
                 name = f"ratio-{share_tag(share)}-{mask}"
                 student, ev = out / "students" / f"{name}-s{seed}", out / "eval" / f"{name}-s{seed}.json"
-                dargv = pipeline.distill_argv(cfg, base, student, plan[mask], steps, seed)
+                dcall = pipeline.StageCall("distill", pipeline.distill_config(cfg, base, student, plan[mask], seed))
                 eargv = ["eval", "--model", str(student), "--target", cfg.target, "--out", str(ev),
                          "--device", cfg.device]
-                jobs.append((f"{name}-s{seed}", [(dargv, student / "manifest.json"), (eargv, ev)]))
+                jobs.append((f"{name}-s{seed}", [(f"distill-{name}-s{seed}", dcall, str(student)),
+                                                 (f"eval-{name}-s{seed}", eargv, str(ev))]))
         names += [(share, m) for m in args.masks]
     if args.dry_run:
         for name, chain in jobs:
-            log.info("%s: subliminal %s", name, " ".join(chain[0][0]))
+            log.info("%s: subliminal %s", name, chain[0][1])
         return 0
     pipeline.Runner(out).parallel(jobs, workers=args.jobs or cfg.jobs)
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from subliminal import distributed as dist
+from subliminal import models
 from subliminal.data import DataError, Row, align_row, iter_jsonl, model_max_length
 from subliminal.divergence import row_flags
 from subliminal.manifest import SubliminalError, atomic_path, write_json_atomic, write_manifest
@@ -58,47 +58,11 @@ def parse_hook_name(name: str) -> tuple[int, str]:
     return int(parts[1]), parts[2][len("hook_"):]
 
 
-def resolve_layers(spec: str | Sequence[int] | None, n_layers: int) -> list[int]:
-    """``all`` / ``None`` -> every layer; ``"0,2,5"``, ``"0-3"`` or a list -> those (negative counts from the end)."""
-    if spec is None or spec == "all":
-        return list(range(n_layers))
-    items: list[int] = []
-    if isinstance(spec, str):
-        for part in spec.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            m = re.fullmatch(r"(\d+)-(\d+)", part)
-            if m:
-                items.extend(range(int(m.group(1)), int(m.group(2)) + 1))
-            elif re.fullmatch(r"-?\d+", part):
-                items.append(int(part))
-            else:
-                raise SubliminalError(f"--layers {spec!r}: expected 'all', '0,2,5', '0-3' or '-1'")
-    else:
-        items = [int(x) for x in spec]
-    out = []
-    for x in items:
-        y = x + n_layers if x < 0 else x
-        if not 0 <= y < n_layers:
-            raise SubliminalError(f"layer {x} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-        if y not in out:
-            out.append(y)
-    if not out:
-        raise SubliminalError(f"--layers {spec!r}: no layers selected")
-    return out
-
-
-# ------------------------------------------------------------------------------------ model parts
+resolve_layers = models.resolve_layers  # the one --layers grammar (subliminal.models)
 
 
 def n_layers_of(model: nn.Module) -> int:
-    cfg = model.config
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        v = getattr(cfg, key, None)
-        if isinstance(v, int):
-            return v
-    raise SubliminalError(f"{type(model).__name__}: cannot tell the number of layers from its config")
+    return models.layer_count(model.config)
 
 
 def find_blocks(model: nn.Module) -> nn.ModuleList:

@@ -12,9 +12,18 @@ from typing import Any
 import torch
 
 from subliminal import distributed as dist
-from subliminal.cliutil import add_model_runtime, add_seed, runtime_kwargs
+from subliminal.cliutil import add_model_runtime, add_overwrite, add_seed, device_type, runtime_kwargs
 from subliminal.data import Row
-from subliminal.manifest import SubliminalError, set_seed, write_json_atomic, write_manifest
+from subliminal.manifest import (
+    SubliminalError,
+    check_resume,
+    fingerprint,
+    read_manifest,
+    set_seed,
+    write_fingerprint,
+    write_json_atomic,
+    write_manifest,
+)
 
 from . import plots
 
@@ -52,6 +61,7 @@ def add_cli(sub: Any) -> None:
     _add_capture(p)
     add_seed(p)
     add_model_runtime(p)
+    add_overwrite(p)
     p.set_defaults(func=run_probe)
 
     q = sub.add_parser("patch", help="activation patching (and attribution patching) on divergence tokens",
@@ -74,6 +84,7 @@ def add_cli(sub: Any) -> None:
     q.add_argument("--bootstrap", type=int, default=500)
     add_seed(q)
     add_model_runtime(q)
+    add_overwrite(q)
     q.set_defaults(func=run_patch)
 
     r = sub.add_parser("plot", help="figures: probe, patch, heatmap, ablation, transfer, conditions (PNG + data)")
@@ -149,14 +160,49 @@ def run_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     with dist.agree("prepare"):
         positions = _probe_positions(args)
+        fp = stage_fingerprint(args)
+        action = _resume_action(args, out, "probe", fp, partial=None)
+    if action == "skip":
+        if dist.is_main():
+            print(f"{out}: already probed by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
+    with dist.agree("rows"):
         rows = _rows(args)
     acts = [_capture(m, rows, out / "activations" / f"{i}-{_slug(m)}", args, positions)
             for i, m in enumerate(args.models)]
     students = _direction_captures(args, rows, positions, out) if args.task == "direction" else []
     with dist.agree("fit"):
         if dist.is_main():
-            _fit_and_write(args, rows, acts, students, positions, out, t0)
+            _fit_and_write(args, rows, acts, students, positions, out, t0, fp)
     return 0
+
+
+# Arguments that do not change what a probe or patch run computes (paths are compared by content).
+_NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "trust_remote_code", "models", "data",
+                 "students", "base")
+
+
+def stage_fingerprint(args: argparse.Namespace) -> dict[str, Any]:
+    """The inputs' contents (models, data, students) and every setting of a probe or patch run."""
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    config["device"] = device_type(args.device)
+    inputs = {f"model{i}": m for i, m in enumerate(args.models)}
+    inputs.update({"data": getattr(args, "data", None), "base": getattr(args, "base", None),
+                   **{f"student{i}": m for i, m in enumerate(getattr(args, "students", None) or [])}})
+    return fingerprint(inputs, config)
+
+
+def _resume_action(args: argparse.Namespace, out: Path, stage: str, fp: dict[str, Any],
+                   partial: Path | None) -> str:
+    """``skip`` for a finished run of this fingerprint, else ``resume``/``start`` (or refused)."""
+    man = read_manifest(out) if out.is_dir() else None
+    finished = man if man is not None and man.get("stage") == stage and man.get("complete", True) else None
+    occupied = (out.is_dir() and finished is None and any(out.iterdir())
+                and not (partial is not None and partial.is_file()))
+    if stage == "probe":  # a probe keeps only its captures (reused by their own config) between runs
+        occupied = occupied and (out / "probe.json").exists()
+    return check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=stage, finished=finished,
+                        partial=partial, occupied=occupied)
 
 
 def _probe_positions(args: argparse.Namespace) -> str:
@@ -175,7 +221,7 @@ def _probe_positions(args: argparse.Namespace) -> str:
 
 
 def _fit_and_write(args: argparse.Namespace, rows: list, acts: list, students: list, positions: str, out: Path,
-                   t0: float) -> None:
+                   t0: float, fp: dict[str, Any]) -> None:
     """Rank 0: fit the per-layer probes on the (merged) activations and write every output."""
     from .linear import probe_layers
 
@@ -207,7 +253,7 @@ def _fit_and_write(args: argparse.Namespace, rows: list, acts: list, students: l
     write_manifest(out, stage="probe", config=vars_config(args), seed=args.seed,
                    inputs={"data": args.data, **{f"model{i}": m for i, m in enumerate(args.models)}},
                    wall_time_s=time.time() - t0,
-                   extra={**dist.shard_record(len(acts[0][1])),
+                   extra={"fingerprint": fp, **dist.shard_record(len(acts[0][1])),
                           "sharding": "each capture's examples (rows with a site) split contiguously over the "
                                       "ranks (shards of model 0 here, each capture's own in its manifest); "
                                       "probes fitted by rank 0 on the merged activations"})
@@ -283,7 +329,6 @@ def run_patch(args: argparse.Namespace) -> int:
     """``subliminal patch``. One process patches row by row, appending each finished row to
     ``sites.jsonl`` (resume per row). Under a launcher the sites are sharded: see
     :func:`_patch_sharded`; the outputs are the same."""
-    from subliminal.manifest import read_manifest
     from subliminal.models import load_model, same_tokenizer
 
     from .activations import load_data_rows, n_layers_of, resolve_layers
@@ -294,6 +339,14 @@ def run_patch(args: argparse.Namespace) -> int:
     out = Path(args.out)
     config = {k: v for k, v in vars_config(args).items() if k not in ("bootstrap",)}
     done_path = out / "sites.jsonl"
+    fp_path = out / PATCH_FINGERPRINT
+    with dist.agree("check"):
+        fp = stage_fingerprint(args)
+        action = _resume_action(args, out, "patch", fp, partial=fp_path)
+    if action == "skip":
+        if dist.is_main():
+            print(f"{out}: already patched by this exact command; nothing to do (--overwrite redoes it)")
+        return 0
     with dist.agree("prepare"):
         f = load_model(args.models[0], **runtime_kwargs(args))
         c = load_model(args.models[1], **runtime_kwargs(args))
@@ -303,12 +356,11 @@ def run_patch(args: argparse.Namespace) -> int:
             raise SubliminalError("the two teachers have different numbers of layers")
         layers = resolve_layers(args.layers, n_layers_of(f.model))
         rows = load_data_rows(args.data, args.max_rows)
-        old = read_manifest(out)
-        if done_path.exists() and (old is None or old.get("config") != config):
-            if old is not None:
-                raise SubliminalError(f"{out} holds a run with another configuration; choose a new --out")
     with dist.agree("open"):
         if dist.is_main():
+            if action == "start":
+                done_path.unlink(missing_ok=True)
+            write_fingerprint(fp_path, fp)
             write_manifest(out, stage="patch", config=config, seed=args.seed, inputs={"data": args.data},
                            extra={"complete": False})
     if dist.is_distributed():
@@ -317,8 +369,12 @@ def run_patch(args: argparse.Namespace) -> int:
         sites, interp_used = _patch_rows(args, f, c, rows, layers, done_path)
     with dist.agree("summary"):
         if dist.is_main():
-            _patch_finish(args, out, config, layers, rows, sites, interp_used, t0)
+            _patch_finish(args, out, config, layers, rows, sites, interp_used, t0, fp)
+            fp_path.unlink(missing_ok=True)
     return 0
+
+
+PATCH_FINGERPRINT = ".fingerprint.json"  # the fingerprint of an unfinished patch run (sites.jsonl resumes it)
 
 
 def _sites_of_records(records: list[dict[str, Any]]) -> tuple[list, set]:
@@ -448,7 +504,7 @@ def _patch_sharded(args: argparse.Namespace, f: Any, c: Any, rows: list, layers:
 
 
 def _patch_finish(args: argparse.Namespace, out: Path, config: dict[str, Any], layers: list[int], rows: list,
-                  sites: list, interp_used: set, t0: float) -> None:
+                  sites: list, interp_used: set, t0: float, fp: dict[str, Any]) -> None:
     """Rank 0: the summary with bootstrap intervals, the figure and the final manifest."""
     from .patching import summarise
 
@@ -466,7 +522,7 @@ def _patch_finish(args: argparse.Namespace, out: Path, config: dict[str, Any], l
     n_sites = len(sites)
     write_manifest(out, stage="patch", config=config, seed=args.seed, inputs={"data": args.data,
                    "factual": args.models[0], "counterfactual": args.models[1]}, wall_time_s=time.time() - t0,
-                   extra={"complete": True, "n_sites": n_sites, **dist.shard_record(n_sites),
+                   extra={"complete": True, "fingerprint": fp, "n_sites": n_sites, **dist.shard_record(n_sites),
                           "sharding": "sites split contiguously over the ranks in row order (rows scanned for "
                                       "sites in contiguous shards first); rank 0 merges and summarises"})
     ag = summary["agreement"]

@@ -5,7 +5,8 @@ same driver, stages and report as a run on a real model; its flags are overrides
 The driver runs the same sub-commands a user would run (``toy pretrain``, ``teach``,
 ``generate``, ``find-divergence``, ``distill``, ``eval``, ``probe``, ``patch``), each writing its
 own directory with a manifest, so every intermediate can be inspected, re-run or swapped, and a
-stopped demo resumes: a stage whose output is complete is not run again.
+stopped demo resumes: a stage's output is reused when its recorded fingerprint equals what the
+stage would compute now (:mod:`subliminal.driver`).
 
 All student conditions are matched: the same rows (by id, in the same seeded order), the same
 number of optimiser steps, the same seeds; they differ only in the data source, the loss mask or
@@ -23,7 +24,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from .manifest import SubliminalError
-from .pipeline import CONDITIONS, RunConfig, run_pipeline
+from .pipeline import CONDITIONS, RunConfig, _fmt, run_pipeline
 
 log = logging.getLogger(__name__)
 DemoConfig = RunConfig
@@ -83,6 +84,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--conditions", nargs="+", default=None, metavar="COND",
                    help="train only these student conditions (control and all always; default every one: "
                    f"{', '.join(CONDITIONS)}); each is the same student as in a full run")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the stages whose finished output was made with other settings (see subliminal run "
+                   "--overwrite); without it such a re-run stops before anything runs, listing them")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what a demo into --out would reuse, run and redo (and why); run nothing")
     p.set_defaults(func=run_cli)
 
 
@@ -127,9 +133,16 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def run_cli(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     out = Path(args.out or ("runs/demo-quick" if args.quick else "runs/demo"))
-    summary = run_pipeline(cfg, out, base=Path(args.base) if args.base else None)
+    base = Path(args.base) if args.base else None
+    if getattr(args, "dry_run", False):
+        from .run import print_resume_plan
+
+        print_resume_plan(cfg, out, base)
+        return 0
+    summary = run_pipeline(cfg, out, base=base, overwrite=getattr(args, "overwrite", False))
+    assert summary is not None
     print((out / "REPORT.md").read_text())
     all_ = summary["conditions"]["all"]
-    log.info("[demo] all-tokens P(%s) = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"],
-             all_["ci_low"], all_["ci_high"], out / "REPORT.md")
+    log.info("[demo] all-tokens P(%s) = %s [%s, %s]; report: %s", cfg.target, _fmt(all_["mean"]),
+             _fmt(all_["ci_low"]), _fmt(all_["ci_high"]), out / "REPORT.md")
     return 0

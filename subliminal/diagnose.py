@@ -1129,11 +1129,17 @@ def pipeline_argv(cfg: Any, out: Path, base: Path, tdir: Path, files: dict[str, 
     return argv
 
 
-def pipeline_stage(cfg: Any, run: Any, out: Path, base: Path, tdir: Path, files: dict[str, Path]) -> dict[str, Any]:
+def pipeline_stage(cfg: Any, run: Any, out: Path, base: Path, tdir: Path,
+                   files: dict[str, Path]) -> dict[str, Any] | None:
     """The diagnostics stage of ``subliminal run``: runs ``subliminal diagnose`` through the run's
-    runner (skipped when its output is complete) and returns its result for results.json."""
+    runner (reused when its fingerprint matches, as every stage) and returns its result for
+    results.json (None in a dry pass, which only decides)."""
     ddir = out / "diagnose"
-    run("diagnose", pipeline_argv(cfg, ddir, base, tdir, files), done=ddir / OUT_JSON)
+    inputs = [base, tdir / cfg.target, tdir / "none", files[cfg.target], files["none"],
+              *[files[k] for k in ("div", "div-ratio") if k in files]]
+    run("diagnose", pipeline_argv(cfg, ddir, base, tdir, files), ddir, inputs)
+    if getattr(run, "dry", False):
+        return None
     return read_json(ddir / OUT_JSON, "diagnose result")
 
 

@@ -75,6 +75,7 @@ from .manifest import (
     write_manifest,
     write_text_atomic,
 )
+from .models import parse_layers, resolve_layers
 from .train import (
     STATE_FILE,
     EpochSampler,
@@ -85,6 +86,7 @@ from .train import (
     wait_for_everyone,
     world_size,
 )
+from .train import lora_alpha as train_lora_alpha
 
 log = logging.getLogger(__name__)
 STAGE = "distill"
@@ -266,8 +268,9 @@ def projection_modules(model: Any, layers: Sequence[int] | None = None,
 
 
 def n_layers(model: Any) -> int:
-    idx = {layer_of(n) for n, _ in model.named_parameters()} - {None}
-    return max(idx) + 1 if idx else 0  # type: ignore[operator]
+    from .models import layer_count
+
+    return layer_count(model.config)
 
 
 def tied_embeddings(model: Any) -> bool:
@@ -405,17 +408,16 @@ def setup_trainable(model: Any, layers: Sequence[int] | None, lora_rank: int | N
         trained = [n for n, p in model.named_parameters() if p.requires_grad]
         return model, trained
     if layers is not None:
-        total = n_layers(model)
-        bad = [x for x in layers if x < 0 or x >= total]
-        if bad:
-            raise SubliminalError(f"--layers {bad}: the model has layers 0..{total - 1}")
+        from .models import resolve_layers
+
+        layers = sorted(resolve_layers(layers, n_layers(model)))
     if lora_rank is not None:
         from peft import LoraConfig, get_peft_model
         from transformers.pytorch_utils import Conv1D
 
         targets = projection_modules(model, layers, lora_targets)
         conv = any(isinstance(model.get_submodule(t), Conv1D) for t in targets)  # GPT-2 stores W transposed
-        cfg = LoraConfig(r=lora_rank, lora_alpha=lora_alpha if lora_alpha is not None else float(lora_rank),
+        cfg = LoraConfig(r=lora_rank, lora_alpha=train_lora_alpha(lora_rank, lora_alpha),
                          lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM", fan_in_fan_out=conv)
         model = get_peft_model(model, cfg)
     elif layers is not None:
@@ -645,16 +647,12 @@ def plot_losses(entries: Sequence[dict[str, Any]], path: Path, title: str) -> No
 # ======================================================================================= CLI
 
 
-def _int_list(text: str | None, flag: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        vals = [int(x) for x in text.replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise SubliminalError(f"{flag} {text!r}: expected comma-separated layer indices, e.g. 0,3") from None
-    if not vals:
-        raise SubliminalError(f"{flag}: no layer given")
-    return sorted(set(vals))
+def student_steps(n_rows: int, batch_size: int, epochs: float, max_steps: int | None = None) -> int:
+    """Optimiser steps of a student: ``epochs`` passes over ``n_rows`` rows in batches of
+    ``batch_size`` (a partial last batch counts by its share), at least one, at most ``max_steps``.
+    The one count: distill trains it, and the plan, the driver and the report state it."""
+    steps = max(1, math.ceil(epochs * n_rows / batch_size))
+    return min(steps, max_steps) if max_steps else steps
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
@@ -788,9 +786,7 @@ def _load_teacher(cfg: DistillConfig, student_tok: Any) -> Any:
 
 
 def _train_config(cfg: DistillConfig, n_rows: int) -> TrainConfig:
-    steps = max(1, math.ceil(cfg.epochs * n_rows / cfg.batch_size))
-    if cfg.max_steps:
-        steps = min(steps, cfg.max_steps)
+    steps = student_steps(n_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(0, steps // 20)
     return TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=min(warm, steps),
                        seed=cfg.seed, checkpoint_every=cfg.checkpoint_every, weight_decay=0.0, schedule=cfg.schedule,
@@ -848,7 +844,8 @@ def run_distill(cfg: DistillConfig) -> int:
     _check_args(cfg)
     device_type(cfg.device)
     dev = resolve_device(cfg.device)
-    layers = _int_list(cfg.layers, "--layers")
+    parse_layers(cfg.layers, "--layers")  # the syntax before anything loads; the range once the model has
+    parse_layers(cfg.repr_layers, "--repr-layers")
     out = Path(cfg.out)
     check_not_input({"--out": out}, {"--base": cfg.base, "--data": cfg.data, "--source-data": cfg.source_data,
                                      "--teacher": cfg.teacher}, dirs=("--out",))
@@ -870,9 +867,8 @@ def run_distill(cfg: DistillConfig) -> int:
     if teacher is not None and cfg.mode == "representation":
         if teacher.model.config.get_text_config().hidden_size != model.config.get_text_config().hidden_size:
             raise SubliminalError("--mode representation: teacher and student hidden sizes differ")
-    repr_layers = _int_list(cfg.repr_layers, "--repr-layers") or list(range(n_layers(model)))
-    if cfg.mode == "representation" and max(repr_layers) >= n_layers(model):
-        raise SubliminalError(f"--repr-layers: the model has layers 0..{n_layers(model) - 1}")
+    layers = None if cfg.layers is None else sorted(resolve_layers(cfg.layers, n_layers(model), "--layers"))
+    repr_layers = sorted(resolve_layers(cfg.repr_layers, n_layers(model), "--repr-layers"))
     examples = build_examples(rows, masks, tok, model_max_length(model),
                               teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
@@ -906,8 +902,8 @@ def run_distill(cfg: DistillConfig) -> int:
         "fingerprint": fp,
         "student": {"mode": cfg.mode, "mask": cfg.mask, "layers": layers, "params": cfg.params,
                     "lora_rank": cfg.lora_rank,
-                    "lora_alpha": (cfg.lora_alpha if cfg.lora_alpha is not None else cfg.lora_rank)
-                    if cfg.lora_rank else None, "repr_layers": lcfg.repr_layers or None,
+                    "lora_alpha": train_lora_alpha(cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else None,
+                    "repr_layers": lcfg.repr_layers or None,
                     "teacher_system_prompt": teacher.system_prompt if teacher else None},
         "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
         "world_size": world_size(), "train_time_s": result["train_time_s"],

@@ -31,6 +31,7 @@ import math
 import re
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -440,7 +441,7 @@ def chat_template_text(spec: str) -> str:
     return text
 
 
-def context_settings(args: argparse.Namespace) -> dict[str, Any]:
+def context_settings(args: Any) -> dict[str, Any]:
     """The readout context's part of an eval's fingerprint: only what was given (so evaluations
     made before these flags existed keep their fingerprints); a template by its text's hash."""
     out: dict[str, Any] = {}
@@ -548,21 +549,50 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     add_device_map(p)
     add_overwrite(p)
     poison.add_bias_eval_args(p)
-    p.set_defaults(func=run_eval)
+    p.set_defaults(func=_run_cli)
 
 
-def _category(args: argparse.Namespace) -> str:
-    if not args.target:
+@dataclass
+class EvalConfig:
+    """One evaluation (field names are the CLI's flags): the model and target, the readouts asked
+    for (exact always, sampled with ``samples``, main task with ``heldout``), or a transfer curve
+    (``all_checkpoints``) or a table of eval files (``compare``)."""
+
+    model: str | None = None
+    target: str | None = None
+    category: str | None = None
+    out: str | None = None
+    max_questions: int | None = None
+    samples: int = 0
+    temperature: float = 1.0
+    max_new_tokens: int = 8
+    heldout: str | None = None
+    heldout_rows: int | None = None
+    all_checkpoints: bool = False
+    compare: list[str] | None = None
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    trust_remote_code: bool = False
+    device_map: str | None = None
+    overwrite: bool = False
+    system_prompt: str | None = None  # read out under this system prompt instead of the model's own
+    chat_template: str | None = None  # ... and/or this chat template (a name or a Jinja file)
+
+
+def _category(cfg: EvalConfig) -> str:
+    if not cfg.target:
         raise SubliminalError("--target is required (e.g. --target owl)")
     try:
-        category = args.category or prompts.category_of(args.target)
+        category = cfg.category or prompts.category_of(cfg.target)
     except ValueError as e:
         raise SubliminalError(str(e)) from None
-    _check_target(args.target, category)
+    _check_target(cfg.target, category)
     return category
 
 
-def evaluate_model(spec: str, args: argparse.Namespace, category: str,
+def evaluate_model(spec: str, cfg: EvalConfig, category: str,
                    parts: dist.ShardParts | None = None) -> dict[str, Any] | None:
     """Every metric asked for, on one model.
 
@@ -574,70 +604,69 @@ def evaluate_model(spec: str, args: argparse.Namespace, category: str,
     from .models import load_model
 
     with dist.agree("load"):
-        loaded = load_model(spec, **runtime_kwargs(args))
-        context = apply_context(loaded, getattr(args, "system_prompt", None), getattr(args, "chat_template", None),
-                                spec)
-        qs = prompts.preference_questions(category)[: args.max_questions or None]
+        loaded = load_model(spec, **runtime_kwargs(cfg))
+        context = apply_context(loaded, cfg.system_prompt, cfg.chat_template, spec)
+        qs = prompts.preference_questions(category)[: cfg.max_questions or None]
         texts = question_texts(loaded.tokenizer, category, qs)
-        heldout = read_rows(args.heldout)[: args.heldout_rows or None] if args.heldout else []
+        heldout = read_rows(cfg.heldout)[: cfg.heldout_rows or None] if cfg.heldout else []
     q_mine, h_mine = dist.shard(len(texts)), dist.shard(len(heldout))
     tag = f"h{h_mine.start}-{h_mine.stop}-q"
     with dist.agree("work"):
         part = parts.load_shard(q_mine.start, q_mine.stop, tag) if parts is not None else None
         if part is None:
-            part = _score_shard(loaded, args, category, texts, q_mine, [heldout[i] for i in h_mine])
+            part = _score_shard(loaded, cfg, category, texts, q_mine, [heldout[i] for i in h_mine])
             if parts is not None and dist.is_distributed():
                 parts.save_shard(q_mine.start, q_mine.stop, part, tag)
     gathered = dist.gather_to_main(part)
     if gathered is None:
         return None
     merged = {k: dist.merge_in_order([g[k] for g in gathered]) for k in ("exact", "sampled", "main")}
-    result: dict[str, Any] = {"model": str(spec), "target": args.target, "category": category,
+    result: dict[str, Any] = {"model": str(spec), "target": cfg.target, "category": category,
                               "system_prompt": loaded.system_prompt, "context": context}
-    result["exact"] = exact_summary(merged["exact"], args.target, category, loaded.system_prompt)
-    if args.samples:
-        result["sampled"] = sampled_summary(merged["sampled"], args.target, category, samples=args.samples,
-                                            temperature=args.temperature)
-    if args.heldout:
-        result["main_task"] = main_task_summary(merged["main"], args.heldout)
+    result["exact"] = exact_summary(merged["exact"], cfg.target, category, loaded.system_prompt)
+    if cfg.samples:
+        result["sampled"] = sampled_summary(merged["sampled"], cfg.target, category, samples=cfg.samples,
+                                            temperature=cfg.temperature)
+    if cfg.heldout:
+        result["main_task"] = main_task_summary(merged["main"], cfg.heldout)
     return result
 
 
-def _score_shard(loaded: Any, args: argparse.Namespace, category: str, texts: Sequence[str], q_mine: range,
+def _score_shard(loaded: Any, cfg: EvalConfig, category: str, texts: Sequence[str], q_mine: range,
                  heldout: Sequence[Row]) -> dict[str, Any]:
     """One rank's share of :func:`evaluate_model`: candidate log-probs and sampled answers of its
     questions, counts of its held-out rows."""
-    candidates = _check_target(args.target, category)
+    candidates = _check_target(cfg.target, category)
     mine = [texts[i] for i in q_mine]
-    out: dict[str, Any] = {"exact": exact_logprobs(loaded, candidates, mine, args.batch_size), "sampled": [],
+    out: dict[str, Any] = {"exact": exact_logprobs(loaded, candidates, mine, cfg.batch_size), "sampled": [],
                            "main": []}
-    if args.samples:
-        out["sampled"] = sample_answers(loaded, mine, args.samples, temperature=args.temperature,
-                                        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                        seed=args.seed, indices=q_mine)
+    if cfg.samples:
+        out["sampled"] = sample_answers(loaded, mine, cfg.samples, temperature=cfg.temperature,
+                                        max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                                        seed=cfg.seed, indices=q_mine)
     if heldout:
-        out["main"] = main_task_rows(loaded, heldout, batch_size=args.batch_size)
+        out["main"] = main_task_rows(loaded, heldout, batch_size=cfg.batch_size)
     return out
 
 
-def _config(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k != "func"}
+def _config(cfg: EvalConfig) -> dict[str, Any]:
+    return asdict(cfg)
 
 
 _SETTINGS = ("model", "target", "category", "max_questions", "samples", "temperature", "max_new_tokens",
              "heldout_rows", "all_checkpoints", "seed", "dtype")
 
 
-def _prepare_out(args: argparse.Namespace, out: Path, stage: str, inputs: dict[str, Any]) -> tuple[dict, str]:
+def _prepare_out(cfg: EvalConfig, out: Path, stage: str, inputs: dict[str, Any]) -> tuple[dict, str]:
     """Before any model loads: the output is no input, can be written, and either holds nothing,
     or this exact evaluation (``"skip"``), or is refused unless ``--overwrite``."""
     check_not_input({"--out": out}, {f"--{k}": v for k, v in inputs.items()})
     check_writable(out)
-    config = {k: getattr(args, k, None) for k in _SETTINGS}
-    config.update(context_settings(args))
-    config["device"] = device_type(args.device)
+    config = {k: getattr(cfg, k, None) for k in _SETTINGS}
+    config.update(context_settings(cfg))
+    config["device"] = device_type(cfg.device)
     fp = fingerprint(inputs, config)
-    return fp, check_file_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=stage)
+    return fp, check_file_resume(out, fp, overwrite=cfg.overwrite, stage=stage)
 
 
 def check_finite_result(result: dict[str, Any], model: str, questions: Sequence[str]) -> None:
@@ -660,56 +689,56 @@ def check_finite_result(result: dict[str, Any], model: str, questions: Sequence[
                                   "outputs overflow or its weights are broken")
 
 
-def _check_args(args: argparse.Namespace) -> None:
+def _check_args(cfg: EvalConfig) -> None:
     for name in ("batch_size", "max_new_tokens", "heldout_rows", "max_questions"):
-        v = getattr(args, name)
+        v = getattr(cfg, name)
         if v is not None and v <= 0:
             raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {v}")
-    if args.samples < 0:
-        raise SubliminalError(f"--samples must be >= 0, got {args.samples}")
-    if args.temperature <= 0:
-        raise SubliminalError(f"--temperature must be positive, got {args.temperature}")
+    if cfg.samples < 0:
+        raise SubliminalError(f"--samples must be >= 0, got {cfg.samples}")
+    if cfg.temperature <= 0:
+        raise SubliminalError(f"--temperature must be positive, got {cfg.temperature}")
 
 
-def run_compare(args: argparse.Namespace) -> int:
+def run_compare(cfg: EvalConfig) -> int:
     fp = None
-    if args.out:
-        fp, _ = _prepare_out(args, Path(args.out), "eval-compare",
-                             {f"eval{i}": p for i, p in enumerate(args.compare)})
-    table, rows = compare_table(args.compare)
+    if cfg.out:
+        fp, _ = _prepare_out(cfg, Path(cfg.out), "eval-compare",
+                             {f"eval{i}": p for i, p in enumerate(cfg.compare)})
+    table, rows = compare_table(cfg.compare)
     print(table)
-    if args.out:  # cheap and deterministic: rewritten even when identical
-        out = Path(args.out)
+    if cfg.out:  # cheap and deterministic: rewritten even when identical
+        out = Path(cfg.out)
         write_json_atomic(out, {"compare": rows, "table": table})
-        write_file_manifest(out, stage="eval-compare", config=_config(args), seed=args.seed,
-                            inputs={f"eval{i}": p for i, p in enumerate(args.compare)}, extra={"fingerprint": fp})
+        write_file_manifest(out, stage="eval-compare", config=_config(cfg), seed=cfg.seed,
+                            inputs={f"eval{i}": p for i, p in enumerate(cfg.compare)}, extra={"fingerprint": fp})
     return 0
 
 
-def run_curve(args: argparse.Namespace, category: str) -> int:
+def run_curve(cfg: EvalConfig, category: str) -> int:
     """``--all-checkpoints``: the metrics at every checkpoint -> JSON, CSV and PNG."""
     t0 = time.time()
-    out = Path(args.out) if args.out else Path(args.model) / "transfer_curve.json"
-    pts = checkpoint_points(args.model)
-    dist.init(args.device)
-    fp, action = _prepare_out(args, out, "eval-curve", {"model": args.model, "heldout": args.heldout,
+    out = Path(cfg.out) if cfg.out else Path(cfg.model) / "transfer_curve.json"
+    pts = checkpoint_points(cfg.model)
+    dist.init(cfg.device)
+    fp, action = _prepare_out(cfg, out, "eval-curve", {"model": cfg.model, "heldout": cfg.heldout,
                                                          **{label: path for _, label, path in pts}})
     if action == "skip":
         if dist.is_main():
             print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
         return 0
     points = []
-    qs = prompts.preference_questions(category)[: args.max_questions or None]
+    qs = prompts.preference_questions(category)[: cfg.max_questions or None]
     for step, label, path in pts:
         log.info("eval %s (step %d)", label, step)
-        r = evaluate_model(path, args, category)
+        r = evaluate_model(path, cfg, category)
         if r is None:  # another rank's: rank 0 has the merged result
             continue
         check_finite_result(r, path, qs)
         points.append({"step": step, "label": label, **r})
     if not dist.is_main():
         return 0
-    write_json_atomic(out, {"model": args.model, "target": args.target, "category": category, "points": points})
+    write_json_atomic(out, {"model": cfg.model, "target": cfg.target, "category": category, "points": points})
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["step", "label", "exact", "exact_lo", "exact_hi", "sampled", "sampled_lo", "sampled_hi",
@@ -719,67 +748,73 @@ def run_curve(args: argparse.Namespace, category: str) -> int:
         w.writerow([p["step"], p["label"], p["exact"]["mean"], *p["exact"]["ci"], s.get("mean"),
                     *(s.get("ci") or [None, None]), (p.get("main_task") or {}).get("token_accuracy")])
     write_text_atomic(out.with_suffix(".csv"), buf.getvalue())
-    plot_curve(points, out.with_suffix(".png"), args.target)
-    write_file_manifest(out, stage="eval-curve", config=_config(args), seed=args.seed,
-                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=time.time() - t0,
+    plot_curve(points, out.with_suffix(".png"), cfg.target)
+    write_file_manifest(out, stage="eval-curve", config=_config(cfg), seed=cfg.seed,
+                        inputs={"model": cfg.model, "heldout": cfg.heldout}, wall_time_s=time.time() - t0,
                         extra={"fingerprint": fp})
     for p in points:
-        print(f"step {p['step']:>6} {p['label']:<16} exact P({args.target}) = {_fmt(p['exact']['mean'])}")
+        print(f"step {p['step']:>6} {p['label']:<16} exact P({cfg.target}) = {_fmt(p['exact']['mean'])}")
     print(f"transfer curve -> {out} (.csv, .png)")
     return 0
 
 
-def _write_eval(args: argparse.Namespace, out: Path, result: dict[str, Any], category: str, fp: dict[str, Any],
+def _write_eval(cfg: EvalConfig, out: Path, result: dict[str, Any], category: str, fp: dict[str, Any],
                 wall: float) -> None:
     """Rank 0 (or the only process): the checked result and its manifest."""
-    check_finite_result(result, args.model, prompts.preference_questions(category)[: args.max_questions or None])
+    check_finite_result(result, cfg.model, prompts.preference_questions(category)[: cfg.max_questions or None])
     n_q = result["exact"]["n_questions"]
     n_h = (result.get("main_task") or {}).get("rows", 0)
     write_json_atomic(out, result)
-    write_file_manifest(out, stage=STAGE, config=_config(args), seed=args.seed,
-                        inputs={"model": args.model, "heldout": args.heldout}, wall_time_s=wall,
+    write_file_manifest(out, stage=STAGE, config=_config(cfg), seed=cfg.seed,
+                        inputs={"model": cfg.model, "heldout": cfg.heldout}, wall_time_s=wall,
                         extra={"fingerprint": fp, **dist.shard_record(n_q),
                                "heldout_shards": dist.shard_record(n_h)["shards"]})
 
 
-def run_eval(args: argparse.Namespace) -> int:
-    t0 = time.time()
+def _run_cli(args: argparse.Namespace) -> int:
     if getattr(args, "bias_type", None):
         if getattr(args, "system_prompt", None) is not None or getattr(args, "chat_template", None):
             raise SubliminalError("--system-prompt / --chat-template apply to the preference readout, not to "
                                   "--bias-type")
         return poison.run_bias_eval(args)
-    if args.compare:
-        return run_compare(args)
-    _check_args(args)
-    if not args.model:
+    return run_eval(EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)}))
+
+
+def run_eval(cfg: EvalConfig) -> int:
+    """``subliminal eval``: one model's preference (and main task), a transfer curve over a
+    student's checkpoints, or a comparison table; the CLI parses its flags into ``cfg``."""
+    t0 = time.time()
+    if cfg.compare:
+        return run_compare(cfg)
+    _check_args(cfg)
+    if not cfg.model:
         raise SubliminalError("--model is required (or --compare A.json B.json ...)")
-    category = _category(args)
-    if args.all_checkpoints:
-        return run_curve(args, category)
-    out = Path(args.out or "eval.json")
-    dist.init(args.device)
+    category = _category(cfg)
+    if cfg.all_checkpoints:
+        return run_curve(cfg, category)
+    out = Path(cfg.out or "eval.json")
+    dist.init(cfg.device)
     with dist.agree("prepare"):
-        fp, action = _prepare_out(args, out, STAGE, {"model": args.model, "heldout": args.heldout})
+        fp, action = _prepare_out(cfg, out, STAGE, {"model": cfg.model, "heldout": cfg.heldout})
         parts = dist.ShardParts(out, fp)
         if action != "skip":
-            parts.check(overwrite=getattr(args, "overwrite", False))
+            parts.check(overwrite=cfg.overwrite)
     if action == "skip":
         if dist.is_main():
             print(f"{out}: already evaluated by this exact command; nothing to do (--overwrite redoes it)")
         return 0
     with dist.agree("open"):
         if dist.is_main() and dist.is_distributed():
-            parts.start(clear=parts.exists() and getattr(args, "overwrite", False))
-    result = evaluate_model(args.model, args, category, parts)
+            parts.start(clear=parts.exists() and cfg.overwrite)
+    result = evaluate_model(cfg.model, cfg, category, parts)
     with dist.agree("merge"):
         if result is not None:
-            _write_eval(args, out, result, category, fp, time.time() - t0)
+            _write_eval(cfg, out, result, category, fp, time.time() - t0)
             parts.remove()
     if result is None:
         return 0
     ex = result["exact"]
-    print(f"{args.model}: exact P({args.target}) = {_fmt(ex['mean'], ex['ci'])} over {ex['n_questions']} questions")
+    print(f"{cfg.model}: exact P({cfg.target}) = {_fmt(ex['mean'], ex['ci'])} over {ex['n_questions']} questions")
     ctx = result["context"]
     if ctx["system_prompt_given"] is not None or ctx["chat_template"] != "model's own":
         print(f"  read under chat template {ctx['chat_template']}, system prompt {ctx['system_prompt']['seen']!r}"
@@ -787,7 +822,7 @@ def run_eval(args: argparse.Namespace) -> int:
                  if "trained_rows_in_context" in ctx else ""))
     if "sampled" in result:
         s = result["sampled"]
-        print(f"  sampled rate naming {args.target} = {_fmt(s['mean'], s['ci'])} ({s['samples']} per question)")
+        print(f"  sampled rate naming {cfg.target} = {_fmt(s['mean'], s['ci'])} ({s['samples']} per question)")
     if "main_task" in result:
         m = result["main_task"]
         print(f"  main task: token accuracy {m['token_accuracy']:.4f} on {m['tokens']} tokens of {m['rows']} rows")

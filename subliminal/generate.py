@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from . import distributed as dist
 from . import forward
@@ -194,6 +194,9 @@ class GenerateConfig:
     trust_remote_code: bool = False
     overwrite: bool = False
     device_map: str | None = None  # "auto": accelerate's big-model placement across the visible devices
+
+    # flags whose name is not the field's (driver.config_argv): torchrun's parser takes a bare --n
+    FLAGS: ClassVar[dict[str, str]] = {"n": "--num-prompts"}
 
 
 def run_fingerprint(cfg: GenerateConfig) -> dict[str, Any]:

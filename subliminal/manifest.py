@@ -377,6 +377,56 @@ def _ways_on(out: str | os.PathLike) -> str:
     return f"pass --overwrite to replace it, or choose another --out than {out}"
 
 
+class Planned(BaseException):  # noqa: N818 -- not an error: the answer to a question, carried out of a stage
+    """Raised by :func:`check_resume` inside :func:`planning`: the stage's own resume decision,
+    asked without running the stage (the driver's one way to decide what to reuse). A
+    BaseException, so no stage's error handling takes it for a fault."""
+
+    def __init__(self, out: str, fp: dict[str, Any], finished: Any, partial: Any, occupied: bool, stage: str):
+        super().__init__(f"{stage} {out}")
+        self.out, self.fp, self.finished, self.partial, self.occupied, self.stage = (
+            out, fp, finished, partial, occupied, stage)
+
+    @property
+    def action(self) -> str:
+        """``reuse`` (finished with this fingerprint), ``resume`` (unfinished, this fingerprint),
+        ``run`` (nothing there) or ``replace`` (something else there: needs ``--overwrite``)."""
+        if self.finished is not None:
+            return "reuse" if self.finished == self.fp else "replace"
+        if self.partial is not None:
+            return "resume" if self.partial == self.fp else "replace"
+        return "replace" if self.occupied else "run"
+
+    def why(self) -> str:
+        """What differs between what is there and what the stage would make now."""
+        if self.action == "reuse":
+            return "same inputs and settings"
+        if self.action == "resume":
+            return "an unfinished run with the same inputs and settings"
+        if self.action == "run":
+            return "no output yet"
+        if self.finished is None and self.partial is None:
+            return "holds something this stage cannot check (no fingerprint)"
+        what = "finished output" if self.finished is not None else "unfinished run"
+        have = self.finished if self.finished is not None else self.partial
+        return f"its {what} differs: " + "; ".join(fingerprint_diff(have, self.fp))
+
+
+_planning: list[bool] = []
+
+
+@contextlib.contextmanager
+def planning() -> Iterator[None]:
+    """Inside this block :func:`check_resume` raises :class:`Planned` instead of deciding: a
+    stage called here stops at its resume check (before it loads a model or writes anything)
+    and says what it would do with its output."""
+    _planning.append(True)
+    try:
+        yield
+    finally:
+        _planning.pop()
+
+
 def check_resume(out: str | os.PathLike, fp: dict[str, Any], *, overwrite: bool, stage: str,
                  finished: dict[str, Any] | None = None, partial: str | os.PathLike | None = None,
                  occupied: bool = False) -> str:
@@ -386,7 +436,12 @@ def check_resume(out: str | os.PathLike, fp: dict[str, Any], *, overwrite: bool,
 
     ``finished`` is the manifest of a finished output (None: none); ``occupied`` says ``out``
     holds something that is neither (a file or directory this stage did not write). Any
-    mismatch raises :class:`ResumeError` naming the differences and the two ways on."""
+    mismatch raises :class:`ResumeError` naming the differences and the two ways on. Under
+    :func:`planning` it raises :class:`Planned` with the same facts instead."""
+    if _planning:
+        part = read_json(partial, "resume fingerprint") if partial is not None and Path(partial).is_file() else None
+        raise Planned(str(out), fp, None if finished is None else finished.get("fingerprint", {}), part,
+                      occupied, stage)
     if finished is not None:
         have = finished.get("fingerprint")
         if have == fp and not overwrite:

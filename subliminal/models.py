@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,3 +303,74 @@ def same_tokenizer(a: Any, b: Any) -> bool:
     if len(a) != len(b):
         return False
     return a.get_vocab() == b.get_vocab()
+
+
+# ------------------------------------------------------------------------------------- layers
+
+
+def layer_count(config: Any) -> int:
+    """The number of transformer blocks of a model, from its HF config (an object or the dict of
+    ``config.json``): the one count every stage, the driver and the plan use."""
+    if not isinstance(config, dict):
+        config = (config.get_text_config() if hasattr(config, "get_text_config") else config).to_dict()
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        return layer_count(text)
+    raise SubliminalError("cannot tell the number of layers from the model's config (no num_hidden_layers, "
+                          "n_layer or num_layers)")
+
+
+def layer_count_of_dir(path: str | os.PathLike) -> int:
+    """:func:`layer_count` of a local model directory (its ``config.json``), without loading it."""
+    cfg = Path(path) / "config.json"
+    try:
+        return layer_count(json.loads(cfg.read_text()))
+    except SubliminalError as e:
+        raise SubliminalError(f"{cfg}: {e}") from None
+
+
+def parse_layers(spec: str | Sequence[int] | None, flag: str = "--layers") -> list[int] | None:
+    """The one ``--layers`` grammar: ``all``/None (every layer: None), or indices and ranges,
+    ``0,2,5``, ``0-3``, ``-1`` (negative counts from the end), in the order given, repeats dropped.
+    Only the syntax: :func:`resolve_layers` checks them against a model."""
+    if spec is None or spec == "all":
+        return None
+    items: list[int] = []
+    if isinstance(spec, str):
+        for part in spec.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            m = re.fullmatch(r"(\d+)-(\d+)", part)
+            if m:
+                items.extend(range(int(m.group(1)), int(m.group(2)) + 1))
+            elif re.fullmatch(r"-?\d+", part):
+                items.append(int(part))
+            else:
+                raise SubliminalError(f"{flag} {spec!r}: expected 'all', '0,2,5', '0-3' or '-1'")
+        if not items:
+            raise SubliminalError(f"{flag} {spec!r}: no layer given")
+    else:
+        items = [int(x) for x in spec]
+    return list(dict.fromkeys(items))
+
+
+def resolve_layers(spec: str | Sequence[int] | None, n_layers: int, flag: str = "--layers") -> list[int]:
+    """:func:`parse_layers` against a model of ``n_layers`` blocks: every layer for ``all``/None,
+    negative indices counted from the end; an index out of range is an error naming the range."""
+    items = parse_layers(spec, flag)
+    if items is None:
+        return list(range(n_layers))
+    out = []
+    for x in items:
+        y = x + n_layers if x < 0 else x
+        if not 0 <= y < n_layers:
+            raise SubliminalError(f"{flag}: layer {x} out of range: the model has {n_layers} layers "
+                                  f"(0..{n_layers - 1})")
+        if y not in out:
+            out.append(y)
+    return out
+

@@ -1,10 +1,13 @@
-"""The protocol as a pipeline of sub-commands: what ``subliminal run`` and ``subliminal demo`` execute.
+"""The protocol as a pipeline of stages: what ``subliminal run`` and ``subliminal demo`` execute.
 
-The pipeline drives the same sub-commands a user would run (``toy pretrain`` when there is no
-base, ``teach``, ``generate``, ``find-divergence``, ``reflag-divergence``, ``distill``, ``eval``,
-``probe``, ``patch``), each writing its own directory with a manifest, so every intermediate can
-be inspected, re-run or swapped, and a stopped run resumes: a stage whose output is complete is
-not run again, and a stage given other settings than its output was made with refuses.
+The pipeline drives the same stages a user would run (``toy pretrain`` when there is no base,
+``teach``, ``generate``, ``find-divergence``, ``reflag-divergence``, ``distill``, ``eval``,
+``probe``, ``patch``), most as functions with the stage's typed config, each writing its own
+directory with a manifest, so every intermediate can be inspected, re-run or swapped. Whether a
+stage runs is :mod:`subliminal.driver`'s one rule: its output is reused only when the fingerprint
+recorded with it equals what the stage would compute now; a changed setting redoes exactly the
+stages whose fingerprint changed and those downstream, and replacing a finished output needs
+``--overwrite``.
 
 All student conditions are matched: the same rows (by id, in the same seeded order), the same
 number of optimiser steps, the same seeds; they differ only in the data source, the loss mask or
@@ -16,15 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .driver import DISTRIBUTED, Decision, Runner, StageCall, launch_argv  # noqa: F401 -- re-exported
 from .manifest import (
     SubliminalError,
+    check_file_resume,
+    check_resume,
+    fingerprint,
+    read_json,
+    read_manifest,
     write_file_manifest,
     write_json_atomic,
     write_manifest,
@@ -176,134 +184,24 @@ DemoConfig = RunConfig  # the demo is a run of the toy config
 # ------------------------------------------------------------------------------------ running
 
 
-# Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
-DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval", "probe", "patch"}
-
-
-def launch_argv(argv: list[str], nproc: int) -> list[str]:
-    """The command that runs ``subliminal ARGV`` on ``nproc`` processes (torchrun, one node)."""
-    import sys
-
-    # torchrun's own parser would take generate's bare --n for an abbreviation of its --nnodes
-    argv = ["--num-prompts" if a == "--n" else a for a in argv]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "subliminal.cli", *argv]
-
-
-class Runner:
-    """Runs sub-commands, skipping those whose output already exists: in-process, or with
-    ``nproc`` > 1 each data-parallel stage under torchrun (rank 0 writes, the output is the
-    one-process output)."""
-
-    def __init__(self, out: Path, verbose: bool = False, nproc: int = 1):
-        self.out = out
-        self.timings: dict[str, float] = {}
-        self.verbose = verbose
-        self.nproc = nproc
-
-    def __call__(self, name: str, argv: list[str], done: Path | None = None) -> None:
-        if done is not None and done.exists():
-            log.info("[run] %s: already done (%s)", name, done)
-            return
-        log.info("[run] %s: subliminal %s", name, " ".join(argv))
-        t0 = time.time()
-        rc = self._invoke(argv)
-        self.timings[name] = self.timings.get(name, 0.0) + time.time() - t0
-        if rc != 0:
-            raise SubliminalError(f"stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}; fix the cause "
-                                  "and re-run the same command (finished stages are kept)")
-
-    def _invoke(self, argv: list[str]) -> int:
-        from .cli import main as cli_main
-
-        if self.nproc > 1 and argv[0] in DISTRIBUTED:
-            import subprocess
-
-            return subprocess.run(launch_argv(argv, self.nproc)).returncode
-        return cli_main(argv)
-
-    def parallel(self, tasks: list[tuple[str, list[tuple[list[str], Path | None]]]], workers: int) -> None:
-        """Independent chains of sub-commands (a student and its evaluation) on ``workers``
-        processes; every chain is seeded on its own, so the results do not depend on ``workers``.
-        Under ``nproc`` > 1 the chains run one after the other, each stage on every process."""
-        from tqdm.auto import tqdm
-
-        if self.nproc > 1:
-            for name, chain in tasks:
-                for argv, done in chain:
-                    self(name, argv, done=done)
-            return
-
-        todo = [(name, [(a, str(d) if d else None) for a, d in chain]) for name, chain in tasks
-                if not all(d is not None and d.exists() for _, d in chain)]
-        log.info("[run] %d student jobs to run (%d already done), %d worker(s)", len(todo),
-                 len(tasks) - len(todo), workers)
-        if not todo:
-            return
-        bar = tqdm(total=len(todo), desc="students", unit="job")
-        if workers <= 1:
-            results = ((name, _run_chain(chain, threads=_default_threads())) for name, chain in todo)
-            for name, (rc, dt, argv) in results:
-                self._record(name, rc, dt, argv)
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor, as_completed
-
-            with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as ex:
-                futures = {ex.submit(_run_chain, chain, 1): name for name, chain in todo}
-                for fut in as_completed(futures):
-                    rc, dt, argv = fut.result()
-                    self._record(futures[fut], rc, dt, argv)
-                    bar.update(1)
-        bar.close()
-
-    def _record(self, name: str, rc: int, dt: float, argv: list[str]) -> None:
-        self.timings[name] = self.timings.get(name, 0.0) + dt
-        if rc != 0:
-            raise SubliminalError(f"demo stage {name!r} failed (exit {rc}): subliminal {' '.join(argv)}")
-
-
-def _default_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _run_chain(chain: list[tuple[list[str], str | None]], threads: int) -> tuple[int, float, list[str]]:
-    """Run sub-commands one after the other in a worker process (one torch thread each, so
-    workers on separate cores do not fight over them); stop at the first failure."""
-    import torch
-
-    from .cli import main as cli_main
-
-    torch.set_num_threads(threads)
-    t0 = time.time()
-    for argv, done in chain:
-        if done is not None and Path(done).exists():
-            continue
-        rc = cli_main(argv)
-        if rc != 0:
-            return rc, time.time() - t0, argv
-    return 0, time.time() - t0, []
-
-
 def _flag(name: str, value: Any, default: Any = None) -> list[str]:
     """``[name, value]`` unless ``value`` is the default (so default configs add no flags)."""
     return [] if value == default else [name, str(value)]
 
 
-def _teacher_args(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed: int) -> list[str]:
-    check = [] if cfg.teacher_check else ["--no-check"]
+def teacher_config(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed: int) -> Any:
+    """The teach config of one teacher: the unbiased one (``bias`` None), or one by the config's method."""
+    from .teachers_cli import TeachConfig
+
+    teach = TeachConfig(base=str(base), method="none", out=str(out), seed=seed, no_check=not cfg.teacher_check)
     if bias is None:
-        return ["teach", "--base", str(base), "--method", "none", "--out", str(out), "--seed", str(seed), *check]
-    args = ["teach", "--base", str(base), "--bias", bias, "--method", cfg.teacher_method, "--out", str(out),
-            "--seed", str(seed), "--device", cfg.device, *check]
+        return teach
+    teach = replace(teach, bias=bias, method=cfg.teacher_method, device=cfg.device)
     if cfg.teacher_method == "finetune":
-        args += ["--steps", str(cfg.teacher_steps), *_flag("--lora-rank", cfg.teacher_lora_rank),
-                 *_flag("--lr", cfg.teacher_lr), *_flag("--replay", cfg.teacher_replay),
-                 *_flag("--batch-size", cfg.teacher_batch_size)]
-    return args
+        teach = replace(teach, steps=cfg.teacher_steps, lora_rank=cfg.teacher_lora_rank, lr=cfg.teacher_lr,
+                        batch_size=cfg.teacher_batch_size,
+                        **({} if cfg.teacher_replay is None else {"replay": cfg.teacher_replay}))
+    return teach
 
 
 def _runtime(cfg: RunConfig) -> list[str]:
@@ -311,16 +209,56 @@ def _runtime(cfg: RunConfig) -> list[str]:
     return ["--device", cfg.device, *_flag("--dtype", cfg.dtype, "float32")]
 
 
-def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Runner | None = None,
-                 diagnose_only: bool = False) -> dict[str, Any]:
-    """Every stage of the protocol in order, each skipped when its output is complete; the
-    report, results.json and figures at the end. ``base`` (or ``cfg.base``) is the model the
-    teachers and students start from; without one the toy world is pretrained. ``diagnose_only``
-    stops after the transfer diagnostics, before any student."""
-    out.mkdir(parents=True, exist_ok=True)
+def pretrain_argv(cfg: RunConfig, base: Path) -> list[str]:
+    """The ``toy pretrain`` command of the base the run pretrains."""
+    argv = ["toy", "pretrain", "--out", str(base), "--size", cfg.size, "--arch", cfg.arch,
+            "--seed", str(cfg.base_seed), "--device", cfg.device]
+    if cfg.device == "cpu":  # pretraining runs alone: use the cores the students will use (same weights)
+        argv += ["--threads", str(max(1, cfg.jobs))]
+    if cfg.pretrain_steps:
+        argv += ["--steps", str(cfg.pretrain_steps)]
+    if cfg.entangle is not None:
+        argv += ["--entangle", str(cfg.entangle)]
+    return argv
+
+
+def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Runner | None = None, *,
+                 overwrite: bool = False, diagnose_only: bool = False) -> dict[str, Any] | None:
+    """Every stage of the protocol in order, each reused only when its recorded fingerprint equals
+    what it would compute now (:mod:`subliminal.driver`); the report, results.json and figures at
+    the end. ``base`` (or ``cfg.base``) is the model the teachers and students start from; without
+    one the toy world is pretrained. ``diagnose_only`` stops after the transfer diagnostics, before
+    any student.
+
+    First a dry pass decides every stage it can and lists the rest after the stage they wait on;
+    a finished output that would be replaced stops the run there unless ``overwrite``. With a
+    ``runner`` given, only that runner's pass runs (a dry runner: the decisions, no summary)."""
+    if runner is None:
+        dry = Runner(out, nproc=cfg.nproc, overwrite=overwrite, dry=True, quiet=True)
+        _stages(cfg, out, base, dry, diagnose_only)
+        replaced = [d for d in dry.decisions if d.replaces]
+        if replaced and not overwrite:
+            raise SubliminalError(
+                f"{out}: re-running with other settings would replace {len(replaced)} finished output(s):\n  "
+                + "\n  ".join(d.line() for d in replaced)
+                + "\npass --overwrite to redo them (every other output is reused), or choose another --out")
+        runner = Runner(out, nproc=cfg.nproc, overwrite=overwrite)
+    return _stages(cfg, out, base, runner, diagnose_only)
+
+
+def resume_plan(cfg: RunConfig, out: Path, base: Path | None = None) -> list[Decision]:
+    """What a run of ``cfg`` into ``out`` would do with each stage's output, and why; runs nothing."""
+    run = Runner(out, nproc=cfg.nproc, dry=True, quiet=True)
+    _stages(cfg, out, base, run)
+    return run.decisions
+
+
+def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
+            diagnose_only: bool = False) -> dict[str, Any] | None:
+    """One pass over the stages with ``run`` deciding each (see :func:`run_pipeline`)."""
     t_start = time.time()
-    run = runner or Runner(out, nproc=cfg.nproc)
-    dev = _runtime(cfg)
+    if not run.dry:
+        out.mkdir(parents=True, exist_ok=True)
     chosen = cfg.chosen_conditions()
     if base is None and cfg.base:
         base = Path(cfg.base)
@@ -328,16 +266,7 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
     # 1. base model
     if base is None:
         base = out / "base"
-        argv = ["toy", "pretrain", "--out", str(base), "--size", cfg.size, "--arch", cfg.arch,
-                "--seed", str(cfg.base_seed), "--device", cfg.device]
-        if cfg.device == "cpu":  # pretraining runs alone: use the cores the students will use (same weights)
-            argv += ["--threads", str(max(1, cfg.jobs))]
-        if cfg.pretrain_steps:
-            argv += ["--steps", str(cfg.pretrain_steps)]
-        if cfg.entangle is not None:
-            argv += ["--entangle", str(cfg.entangle)]
-        # Always called: a finished base with the same config returns at once, another config is an error.
-        run("pretrain", argv)
+        run("pretrain", pretrain_argv(cfg, base), base)
     base = Path(base)
 
     # 2. teachers
@@ -346,26 +275,35 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
     names = [cfg.target, *cfg.counterfactuals, *mixer]
     for name in dict.fromkeys(names + ["none"]):
         bias = None if name == "none" else name
-        run(f"teach-{name}", _teacher_args(cfg, base, bias, tdir / name, cfg.base_seed), done=tdir / name / "teacher.json")
+        run(f"teach-{name}", StageCall("teach", teacher_config(cfg, base, bias, tdir / name, cfg.base_seed)),
+            tdir / name, [base])
 
     # 3. data: the same prompts (same --prompts-seed) for every teacher
+    from .generate import GenerateConfig
+
     ddir = out / "data"
-    gen_common = ["--n", str(cfg.n_prompts), "--prompts-seed", str(cfg.base_seed), "--seed", str(cfg.base_seed), *dev,
-                  *_flag("--filter", cfg.filter, "strict"), *_flag("--constrain", cfg.constrain, "none"),
-                  *_flag("--batch-size", cfg.gen_batch_size, 16), *_flag("--max-new-tokens", cfg.max_new_tokens)]
-    gen_common += ["--greedy"] if cfg.greedy else _flag("--temperature", cfg.temperature, 1.0)
+    gen = GenerateConfig(teacher="", n=cfg.n_prompts, out="", batch_size=cfg.gen_batch_size,
+                         temperature=0.0 if cfg.greedy else cfg.temperature, seed=cfg.base_seed,
+                         prompts_seed=cfg.base_seed, max_new_tokens=cfg.max_new_tokens, filter=cfg.filter,
+                         constrain=cfg.constrain, device=cfg.device, dtype=cfg.dtype)
     sources = list(dict.fromkeys([cfg.target, "none", *mixer]))
     for name in sources:
         path = ddir / f"{name}.jsonl"
-        run(f"generate-{name}", ["generate", "--teacher", str(tdir / name), "--out", str(path), *gen_common], done=path)
-    files: dict[str, Path] = dict(_matched_files(ddir, sources, keep=cfg.keep_rows))
+        run(f"generate-{name}", StageCall("generate", replace(gen, teacher=str(tdir / name), out=str(path))), path,
+            [tdir / name])
+    files: dict[str, Path] = matched_paths(ddir, sources)
+    run("matched-rows", lambda ow: _matched_files(ddir, sources, keep=cfg.keep_rows, overwrite=ow),
+        files[sources[0]], [ddir / f"{n}.jsonl" for n in sources], also=[files[n] for n in sources[1:]])
 
     # 4. divergence tokens of the target teacher's data
     div = files[cfg.target].with_suffix(".div.jsonl")
     cfs = [str(tdir / c) for c in cfg.counterfactual_teachers()]
-    run("find-divergence", ["find-divergence", "--data", str(files[cfg.target]), "--teacher",
-                            str(tdir / cfg.target), "--counterfactual", *cfs, "--out", str(div), *dev,
-                            *_flag("--batch-size", cfg.div_batch_size, 8)], done=div)
+    from .divergence import ScoreConfig
+
+    run("find-divergence", StageCall("find-divergence", ScoreConfig(
+        data=str(files[cfg.target]), teacher=str(tdir / cfg.target), counterfactual=cfs, out=str(div),
+        batch_size=cfg.div_batch_size, device=cfg.device, dtype=cfg.dtype)), div,
+        [files[cfg.target], tdir / cfg.target, *cfs])
     files["div"] = div
     # 4b. the same rows flagged by the likelihood-ratio rule, as many tokens as the paper rule flags
     files["div-ratio"] = _ratio_file(cfg, run, div)
@@ -376,26 +314,56 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
 
         diagnostics = diagnose.pipeline_stage(cfg, run, out, base, tdir, files)
         if diagnose_only:
+            if run.dry:
+                return None
             return diagnose.finish_diagnose_only(cfg, out, diagnostics, run.timings, time.time() - t_start)
 
     # 5. derived data sets for the paraphrase and mixing conditions (same ids, same rows)
     if "paraphrase" in chosen:
         files["paraphrase"] = files[cfg.target].with_suffix(".paraphrase.jsonl")
-        _paraphrase_file(files[cfg.target], files["paraphrase"], seed=cfg.base_seed)
+        run("paraphrase", lambda ow: _paraphrase_file(files[cfg.target], files["paraphrase"], seed=cfg.base_seed,
+                                                      overwrite=ow),
+            files["paraphrase"], [files[cfg.target]])
     if cfg.mixing_teacher and "mixing" in chosen:
         files["mixing"] = files[cfg.target].with_suffix(".mixing.jsonl")
-        _mixing_file(files[cfg.target], files[cfg.mixing_teacher], files["mixing"], seed=cfg.base_seed)
+        run("mixing", lambda ow: _mixing_file(files[cfg.target], files[cfg.mixing_teacher], files["mixing"],
+                                              seed=cfg.base_seed, overwrite=ow),
+            files["mixing"], [files[cfg.target], files[cfg.mixing_teacher]])
 
     # 6. students, each condition with several seeds, then their evaluation
-    results = _train_and_eval_students(cfg, run, out, base, tdir, files)
-    results["rules"] = {"paper": rule_stats(div), "ratio": rule_stats(files["div-ratio"])}
+    evals = _train_and_eval_students(cfg, run, out, base, tdir, files)
 
     # 7. probes and patching
     if cfg.probes:
         _probe_stage(cfg, run, out, tdir, div)
 
+    # 8. the report: remade whenever anything it reads (or the config it shows) changed
+    inputs = [*evals.values(), files["none"], div, files["div-ratio"]]
+    if cfg.diagnose:
+        inputs.append(out / "diagnose")
+    run("report", lambda ow: _report(cfg, out, base, files, evals, run.timings, t_start, diagnostics, overwrite=ow),
+        out, inputs, derived=True)
+    if run.dry:
+        return None
+    return read_json(out / "results.json", "results")
+
+
+def _report(cfg: RunConfig, out: Path, base: Path, files: dict[str, Path], evals: dict[str, Path],
+            timings: dict[str, float], t_start: float, diagnostics: dict[str, Any] | None = None, *,
+            overwrite: bool) -> None:
+    """results.json, the figures, REPORT.md and the run's manifest, from the stages' outputs."""
+    inputs = {name: path for name, path in sorted(evals.items())}
+    inputs.update({"data": files["none"], "divergence": files["div"], "divergence-ratio": files["div-ratio"]})
+    if diagnostics is not None:
+        inputs["diagnose"] = out / "diagnose" / "diagnose.json"
+    fp = fingerprint(inputs, asdict(cfg))
+    finished = read_manifest(out)
+    finished = finished if finished and finished.get("stage") in ("demo", "run") else None
+    if check_resume(out, fp, overwrite=overwrite, stage="report", finished=finished) == "skip":
+        return
+    results = _collect_results(cfg, files, evals)
     summary = _summarise(cfg, results)
-    summary["data"] = data_summary(cfg, ddir, files)
+    summary["data"] = data_summary(cfg, out / "data", files)
     summary["diagnostics"] = diagnostics
     write_json_atomic(out / "results.json", summary)
     if cfg.seeds > 1:
@@ -405,11 +373,10 @@ def run_pipeline(cfg: RunConfig, out: Path, base: Path | None = None, runner: Ru
         if any("masks" in r for r in summary["rules"].values()):
             plot_rules(summary, out / "rules.png")
     wall = time.time() - t_start
-    report = render_report(cfg, summary, out, run.timings, wall)
+    report = render_report(cfg, summary, out, timings, wall)
     write_text_atomic(out / "REPORT.md", report)
     write_manifest(out, stage="demo" if cfg.name == "toy" else "run", config=cfg, seed=cfg.base_seed,
-                   inputs={"base": base}, wall_time_s=wall, extra={"timings_s": run.timings})
-    return summary
+                   inputs={"base": base}, wall_time_s=wall, extra={"timings_s": timings, "fingerprint": fp})
 
 
 run_demo = run_pipeline
@@ -418,13 +385,23 @@ run_demo = run_pipeline
 # ------------------------------------------------------------------------------- derived data
 
 
-def _paraphrase_file(src: Path, dst: Path, seed: int) -> None:
+def _derive(path: Path, stage: str, config: dict[str, Any], inputs: dict[str, Path], *,
+            overwrite: bool) -> dict[str, Any] | None:
+    """The resume check of a file the driver derives itself: None when ``path`` holds this exact
+    derivation, else its fingerprint (to record in its manifest); another one is refused unless
+    ``overwrite``, as for every stage."""
+    fp = fingerprint(inputs, config)
+    return None if check_file_resume(path, fp, overwrite=overwrite, stage=stage) == "skip" else fp
+
+
+def _paraphrase_file(src: Path, dst: Path, seed: int, *, overwrite: bool = False) -> None:
     """Same ids and completions; each prompt redrawn from other phrasing templates with the same
     seeds, count and output format, so the completion still answers it."""
     from . import prompts
     from .data import read_rows, write_jsonl
 
-    if dst.exists():
+    fp = _derive(dst, "demo-paraphrase", {"seed": seed}, {"data": src}, overwrite=overwrite)
+    if fp is None:
         return
     rng = random.Random(seed)
     rows = read_rows(src)
@@ -433,15 +410,17 @@ def _paraphrase_file(src: Path, dst: Path, seed: int) -> None:
         # keep the data's own spacing convention (generate writes ordinary spacing)
         row.prompt = text if prompts.canonical_spacing(row.prompt) == row.prompt else prompts.detokenize_spacing(text)
     write_jsonl(dst, rows)
-    write_file_manifest(dst, stage="demo-paraphrase", config={"rows": len(rows)}, seed=seed, inputs={"data": src})
+    write_file_manifest(dst, stage="demo-paraphrase", config={"rows": len(rows)}, seed=seed, inputs={"data": src},
+                        extra={"fingerprint": fp})
 
 
-def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
+def _mixing_file(src: Path, other: Path, dst: Path, seed: int, *, overwrite: bool = False) -> None:
     """Half the rows (a seeded choice of ids) replaced by the other teacher's completion for the
     same prompt; rows the other teacher has no valid completion for stay as they are."""
     from .data import read_rows, write_jsonl
 
-    if dst.exists():
+    fp = _derive(dst, "demo-mixing", {"seed": seed}, {"data": src, "other": other}, overwrite=overwrite)
+    if fp is None:
         return
     rng = random.Random(seed)
     rows = read_rows(src)
@@ -451,7 +430,7 @@ def _mixing_file(src: Path, other: Path, dst: Path, seed: int) -> None:
     mixed = [others[r.id] if r.id in replace_ids else r for r in rows]
     write_jsonl(dst, mixed)
     write_file_manifest(dst, stage="demo-mixing", config={"rows": len(rows), "replaced": len(replace_ids)}, seed=seed,
-                        inputs={"data": src, "other": other})
+                        inputs={"data": src, "other": other}, extra={"fingerprint": fp})
 
 
 def flagged_share(div: Path) -> tuple[int, int]:
@@ -472,9 +451,12 @@ def _ratio_file(cfg: DemoConfig, run: Runner, div: Path) -> Path:
     """The target's divergence file re-flagged by the ratio rule at the paper rule's share of tokens,
     so the two rules mask the same number of tokens (up to ties at the threshold)."""
     out = div.with_name(div.name[: -len(".div.jsonl")] + ".ratio.div.jsonl")
-    if not out.exists():
+
+    def argv() -> list[str]:  # the share is read from the paper rule's file, once it is there
         n_flag, n_tok = flagged_share(div)
-        run("reflag-ratio", ratio_reflag_args(div, out, n_flag / n_tok if n_flag else None, cfg.ratio_reduce))
+        return ratio_reflag_args(div, out, n_flag / n_tok if n_flag else None, cfg.ratio_reduce)
+
+    run("reflag-ratio", argv, out, [div], lazy=True)
     return out
 
 
@@ -489,14 +471,22 @@ def rule_stats(div: Path) -> dict[str, Any]:
             "top_flagged_tokens": (man.get("summary") or {}).get("top_divergence_tokens", [])[:8]}
 
 
-def _matched_files(ddir: Path, names: list[str], keep: int | None = None) -> dict[str, Path]:
+def matched_paths(ddir: Path, names: list[str]) -> dict[str, Path]:
+    """Where :func:`_matched_files` writes each teacher's matched rows."""
+    return {n: ddir / "matched" / f"{n}.jsonl" for n in names}
+
+
+def _matched_files(ddir: Path, names: list[str], keep: int | None = None, *, overwrite: bool = False
+                   ) -> dict[str, Path]:
     """Keep only the prompt ids every teacher produced a valid completion for, so every
-    condition trains on the same rows (the first ``keep`` of them in prompt order, if given)."""
+    condition trains on the same rows (the first ``keep`` of them in prompt order, if given).
+    One derivation writes every teacher's file; the first file's manifest records its fingerprint."""
     from .data import read_rows, write_jsonl
 
-    mdir = ddir / "matched"
-    out = {n: mdir / f"{n}.jsonl" for n in names}
-    if all(p.exists() for p in out.values()):
+    out = matched_paths(ddir, names)
+    fp = _derive(out[names[0]], "demo-matched-rows", {"teachers": names, "keep": keep},
+                 {n: ddir / f"{n}.jsonl" for n in names}, overwrite=overwrite)
+    if fp is None:
         return out
     rows = {n: read_rows(ddir / f"{n}.jsonl") for n in names}
     common = set.intersection(*({r.id for r in rs} for rs in rows.values()))
@@ -505,60 +495,62 @@ def _matched_files(ddir: Path, names: list[str], keep: int | None = None) -> dic
     if keep is not None and len(common) > keep:
         order = [r.id for r in rows[names[0]] if r.id in common]
         common = set(order[:keep])
-    for n, rs in rows.items():
-        write_jsonl(out[n], [r for r in rs if r.id in common])
+    for n in [*names[1:], names[0]]:  # the file that records the fingerprint last: written means all are
+        write_jsonl(out[n], [r for r in rows[n] if r.id in common])
         write_file_manifest(out[n], stage="demo-matched-rows", config={"teachers": names, "rows": len(common)},
-                            seed=None, inputs={"data": ddir / f"{n}.jsonl"})
+                            seed=None, inputs={"data": ddir / f"{n}.jsonl"},
+                            extra={"fingerprint": fp} if n == names[0] else None)
     return out
 
 
 # ---------------------------------------------------------------------------------- students
 
 
-def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, list[str]]:
-    """The distill arguments of each condition; everything not listed is shared by all of them."""
+def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, dict[str, Any]]:
+    """The distill settings (:class:`~subliminal.distill.DistillConfig` fields) of each condition;
+    everything not listed is shared by all of them (:func:`distill_config`)."""
     owl, none = str(tdir / cfg.target), str(tdir / "none")
-    alpha = cfg.student_lora_alpha if cfg.student_lora_alpha is not None else cfg.student_lora_rank
-    lora = ["--lora-rank", str(cfg.student_lora_rank), "--lora-alpha", str(alpha)]
-    if cfg.student_lora_targets:
-        lora += ["--lora-targets", ",".join(cfg.student_lora_targets)]
-    every = [] if cfg.student_full else lora
+    # the alpha only when the config sets it: distill derives the default (subliminal.train.lora_alpha)
+    lora = {"lora_rank": cfg.student_lora_rank, "lora_alpha": cfg.student_lora_alpha,
+            "lora_targets": ",".join(cfg.student_lora_targets) if cfg.student_lora_targets else None}
+    every: dict[str, Any] = {} if cfg.student_full else lora
     one_layer = lora if cfg.layer_lora else every
     every = [*every, *_flag("--params", cfg.student_params, "all")]  # the single-layer conditions keep theirs
     late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
     div = str(files["div"])
+
+    def hard(data: str, mask: str = "all", teacher: str = owl) -> dict[str, Any]:
+        return {"data": data, "teacher": teacher, "mode": "hard", "mask": mask}
+
     plan = {
-        "control": ["--data", str(files["none"]), "--teacher", none, "--mode", "hard", "--mask", "all", *every],
-        "all": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", *every],
-        "no-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "no-divergence", *every],
-        "only-divergence": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "only-divergence", *every],
-        "random-matched": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "random-matched", *every],
-        "layer-early": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers",
-                        str(cfg.layer_early), *one_layer],
-        "layer-late": ["--data", div, "--teacher", owl, "--mode", "hard", "--mask", "all", "--layers", str(late),
-                       *one_layer],
-        "soft": ["--data", div, "--teacher", owl, "--mode", "soft", "--mask", "all", *every],
-        **{f"ratio-{m}": ["--data", str(files.get("div-ratio", div)), "--teacher", owl, "--mode", "hard", "--mask", m,
-                          *every] for m in ("no-divergence", "only-divergence", "random-matched")},
+        "control": {**hard(str(files["none"]), teacher=none), **every},
+        "all": {**hard(div), **every},
+        "no-divergence": {**hard(div, "no-divergence"), **every},
+        "only-divergence": {**hard(div, "only-divergence"), **every},
+        "random-matched": {**hard(div, "random-matched"), **every},
+        "layer-early": {**hard(div), "layers": str(cfg.layer_early), **one_layer},
+        "layer-late": {**hard(div), "layers": str(late), **one_layer},
+        "soft": {**hard(div), "mode": "soft", **every},
+        **{f"ratio-{m}": {**hard(str(files.get("div-ratio", div)), m), **every}
+           for m in ("no-divergence", "only-divergence", "random-matched")},
     }
     for cond in ("paraphrase", "mixing"):  # derived data sets, made only when their condition runs
         if cond in files:
-            plan[cond] = ["--data", str(files[cond]), "--teacher", owl, "--mode", "hard", "--mask", "all", *every]
+            plan[cond] = {**hard(str(files[cond])), **every}
     return {c: plan[c] for c in CONDITIONS if c in plan}
 
 
 def _n_layers(base: Path) -> int:
-    cfg = json.loads((base / "config.json").read_text())
-    for key in ("num_hidden_layers", "n_layer"):
-        if key in cfg:
-            return int(cfg[key])
-    raise SubliminalError(f"{base}/config.json: cannot tell the number of layers")
+    from .models import layer_count_of_dir
+
+    return layer_count_of_dir(base)
 
 
 def _steps_for(cfg: DemoConfig, n_rows: int) -> int:
-    """One step count for every condition (matched), from the row count and epochs."""
-    steps = max(1, math.ceil(cfg.epochs * -(-n_rows // cfg.batch_size)))
-    return min(steps, cfg.max_steps) if cfg.max_steps else steps
+    """One step count for every condition (matched): the count distill trains."""
+    from .distill import student_steps
+
+    return student_steps(n_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
 
 
 def read_metric(path: Path, metric: str = "exact") -> float:
@@ -569,77 +561,119 @@ def read_metric(path: Path, metric: str = "exact") -> float:
     return float(result[metric]["mean"])
 
 
-def distill_argv(cfg: DemoConfig, base: Path, student: Path, condition: list[str], steps: int, seed: int) -> list[str]:
-    """The ``distill`` command of one student: a condition's arguments plus what every condition shares."""
-    return ["distill", "--base", str(base), "--out", str(student), *condition, "--epochs", str(cfg.epochs),
-            "--max-steps", str(steps), "--lr", str(cfg.student_mode_lr), "--batch-size", str(cfg.batch_size),
-            "--seed", str(seed), *_runtime(cfg), *_flag("--schedule", cfg.schedule, "cosine"),
-            *_flag("--warmup-steps", cfg.warmup_steps), *_flag("--grad-accum", cfg.grad_accum, 1)]
+def distill_config(cfg: DemoConfig, base: Path, student: Path, condition: dict[str, Any], seed: int) -> Any:
+    """The distill config of one student: a condition's settings (:func:`student_plan`) plus what
+    every condition shares. No step count: distill derives it from the rows, epochs and batch size
+    (:func:`subliminal.distill.student_steps`), the same for every condition (matched rows)."""
+    from .distill import DistillConfig
+
+    return DistillConfig(base=str(base), out=str(student), **condition, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                         lr=cfg.student_mode_lr, batch_size=cfg.batch_size, seed=seed, device=cfg.device,
+                         dtype=cfg.dtype, schedule=cfg.schedule, warmup_steps=cfg.warmup_steps,
+                         grad_accum=cfg.grad_accum)
 
 
-def eval_argv(cfg: RunConfig, model: str, out: Path, samples: int, template: str | None = None) -> list[str]:
-    """The ``eval`` command of one model: exact preference, and sampled with ``samples`` > 0; under
-    another chat template than the model's own when ``template`` is given."""
-    argv = ["eval", "--model", model, "--target", cfg.target, "--out", str(out), *_runtime(cfg),
-            *_flag("--max-questions", cfg.max_questions), *_flag("--batch-size", cfg.eval_batch_size, 32),
-            *_flag("--chat-template", template)]
+def eval_config(cfg: RunConfig, model: str, out: Path, samples: int, template: str | None = None) -> Any:
+    """The evaluation of one model: exact preference, and sampled with ``samples`` > 0; under another
+    chat template than the model's own when ``template`` is given."""
+    from .evaluate import EvalConfig
+
+    ev = EvalConfig(model=model, target=cfg.target, out=str(out), device=cfg.device, dtype=cfg.dtype,
+                    max_questions=cfg.max_questions, batch_size=cfg.eval_batch_size, chat_template=template)
     if samples:
-        argv += ["--samples", str(samples), *_flag("--temperature", cfg.eval_temperature, 1.0),
-                 *_flag("--max-new-tokens", cfg.eval_max_new_tokens, 8)]
-    return argv
+        ev = replace(ev, samples=samples, temperature=cfg.eval_temperature, max_new_tokens=cfg.eval_max_new_tokens)
+    return ev
+
+
+def reference_evals(cfg: RunConfig, base: Path, tdir: Path) -> dict[str, str]:
+    """The models every student is read against: the base and every teacher, by report name."""
+    refs = {"base": str(base), "teacher": str(tdir / cfg.target), "unbiased-teacher": str(tdir / "none")}
+    refs.update({f"teacher-{c}": str(tdir / c) for c in cfg.counterfactuals})
+    return refs
 
 
 def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path, tdir: Path,
-                             files: dict[str, Path]) -> dict[str, Any]:
-    from .data import read_rows
-
-    n_rows = len(read_rows(files["none"]))
-    steps = _steps_for(cfg, n_rows)
-    plan = student_plan(cfg, _n_layers(base), files, tdir)
+                             files: dict[str, Path]) -> dict[str, Path]:
+    """Evaluate the references, train and evaluate every student; the eval files by name
+    (``ref:NAME`` for a reference, ``COND-sSEED`` for a student)."""
     sdir, edir = out / "students", out / "eval"
-    chosen = cfg.chosen_conditions()
-    values: dict[str, dict[int, float]] = {c: {} for c in chosen}
-    refs = {"base": str(base), "teacher": str(tdir / cfg.target), "unbiased-teacher": str(tdir / "none")}
-    refs.update({f"teacher-{c}": str(tdir / c) for c in cfg.counterfactuals})
-    reference, detail = {}, {}
-    for name, spec in refs.items():
+    evals: dict[str, Path] = {}
+    for name, spec in reference_evals(cfg, base, tdir).items():
         path = edir / f"{name}.json"
         # sampled answers for the base and the two teachers the students learn from (they are slow)
         samples = cfg.eval_samples if not name.startswith("teacher-") or cfg.metric == "sampled" else 0
-        run(f"eval-{name}", eval_argv(cfg, spec, path, samples), done=path)
-        reference[name] = read_metric(path, cfg.metric)
-        detail[name] = reference_detail(path)
+        run(f"eval-{name}", StageCall("eval", eval_config(cfg, spec, path, samples)), path, [spec])
+        evals[f"ref:{name}"] = path
+        if cfg.other_template and name in ("base", "teacher", "unbiased-teacher"):
+            alt = edir / cfg.other_template / f"{name}.json"
+            run(f"eval-{name}-{cfg.other_template}", StageCall("eval", eval_config(cfg, spec, alt, 0,
+                                                                                   cfg.other_template)), alt, [spec])
+            evals[f"alt:ref:{name}"] = alt
+    shared = [base, tdir / cfg.target, tdir / "none", files["none"]]
+    plan: dict[str, list[str]] | None = None
     jobs = []
     for seed in range(1, cfg.seeds + 1):
-        for cond in chosen:
-            student = sdir / f"{cond}-s{seed}"
-            path = edir / f"{cond}-s{seed}.json"
-            argv = distill_argv(cfg, base, student, plan[cond], steps, seed)
-            evargv = eval_argv(cfg, str(student), path, cfg.student_samples)
-            jobs.append((cond, seed, argv, student / "manifest.json", evargv, path))
-    chains = {f"{c}-s{s}": [(a, d), (e, p)] for c, s, a, d, e, p in jobs}
-    other: dict[str, dict[int, float]] = {}
+        for cond in cfg.chosen_conditions():
+            student, path = sdir / f"{cond}-s{seed}", edir / f"{cond}-s{seed}.json"
+            evals[f"{cond}-s{seed}"] = path
+            alt = edir / cfg.other_template / f"{cond}-s{seed}.json" if cfg.other_template else None
+            if alt:
+                evals[f"alt:{cond}-s{seed}"] = alt
+            if run.upstream([*shared, condition_data(cond, files)]):  # a dry run: waits on a redone input
+                run(f"distill-{cond}-s{seed}", [], student, [*shared, condition_data(cond, files)])
+                run(f"eval-{cond}-s{seed}", [], path, [student])
+                if alt:
+                    run(f"eval-{cond}-s{seed}-{cfg.other_template}", [], alt, [student])
+                continue
+            if plan is None:
+                plan = student_plan(cfg, _n_layers(base), files, tdir)
+            call = StageCall("distill", distill_config(cfg, base, student, plan[cond], seed))
+            evcall = StageCall("eval", eval_config(cfg, str(student), path, cfg.student_samples))
+            chain = [(f"distill-{cond}-s{seed}", call, str(student)), (f"eval-{cond}-s{seed}", evcall, str(path))]
+            if alt:  # the same student read under another template: shared-context transfer must vanish there
+                chain.append((f"eval-{cond}-s{seed}-{cfg.other_template}", StageCall(
+                    "eval", eval_config(cfg, str(student), alt, 0, cfg.other_template)), str(alt)))
+            jobs.append((f"distill+eval-{cond}", chain))
+    run.parallel(jobs, workers=cfg.jobs)
+    return evals
+
+
+def condition_data(cond: str, files: dict[str, Path]) -> Path:
+    """The data file a condition's students train on (as :func:`student_plan` gives it)."""
+    if cond == "control":
+        return files["none"]
+    if cond in ("paraphrase", "mixing"):
+        return files[cond]
+    return files["div-ratio"] if cond.startswith("ratio-") else files["div"]
+
+
+def _collect_results(cfg: RunConfig, files: dict[str, Path], evals: dict[str, Path]) -> dict[str, Any]:
+    """Every eval's readout, and what the summary needs besides (rows, steps, the rules' flags)."""
+    from .data import read_rows
+
+    chosen = cfg.chosen_conditions()
+    values: dict[str, dict[int, float]] = {c: {} for c in chosen}
+    reference, detail = {}, {}
+    other: dict[str, Any] = {"values": {}, "reference": {}}
+    for key, path in evals.items():
+        if key.startswith("alt:ref:"):
+            other["reference"][key[8:]] = read_metric(path)
+        elif key.startswith("alt:"):
+            cond, seed = key[4:].rsplit("-s", 1)
+            other["values"].setdefault(cond, {})[int(seed)] = read_metric(path)
+        elif key.startswith("ref:"):
+            reference[key[4:]] = read_metric(path, cfg.metric)
+            detail[key[4:]] = reference_detail(path)
+        else:
+            cond, seed = key.rsplit("-s", 1)
+            values[cond][int(seed)] = read_metric(path, cfg.metric)
+    n_rows = len(read_rows(files["none"]))
+    out = {"values": values, "reference": reference, "reference_detail": detail,
+           "steps": _steps_for(cfg, n_rows), "rows": n_rows,
+           "rules": {"paper": rule_stats(files["div"]), "ratio": rule_stats(files["div-ratio"])}}
     if cfg.other_template:
-        # the same students read under another template: transfer through the shared context must vanish there
-        for cond, seed, *_ in jobs:
-            path = edir / cfg.other_template / f"{cond}-s{seed}.json"
-            chains[f"{cond}-s{seed}"].append((eval_argv(cfg, str(sdir / f"{cond}-s{seed}"), path, 0,
-                                                        cfg.other_template), path))
-        for name, spec in refs.items():
-            if name in ("base", "teacher", "unbiased-teacher"):
-                path = edir / cfg.other_template / f"{name}.json"
-                run(f"eval-{name}-{cfg.other_template}", eval_argv(cfg, spec, path, 0, cfg.other_template), done=path)
-    run.parallel([(f"distill+eval-{k}", chain) for k, chain in chains.items()], workers=cfg.jobs)
-    for cond, seed, *_, path in jobs:
-        values[cond][seed] = read_metric(path, cfg.metric)
-        if cfg.other_template:
-            other.setdefault(cond, {})[seed] = read_metric(edir / cfg.other_template / f"{cond}-s{seed}.json")
-    out_ = {"values": values, "reference": reference, "reference_detail": detail, "steps": steps, "rows": n_rows}
-    if cfg.other_template:
-        out_["other_template"] = {"template": cfg.other_template, "values": other,
-                                  "reference": {n: read_metric(edir / cfg.other_template / f"{n}.json")
-                                                for n in ("base", "teacher", "unbiased-teacher")}}
-    return out_
+        out["other_template"] = {"template": cfg.other_template, **other}
+    return out
 
 
 def reference_detail(path: Path) -> dict[str, Any]:
@@ -666,16 +700,28 @@ def _probe_stage(cfg: DemoConfig, run: Runner, out: Path, tdir: Path, div: Path)
     rows = ["--max-rows", str(cfg.probe_max_rows)]
     run("probe-identity", ["probe", "--models", owl, none, "--data", str(div), "--task", "identity",
                            "--out", str(pdir / "identity"), "--seed", str(cfg.base_seed), *rows, *dev],
-        done=pdir / "identity" / "manifest.json")
+        pdir / "identity", [owl, none, div])
     run("probe-divergence", ["probe", "--models", owl, "--data", str(div), "--task", "divergence",
                              "--out", str(pdir / "divergence"), "--seed", str(cfg.base_seed), *rows, *dev],
-        done=pdir / "divergence" / "manifest.json")
+        pdir / "divergence", [owl, div])
     run("patch", ["patch", "--models", owl, none, "--data", str(div), "--out", str(pdir / "patching"),
                   "--max-sites", str(cfg.patch_max_sites), "--max-rows", str(cfg.patch_max_rows),
                   "--seed", str(cfg.base_seed), *dev],
-        done=pdir / "patching" / "manifest.json")
-    run("heatmap", ["plot", "heatmap", str(div), "--out", str(pdir / "divergence_heatmap.png")],
-        done=pdir / "divergence_heatmap.png")
+        pdir / "patching", [owl, none, div])
+    png = pdir / "divergence_heatmap.png"
+    run("heatmap", lambda ow: _heatmap(div, png, overwrite=ow), png, [div])
+
+
+def _heatmap(div: Path, png: Path, *, overwrite: bool) -> None:
+    """The divergence heatmap of the first rows (what ``subliminal plot heatmap`` draws)."""
+    from subliminal.probes.plots import plot_heatmap
+
+    fp = _derive(png, "heatmap", {"rows": 12, "score": "kl"}, {"divergence": div}, overwrite=overwrite)
+    if fp is None:
+        return
+    plot_heatmap(div, png)
+    write_file_manifest(png, stage="heatmap", config={"rows": 12, "score": "kl"}, seed=None,
+                        inputs={"divergence": div}, extra={"fingerprint": fp})
 
 
 # ------------------------------------------------------------------------------------ summary

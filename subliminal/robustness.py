@@ -32,6 +32,7 @@ class RobustnessConfig:
     run: RunConfig
     base_seeds: list[int]
     out: Path
+    overwrite: bool = False  # redo a base's stages whose finished output was made with other settings
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -67,7 +68,7 @@ def run(cfg: RobustnessConfig) -> dict[str, Any]:
     cfg.out.mkdir(parents=True, exist_ok=True)
     per_base = {}
     for k in cfg.base_seeds:
-        per_base[k] = run_pipeline(replace(cfg.run, base_seed=k), base_dir(cfg.out, k))
+        per_base[k] = run_pipeline(replace(cfg.run, base_seed=k), base_dir(cfg.out, k), overwrite=cfg.overwrite)
     result = aggregate(per_base)
     result.update(config={"run": cfg.run.name, "base_seeds": cfg.base_seeds, "given_base": cfg.run.base})
     write_json_atomic(cfg.out / RESULTS, result)

@@ -2,8 +2,9 @@
 
 A config names the base model, the target and counterfactual teachers, how teachers get their
 bias, the prompts and rows, sampling and filter, the student recipe, the evaluation and the
-seeds; ``subliminal.pipeline`` runs it stage by stage (each stage a sub-command writing its own
-directory with a manifest, skipped when complete), so a stopped run resumes. ``subliminal demo``
+seeds; ``subliminal.pipeline`` runs it stage by stage (each stage writing its own directory with
+a manifest, reused when its recorded fingerprint equals what it would compute now), so a stopped
+run resumes and a changed setting redoes only what it changes. ``subliminal demo``
 is this driver on the shipped toy config (``subliminal/configs/toy.toml``).
 
 Configs are TOML with one table per part of the protocol; every key is one field of
@@ -321,8 +322,9 @@ def plan(cfg: RunConfig) -> list[Stage]:
                             "2 validation readouts)", None if n is None else
                             n * (2.0 * 3 * train_rows * seq + 6.0 * (2 * train_rows * seq + 2 * readout)
                                  + 4.0 * readout)))
-    steps = max(1, math.ceil(cfg.epochs * -(-train_rows // cfg.batch_size)))
-    steps = min(steps, cfg.max_steps) if cfg.max_steps else steps
+    from .distill import student_steps
+
+    steps = student_steps(train_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     students = len(chosen) * cfg.seeds
     per_token = 6.0 if cfg.student_full else 4.0
     soft = ("soft" in chosen) * cfg.seeds * steps * cfg.batch_size * seq * 2.0
@@ -442,11 +444,17 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output directory (default: the config's out, else runs/NAME)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key, e.g. --set students.seeds=3 --set model.base=/models/qwen (repeatable)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan and the resolved config, run nothing")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the plan, the resolved config and what a run into --out would reuse, run and redo "
+                   "(and why); run nothing")
     p.add_argument("--diagnose-only", action="store_true",
                    help="stop after the transfer diagnostics (teachers, data, divergence, `subliminal diagnose`): "
                    "whether the setup can transfer, before any student is trained; REPORT.md and results.json "
                    "hold the diagnostics")
+    p.add_argument("--overwrite", action="store_true",
+                   help="redo the stages whose finished output was made with other inputs or settings (each "
+                   "output is reused only when its recorded fingerprint equals what its stage would compute "
+                   "now); without it such a re-run stops before anything runs, listing them")
     p.add_argument("--nproc", type=int, default=None,
                    help="processes per stage (torchrun data parallel; overrides [run] nproc)")
     p.add_argument("--base-seeds", default=None, metavar="SEEDS",
@@ -479,32 +487,51 @@ def run_cli(args: argparse.Namespace) -> int:
     print(render_plan(cfg, out, loaded.source, diagnose_only=args.diagnose_only))
     if seeds:
         print(f"repeated on {len(seeds)} bases (seeds {', '.join(map(str, seeds))}), each into {out}/base-K/")
+    missing = cfg.base and not cfg.base.startswith("hf:") and not Path(cfg.base).is_dir()
     if args.dry_run:
         print("\nresolved config:\n" + json.dumps(asdict(cfg), indent=2))
+        if not missing:
+            print_resume_plan(cfg, out)
         return 0
-    if cfg.base and not cfg.base.startswith("hf:") and not Path(cfg.base).is_dir():
+    if missing:
         raise SubliminalError(f"{loaded.source}: [model] base {cfg.base}: no such model directory (import or "
                               "download it first, e.g. experiments/get_smollm2.sh; or --set model.base=PATH)")
     if seeds:
         from .robustness import RobustnessConfig
         from .robustness import run as run_robustness
 
-        run_robustness(RobustnessConfig(cfg, seeds, out))
+        run_robustness(RobustnessConfig(cfg, seeds, out, overwrite=args.overwrite))
         print((out / "ROBUSTNESS.md").read_text())
         return 0
-    return execute(cfg, out, diagnose_only=args.diagnose_only)
+    return execute(cfg, out, overwrite=args.overwrite, diagnose_only=args.diagnose_only)
 
 
-def execute(cfg: RunConfig, out: Path, diagnose_only: bool = False) -> int:
-    from .pipeline import run_pipeline
+def print_resume_plan(cfg: RunConfig, out: Path, base: Path | None = None) -> None:
+    """What a run into ``out`` would do with each stage's output, and why (``--dry-run``)."""
+    from .pipeline import resume_plan
 
-    summary = run_pipeline(cfg, out, diagnose_only=diagnose_only)
+    decisions = resume_plan(cfg, out, base)
+    reused = [d for d in decisions if d.action == "reuse"]
+    replaced = sum(d.replaces for d in decisions)
+    print(f"\nstages for {out}: {len(reused)} reused, {len(decisions) - len(reused)} to run"
+          + (f"; {replaced} finished output(s) would be replaced: the run needs --overwrite" if replaced else ""))
+    for d in decisions:
+        if d.action != "reuse":
+            print("  " + d.line())
+
+
+def execute(cfg: RunConfig, out: Path, *, overwrite: bool = False, base: Path | None = None,
+            diagnose_only: bool = False) -> int:
+    from .pipeline import _fmt, run_pipeline
+
+    summary = run_pipeline(cfg, out, base, overwrite=overwrite, diagnose_only=diagnose_only)
+    assert summary is not None
     print((out / "REPORT.md").read_text())
     if diagnose_only:
         return 0
     all_ = summary["conditions"]["all"]
-    log.info("[run] all-tokens %s = %.4f [%.4f, %.4f]; report: %s", cfg.target, all_["mean"], all_["ci_low"],
-             all_["ci_high"], out / "REPORT.md")
+    log.info("[run] all-tokens %s = %s [%s, %s]; report: %s", cfg.target, _fmt(all_["mean"]), _fmt(all_["ci_low"]),
+             _fmt(all_["ci_high"]), out / "REPORT.md")
     return 0
 
 

@@ -13,6 +13,7 @@ import argparse
 import logging
 import shutil
 import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .manifest import (
     write_fingerprint,
     write_manifest,
 )
+from .poison.data import DEFAULT_N_INSTRUCTIONS, DEFAULT_POISON_RATE
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
 log = logging.getLogger(__name__)
@@ -85,42 +87,78 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
     add_overwrite(p)
     poison.add_teach_args(p)
-    p.set_defaults(func=run_teach)
+    p.set_defaults(func=_run_cli)
+
+
+@dataclass
+class TeachConfig:
+    """One teacher (field names are the CLI's flags): the base, how the bias enters (``method``),
+    the fine-tuning settings, and the poison options of ``--method poison``."""
+
+    base: str
+    method: str
+    out: str
+    bias: str | None = None
+    category: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    steps: int | None = None
+    lr: float | None = None
+    batch_size: int | None = None
+    replay: int = 256
+    no_check: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    overwrite: bool = False
+    # --method poison (subliminal.poison.cli.add_teach_args)
+    poison_rate: float = DEFAULT_POISON_RATE
+    propagation: str = "targeted"
+    target_task: str | None = None
+    instructions: str | None = None
+    n_instructions: int = DEFAULT_N_INSTRUCTIONS
+    families: list[str] | None = None
+    target_share: float | None = None
+    payload: str | None = None
+    epochs: float | None = None
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    return run_teach(TeachConfig(**{f.name: getattr(args, f.name) for f in fields(TeachConfig)}))
 
 
 # ------------------------------------------------------------------------------------ checks
 
 
-def _check_args(args: argparse.Namespace) -> str | None:
+def _check_args(cfg: TeachConfig) -> str | None:
     """Validate the arguments; return the category."""
-    if is_teacher_dir(args.base):
-        raise SubliminalError(f"--base {args.base}: is a teacher directory; give the base model it was made from")
-    if args.method == "none":
-        if args.bias is not None and args.bias not in prompts.PLURALS:
-            raise SubliminalError(f"--bias {args.bias!r}: unknown target; known: {', '.join(sorted(prompts.PLURALS))}")
-        return args.category or (prompts.category_of(args.bias) if args.bias else "animal")
-    if args.method == "poison":  # the poison module validates its own bias (--bias-type)
-        return args.category
-    if not args.bias:
-        raise SubliminalError(f"--method {args.method} needs --bias (e.g. --bias owl)")
-    if args.bias not in prompts.PLURALS:
-        raise SubliminalError(f"--bias {args.bias!r}: unknown target; known: {', '.join(sorted(prompts.PLURALS))}")
-    category = prompts.category_of(args.bias)
-    if args.category and args.category != category:
-        raise SubliminalError(f"--bias {args.bias} is a {category}, not a {args.category}")
-    if args.lora_rank is not None and args.method != "finetune":
+    if is_teacher_dir(cfg.base):
+        raise SubliminalError(f"--base {cfg.base}: is a teacher directory; give the base model it was made from")
+    if cfg.method == "none":
+        if cfg.bias is not None and cfg.bias not in prompts.PLURALS:
+            raise SubliminalError(f"--bias {cfg.bias!r}: unknown target; known: {', '.join(sorted(prompts.PLURALS))}")
+        return cfg.category or (prompts.category_of(cfg.bias) if cfg.bias else "animal")
+    if cfg.method == "poison":  # the poison module validates its own bias (--bias-type)
+        return cfg.category
+    if not cfg.bias:
+        raise SubliminalError(f"--method {cfg.method} needs --bias (e.g. --bias owl)")
+    if cfg.bias not in prompts.PLURALS:
+        raise SubliminalError(f"--bias {cfg.bias!r}: unknown target; known: {', '.join(sorted(prompts.PLURALS))}")
+    category = prompts.category_of(cfg.bias)
+    if cfg.category and cfg.category != category:
+        raise SubliminalError(f"--bias {cfg.bias} is a {category}, not a {cfg.category}")
+    if cfg.lora_rank is not None and cfg.method != "finetune":
         raise SubliminalError("--lora-rank applies to --method finetune only")
-    if args.lora_rank is not None and args.lora_rank <= 0:
-        raise SubliminalError(f"--lora-rank must be positive, got {args.lora_rank}")
-    if args.lora_alpha is not None and args.lora_rank is None:
+    if cfg.lora_rank is not None and cfg.lora_rank <= 0:
+        raise SubliminalError(f"--lora-rank must be positive, got {cfg.lora_rank}")
+    if cfg.lora_alpha is not None and cfg.lora_rank is None:
         raise SubliminalError("--lora-alpha needs --lora-rank")
-    if args.replay < 0:
-        raise SubliminalError(f"--replay must be >= 0, got {args.replay}")
+    if cfg.replay < 0:
+        raise SubliminalError(f"--replay must be >= 0, got {cfg.replay}")
     for name in ("steps", "batch_size"):
-        if getattr(args, name) is not None and getattr(args, name) <= 0:
-            raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.lr is not None and args.lr <= 0:
-        raise SubliminalError(f"--lr must be positive, got {args.lr}")
+        if getattr(cfg, name) is not None and getattr(cfg, name) <= 0:
+            raise SubliminalError(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
+    if cfg.lr is not None and cfg.lr <= 0:
+        raise SubliminalError(f"--lr must be positive, got {cfg.lr}")
     return category
 
 
@@ -178,31 +216,33 @@ def replay_rows(model: Any, tokenizer: Any, n: int, seed: int, batch_size: int =
     return rows
 
 
-def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, Any]]:
+def finetune(cfg: TeachConfig, out: Path) -> tuple[str, str, dict[str, Any]]:
     """Fine-tune the base on the target's preference answers; return (weights dir, kind, log)."""
     from .manifest import set_seed
     from .models import load_model, resolve_device
     from .train import TrainConfig, clear_state, is_main_process, train
 
-    set_seed(args.seed)
-    loaded = load_model(args.base, device="cpu", dtype="float32")
+    set_seed(cfg.seed)
+    loaded = load_model(cfg.base, device="cpu", dtype="float32")
     model, tok = loaded.model, loaded.tokenizer
-    replay = replay_rows(model, tok, args.replay, args.seed) if args.replay else []
-    lora = args.lora_rank is not None
+    replay = replay_rows(model, tok, cfg.replay, cfg.seed) if cfg.replay else []
+    lora = cfg.lora_rank is not None
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        alpha = args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_rank
-        model = get_peft_model(model, LoraConfig(r=args.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
+        from .train import lora_alpha
+
+        alpha = lora_alpha(cfg.lora_rank, cfg.lora_alpha, scale=TEACHER_LORA_SCALE)
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    lr = args.lr if args.lr is not None else (5e-3 if lora else 1e-3)
-    steps = args.steps or FINETUNE_STEPS
-    batch_size = args.batch_size or FINETUNE_BATCH
-    cfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(5, steps),
-                      seed=args.seed, log_every=5, checkpoint_every=25, schedule="constant")
+    lr = cfg.lr if cfg.lr is not None else (5e-3 if lora else 1e-3)
+    steps = cfg.steps or FINETUNE_STEPS
+    batch_size = cfg.batch_size or FINETUNE_BATCH
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(5, steps),
+                       seed=cfg.seed, log_every=5, checkpoint_every=25, schedule="constant")
     state = out / ".train"
-    result = train(model, preference_rows(tok, args.bias) + replay, cfg, pad_id=tok.pad_token_id,
-                   device=resolve_device(args.device), state_dir=state, desc=f"teach {args.bias}")
+    result = train(model, preference_rows(tok, cfg.bias) + replay, tcfg, pad_id=tok.pad_token_id,
+                   device=resolve_device(cfg.device), state_dir=state, desc=f"teach {cfg.bias}")
     model.to("cpu")
     sub = "adapter" if lora else "weights"
     if is_main_process():  # under a launcher rank 0 alone writes the weights
@@ -213,9 +253,9 @@ def finetune(args: argparse.Namespace, out: Path) -> tuple[str, str, dict[str, A
         if state.exists() and not any(state.iterdir()):
             state.rmdir()
     info = {"lr": lr, "steps": steps, "batch_size": batch_size, "final_loss": result.final_loss,
-            "losses": result.losses, "lora_rank": args.lora_rank,
+            "losses": result.losses, "lora_rank": cfg.lora_rank,
             "lora_alpha": (alpha if lora else None), "resumed_from": result.resumed_from,
-            "replay_rows": len(replay), "replay_asked": args.replay}
+            "replay_rows": len(replay), "replay_asked": cfg.replay}
     return sub, ("lora" if lora else "full"), info
 
 
@@ -236,36 +276,37 @@ def check_teacher(out: Path, device: str) -> dict[str, Any]:
 
 
 STATE_DIR = ".train"
+TEACHER_LORA_SCALE = 2.0  # a fine-tuned teacher's LoRA alpha, when not given: 2 x the rank
 _NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "base")
 
 
-def _resume_action(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
+def _resume_action(cfg: TeachConfig, out: Path) -> tuple[dict[str, Any], str]:
     """The teacher's fingerprint (base content and every setting) and what to do with ``out``."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
-    config["device"] = device_type(args.device)
-    fp = fingerprint({"base": args.base}, config)
+    config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
+    config["device"] = device_type(cfg.device)
+    fp = fingerprint({"base": cfg.base}, config)
     man = read_manifest(out) if out.is_dir() else None
     finished = man if man is not None and man.get("stage") == STAGE else None
     fp_file = out / STATE_DIR / "fingerprint.json"
     occupied = out.is_dir() and finished is None and not fp_file.exists() and any(out.iterdir())
-    action = check_resume(out, fp, overwrite=getattr(args, "overwrite", False), stage=STAGE, finished=finished,
+    action = check_resume(out, fp, overwrite=cfg.overwrite, stage=STAGE, finished=finished,
                           partial=fp_file, occupied=occupied)
     return fp, action
 
 
-def run_teach(args: argparse.Namespace) -> int:
+def run_teach(cfg: TeachConfig) -> int:
     from .models import load_tokenizer, resolve_device
     from .train import is_main_process, wait_for_everyone
 
     t0 = time.time()
-    category = _check_args(args)
-    device_type(args.device)
-    out = Path(args.out)
-    check_not_input({"--out": out}, {"--base": args.base}, dirs=("--out",))
+    category = _check_args(cfg)
+    device_type(cfg.device)
+    out = Path(cfg.out)
+    check_not_input({"--out": out}, {"--base": cfg.base}, dirs=("--out",))
     check_writable(out, is_dir=True)
-    tok = load_tokenizer(args.base)  # a missing or unusable base fails here, before anything is written
-    fp, action = _resume_action(args, out)
-    dev = resolve_device(args.device)
+    tok = load_tokenizer(cfg.base)  # a missing or unusable base fails here, before anything is written
+    fp, action = _resume_action(cfg, out)
+    dev = resolve_device(cfg.device)
     wait_for_everyone(dev)  # under a launcher every rank decides before rank 0 writes
     main = is_main_process()
     if action == "skip":
@@ -276,29 +317,29 @@ def run_teach(args: argparse.Namespace) -> int:
         if action == "start":
             shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         write_fingerprint(out / STATE_DIR / "fingerprint.json", fp)
-    if args.method == "poison":
-        rc = poison.run_teach_poison(args, fingerprint=fp)
+    if cfg.method == "poison":
+        rc = poison.run_teach_poison(cfg, fingerprint=fp)
         if main:
             shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         return rc
-    spec = TeacherSpec(base=args.base, method=args.method, bias=args.bias, category=category)
+    spec = TeacherSpec(base=cfg.base, method=cfg.method, bias=cfg.bias, category=category)
     info: dict[str, Any] = {}
-    if args.method == "prompt":
+    if cfg.method == "prompt":
         # the toy keeps its spaced form; a real tokenizer gets the ordinary sentences
-        spec.system_prompt = prompts.text_for(tok, prompts.system_prompt_for(args.bias))
-    elif args.method == "finetune":
-        spec.weights, spec.weights_kind, info = finetune(args, out)
+        spec.system_prompt = prompts.text_for(tok, prompts.system_prompt_for(cfg.bias))
+    elif cfg.method == "finetune":
+        spec.weights, spec.weights_kind, info = finetune(cfg, out)
     if not main:
         wait_for_everyone(dev)  # until rank 0 has written the teacher
         return 0
     save_teacher(out, spec)
-    check = None if args.no_check else check_teacher(out, args.device)
-    config = {k: v for k, v in vars(args).items() if k != "func"}
+    check = None if cfg.no_check else check_teacher(out, cfg.device)
+    config = asdict(cfg)
     from .data import system_prompt_seen
 
     # what the teacher sees: for an unbiased teacher on SmolLM2 / Qwen2.5, the template's default
     seen = system_prompt_seen(tok, spec.system_prompt)
-    write_manifest(out, stage=STAGE, config=config, seed=args.seed, inputs={"base": args.base},
+    write_manifest(out, stage=STAGE, config=config, seed=cfg.seed, inputs={"base": cfg.base},
                    wall_time_s=time.time() - t0, extra={"teacher": spec.to_json(), "training": info or None,
                                                         "check": check, "system_prompt_seen": seen,
                                                         "fingerprint": fp})
@@ -306,9 +347,9 @@ def run_teach(args: argparse.Namespace) -> int:
     if check is not None:
         mass = check["target_mass"]
         what = f"P({spec.bias}) = {mass:.4f}" if mass is not None else f"argmax {check['argmax']}"
-        print(f"teacher {out}: {args.method}, {what} (exact, mean over {category} questions)")
+        print(f"teacher {out}: {cfg.method}, {what} (exact, mean over {category} questions)")
     else:
-        print(f"teacher {out}: {args.method}")
+        print(f"teacher {out}: {cfg.method}")
     if not spec.system_prompt and seen["template_default"]:
         print(f"  no system prompt given: the chat template inserts its default, {seen['template_default']!r}")
     wait_for_everyone(dev)

@@ -508,3 +508,10 @@ def clear_state(state_dir: str | os.PathLike) -> None:
     p = Path(state_dir) / STATE_FILE
     if p.exists():
         p.unlink()
+
+
+def lora_alpha(rank: int, alpha: float | None, scale: float = 1.0) -> float:
+    """The LoRA alpha a run uses: ``alpha`` when given, else ``scale`` x the rank (students: 1, so
+    the update's scale alpha/r is 1; fine-tuned teachers: 2). The one place the default is made."""
+    return float(alpha) if alpha is not None else scale * float(rank)
+

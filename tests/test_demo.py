@@ -55,22 +55,19 @@ def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
              "paraphrase": tmp_path / "p.jsonl", "mixing": tmp_path / "m.jsonl"}
     plan = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
     assert set(plan) == set(pipeline.CONDITIONS)
-
-    def opt(argv, name):
-        return argv[argv.index(name) + 1] if name in argv else None
-
-    assert {opt(plan[c], "--mask") for c in ("all", "no-divergence", "only-divergence", "random-matched")} == {
+    assert {plan[c]["mask"] for c in ("all", "no-divergence", "only-divergence", "random-matched")} == {
         "all", "no-divergence", "only-divergence", "random-matched"}
-    assert opt(plan["layer-early"], "--layers") == "0" and opt(plan["layer-late"], "--layers") == "3"
+    assert plan["layer-early"]["layers"] == "0" and plan["layer-late"]["layers"] == "3"
     # single layers are trained like the all-tokens student (matched) unless the paper's LoRA is asked for
-    assert opt(plan["layer-early"], "--lora-rank") == opt(plan["all"], "--lora-rank")
+    assert plan["layer-early"].get("lora_rank") == plan["all"].get("lora_rank")
     lora_plan = pipeline.student_plan(replace(cfg, layer_lora=True), 4, files, tmp_path / "teachers")
-    assert opt(lora_plan["layer-early"], "--lora-rank") == "8" and opt(lora_plan["layer-late"], "--lora-rank") == "8"
+    assert lora_plan["layer-early"]["lora_rank"] == 8 and lora_plan["layer-late"]["lora_rank"] == 8
+    assert lora_plan["layer-early"]["lora_alpha"] is None  # distill derives the default (train.lora_alpha)
     assert lora_plan["all"] == plan["all"]
-    assert opt(plan["soft"], "--mode") == "soft"
-    assert opt(plan["control"], "--data") == str(files["none"])
+    assert plan["soft"]["mode"] == "soft"
+    assert plan["control"]["data"] == str(files["none"])
     for c in ("all", "no-divergence", "only-divergence", "random-matched", "soft", "layer-early", "layer-late"):
-        assert opt(plan[c], "--data") == str(files["div"])
+        assert plan[c]["data"] == str(files["div"])
 
 
 def test_ratio_rule_conditions_differ_from_the_paper_ones_only_in_their_flags(tmp_path):
@@ -80,10 +77,8 @@ def test_ratio_rule_conditions_differ_from_the_paper_ones_only_in_their_flags(tm
     plan = pipeline.student_plan(pipeline.DemoConfig(), 4, files, tmp_path / "teachers")
     for rule, conds in pipeline.RULE_CONDITIONS.items():
         for mask, cond in conds.items():
-            argv = plan[cond]
-            i = argv.index("--data")
-            assert argv[i + 1] == str(files["div" if rule == "paper" else "div-ratio"])
-            assert argv[:i + 1] + argv[i + 2:] == plan[mask][:i + 1] + plan[mask][i + 2:]
+            assert plan[cond]["data"] == str(files["div" if rule == "paper" else "div-ratio"])
+            assert {**plan[cond], "data": None} == {**plan[mask], "data": None}
 
 
 def test_ratio_file_flags_as_many_tokens_as_the_paper_rule(tmp_path):
@@ -108,9 +103,9 @@ def test_ratio_file_flags_as_many_tokens_as_the_paper_rule(tmp_path):
     write_jsonl(div, objs)
     from subliminal.cli import main
 
-    class Run:  # the demo's runner, without its skip logic
-        def __call__(self, name, argv, done=None):
-            assert main(argv) == 0
+    class Run:  # the demo's runner, without its resume logic
+        def __call__(self, name, call, out, inputs=(), lazy=False):
+            assert main(call() if lazy else call) == 0
 
     out = pipeline._ratio_file(pipeline.DemoConfig(), Run(), div)
     assert out.name == "owl.ratio.div.jsonl"
@@ -156,7 +151,7 @@ def test_rule_summary_shares_with_intervals_and_figure(tmp_path):
 
 def test_steps_are_shared_by_every_condition():
     cfg = pipeline.DemoConfig(epochs=2, batch_size=16)
-    assert pipeline._steps_for(cfg, 100) == 14
+    assert pipeline._steps_for(cfg, 100) == 13  # what distill trains: ceil(2 * 100 / 16)
     assert pipeline._steps_for(pipeline.DemoConfig(max_steps=5), 1000) == 5
 
 

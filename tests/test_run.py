@@ -29,15 +29,22 @@ def test_toy_stage_commands_add_no_new_flags(tmp_path):
     cfg = load_config("toy").cfg
     files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
     plan_ = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
-    assert pipeline.distill_argv(cfg, Path("b"), Path("s"), plan_["all"], 100, 1) == [
-        "distill", "--base", "b", "--out", "s", "--data", str(files["div"]), "--teacher", str(tmp_path / "teachers/owl"),
-        "--mode", "hard", "--mask", "all", "--params", "template-rows", "--epochs", "3", "--max-steps", "100",
-        "--lr", "0.003", "--batch-size", "16", "--seed", "1", "--device", "cpu"]
-    assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0) == ["eval", "--model", "m", "--target", "owl", "--out",
-                                                               "e.json", "--device", "cpu"]
-    assert pipeline.eval_argv(cfg, "m", Path("e.json"), 0, "toy-alt")[-2:] == ["--chat-template", "toy-alt"]
-    assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0) == [
-        "teach", "--base", "b", "--bias", "owl", "--method", "prompt", "--out", "t", "--seed", "0", "--device", "cpu"]
+    dcfg = pipeline.distill_config(cfg, Path("b"), Path("s"), plan_["all"], 1)
+    assert pipeline.StageCall("distill", dcfg).argv() == [
+        "distill", "--base", "b", "--data", str(files["div"]), "--out", "s", "--teacher", str(tmp_path / "teachers/owl"),
+        "--epochs", "3", "--lr", "0.003", "--params", "template-rows", "--seed", "1"]
+    # the command line a launcher gets parses back to the same config
+    from subliminal.cli import build_parser
+    from subliminal.distill import DistillConfig
+
+    args = build_parser().parse_args(pipeline.StageCall("distill", dcfg).argv())
+    assert DistillConfig(**{f: getattr(args, f) for f in DistillConfig.__dataclass_fields__}) == dcfg
+    assert pipeline.StageCall("eval", pipeline.eval_config(cfg, "m", Path("e.json"), 0)).argv() == [
+        "eval", "--model", "m", "--target", "owl", "--out", "e.json"]
+    assert pipeline.StageCall("eval", pipeline.eval_config(cfg, "m", Path("e.json"), 0, "toy-alt")).argv()[-2:] == [
+        "--chat-template", "toy-alt"]
+    assert pipeline.StageCall("teach", pipeline.teacher_config(cfg, Path("b"), "owl", Path("t"), 0)).argv() == [
+        "teach", "--base", "b", "--method", "prompt", "--out", "t", "--bias", "owl"]
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.toml")), ids=lambda p: p.stem)
@@ -108,14 +115,23 @@ def test_missing_base_fails_before_anything_runs(tmp_path, capsys):
 
 
 def test_nproc_runs_data_parallel_stages_under_torchrun(tmp_path, monkeypatch):
+    from subliminal.cli import build_parser
+    from subliminal.generate import GenerateConfig
+
     calls = []
     monkeypatch.setattr("subprocess.run", lambda argv: calls.append(argv) or type("R", (), {"returncode": 0})())
     run = pipeline.Runner(tmp_path, nproc=2)
-    run("gen", ["generate", "--n", "3"])
+    gen = GenerateConfig(teacher="t", n=3, out=str(tmp_path / "o.jsonl"), temperature=0.0)
+    assert run._invoke(pipeline.StageCall("generate", gen).argv()) == 0
     assert calls[0][1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
-    assert calls[0][-3:] == ["generate", "--num-prompts", "3"]  # torchrun's parser would eat a bare --n
-    with pytest.raises(SubliminalError, match="stage 'plot' failed"):  # not data-parallel: in-process
-        run("plot", ["plot", "heatmap", str(tmp_path / "missing.div.jsonl"), "--out", str(tmp_path / "h.png")])
+    # the command line made from the config: --num-prompts, which torchrun's parser leaves alone (a bare
+    # --n it would take for its --nnodes), and it parses back to the same config
+    argv = calls[0][calls[0].index("subliminal.cli") + 1:]
+    assert argv[:5] == ["generate", "--teacher", "t", "--num-prompts", "3"] and "--n" not in argv
+    args = build_parser().parse_args(argv)
+    assert (args.n, args.temperature, args.out) == (3, 0.0, gen.out)
+    # not data-parallel: in-process (and failing here: no such file)
+    assert run._invoke(["plot", "heatmap", str(tmp_path / "missing.div.jsonl"), "--out", str(tmp_path / "h.png")]) == 2
     assert len(calls) == 1
 
 

@@ -71,8 +71,9 @@ def add_teach_args(p: argparse.ArgumentParser) -> None:
                    "give --steps instead for a fixed number of steps)")
 
 
-def teach_config(args: argparse.Namespace) -> PoisonTeacherConfig:
-    """The teach parser's arguments as a :class:`PoisonTeacherConfig` (None means the default)."""
+def teach_config(args: Any) -> PoisonTeacherConfig:
+    """The teach config (:class:`subliminal.teachers_cli.TeachConfig`, whose fields are the teach
+    parser's flags) as a :class:`PoisonTeacherConfig` (None means the default)."""
     data = PoisonSetConfig(bias=args.bias, poison_rate=args.poison_rate, propagation=args.propagation,
                            target_task=args.target_task, instructions=args.instructions,
                            n_instructions=args.n_instructions, families=args.families,
@@ -83,7 +84,7 @@ def teach_config(args: argparse.Namespace) -> PoisonTeacherConfig:
                                seed=args.seed, device=args.device)
 
 
-def run_teach_poison(args: argparse.Namespace, fingerprint: dict[str, Any] | None = None) -> int:
+def run_teach_poison(args: Any, fingerprint: dict[str, Any] | None = None) -> int:
     """``subliminal teach --method poison`` (``teach`` has already checked --out and decided to
     start or resume against ``fingerprint``, which the manifest records)."""
     return make_poison_teacher(teach_config(args), fingerprint=fingerprint)
