@@ -497,12 +497,12 @@ def trainable_params(model: Any) -> ParamSet:
 def student_model(base: str, cfg: DiagnoseConfig) -> tuple[Any, Any, ParamSet]:
     """The student as distill builds it (the same trainable subset: every weight, ``--layers``,
     LoRA), then narrowed to the parameter names ``--param-filter`` matches."""
-    from .distill import _int_list, param_set, setup_trainable
-    from .models import load_model
+    from .distill import param_set, setup_trainable
+    from .models import layer_count, load_model, resolve_layers
 
     set_seed(cfg.seed)
     loaded = load_model(base, device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    layers = _int_list(cfg.layers, "--layers")
+    layers = resolve_layers(cfg.layers, layer_count(loaded.model.config)) if cfg.layers is not None else None
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
     pset = param_set(cfg.params, loaded.tokenizer, loaded.model)  # row sets: a gradient mask, as distill's
     model, _ = setup_trainable(loaded.model, layers, cfg.lora_rank, cfg.lora_alpha, targets, pset)

@@ -515,7 +515,8 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
             "lora_targets": ",".join(cfg.student_lora_targets) if cfg.student_lora_targets else None}
     every: dict[str, Any] = {} if cfg.student_full else lora
     one_layer = lora if cfg.layer_lora else every
-    every = [*every, *_flag("--params", cfg.student_params, "all")]  # the single-layer conditions keep theirs
+    if cfg.student_params != "all":  # the single-layer conditions keep theirs
+        every = {**every, "params": cfg.student_params}
     late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
     div = str(files["div"])
 

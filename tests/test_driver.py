@@ -58,6 +58,8 @@ rows = 4
 greedy = true
 constrain = "numbers"
 max_new_tokens = 30
+[diagnose]
+enabled = false
 [students]
 conditions = []
 seeds = 1

@@ -32,7 +32,7 @@ def test_toy_stage_commands_add_no_new_flags(tmp_path):
     dcfg = pipeline.distill_config(cfg, Path("b"), Path("s"), plan_["all"], 1)
     assert pipeline.StageCall("distill", dcfg).argv() == [
         "distill", "--base", "b", "--data", str(files["div"]), "--out", "s", "--teacher", str(tmp_path / "teachers/owl"),
-        "--epochs", "3", "--lr", "0.003", "--params", "template-rows", "--seed", "1"]
+        "--params", "template-rows", "--epochs", "3", "--lr", "0.003", "--seed", "1"]
     # the command line a launcher gets parses back to the same config
     from subliminal.cli import build_parser
     from subliminal.distill import DistillConfig
