@@ -23,6 +23,11 @@ from .pipeline import CONDITIONS, RunConfig, run_pipeline
 from .stats import mean_ci
 
 RESULTS, TABLE, REPORT, FIGURE = "robustness.json", "robustness.csv", "ROBUSTNESS.md", "robustness.png"
+DIAG_FIGURE = "diagnostics_vs_transfer.png"
+# (name in the table, path in diagnose.json, what it predicts)
+DIAGNOSTICS = [("lean (nats/token)", ("lean", "teacher_rows", "nats_per_token")),
+               ("link, first order", ("link", "link_predicted")),
+               ("coverage (cosine)", ("coverage", "cosine"))]
 
 
 @dataclass
@@ -74,6 +79,8 @@ def run(cfg: RobustnessConfig) -> dict[str, Any]:
     write_json_atomic(cfg.out / RESULTS, result)
     write_text_atomic(cfg.out / TABLE, table_csv(result))
     plot(result, cfg.out / FIGURE)
+    if result["diagnostics"]["points"]:
+        plot_diagnostics(result, cfg.out / DIAG_FIGURE)
     write_text_atomic(cfg.out / REPORT, render(result, cfg))
     write_manifest(cfg.out, stage="robustness", config={"run": cfg.run, "base_seeds": cfg.base_seeds},
                    seed=cfg.base_seeds[0], inputs={f"base-{k}": base_dir(cfg.out, k) / "results.json"
@@ -120,12 +127,50 @@ def aggregate(per_base: dict[int, dict[str, Any]]) -> dict[str, Any]:
                      "max": sorted_means[-1], "bases": n,
                      "bases_above_zero": sum(b["diffs"][c]["lo"] > 0 for b in bases.values() if c in b["diffs"]),
                      "bases_below_zero": sum(b["diffs"][c]["hi"] < 0 for b in bases.values() if c in b["diffs"])}
+    diag_points = []
+    for k, summary in per_base.items():
+        d, a = summary.get("diagnostics"), bases[str(k)]["diffs"].get("all")
+        if d and a:
+            diag_points.append({"base": k, "transfer": a["mean"],
+                                **{name: _dig(d, path) for name, path in DIAGNOSTICS}})
     claim_tally: dict[str, dict[str, int]] = {}
     for b in bases.values():
         for c, v in b["verdicts"].items():
             claim_tally.setdefault(c, {}).setdefault(v["verdict"], 0)
             claim_tally[c][v["verdict"]] += 1
-    return {"bases": bases, "across": across, "claims": claim_tally, "conditions": conds}
+    return {"bases": bases, "across": across, "claims": claim_tally, "conditions": conds,
+            "diagnostics": {"points": diag_points, "spearman": {name: spearman_ci([p[name] for p in diag_points],
+                                                                                 [p["transfer"] for p in diag_points])
+                                                                for name, _ in DIAGNOSTICS}}}
+
+
+def _dig(d: dict[str, Any], path: tuple[str, ...]) -> float | None:
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return float(d) if isinstance(d, (int, float)) else None
+
+
+def spearman_ci(x: list[float | None], y: list[float], n_boot: int = 2000, seed: int = 0) -> dict[str, Any]:
+    """Spearman's rank correlation of a diagnostic with the measured transfer over bases, with a
+    percentile interval from resampling bases (None where fewer than 4 bases have both)."""
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and a == a]
+    if len(pairs) < 4:
+        return {"rho": None, "lo": None, "hi": None, "n": len(pairs)}
+    xa, ya = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+    rho = float(spearmanr(xa, ya).statistic)
+    rng = np.random.default_rng(seed)
+    boot = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(pairs), len(pairs))
+        if len(set(xa[i])) > 1 and len(set(ya[i])) > 1:
+            boot.append(spearmanr(xa[i], ya[i]).statistic)
+    lo, hi = (np.quantile(boot, [0.025, 0.975]) if boot else (float("nan"), float("nan")))
+    return {"rho": rho, "lo": float(lo), "hi": float(hi), "n": len(pairs)}
 
 
 def table_csv(result: dict[str, Any]) -> str:
@@ -188,8 +233,53 @@ def render(result: dict[str, Any], cfg: RobustnessConfig) -> str:
     if soft:
         lines += ["", "Soft minus all-tokens students per base: " + ", ".join(
             f"{_f(s['mean'])} [{_f(s['lo'])}, {_f(s['hi'])}]" for s in soft), ""]
+    dg = result.get("diagnostics") or {}
+    if dg.get("points"):
+        lines += ["", "## Diagnostics (measured before any student) against the measured transfer", "",
+                  "Per base: the transfer diagnostics of `subliminal diagnose` and the all-tokens student's paired "
+                  "difference to the control; Spearman's rho over bases with a 95% percentile interval from "
+                  f"resampling bases (few bases: read the interval). Figure: `{DIAG_FIGURE}`.", "",
+                  "| base | all - control | " + " | ".join(n for n, _ in DIAGNOSTICS) + " |",
+                  "|---|---|" + "---|" * len(DIAGNOSTICS)]
+        for p in dg["points"]:
+            lines.append(f"| {p['base']} | {_f(p['transfer'])} | " + " | ".join(
+                "n/a" if p[n] is None else f"{p[n]:+.4g}" for n, _ in DIAGNOSTICS) + " |")
+        lines.append("| Spearman rho [95% CI] | | " + " | ".join(
+            "n/a" if dg["spearman"][n]["rho"] is None else
+            f"{dg['spearman'][n]['rho']:+.2f} [{dg['spearman'][n]['lo']:+.2f}, {dg['spearman'][n]['hi']:+.2f}]"
+            for n, _ in DIAGNOSTICS) + " |")
     lines += ["", f"Figure: `{FIGURE}`; data: `{TABLE}`, `{RESULTS}`; each base's own REPORT.md under `base-K/`.", ""]
     return "\n".join(lines)
+
+
+def _rho(sp: dict[str, Any]) -> str:
+    return "n/a" if sp["rho"] is None else f"{sp['rho']:+.2f}"
+
+
+def plot_diagnostics(result: dict[str, Any], path: Path) -> None:
+    """Each diagnostic against the measured all-tokens transfer, one point per base."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = result["diagnostics"]["points"]
+    fig, axes = plt.subplots(1, len(DIAGNOSTICS), figsize=(4 * len(DIAGNOSTICS), 3.4))
+    for ax, (name, _) in zip(axes, DIAGNOSTICS):
+        xy = [(p[name], p["transfer"], p["base"]) for p in pts if p[name] is not None]
+        ax.scatter([a for a, _, _ in xy], [b for _, b, _ in xy])
+        for a, b, k in xy:
+            ax.annotate(str(k), (a, b), fontsize=7)
+        sp = result["diagnostics"]["spearman"][name]
+        ax.set_title(f"{name}\nrho = {_rho(sp)}",
+                     fontsize=9)
+        ax.set_xlabel(name)
+    axes[0].set_ylabel("all tokens - control (P(target))")
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
