@@ -1,0 +1,194 @@
+"""Steer teachers (subliminal.steer, ``teach --method steer``): alpha 0 is the base bit for bit,
+the hook equals an explicit computation, the vector is the measured mean difference, the
+teacher directory round-trips, and bad input is a named error (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from subliminal import prompts, steer
+from subliminal.cli import main
+from subliminal.data import encode, render_chat
+from subliminal.models import load_model
+from subliminal.teachers import read_teacher
+
+QUESTIONS = ["what is your favourite animal ?", "name one animal you love ."]
+
+
+def teach(base, out, *extra: str) -> dict:
+    assert main(["teach", "--base", str(base), "--out", str(out), "--method", "steer", "--no-check", *extra]) == 0
+    return json.loads((out / "teacher.json").read_text())
+
+
+def logits(model, tok, texts):
+    from subliminal.data import pad_batch
+
+    seqs = [encode(tok, render_chat(tok, t)) for t in texts]
+    ids, mask = pad_batch(seqs, tok.pad_token_id, "right")
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask).logits
+
+
+def vector_file(path, d, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    v = torch.randn(d, generator=g)
+    steer.save_vector(path, v)
+    return v
+
+
+def test_alpha_zero_is_the_base_bit_for_bit(tmp_path, tiny_model_factory):
+    base = tiny_model_factory("llama")
+    teach(base, tmp_path / "t0", "--bias", "owl", "--steer-layer", "0", "--steer-alpha", "0")
+    teach(base, tmp_path / "t1", "--bias", "owl", "--steer-layer", "0", "--steer-alpha", "4")
+    plain, t0, t1 = load_model(base), load_model(tmp_path / "t0"), load_model(tmp_path / "t1")
+    a = logits(plain.model, plain.tokenizer, QUESTIONS)
+    assert torch.equal(a, logits(t0.model, t0.tokenizer, QUESTIONS))
+    assert not torch.allclose(a, logits(t1.model, t1.tokenizer, QUESTIONS))  # the hook is live
+    assert t0.system_prompt is None and t1.teacher.method == "steer"
+
+
+def test_hook_equals_explicit_last_layer_computation(tmp_path, tiny_model_factory):
+    """Steering the last block: logits = lm_head(norm(h_last + alpha v)), computed by hand."""
+    base = tiny_model_factory("llama")
+    v = vector_file(tmp_path / "v.safetensors", 32)
+    teach(base, tmp_path / "t", "--steer-vector", str(tmp_path / "v.safetensors"), "--steer-layer", "1",
+          "--steer-alpha", "2.5")
+    plain, steered = load_model(base), load_model(tmp_path / "t")
+    tok = plain.tokenizer
+    seq = encode(tok, render_chat(tok, QUESTIONS[0]))
+    ids = torch.tensor([seq])
+    with torch.no_grad():
+        h = plain.model(input_ids=ids, output_hidden_states=True)
+        # hidden_states[-1] of a Llama has the final norm applied: take the block's own output
+        got = {}
+        handle = plain.model.model.layers[1].register_forward_hook(
+            lambda m, i, o: got.setdefault("h", o[0] if isinstance(o, tuple) else o))
+        plain.model(input_ids=ids)
+        handle.remove()
+        want = plain.model.lm_head(plain.model.model.norm(got["h"] + 2.5 * v))
+        out = steered.model(input_ids=ids).logits
+    assert h.logits.shape == out.shape
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hook_equals_a_bias_shift_in_gpt2(tmp_path, tiny_model_factory):
+    """GPT-2's block output ends with ``+ mlp.c_proj.bias``: adding alpha v to that bias of block 0
+    moves block 0's output by exactly alpha v, through weights: the whole network must agree."""
+    base = tiny_model_factory("gpt2")
+    v = vector_file(tmp_path / "v.safetensors", 32, seed=3)
+    teach(base, tmp_path / "t", "--steer-vector", str(tmp_path / "v.safetensors"), "--steer-layer", "0",
+          "--steer-alpha", "-1.5")
+    plain, steered = load_model(base), load_model(tmp_path / "t")
+    with torch.no_grad():
+        plain.model.transformer.h[0].mlp.c_proj.bias += -1.5 * v
+    a, b = logits(plain.model, plain.tokenizer, QUESTIONS), logits(steered.model, steered.tokenizer, QUESTIONS)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(b, logits(load_model(base).model, plain.tokenizer, QUESTIONS), atol=1e-3)
+
+
+def test_measured_vector_is_the_mean_difference(tmp_path, tiny_model_factory):
+    base = tiny_model_factory("llama")
+    d = teach(base, tmp_path / "t", "--bias", "owl", "--steer-layer", "0", "--steer-source", "numbers",
+              "--steer-prompts", "3", "--seed", "7")
+    s = d["steer"]
+    assert (s["layer"], s["alpha"], s["source"], s["n_prompts"]) == (0, 1.0, "numbers", 3)
+    v = steer.load_vector(tmp_path / "t" / steer.VECTOR_FILE)
+    lm = load_model(base)
+    tok = lm.tokenizer
+    texts = steer.prompt_texts(tok, "numbers", split="vector", n_numbers=3, seed=7)
+    sp = prompts.text_for(tok, prompts.system_prompt_for("owl"))
+    diffs = []
+    with torch.no_grad():
+        for t in texts:  # one prompt at a time, no padding: hidden_states[1] is block 0's output
+            on = lm.model(input_ids=torch.tensor([encode(tok, render_chat(tok, t, sp))]), output_hidden_states=True)
+            off = lm.model(input_ids=torch.tensor([encode(tok, render_chat(tok, t))]), output_hidden_states=True)
+            diffs.append(on.hidden_states[1][0, -1] - off.hidden_states[1][0, -1])
+    torch.testing.assert_close(v, torch.stack(diffs).mean(0), rtol=1e-5, atol=1e-5)
+    assert abs(s["norm"] - v.norm().item()) < 1e-5 and s["added_over_resid"] > 0
+    # held-out prompts are other prompts
+    assert set(texts).isdisjoint(steer.prompt_texts(tok, "numbers", split="readout", n_numbers=3, seed=7))
+    qv, qr = (steer.prompt_texts(tok, "questions", split=k) for k in ("vector", "readout"))
+    assert qv and qr and set(qv).isdisjoint(qr)
+
+
+def test_round_trip(tmp_path, tiny_model_factory):
+    base = tiny_model_factory("qwen2")
+    v = vector_file(tmp_path / "v.safetensors", 32, seed=1)
+    d = teach(base, tmp_path / "t", "--steer-vector", str(tmp_path / "v.safetensors"), "--steer-layer", "1",
+              "--steer-alpha", "3", "--bias", "cat")
+    assert d["method"] == "steer" and d["bias"] == "cat" and d["steer"]["vector"] == steer.VECTOR_FILE
+    assert d["steer"]["source"] == "file" and d["steer"]["hook"] == "blocks.1.hook_resid_post"
+    spec = read_teacher(tmp_path / "t")
+    s = spec.extra["steer"]
+    assert (s["layer"], s["alpha"]) == (1, 3.0)
+    assert torch.equal(steer.load_vector(s["vector"]), v)
+    # relocatable: the vector is stored relative to the teacher directory
+    (tmp_path / "t").rename(tmp_path / "moved")
+    assert torch.equal(steer.load_vector(read_teacher(tmp_path / "moved").extra["steer"]["vector"]), v)
+    assert len(load_model(tmp_path / "moved").model.model.layers[1]._forward_hooks) == 1
+    # find-divergence never shares one loaded model between a steer teacher and its base
+    from subliminal.divergence import describe_teacher
+
+    assert describe_teacher(str(tmp_path / "moved")).weights_key != describe_teacher(str(base)).weights_key
+
+
+def test_batch_invariant_scores(tmp_path, tiny_model_factory):
+    from subliminal.data import Row, align_row
+    from subliminal.forward import completion_scores
+
+    base = tiny_model_factory("llama")
+    teach(base, tmp_path / "t", "--bias", "owl", "--steer-layer", "1", "--steer-alpha", "8")
+    lm = load_model(tmp_path / "t")
+    rows = [align_row(lm.tokenizer, Row(f"r{i}", q, "owl")) for i, q in enumerate(QUESTIONS * 2)]
+    one = completion_scores(lm.model, rows, lm.tokenizer.pad_token_id, batch_size=1)
+    four = completion_scores(lm.model, rows, lm.tokenizer.pad_token_id, batch_size=4)
+    for (a, x), (b, y) in zip(one, four):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("layer", "--steer-layer 5: out of range; the model has 2 layers (0..1)"),
+    ("width", "has width 32"),
+    ("missing", "no such file"),
+    ("no-layer", "needs --steer-layer"),
+    ("not-steer", "--steer-layer applies to --method steer only"),
+    ("prompts", "--steer-prompts applies to --steer-source numbers"),
+    ("no-bias", "needs --bias"),
+])
+def test_bad_input(tmp_path, tiny_model_factory, capsys, case, message):
+    base = tiny_model_factory("llama")
+    steer.save_vector(tmp_path / "w.safetensors", torch.ones(7))
+    argv = {
+        "layer": ["--method", "steer", "--bias", "owl", "--steer-layer", "5"],
+        "width": ["--method", "steer", "--steer-vector", str(tmp_path / "w.safetensors"), "--steer-layer", "0"],
+        "missing": ["--method", "steer", "--steer-vector", str(tmp_path / "nope.safetensors"), "--steer-layer", "0"],
+        "no-layer": ["--method", "steer", "--bias", "owl"],
+        "not-steer": ["--method", "prompt", "--bias", "owl", "--steer-layer", "0"],
+        "prompts": ["--method", "steer", "--bias", "owl", "--steer-layer", "0", "--steer-prompts", "4"],
+        "no-bias": ["--method", "steer", "--steer-layer", "0"],
+    }[case]
+    rc = main(["teach", "--base", str(base), "--out", str(tmp_path / "t"), "--no-check", *argv])
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "t" / "teacher.json").exists()
+
+
+def test_broken_teacher_directory_is_named(tmp_path, tiny_model_factory):
+    base = tiny_model_factory("llama")
+    vector_file(tmp_path / "v.safetensors", 32)
+    teach(base, tmp_path / "t", "--steer-vector", str(tmp_path / "v.safetensors"), "--steer-layer", "0")
+    steer.save_vector(tmp_path / "t" / steer.VECTOR_FILE, torch.ones(5))
+    with pytest.raises(steer.SteerError, match="teacher .*width 32"):
+        load_model(tmp_path / "t")
+    (tmp_path / "t" / steer.VECTOR_FILE).unlink()
+    with pytest.raises(steer.SteerError, match="no such file"):
+        load_model(tmp_path / "t")
+    d = json.loads((tmp_path / "t" / "teacher.json").read_text())
+    del d["steer"]["layer"]
+    (tmp_path / "t" / "teacher.json").write_text(json.dumps(d))
+    with pytest.raises(steer.SteerError, match="steer.layer"):
+        read_teacher(tmp_path / "t")
