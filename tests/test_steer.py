@@ -192,3 +192,27 @@ def test_broken_teacher_directory_is_named(tmp_path, tiny_model_factory):
     (tmp_path / "t" / "teacher.json").write_text(json.dumps(d))
     with pytest.raises(steer.SteerError, match="steer.layer"):
         read_teacher(tmp_path / "t")
+
+
+@pytest.mark.parametrize("backend", ["nnsight", "transformer_lens", "patch"])
+def test_probe_and_patch_read_the_steered_residual(tmp_path, tiny_model_factory, backend):
+    """blocks.L.hook_resid_post of a steer teacher includes alpha v in every reader."""
+    from subliminal.probes.activations import build_examples, capture, hook_name
+    from subliminal.probes.patching import run_with_acts
+
+    from subliminal.data import Row
+
+    base = tiny_model_factory("llama")
+    v = vector_file(tmp_path / "v.safetensors", 32, seed=2)
+    teach(base, tmp_path / "t", "--steer-vector", str(tmp_path / "v.safetensors"), "--steer-layer", "0",
+          "--steer-alpha", "3")
+    acts = []
+    for m in (base, tmp_path / "t"):
+        lm = load_model(m)
+        if backend == "patch":
+            acts.append(run_with_acts(lm.model, encode(lm.tokenizer, render_chat(lm.tokenizer, QUESTIONS[0])))[1][0])
+            continue
+        ex = build_examples(lm.tokenizer, [(Row("a", QUESTIONS[0], ""), {}, "x")], system_prompt=None,
+                            positions="answer")
+        acts.append(capture(lm, ex, [hook_name(0)], backend=backend, progress=False)[hook_name(0)])
+    torch.testing.assert_close(acts[1] - acts[0], (3 * v).expand_as(acts[0]), rtol=1e-5, atol=1e-5)
