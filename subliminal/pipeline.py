@@ -101,6 +101,9 @@ class RunConfig:
     teacher_replay: int | None = None
     teacher_batch_size: int | None = None
     teacher_check: bool = True  # teach measures its own preference (the run evaluates teachers anyway)
+    teacher_steer_layer: int | None = None  # method "steer": the block whose output gets alpha * v
+    teacher_steer_alpha: float = 1.0  # alpha * v, v as measured (teach --steer-alpha)
+    teacher_steer_source: str = "questions"  # what v is measured on: questions | numbers
     # [data]
     n_prompts: int = 800
     keep_rows: int | None = None  # train on at most this many matched rows (the paper: 30k prompts -> 10k)
@@ -301,6 +304,9 @@ def _teacher_args(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed:
         args += ["--steps", str(cfg.teacher_steps), *_flag("--lora-rank", cfg.teacher_lora_rank),
                  *_flag("--lr", cfg.teacher_lr), *_flag("--replay", cfg.teacher_replay),
                  *_flag("--batch-size", cfg.teacher_batch_size)]
+    if cfg.teacher_method == "steer":
+        args += ["--steer-layer", str(cfg.teacher_steer_layer), "--steer-alpha", repr(float(cfg.teacher_steer_alpha)),
+                 "--steer-source", cfg.teacher_steer_source]
     return args
 
 

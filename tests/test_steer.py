@@ -216,3 +216,26 @@ def test_probe_and_patch_read_the_steered_residual(tmp_path, tiny_model_factory,
                             positions="answer")
         acts.append(capture(lm, ex, [hook_name(0)], backend=backend, progress=False)[hook_name(0)])
     torch.testing.assert_close(acts[1] - acts[0], (3 * v).expand_as(acts[0]), rtol=1e-5, atol=1e-5)
+
+
+# ``subliminal run``: [teachers] method = "steer" (kept here, not in test_run.py, to merge cleanly)
+
+
+def test_run_config_steer_teachers(tmp_path, tiny_model_factory):
+    from pathlib import Path
+
+    from subliminal import pipeline
+    from subliminal.manifest import SubliminalError
+    from subliminal.run import load_config, render_plan
+
+    cfg = load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=1", "teachers.steer_alpha=4",
+                              "teachers.steer_source=\"numbers\""]).cfg
+    argv = pipeline._teacher_args(cfg, tiny_model_factory("llama"), "owl", tmp_path / "t", 0)
+    assert argv[-6:] == ["--steer-layer", "1", "--steer-alpha", "4.0", "--steer-source", "numbers"]
+    assert "steering-vector teachers (block 1, alpha 4)" in render_plan(cfg, Path("runs/x"), "toy")
+    assert main([*argv, "--no-check", "--steer-prompts", "2"]) == 0  # the command the run gives works
+    assert read_teacher(tmp_path / "t").extra["steer"]["source"] == "numbers"
+    with pytest.raises(SubliminalError, match="needs steer_layer"):
+        load_config("toy", ["teachers.method=\"steer\""])
+    with pytest.raises(SubliminalError, match="steer_source 'both'"):
+        load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0", "teachers.steer_source=\"both\""])
