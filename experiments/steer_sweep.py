@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     for name, tdir in teachers.items():
         data[name] = out / "data" / f"{name}.jsonl"
         _cli(["generate", "--teacher", tdir, "--n", args.n, "--out", data[name], "--seed", args.seed,
-              "--device", args.device])
+              "--constrain", args.constrain, "--device", args.device])
     students: dict[tuple[str, int], Path] = {}
     rows = []
     for seed in range(1, args.seeds + 1):
@@ -186,6 +186,8 @@ def main_(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="all", help="distill --params (default %(default)s)")
     p.add_argument("--number-prompts", type=int, default=32, help="project: held-out number prompts")
     p.add_argument("--seed", type=int, default=0, help="data seed")
+    p.add_argument("--constrain", choices=("none", "numbers"), default="none",
+                   help="generate --constrain: numbers keeps a barely trained base's lists well-formed")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     return guarded(run, args)
