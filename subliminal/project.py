@@ -309,10 +309,13 @@ def _report(result: dict[str, Any], out: Path) -> None:
     for name, s in result["conditions"].items():
         for kind in KINDS:
             rows = s[kind]
-            r = rows[layer] if layer is not None else max(rows, key=lambda x: abs(x["mean"]))
+            # the steer layer where known; for a bare vector file, the layer of the largest difference
+            r = rows[layer] if layer is not None else max(
+                rows, key=lambda x: abs((x.get("vs_reference") or {}).get("mean", 0.0)))
             d = r.get("vs_reference")
             if d:
-                print(f"{name} - {result['reference']} ({kind}, layer {r['layer']}): {d['mean']:+.4f} "
+                where = f"layer {r['layer']}" if layer is not None else f"largest at layer {r['layer']}"
+                print(f"{name} - {result['reference']} ({kind}, {where}): {d['mean']:+.4f} "
                       f"[{d['lo']:+.4f}, {d['hi']:+.4f}] over {d['seeds']} seeds")
     print(f"projection -> {out / RESULT}, {out / 'projection.png'}")
 
