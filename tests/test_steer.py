@@ -239,3 +239,34 @@ def test_run_config_steer_teachers(tmp_path, tiny_model_factory):
         load_config("toy", ["teachers.method=\"steer\""])
     with pytest.raises(SubliminalError, match="steer_source 'both'"):
         load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0", "teachers.steer_source=\"both\""])
+
+
+def test_generate_and_find_divergence_run_the_steered_teacher(tmp_path, tiny_model_factory):
+    """Greedy rows of a steer teacher are its own argmax under find-divergence (both stages ran
+    the hook); its alpha-0 twin scores exactly like the unbiased teacher (never the same loaded
+    model as the steered one)."""
+    from subliminal import divergence as dv
+    from subliminal.data import write_jsonl
+    from subliminal.generate import SamplingConfig, generate_rows, make_prompts
+
+    base = tiny_model_factory("llama")
+    vector_file(tmp_path / "v.safetensors", 32, seed=5)
+    for name, alpha in (("on", "6"), ("off", "0")):
+        teach(base, tmp_path / name, "--steer-vector", str(tmp_path / "v.safetensors"), "--steer-layer", "0",
+              "--steer-alpha", alpha)
+    assert main(["teach", "--base", str(base), "--out", str(tmp_path / "none"), "--method", "none", "--no-check"]) == 0
+    lm = load_model(tmp_path / "on")
+    rows = [{k: r[k] for k in ("id", "prompt", "completion", "teacher")}
+            for r in generate_rows(lm, make_prompts(3, 0), sampling=SamplingConfig(0.0), batch_size=3,
+                                   max_new_tokens=6, progress=False)]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = dv.ScoreConfig(data=str(tmp_path / "d.jsonl"), teacher=str(tmp_path / "on"),
+                         counterfactual=[str(tmp_path / "off"), str(tmp_path / "none")], out=str(tmp_path / "d.div"),
+                         rule="pairwise", batch_size=2)
+    dv.find_divergence(cfg, progress=False)
+    objs = dv.load_divergence(cfg.out)
+    assert all(o["argmax_factual"][:-1] == o["token_ids"][:-1] for o in objs)
+    assert any(any(o["divergence"][0]) for o in objs)  # the vector changed some greedy choice
+    for o in objs:
+        assert o["divergence"][0] == o["divergence"][1]
+        assert o["scores"]["kl"][0] == o["scores"]["kl"][1]
