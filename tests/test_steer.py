@@ -270,3 +270,12 @@ def test_generate_and_find_divergence_run_the_steered_teacher(tmp_path, tiny_mod
     for o in objs:
         assert o["divergence"][0] == o["divergence"][1]
         assert o["scores"]["kl"][0] == o["scores"]["kl"][1]
+
+
+def test_a_steer_teacher_is_no_student_base(tmp_path, tiny_model_factory, capsys):
+    base = tiny_model_factory("llama")
+    teach(base, tmp_path / "t", "--bias", "owl", "--steer-layer", "0")
+    (tmp_path / "d.jsonl").write_text(json.dumps({"id": "0", "prompt": "hi", "completion": "1 2 3"}) + "\n")
+    rc = main(["distill", "--base", str(tmp_path / "t"), "--data", str(tmp_path / "d.jsonl"), "--out",
+               str(tmp_path / "s")])
+    assert rc == 2 and "a steer teacher" in capsys.readouterr().err
