@@ -212,6 +212,23 @@ def plot(result: dict[str, Any], out_png: Path) -> Path:
     return _save(fig, out_png)
 
 
+def plot_curves(result: dict[str, Any], out_png: Path) -> Path:
+    """Each student's projection over training at the steer layer (the last layer for a bare
+    vector file), per prompt kind, with 95% bands over prompts; the data beside it as CSV."""
+    from subliminal.probes.plots import plot_transfer
+
+    layer = result["vector"].get("layer")
+    records = []
+    for student, points in result["curves"].items():
+        for p in points:
+            for kind in KINDS:
+                r = p[kind][layer if layer is not None else -1]
+                records.append({"series": f"{student} {kind}", "step": p["step"], "value": r["mean"], "lo": r["lo"],
+                                "hi": r["hi"]})
+    where = f"block {layer}" if layer is not None else "the last block"
+    return plot_transfer(records, out_png, ylabel=f"projection on v/|v| at {where}")
+
+
 def csv_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for name, s in result["models"].items():
@@ -298,6 +315,8 @@ def run(cfg: ProjectConfig) -> int:
 
     _write_csv(out / "projection.csv", csv_rows(result))
     plot(result, out / "projection.png")
+    if cfg.checkpoints and result["curves"]:
+        plot_curves(result, out / "projection_curve.png")
     write_manifest(out, stage=STAGE, config=config, seed=cfg.seed, inputs=inputs, wall_time_s=time.time() - t0,
                    extra={"fingerprint": fp, "vector": vinfo})
     _report(result, out)

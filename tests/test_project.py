@@ -68,6 +68,7 @@ def test_a_vector_file_and_checkpoint_curves(tmp_path, steered):
     r = json.loads((out / "projection.json").read_text())
     steps = [c["step"] for c in r["curves"]["control:0"]]
     assert steps[0] == 1 and len(steps) == 2
+    assert (out / "projection_curve.png").is_file() and (out / "projection_curve.csv").is_file()
     assert r["curves"]["control:0"][0]["questions"][0]["mean"] == pytest.approx(
         r["students"]["control:0"]["questions"][0]["mean"], abs=1e-5)
 
