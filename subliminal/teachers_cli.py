@@ -316,7 +316,8 @@ _NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "ba
 
 def _resume_action(args: argparse.Namespace, out: Path) -> tuple[dict[str, Any], str]:
     """The teacher's fingerprint (base content and every setting) and what to do with ``out``."""
-    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS}
+    config = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_SETTINGS
+              and (args.method == "steer" or not k.startswith("steer_"))}  # older teachers keep their fingerprint
     config["device"] = device_type(args.device)
     fp = fingerprint({"base": args.base, "steer_vector": getattr(args, "steer_vector", None)}, config)
     man = read_manifest(out) if out.is_dir() else None

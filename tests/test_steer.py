@@ -279,3 +279,19 @@ def test_a_steer_teacher_is_no_student_base(tmp_path, tiny_model_factory, capsys
     rc = main(["distill", "--base", str(tmp_path / "t"), "--data", str(tmp_path / "d.jsonl"), "--out",
                str(tmp_path / "s")])
     assert rc == 2 and "a steer teacher" in capsys.readouterr().err
+
+
+def test_other_teachers_keep_their_fingerprint(tmp_path, tiny_model_factory):
+    """The steer flags enter only a steer teacher's fingerprint: a prompt teacher made before
+    they existed is still recognised as finished."""
+    import argparse
+
+    from subliminal.teachers_cli import _resume_action
+
+    args = argparse.Namespace(base=str(tiny_model_factory("llama")), method="prompt", bias="owl", seed=0,
+                              device="cpu", steer_layer=None, steer_alpha=1.0, steer_source="questions",
+                              steer_prompts=None, steer_vector=None)
+    fp, _ = _resume_action(args, tmp_path / "t")
+    assert not any(k.startswith("steer_") for k in fp["config"]) and "steer_vector" not in fp["inputs"]
+    args.method, args.steer_layer = "steer", 0
+    assert _resume_action(args, tmp_path / "u")[0]["config"]["steer_layer"] == 0
