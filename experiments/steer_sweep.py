@@ -10,13 +10,15 @@ readouts, paired with the control by seed (mean and 95% t-interval over seeds):
 
 - P(target): exact preference (``subliminal eval``);
 - projection: each student's residual stream on the unit steering vector at every layer, on
-  held-out questions and number prompts (``subliminal project``).
+  held-out questions and number prompts (``subliminal project``), and the same on a random
+  vector of the same width (seeded by ``--seed``): how far the students move along any direction.
 
 Alpha 0 is the check: its teacher is the base bit for bit, so its students equal the control.
 
-Outputs in ``--out``: ``teachers/``, ``data/``, ``students/``, ``projection/`` (the project stage's
-own outputs), ``steer_sweep.json`` / ``.csv`` / ``.png`` and ``manifest.json``. Re-running resumes
-(every stage skips what it already did with the same command).
+Outputs in ``--out``: ``teachers/``, ``data/``, ``students/``, ``projection/`` and
+``projection-random/`` (the project stage's own outputs), ``steer_sweep.json`` / ``.csv`` /
+``.png`` and ``manifest.json``. Re-running resumes (every stage but the cheap projections skips
+what it already did with the same command).
 
     python experiments/steer_sweep.py --base runs/base --out runs/steer-sweep --layer 1 --alphas 0,1,4,16
 """
@@ -31,9 +33,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from subliminal.cli import guarded, main
 from subliminal.manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
 from subliminal.stats import mean_ci
+from subliminal.steer import load_vector, save_vector
 
 
 def _cli(argv: list[Any]) -> None:
@@ -87,18 +92,25 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"condition": name, "seed": seed, "p_target": e["exact"]["mean"],
                          "mass": e["exact"]["raw_mass"]})
     vec = teachers[name_of(next((a for a in alphas if a), alphas[0]))]  # the one measured vector
-    pdir = out / "projection"
-    argv: list[Any] = ["project", "--vector", vec, "--out", pdir, "--model", args.base,
-                       "--number-prompts", args.number_prompts, "--seed", args.seed, "--device", args.device]
-    for tdir in teachers.values():
-        argv += ["--model", tdir]
-    for (name, seed), sdir in students.items():
-        argv += ["--student", name, seed, sdir]
-    _cli(argv)
-    proj = json.loads((pdir / "projection.json").read_text())
+    steer_info = json.loads((vec / "teacher.json").read_text())["steer"]
+    # the same students along a random direction of the same width: how far any vector moves
+    rand = out / "random_vector.safetensors"
+    g = torch.Generator().manual_seed(args.seed)
+    save_vector(rand, torch.randn(len(load_vector(vec / steer_info["vector"])), generator=g))
+    proj = {}
+    for key, vector, pdir in (("steer", vec, out / "projection"), ("random", rand, out / "projection-random")):
+        # a derived output: redone (--overwrite) when the students or settings change
+        argv: list[Any] = ["project", "--vector", vector, "--out", pdir, "--number-prompts", args.number_prompts,
+                           "--seed", args.seed, "--device", args.device, "--overwrite"]
+        if key == "steer":
+            for tdir in [args.base, *teachers.values()]:
+                argv += ["--model", tdir]
+        for (name, seed), sdir in students.items():
+            argv += ["--student", name, seed, sdir]
+        _cli(argv)
+        proj[key] = json.loads((pdir / "projection.json").read_text())
     teacher_p = {name: (json.loads((t / "manifest.json").read_text()).get("check") or {}).get("target_mass")
                  for name, t in teachers.items()}
-    steer_info = json.loads((vec / "teacher.json").read_text())["steer"]
     summary = summarise(rows, proj, alphas, args.layer, teacher_p)
     result = {"target": args.target, "layer": args.layer, "source": args.source, "vector": steer_info,
               "rows": rows, "summary": summary}
@@ -118,14 +130,17 @@ def run(args: argparse.Namespace) -> int:
               f"student P {s['p_transfer']:+.4f} [{s['p_lo']:+.4f}, {s['p_hi']:+.4f}]  "
               f"projection (questions, L{args.layer}) {s['proj_questions']:+.4f} "
               f"[{s['proj_questions_lo']:+.4f}, {s['proj_questions_hi']:+.4f}]  "
-              f"(numbers) {s['proj_numbers']:+.4f} [{s['proj_numbers_lo']:+.4f}, {s['proj_numbers_hi']:+.4f}]")
+              f"(numbers) {s['proj_numbers']:+.4f} [{s['proj_numbers_lo']:+.4f}, {s['proj_numbers_hi']:+.4f}]  "
+              f"random vector (numbers) {s['random_numbers']:+.4f} [{s['random_numbers_lo']:+.4f}, "
+              f"{s['random_numbers_hi']:+.4f}]")
     return 0
 
 
-def summarise(rows: list[dict[str, Any]], proj: dict[str, Any], alphas: list[float], layer: int,
+def summarise(rows: list[dict[str, Any]], proj: dict[str, dict[str, Any]], alphas: list[float], layer: int,
               teacher_p: dict[str, float | None]) -> list[dict[str, Any]]:
-    """Per alpha: P(target) transfer and the projection transfer at the steer layer, each paired
-    with the control by seed."""
+    """Per alpha: P(target) transfer and the projection transfer at the steer layer (on the
+    teacher's vector, ``proj_*``, and on a random one, ``random_*``), each paired with the control
+    by seed."""
     by = {(r["condition"], r["seed"]): r for r in rows}
     out = []
     for a in alphas:
@@ -134,10 +149,12 @@ def summarise(rows: list[dict[str, Any]], proj: dict[str, Any], alphas: list[flo
         m, lo, hi = mean_ci([by[(name, s)]["p_target"] - by[("control", s)]["p_target"] for s in seeds])
         row: dict[str, Any] = {"alpha": a, "teacher_p": teacher_p.get(name), "p_transfer": m, "p_lo": lo, "p_hi": hi,
                                "n_seeds": len(seeds), "mass_min": min(by[(name, s)]["mass"] for s in seeds)}
-        for kind in ("questions", "numbers"):
-            d = proj["conditions"][name][kind][layer].get("vs_reference") or {}
-            row.update({f"proj_{kind}": d.get("mean", float("nan")), f"proj_{kind}_lo": d.get("lo", float("nan")),
-                        f"proj_{kind}_hi": d.get("hi", float("nan"))})
+        for key, prefix in (("steer", "proj"), ("random", "random")):
+            for kind in ("questions", "numbers"):
+                d = proj[key]["conditions"][name][kind][layer].get("vs_reference") or {}
+                row.update({f"{prefix}_{kind}": d.get("mean", float("nan")),
+                            f"{prefix}_{kind}_lo": d.get("lo", float("nan")),
+                            f"{prefix}_{kind}_hi": d.get("hi", float("nan"))})
         out.append(row)
     return out
 
@@ -151,7 +168,8 @@ def plot(summary: list[dict[str, Any]], path: Path, target: str, layer: int) -> 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     xs = [s["alpha"] for s in summary]
     panels = [(axes[0], [("p", f"P({target}) - control")]),
-              (axes[1], [("proj_questions", "questions"), ("proj_numbers", "number prompts")])]
+              (axes[1], [("proj_questions", "questions"), ("proj_numbers", "number prompts"),
+                         ("random_numbers", "number prompts, random vector")])]
     for ax, series in panels:
         for key, label in series:
             ys = [s[f"{key}_transfer" if key == "p" else key] for s in summary]

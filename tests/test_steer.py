@@ -295,3 +295,24 @@ def test_other_teachers_keep_their_fingerprint(tmp_path, tiny_model_factory):
     assert not any(k.startswith("steer_") for k in fp["config"]) and "steer_vector" not in fp["inputs"]
     args.method, args.steer_layer = "steer", 0
     assert _resume_action(args, tmp_path / "u")[0]["config"]["steer_layer"] == 0
+
+
+def test_alpha_sweep_script_end_to_end(tmp_path, tiny_model_factory):
+    """experiments/steer_sweep.py on a tiny random model: alpha 0 students equal the control on
+    both readouts; the summary has both readouts and the random-vector column."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "steer_sweep.py"
+    spec = importlib.util.spec_from_file_location("steer_sweep", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "sweep"
+    assert mod.main_(["--base", str(tiny_model_factory("llama")), "--out", str(out), "--layer", "0", "--alphas",
+                      "0,6", "--seeds", "2", "--n", "4", "--epochs", "1", "--batch-size", "4", "--constrain",
+                      "numbers", "--number-prompts", "2"]) == 0
+    r = json.loads((out / "steer_sweep.json").read_text())
+    zero, six = r["summary"]
+    assert zero["alpha"] == 0 and zero["p_transfer"] == 0 and zero["proj_numbers"] == 0 and zero["random_numbers"] == 0
+    assert six["teacher_p"] is not None and six["n_seeds"] == 2 and "random_questions" in six
+    assert (out / "steer_sweep.png").is_file() and (out / "projection-random" / "projection.json").is_file()
