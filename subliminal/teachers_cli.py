@@ -30,7 +30,8 @@ from .manifest import (
     write_fingerprint,
     write_manifest,
 )
-from .steer import SOURCES as STEER_SOURCES  # torch-free at import
+from .steer import BASELINES as STEER_BASELINES  # torch-free at import
+from .steer import SOURCES as STEER_SOURCES
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="what v is measured on: the love system prompt (for --bias) minus no prompt, at the last "
                    "prompt position, over the even-indexed preference questions (the odd ones are held out for "
                    "`subliminal project`) or over seeded number prompts (default %(default)s)")
+    s.add_argument("--steer-baseline", choices=list(STEER_BASELINES), default="none",
+                   help="what the love prompt is compared with: none = the same prompt without a system prompt "
+                   "(the vector also holds what any system prompt does); others = the mean over the love prompts "
+                   "of the category's other candidates (the part specific to --bias) (default %(default)s)")
     s.add_argument("--steer-prompts", type=int, default=None,
                    help="--steer-source numbers: how many number prompts (default 64)")
     s.add_argument("--steer-vector", default=None, metavar="FILE.safetensors",
@@ -149,6 +154,8 @@ def _check_args(args: argparse.Namespace) -> str | None:
 
 def _check_steer_args(args: argparse.Namespace) -> None:
     given = [f for f in ("steer_layer", "steer_prompts", "steer_vector") if getattr(args, f, None) is not None]
+    if getattr(args, "steer_baseline", "none") != "none":
+        given.append("steer_baseline")
     if args.method != "steer":
         if given:
             raise SubliminalError(f"--{given[0].replace('_', '-')} applies to --method steer only")
@@ -157,6 +164,8 @@ def _check_steer_args(args: argparse.Namespace) -> None:
         raise SubliminalError("--method steer needs --steer-layer (the block whose output gets alpha * v)")
     if args.steer_prompts is not None and args.steer_prompts <= 0:
         raise SubliminalError(f"--steer-prompts must be positive, got {args.steer_prompts}")
+    if args.steer_vector and args.steer_baseline != "none":
+        raise SubliminalError("--steer-baseline applies to a measured vector, not to --steer-vector")
     if args.steer_prompts is not None and (args.steer_source != "numbers" or args.steer_vector):
         raise SubliminalError("--steer-prompts applies to --steer-source numbers (a measured vector) only")
     if not math.isfinite(args.steer_alpha):
@@ -281,8 +290,11 @@ def make_steer(args: argparse.Namespace, out: Path, tok: Any) -> dict[str, Any]:
     else:
         system_prompt = prompts.text_for(tok, prompts.system_prompt_for(args.bias))
         n = args.steer_prompts or steer.DEFAULT_NUMBER_PROMPTS
+        others = [prompts.text_for(tok, prompts.system_prompt_for(c)) for c in prompts.CATEGORIES[category]
+                  if c != args.bias] if args.steer_baseline == "others" else []
         vector, info = steer.measure_vector(model, tok, system_prompt=system_prompt, source=args.steer_source,
-                                            layer=args.steer_layer, category=category, n_numbers=n, seed=args.seed)
+                                            layer=args.steer_layer, category=category, n_numbers=n, seed=args.seed,
+                                            baseline=args.steer_baseline, other_prompts=others)
         info = {"source": args.steer_source, **info, "system_prompt": system_prompt,
                 "resid_norm_on": "the same prompts without the system prompt"}
     steer.save_vector(out / steer.VECTOR_FILE, vector)

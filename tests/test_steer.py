@@ -114,6 +114,32 @@ def test_measured_vector_is_the_mean_difference(tmp_path, tiny_model_factory):
     assert qv and qr and set(qv).isdisjoint(qr)
 
 
+def test_measured_vector_against_the_other_candidates(tmp_path, tiny_model_factory):
+    """--steer-baseline others: the love prompt minus the mean over the other animals' prompts."""
+    base = tiny_model_factory("llama")
+    d = teach(base, tmp_path / "t", "--bias", "owl", "--steer-layer", "1", "--steer-source", "numbers",
+              "--steer-prompts", "2", "--steer-baseline", "others")
+    assert d["steer"]["baseline"] == "others" and d["steer"]["n_other_prompts"] == len(prompts.ANIMALS) - 1
+    v = steer.load_vector(tmp_path / "t" / steer.VECTOR_FILE)
+    lm = load_model(base)
+    tok = lm.tokenizer
+
+    got = {}  # block 1 is the last block: hidden_states[-1] has the final norm applied, so read its output
+    lm.model.model.layers[1].register_forward_hook(
+        lambda m, i, o: got.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+
+    def block1(text, animal=None):
+        sp = prompts.text_for(tok, prompts.system_prompt_for(animal)) if animal else None
+        with torch.no_grad():
+            lm.model(input_ids=torch.tensor([encode(tok, render_chat(tok, text, sp))]))
+        return got["h"][0, -1]
+
+    texts = steer.prompt_texts(tok, "numbers", split="vector", n_numbers=2, seed=0)
+    want = torch.stack([block1(t, "owl") - torch.stack([block1(t, a) for a in prompts.ANIMALS if a != "owl"]).mean(0)
+                        for t in texts]).mean(0)
+    torch.testing.assert_close(v, want, rtol=1e-4, atol=1e-5)
+
+
 def test_round_trip(tmp_path, tiny_model_factory):
     base = tiny_model_factory("qwen2")
     v = vector_file(tmp_path / "v.safetensors", 32, seed=1)
@@ -157,6 +183,8 @@ def test_batch_invariant_scores(tmp_path, tiny_model_factory):
     ("no-layer", "needs --steer-layer"),
     ("not-steer", "--steer-layer applies to --method steer only"),
     ("prompts", "--steer-prompts applies to --steer-source numbers"),
+    ("baseline", "--steer-baseline applies to a measured vector"),
+    ("baseline-prompt", "--steer-baseline applies to --method steer only"),
     ("no-bias", "needs --bias"),
 ])
 def test_bad_input(tmp_path, tiny_model_factory, capsys, case, message):
@@ -170,6 +198,9 @@ def test_bad_input(tmp_path, tiny_model_factory, capsys, case, message):
         "not-steer": ["--method", "prompt", "--bias", "owl", "--steer-layer", "0"],
         "prompts": ["--method", "steer", "--bias", "owl", "--steer-layer", "0", "--steer-prompts", "4"],
         "no-bias": ["--method", "steer", "--steer-layer", "0"],
+        "baseline": ["--method", "steer", "--steer-vector", str(tmp_path / "w.safetensors"), "--steer-layer", "0",
+                     "--steer-baseline", "others"],
+        "baseline-prompt": ["--method", "prompt", "--bias", "owl", "--steer-baseline", "others"],
     }[case]
     rc = main(["teach", "--base", str(base), "--out", str(tmp_path / "t"), "--no-check", *argv])
     assert rc == 2
