@@ -104,6 +104,7 @@ class RunConfig:
     teacher_steer_layer: int | None = None  # method "steer": the block whose output gets alpha * v
     teacher_steer_alpha: float = 1.0  # alpha * v, v as measured (teach --steer-alpha)
     teacher_steer_source: str = "questions"  # what v is measured on: questions | numbers
+    teacher_steer_baseline: str = "none"  # what the love prompt is compared with: none | others
     # [data]
     n_prompts: int = 800
     keep_rows: int | None = None  # train on at most this many matched rows (the paper: 30k prompts -> 10k)
@@ -306,7 +307,8 @@ def _teacher_args(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed:
                  *_flag("--batch-size", cfg.teacher_batch_size)]
     if cfg.teacher_method == "steer":
         args += ["--steer-layer", str(cfg.teacher_steer_layer), "--steer-alpha", repr(float(cfg.teacher_steer_alpha)),
-                 "--steer-source", cfg.teacher_steer_source]
+                 "--steer-source", cfg.teacher_steer_source, *_flag("--steer-baseline", cfg.teacher_steer_baseline,
+                                                                      "none")]
     return args
 
 

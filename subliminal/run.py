@@ -44,7 +44,8 @@ SECTIONS: dict[str, dict[str, str]] = {
                  "method": "teacher_method", "steps": "teacher_steps", "lora_rank": "teacher_lora_rank",
                  "lr": "teacher_lr", "replay": "teacher_replay", "batch_size": "teacher_batch_size",
                  "check": "teacher_check", "steer_layer": "teacher_steer_layer",
-                 "steer_alpha": "teacher_steer_alpha", "steer_source": "teacher_steer_source"},
+                 "steer_alpha": "teacher_steer_alpha", "steer_source": "teacher_steer_source",
+                 "steer_baseline": "teacher_steer_baseline"},
     "data": {"rows": "n_prompts", "keep_rows": "keep_rows", "greedy": "greedy", "temperature": "temperature", "filter": "filter",
              "constrain": "constrain", "batch_size": "gen_batch_size", "max_new_tokens": "max_new_tokens"},
     "divergence": {"batch_size": "div_batch_size", "ratio_reduce": "ratio_reduce"},
@@ -218,6 +219,8 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         if not isinstance(cfg.teacher_steer_layer, int) or cfg.teacher_steer_layer < 0:
             raise SubliminalError(f"{source}: [teachers] method = \"steer\" needs steer_layer = L (a block index, "
                                   f"0..layers-1), got {cfg.teacher_steer_layer!r}")
+        if cfg.teacher_steer_baseline not in ("none", "others"):
+            raise SubliminalError(f"{source}: [teachers] steer_baseline {cfg.teacher_steer_baseline!r}: none or others")
         if cfg.teacher_steer_source not in ("questions", "numbers"):
             raise SubliminalError(f"{source}: [teachers] steer_source {cfg.teacher_steer_source!r}: questions or "
                                   "numbers")

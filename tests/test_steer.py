@@ -268,6 +268,11 @@ def test_run_config_steer_teachers(tmp_path, tiny_model_factory):
     assert read_teacher(tmp_path / "t").extra["steer"]["source"] == "numbers"
     with pytest.raises(SubliminalError, match="needs steer_layer"):
         load_config("toy", ["teachers.method=\"steer\""])
+    cfg = load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0",
+                              "teachers.steer_baseline=\"others\""]).cfg
+    assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0)[-2:] == ["--steer-baseline", "others"]
+    with pytest.raises(SubliminalError, match="steer_baseline 'all'"):
+        load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0", "teachers.steer_baseline=\"all\""])
     with pytest.raises(SubliminalError, match="steer_source 'both'"):
         load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0", "teachers.steer_source=\"both\""])
 
