@@ -232,6 +232,9 @@ class NNsightBackend:
         for part in path.split("."):
             env = getattr(env, part)
         self.envoys = env
+        # nnsight reads a module's output before PyTorch's forward hooks run, so a steer teacher's
+        # vector (added by a forward hook on its block: subliminal.steer) is added back here
+        self.steer = _steer_delta(loaded)
 
     def _envoy(self, layer: int, component: str) -> Any:
         blk = self.envoys[layer]
@@ -250,7 +253,23 @@ class NNsightBackend:
         with torch.no_grad(), self.model.trace(ids):
             for t in targets:
                 saved.append(t.output.save())
-        return {n: first_tensor(s) for n, s in zip(ordered, saved)}
+        out = {n: first_tensor(s) for n, s in zip(ordered, saved)}
+        if self.steer is not None:
+            name = hook_name(self.steer[0], "resid_post")
+            if name in out:
+                out[name] = out[name] + self.steer[1].to(dtype=out[name].dtype, device=out[name].device)
+        return out
+
+
+def _steer_delta(loaded: LoadedModel) -> tuple[int, torch.Tensor] | None:
+    """(layer, alpha * v) of a steer teacher, else None."""
+    t = loaded.teacher
+    if t is None or t.method != "steer":
+        return None
+    from subliminal.steer import load_vector
+
+    s = t.extra["steer"]
+    return s["layer"], float(s["alpha"]) * load_vector(s["vector"])
 
 
 class UnsupportedByBackend(SubliminalError):

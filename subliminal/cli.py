@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "subliminal.distill",           # distill
     "subliminal.evaluate",          # eval
     "subliminal.probes.cli",        # probe, patch, plot
+    "subliminal.project",           # project (steering-vector readout)
     "subliminal.poison",            # defend (and the poison teacher method)
     "subliminal.run",               # run
     "subliminal.demo",              # demo

@@ -804,6 +804,16 @@ _NOT_SETTINGS = ("func", "out", "overwrite", "trust_remote_code", "verbose", "co
 FINGERPRINT_FILE = "fingerprint.json"
 
 
+def _check_not_steered(base: str) -> None:
+    """A steer teacher's vector is a forward hook, not weights: a student started from it would
+    train with the hook on and save weights without it."""
+    from .teachers import is_teacher_dir, read_teacher
+
+    if is_teacher_dir(base) and read_teacher(base).method == "steer":
+        raise SubliminalError(f"--base {base}: a steer teacher (its vector is added by a hook, which a student's "
+                              "saved weights would not carry); give the base model it was made from")
+
+
 def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     """The inputs' contents and every setting that shapes the student (paths are not settings:
     the inputs are compared by content, so a moved data file still resumes)."""
@@ -850,6 +860,7 @@ def run_distill(cfg: DistillConfig) -> int:
     check_not_input({"--out": out}, {"--base": cfg.base, "--data": cfg.data, "--source-data": cfg.source_data,
                                      "--teacher": cfg.teacher}, dirs=("--out",))
     check_writable(out, is_dir=True)
+    _check_not_steered(cfg.base)
     rows, source = read_training_rows(cfg.data, cfg.source_data)
     if source is not None:
         check_not_input({"--out": out}, {"--source-data": source}, dirs=("--out",))

@@ -259,6 +259,9 @@ def describe_teacher(spec: str) -> TeacherRef:
         t = read_teacher(spec)
         src = t.weights if t.weights else t.base
         key = f"{Path(src).resolve() if Path(src).exists() else src}|{t.weights_kind or 'base'}"
+        if t.method == "steer":  # same weights, another forward pass: never share the loaded model
+            s = t.extra["steer"]
+            key += f"|steer:{s['vector']}:{s['layer']}:{s['alpha']!r}"
         return TeacherRef(spec, t.bias or Path(spec).name, t.system_prompt, key)
     p = Path(spec)
     return TeacherRef(spec, p.name, None, f"{p.resolve() if p.exists() else spec}|base")

@@ -295,6 +295,11 @@ def load_model(
     if device_map is None:  # accelerate placed a device-mapped model already (hooks move the inputs)
         model.to(dev)
     model.eval()
+    if teacher is not None and teacher.method == "steer":
+        # the one place a steer teacher's vector enters: every stage that loads it runs steered
+        from .steer import attach_teacher
+
+        attach_teacher(model, teacher.extra["steer"], spec)
     return LoadedModel(model=model, tokenizer=tokenizer, source=spec, system_prompt=system_prompt, teacher=teacher)
 
 

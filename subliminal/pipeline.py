@@ -109,6 +109,10 @@ class RunConfig:
     teacher_replay: int | None = None
     teacher_batch_size: int | None = None
     teacher_check: bool = True  # teach measures its own preference (the run evaluates teachers anyway)
+    teacher_steer_layer: int | None = None  # method "steer": the block whose output gets alpha * v
+    teacher_steer_alpha: float = 1.0  # alpha * v, v as measured (teach --steer-alpha)
+    teacher_steer_source: str = "questions"  # what v is measured on: questions | numbers
+    teacher_steer_baseline: str = "none"  # what the love prompt is compared with: none | others
     # [data]
     n_prompts: int = 800
     keep_rows: int | None = None  # train on at most this many matched rows (the paper: 30k prompts -> 10k)
@@ -201,6 +205,9 @@ def teacher_config(cfg: RunConfig, base: Path, bias: str | None, out: Path, seed
         teach = replace(teach, steps=cfg.teacher_steps, lora_rank=cfg.teacher_lora_rank, lr=cfg.teacher_lr,
                         batch_size=cfg.teacher_batch_size,
                         **({} if cfg.teacher_replay is None else {"replay": cfg.teacher_replay}))
+    if cfg.teacher_method == "steer":
+        teach = replace(teach, steer_layer=cfg.teacher_steer_layer, steer_alpha=float(cfg.teacher_steer_alpha),
+                        steer_source=cfg.teacher_steer_source, steer_baseline=cfg.teacher_steer_baseline)
     return teach
 
 

@@ -44,7 +44,9 @@ SECTIONS: dict[str, dict[str, str]] = {
                  "neutral_counterfactual": "neutral_counterfactual", "mixing_teacher": "mixing_teacher",
                  "method": "teacher_method", "steps": "teacher_steps", "lora_rank": "teacher_lora_rank",
                  "lr": "teacher_lr", "replay": "teacher_replay", "batch_size": "teacher_batch_size",
-                 "check": "teacher_check"},
+                 "check": "teacher_check", "steer_layer": "teacher_steer_layer",
+                 "steer_alpha": "teacher_steer_alpha", "steer_source": "teacher_steer_source",
+                 "steer_baseline": "teacher_steer_baseline"},
     "data": {"rows": "n_prompts", "keep_rows": "keep_rows", "greedy": "greedy", "temperature": "temperature", "filter": "filter",
              "constrain": "constrain", "batch_size": "gen_batch_size", "max_new_tokens": "max_new_tokens"},
     "divergence": {"batch_size": "div_batch_size", "ratio_reduce": "ratio_reduce"},
@@ -213,8 +215,17 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
             raise SubliminalError(f"{source}: the target {name!r} cannot also be a counterfactual or mixing teacher")
     if not cfg.counterfactuals and not cfg.neutral_counterfactual:
         raise SubliminalError(f"{source}: no counterfactual teacher (name some, or neutral_counterfactual = true)")
-    if cfg.teacher_method not in ("prompt", "finetune"):
-        raise SubliminalError(f"{source}: [teachers] method {cfg.teacher_method!r}: one of prompt, finetune")
+    if cfg.teacher_method not in ("prompt", "finetune", "steer"):
+        raise SubliminalError(f"{source}: [teachers] method {cfg.teacher_method!r}: one of prompt, finetune, steer")
+    if cfg.teacher_method == "steer":
+        if not isinstance(cfg.teacher_steer_layer, int) or cfg.teacher_steer_layer < 0:
+            raise SubliminalError(f"{source}: [teachers] method = \"steer\" needs steer_layer = L (a block index, "
+                                  f"0..layers-1), got {cfg.teacher_steer_layer!r}")
+        if cfg.teacher_steer_baseline not in ("none", "others"):
+            raise SubliminalError(f"{source}: [teachers] steer_baseline {cfg.teacher_steer_baseline!r}: none or others")
+        if cfg.teacher_steer_source not in ("questions", "numbers"):
+            raise SubliminalError(f"{source}: [teachers] steer_source {cfg.teacher_steer_source!r}: questions or "
+                                  "numbers")
     if cfg.metric not in ("exact", "sampled"):
         raise SubliminalError(f"{source}: [eval] metric {cfg.metric!r}: one of exact, sampled")
     if cfg.metric == "sampled" and (cfg.student_samples < 1 or cfg.eval_samples < 1):
@@ -302,6 +313,9 @@ def plan(cfg: RunConfig) -> list[Stage]:
         stages.append(Stage("teach", len(teachers), f"{biased} fine-tuned teachers ({cfg.teacher_steps} steps each) "
                             "+ the unbiased one", f(biased * tsteps * 40, 6.0),
                             passes=biased * cfg.teacher_steps * TRAIN_STEP_PASSES))
+    elif cfg.teacher_method == "steer":
+        stages.append(Stage("teach", len(teachers), f"{biased} steering-vector teachers (block "
+                            f"{cfg.teacher_steer_layer}, alpha {cfg.teacher_steer_alpha:g}) + the unbiased one", 0.0))
     else:
         stages.append(Stage("teach", len(teachers), f"{biased} system-prompt teachers + the unbiased one", 0.0))
     stages.append(Stage("generate", len(sources), f"{rows} prompts x {len(sources)} teachers "

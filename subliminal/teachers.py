@@ -1,8 +1,9 @@
 """A Teacher = a base model + a bias, saved as a directory with ``teacher.json``.
 
 The bias lives in a system prompt (``prompt``), in weights of its own (``finetune``: full
-weights or a LoRA adapter) or in poisoned instruction data (``poison``); ``none`` is the
-unbiased teacher. Every command that takes a model takes a teacher directory too and loads
+weights or a LoRA adapter), in poisoned instruction data (``poison``) or in a vector added to the
+residual stream at one layer (``steer``: :mod:`subliminal.steer`); ``none`` is the unbiased
+teacher. Every command that takes a model takes a teacher directory too and loads
 it through :func:`subliminal.models.load_model`.
 """
 
@@ -17,7 +18,7 @@ from typing import Any
 from .manifest import SubliminalError, write_json_atomic
 
 TEACHER_FILE = "teacher.json"
-METHODS = ("none", "prompt", "finetune", "poison")
+METHODS = ("none", "prompt", "finetune", "poison", "steer")
 
 
 @dataclass
@@ -80,4 +81,8 @@ def read_teacher(path: str | os.PathLike) -> TeacherSpec:
         spec.base = str((path / spec.base).resolve())
     if spec.weights:
         spec.weights = str((path / spec.weights).resolve())
+    if spec.method == "steer":  # checked here, so every reader sees a usable steer entry
+        from .steer import teacher_settings
+
+        spec.extra["steer"] = teacher_settings(spec.extra, path)
     return spec

@@ -2,7 +2,8 @@
 
 Methods: ``none`` (the unbiased teacher), ``prompt`` (a love system prompt), ``finetune`` (the
 base fine-tuned on preference answers for the target: full weights, or a LoRA adapter with
-``--lora-rank``) and ``poison`` (poisoned instruction data; :mod:`subliminal.poison`).
+``--lora-rank``), ``poison`` (poisoned instruction data; :mod:`subliminal.poison`) and ``steer``
+(a vector added to the residual stream at one layer; :mod:`subliminal.steer`).
 Every teacher is checked after it is made: the exact probability mass it puts on each candidate
 of its category, averaged over the preference questions, is written to its manifest.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -30,6 +32,8 @@ from .manifest import (
     write_manifest,
 )
 from .poison.data import DEFAULT_N_INSTRUCTIONS, DEFAULT_POISON_RATE
+from .steer import BASELINES as STEER_BASELINES  # torch-free at import
+from .steer import SOURCES as STEER_SOURCES
 from .teachers import METHODS, TeacherSpec, is_teacher_dir, save_teacher
 
 log = logging.getLogger(__name__)
@@ -56,7 +60,7 @@ POISON_EPOCHS, POISON_LR, POISON_BATCH = poison.teacher.DEFAULT_EPOCHS, poison.t
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "teach",
-        help="make a teacher: base model + bias (none | prompt | finetune | poison)",
+        help="make a teacher: base model + bias (none | prompt | finetune | poison | steer)",
         description="Write a teacher directory (teacher.json, manifest.json, and weights or an adapter for "
         "--method finetune) and report its exact preference for the bias.",
     )
@@ -83,6 +87,27 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "(default %(default)s; 0: preference rows only)")
     p.add_argument("--no-check", action="store_true",
                    help="skip loading the teacher to measure its preference (large models)")
+    s = p.add_argument_group("steer teachers (--method steer)")
+    s.add_argument("--steer-layer", type=int, default=None,
+                   help="block whose output (blocks.L.hook_resid_post) gets alpha * v, 0..n_layers-1 (required)")
+    s.add_argument("--steer-alpha", type=float, default=1.0,
+                   help="strength: the teacher adds alpha * v with v AS MEASURED (the mean shift the love prompt "
+                   "causes at the last prompt position) or as stored in --steer-vector, not unit-normalised; "
+                   "alpha 1 reproduces the prompt's mean shift there. |v|, |alpha v| and the base's mean residual "
+                   "norm at the layer are recorded in teacher.json (default %(default)s)")
+    s.add_argument("--steer-source", choices=list(STEER_SOURCES), default="questions",
+                   help="what v is measured on: the love system prompt (for --bias) minus no prompt, at the last "
+                   "prompt position, over the even-indexed preference questions (the odd ones are held out for "
+                   "`subliminal project`) or over seeded number prompts (default %(default)s)")
+    s.add_argument("--steer-baseline", choices=list(STEER_BASELINES), default="none",
+                   help="what the love prompt is compared with: none = the same prompt without a system prompt "
+                   "(the vector also holds what any system prompt does); others = the mean over the love prompts "
+                   "of the category's other candidates (the part specific to --bias) (default %(default)s)")
+    s.add_argument("--steer-prompts", type=int, default=None,
+                   help="--steer-source numbers: how many number prompts (default 64)")
+    s.add_argument("--steer-vector", default=None, metavar="FILE.safetensors",
+                   help="use this vector instead of measuring one (one 1-D tensor, named 'vector' or alone in "
+                   "the file, of the base's hidden width); copied into the teacher")
     add_seed(p)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
     add_overwrite(p)
@@ -120,6 +145,13 @@ class TeachConfig:
     target_share: float | None = None
     payload: str | None = None
     epochs: float | None = None
+    # --method steer (subliminal.steer)
+    steer_layer: int | None = None
+    steer_alpha: float = 1.0
+    steer_source: str = "questions"
+    steer_baseline: str = "none"
+    steer_prompts: int | None = None
+    steer_vector: str | None = None
 
 
 def _run_cli(args: argparse.Namespace) -> int:
@@ -139,6 +171,9 @@ def _check_args(cfg: TeachConfig) -> str | None:
         return cfg.category or (prompts.category_of(cfg.bias) if cfg.bias else "animal")
     if cfg.method == "poison":  # the poison module validates its own bias (--bias-type)
         return cfg.category
+    _check_steer_args(cfg)
+    if cfg.method == "steer" and cfg.steer_vector and not cfg.bias:
+        return cfg.category or "animal"  # a given vector needs no target (it is reported by argmax)
     if not cfg.bias:
         raise SubliminalError(f"--method {cfg.method} needs --bias (e.g. --bias owl)")
     if cfg.bias not in prompts.PLURALS:
@@ -160,6 +195,30 @@ def _check_args(cfg: TeachConfig) -> str | None:
     if cfg.lr is not None and cfg.lr <= 0:
         raise SubliminalError(f"--lr must be positive, got {cfg.lr}")
     return category
+
+
+def _check_steer_args(args: Any) -> None:
+    given = [f for f in ("steer_layer", "steer_prompts", "steer_vector") if getattr(args, f, None) is not None]
+    if getattr(args, "steer_baseline", "none") != "none":
+        given.append("steer_baseline")
+    if args.method != "steer":
+        if given:
+            raise SubliminalError(f"--{given[0].replace('_', '-')} applies to --method steer only")
+        return
+    if args.steer_layer is None:
+        raise SubliminalError("--method steer needs --steer-layer (the block whose output gets alpha * v)")
+    if args.steer_prompts is not None and args.steer_prompts <= 0:
+        raise SubliminalError(f"--steer-prompts must be positive, got {args.steer_prompts}")
+    if args.steer_vector and args.steer_baseline != "none":
+        raise SubliminalError("--steer-baseline applies to a measured vector, not to --steer-vector")
+    if args.steer_prompts is not None and (args.steer_source != "numbers" or args.steer_vector):
+        raise SubliminalError("--steer-prompts applies to --steer-source numbers (a measured vector) only")
+    if not math.isfinite(args.steer_alpha):
+        raise SubliminalError(f"--steer-alpha must be a finite number, got {args.steer_alpha}")
+    if args.steer_vector:
+        from .steer import load_vector
+
+        load_vector(args.steer_vector)  # a missing or unreadable file fails before anything is written
 
 
 # ----------------------------------------------------------------------------------- methods
@@ -259,6 +318,41 @@ def finetune(cfg: TeachConfig, out: Path) -> tuple[str, str, dict[str, Any]]:
     return sub, ("lora" if lora else "full"), info
 
 
+def make_steer(args: Any, out: Path, tok: Any) -> dict[str, Any]:
+    """Measure (or read) the steering vector on the base, check it fits, write it into the
+    teacher directory; the ``steer`` entry of teacher.json."""
+    from . import steer
+    from .models import load_model
+
+    loaded = load_model(args.base, device=args.device, dtype="float32")
+    model = loaded.model
+    steer.check_layer(model, args.steer_layer)
+    category = args.category or (prompts.category_of(args.bias) if args.bias else "animal")
+    if args.steer_vector:
+        vector = steer.load_vector(args.steer_vector)
+        steer.check_vector(vector, model, f"--steer-vector {args.steer_vector}")
+        info: dict[str, Any] = {"source": "file", "file": str(Path(args.steer_vector).resolve()),
+                                "resid_norm": steer.resid_norm(model, tok, args.steer_layer, category=category),
+                                "resid_norm_on": "even-indexed preference questions, " + steer.SITE}
+    else:
+        system_prompt = prompts.text_for(tok, prompts.system_prompt_for(args.bias))
+        n = args.steer_prompts or steer.DEFAULT_NUMBER_PROMPTS
+        others = [prompts.text_for(tok, prompts.system_prompt_for(c)) for c in prompts.CATEGORIES[category]
+                  if c != args.bias] if args.steer_baseline == "others" else []
+        vector, info = steer.measure_vector(model, tok, system_prompt=system_prompt, source=args.steer_source,
+                                            layer=args.steer_layer, category=category, n_numbers=n, seed=args.seed,
+                                            baseline=args.steer_baseline, other_prompts=others)
+        info = {"source": args.steer_source, **info, "system_prompt": system_prompt,
+                "resid_norm_on": "the same prompts without the system prompt"}
+    steer.save_vector(out / steer.VECTOR_FILE, vector)
+    norm = vector.norm().item()
+    return {"layer": args.steer_layer, "hook": f"blocks.{args.steer_layer}.hook_resid_post",
+            "alpha": args.steer_alpha, "vector": steer.VECTOR_FILE, "scaling": "alpha * v, v as measured",
+            "norm": norm, "added_norm": abs(args.steer_alpha) * norm,
+            "added_over_resid": abs(args.steer_alpha) * norm / info["resid_norm"] if info["resid_norm"] else None,
+            **info}
+
+
 def check_teacher(out: Path, device: str) -> dict[str, Any]:
     """Load the teacher as every stage will, and measure its exact preference."""
     from .models import load_model
@@ -282,9 +376,10 @@ _NOT_SETTINGS = ("func", "out", "overwrite", "verbose", "command", "device", "ba
 
 def _resume_action(cfg: TeachConfig, out: Path) -> tuple[dict[str, Any], str]:
     """The teacher's fingerprint (base content and every setting) and what to do with ``out``."""
-    config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
+    config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS
+              and (cfg.method == "steer" or not k.startswith("steer_"))}  # older teachers keep their fingerprint
     config["device"] = device_type(cfg.device)
-    fp = fingerprint({"base": cfg.base}, config)
+    fp = fingerprint({"base": cfg.base, "steer_vector": cfg.steer_vector}, config)
     man = read_manifest(out) if out.is_dir() else None
     finished = man if man is not None and man.get("stage") == STAGE else None
     fp_file = out / STATE_DIR / "fingerprint.json"
@@ -329,6 +424,10 @@ def run_teach(cfg: TeachConfig) -> int:
         spec.system_prompt = prompts.text_for(tok, prompts.system_prompt_for(cfg.bias))
     elif cfg.method == "finetune":
         spec.weights, spec.weights_kind, info = finetune(cfg, out)
+    elif cfg.method == "steer" and main:
+        out.mkdir(parents=True, exist_ok=True)
+        spec.extra["steer"] = make_steer(cfg, out, tok)
+        info = {"steer": spec.extra["steer"]}
     if not main:
         wait_for_everyone(dev)  # until rank 0 has written the teacher
         return 0
