@@ -261,8 +261,10 @@ def test_run_config_steer_teachers(tmp_path, tiny_model_factory):
 
     cfg = load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=1", "teachers.steer_alpha=4",
                               "teachers.steer_source=\"numbers\""]).cfg
-    argv = pipeline._teacher_args(cfg, tiny_model_factory("llama"), "owl", tmp_path / "t", 0)
-    assert argv[-6:] == ["--steer-layer", "1", "--steer-alpha", "4.0", "--steer-source", "numbers"]
+    call = pipeline.StageCall("teach", pipeline.teacher_config(cfg, tiny_model_factory("llama"), "owl", tmp_path / "t", 0))
+    argv = call.argv()
+    assert call.cfg.steer_layer == 1 and call.cfg.steer_alpha == 4.0 and call.cfg.steer_source == "numbers"
+    assert {"--steer-layer", "--steer-alpha", "--steer-source"} <= set(argv)
     assert "steering-vector teachers (block 1, alpha 4)" in render_plan(cfg, Path("runs/x"), "toy")
     assert main([*argv, "--no-check", "--steer-prompts", "2"]) == 0  # the command the run gives works
     assert read_teacher(tmp_path / "t").extra["steer"]["source"] == "numbers"
@@ -270,7 +272,7 @@ def test_run_config_steer_teachers(tmp_path, tiny_model_factory):
         load_config("toy", ["teachers.method=\"steer\""])
     cfg = load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0",
                               "teachers.steer_baseline=\"others\""]).cfg
-    assert pipeline._teacher_args(cfg, Path("b"), "owl", Path("t"), 0)[-2:] == ["--steer-baseline", "others"]
+    assert pipeline.teacher_config(cfg, Path("b"), "owl", Path("t"), 0).steer_baseline == "others"
     with pytest.raises(SubliminalError, match="steer_baseline 'all'"):
         load_config("toy", ["teachers.method=\"steer\"", "teachers.steer_layer=0", "teachers.steer_baseline=\"all\""])
     with pytest.raises(SubliminalError, match="steer_source 'both'"):
@@ -320,17 +322,15 @@ def test_a_steer_teacher_is_no_student_base(tmp_path, tiny_model_factory, capsys
 def test_other_teachers_keep_their_fingerprint(tmp_path, tiny_model_factory):
     """The steer flags enter only a steer teacher's fingerprint: a prompt teacher made before
     they existed is still recognised as finished."""
-    import argparse
+    from dataclasses import replace
 
-    from subliminal.teachers_cli import _resume_action
+    from subliminal.teachers_cli import TeachConfig, _resume_action
 
-    args = argparse.Namespace(base=str(tiny_model_factory("llama")), method="prompt", bias="owl", seed=0,
-                              device="cpu", steer_layer=None, steer_alpha=1.0, steer_source="questions",
-                              steer_prompts=None, steer_vector=None)
-    fp, _ = _resume_action(args, tmp_path / "t")
-    assert not any(k.startswith("steer_") for k in fp["config"]) and "steer_vector" not in fp["inputs"]
-    args.method, args.steer_layer = "steer", 0
-    assert _resume_action(args, tmp_path / "u")[0]["config"]["steer_layer"] == 0
+    cfg = TeachConfig(base=str(tiny_model_factory("llama")), method="prompt", out=str(tmp_path / "t"), bias="owl")
+    fp, _ = _resume_action(cfg, tmp_path / "t")
+    assert not any(k.startswith("steer_") for k in fp["config"]) and fp["inputs"].get("steer_vector") is None
+    steer = replace(cfg, method="steer", steer_layer=0, out=str(tmp_path / "u"))
+    assert _resume_action(steer, tmp_path / "u")[0]["config"]["steer_layer"] == 0
 
 
 def test_alpha_sweep_script_end_to_end(tmp_path, tiny_model_factory):
