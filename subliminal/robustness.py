@@ -307,7 +307,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set_xticks(range(len(conds)))
     ax.set_xticklabels(conds, rotation=35, ha="right")
     ax.set_ylabel("P(target): condition - control (paired)")
-    ax.set_title("Transfer per condition on each base (95% CI over student seeds)")
+    ax.set_title("Transfer per condition on each base (95% CI over student seeds)", fontsize=9)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     tmp = path.with_name(f".{path.name}.tmp.png")
