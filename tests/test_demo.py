@@ -276,12 +276,15 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path):
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     report = (out / "REPORT.md").read_text()
     results = json.loads((out / "results.json").read_text())
-    assert set(results["conditions"]) == set(pipeline.CONDITIONS)
-    for name in pipeline.CONDITIONS:
+    assert set(results["conditions"]) == set(pipeline.CORE_CONDITIONS)  # the default set (--all-conditions: 13)
+    for name in pipeline.CORE_CONDITIONS:
         assert f"| {name} |" in report
         entry = results["conditions"][name]
         assert entry["seeds"] == 1 and 0 < entry["mean"] < 1
         assert (out / "students" / f"{name}-s1" / "manifest.json").exists()
+        assert (out / "eval" / "toy-alt" / f"{name}-s1.json").exists()  # the readout under the second template
+    assert results["other_template"]["template"] == "toy-alt" and "## Readout under another template" in report
+    assert results["diagnostics"]["lean"]["teacher_rows"]["tokens"] > 0
     assert "one seed only" in report
     assert (out / "manifest.json").exists() and (out / "base" / "manifest.json").exists()
     assert (out / "probes" / "patching" / "patching.png").exists()

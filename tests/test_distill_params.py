@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import replace
 
 import pytest
 import torch
@@ -225,16 +226,16 @@ def test_run_config_passes_params_to_every_condition_but_the_single_layer_ones(t
     from subliminal import pipeline
     from subliminal.run import load_config, render_plan
 
-    cfg = load_config("toy", ["students.params=template-rows"]).cfg
+    cfg = load_config("toy", ["students.params=template-rows", "students.conditions=[]"]).cfg
+    cfg = replace(cfg, conditions=None)  # every condition, the single-layer ones included
     assert cfg.student_params == "template-rows"
     files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
     plan = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
-    for cond, argv in plan.items():
-        has = argv[argv.index("--params") + 1] if "--params" in argv else None
-        assert has == (None if cond.startswith("layer-") else "template-rows"), cond
+    for cond, fields_ in plan.items():
+        assert fields_.get("params") == (None if cond.startswith("layer-") else "template-rows"), cond
     assert "--params template-rows" in render_plan(cfg, tmp_path / "run", "toy")
-    default = pipeline.student_plan(load_config("toy").cfg, 4, files, tmp_path / "teachers")
-    assert not any("--params" in argv for argv in default.values())
+    default = pipeline.student_plan(load_config("toy", ["students.params=all"]).cfg, 4, files, tmp_path / "teachers")
+    assert not any("params" in fields_ for fields_ in default.values())
 
 
 @pytest.mark.parametrize("override,message", [
