@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,7 +78,7 @@ def test_template_rows_of_the_toy_tokenizer(toy_tokenizer):
 
 
 def test_template_rows_of_smollm2_include_its_default_system_prompt():
-    from conftest import SMOLLM2_TOKENIZER
+    SMOLLM2_TOKENIZER = Path(__file__).parent / "fixtures" / "smollm2"  # (`conftest` names two modules here)
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(SMOLLM2_TOKENIZER))
@@ -160,11 +161,13 @@ def test_embeddings_and_embeddings_but_template(world, tmp_path):
 def test_tied_qwen2_with_another_template_moves_rows_on_both_sides(tmp_path):
     """A random Qwen2 (tied input/output embeddings) with a Gemma-style template: the template's
     rows train -- in the one tensor both sides share -- and every other value is bit-identical."""
-    from conftest import make_config
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, Qwen2Config
 
     tok = _gemma_style_tokenizer()
-    cfg = make_config("qwen2", len(tok), bos=tok.bos_token_id, eos=tok.eos_token_id, pad=tok.pad_token_id)
+    cfg = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+                      vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     base = tmp_path / "base"
     AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
