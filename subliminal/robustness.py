@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -120,11 +121,8 @@ def aggregate(per_base: dict[int, dict[str, Any]]) -> dict[str, Any]:
     for c in conds:
         means = [b["diffs"][c]["mean"] for b in bases.values() if c in b["diffs"]]
         m, lo, hi = mean_ci(means) if len(means) > 1 else (means[0], float("nan"), float("nan"))
-        sorted_means = sorted(means)
-        n = len(sorted_means)
-        median = sorted_means[n // 2] if n % 2 else 0.5 * (sorted_means[n // 2 - 1] + sorted_means[n // 2])
-        across[c] = {"mean": m, "lo": lo, "hi": hi, "median": median, "min": sorted_means[0],
-                     "max": sorted_means[-1], "bases": n,
+        across[c] = {"mean": m, "lo": lo, "hi": hi, "median": statistics.median(means), "min": min(means),
+                     "max": max(means), "bases": len(means),
                      "bases_above_zero": sum(b["diffs"][c]["lo"] > 0 for b in bases.values() if c in b["diffs"]),
                      "bases_below_zero": sum(b["diffs"][c]["hi"] < 0 for b in bases.values() if c in b["diffs"])}
     diag_points = []

@@ -5,19 +5,14 @@ tested without downloads."""
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
-# `python -m pytest` puts the repository root on sys.path, where the folder kernels/ (installed as
-# subliminal.kernels) shadows the hub `kernels` package that transformers imports for some models.
-# The project itself is installed (editable), so the root is not needed on the path.
-_ROOT = Path(__file__).resolve().parent.parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-if "kernels" in sys.modules and _ROOT in Path(getattr(sys.modules["kernels"], "__file__", "") or "/").parents:
-    del sys.modules["kernels"]
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+# First, before any test imports transformers: importing the package takes the checkout's root off
+# sys.path (`python -m pytest` puts it there; its kernels/ folder shadows a package transformers needs).
+import subliminal  # noqa: F401
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
