@@ -10,6 +10,7 @@ import argparse
 import errno
 import importlib
 import logging
+import os
 import sys
 from typing import Any
 
@@ -111,4 +112,15 @@ def describe_fault(e: BaseException) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from .distributed import is_distributed
+
+    if is_distributed():
+        # A rank of torchrun / accelerate launch (they start ranks as `python -m subliminal.cli`):
+        # its outputs are written and its process group is gone (finish()), but gloo's threads can
+        # still abort the interpreter's teardown ("terminate called without an active exception",
+        # exit -6) and fail a job that succeeded. Leave without the C++ teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
