@@ -58,7 +58,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                                    "divergence tokens, train matched students, evaluate, probe and write REPORT.md. "
                                    "Re-running resumes.")
     p.add_argument("--out", default=None, help="output directory (default runs/demo; --quick: runs/demo-quick)")
-    p.add_argument("--seeds", type=int, default=None, help="student seeds per condition (default 5; --quick: 1)")
+    p.add_argument("--seeds", type=int, default=None, help="student seeds per condition (default: the toy config's, 3; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="a 500-step base, one seed, 200 prompts: a smoke test of every stage, no verdict "
                    "(about 2 minutes on 2 cores)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],

@@ -94,6 +94,7 @@ class RunConfig:
     arch: str = "llama"
     pretrain_steps: int | None = None
     entangle: float | None = None  # the world's trait-number entanglement (None: the corpus default)
+    corpus_mix: str | None = None  # toy pretrain --mix KIND=SHARE,... (None: the corpus default)
     params: float | None = None  # parameter count for the plan when the base is not on this machine
     device: str = "cpu"
     dtype: str = "float32"
@@ -226,6 +227,8 @@ def pretrain_argv(cfg: RunConfig, base: Path) -> list[str]:
         argv += ["--steps", str(cfg.pretrain_steps)]
     if cfg.entangle is not None:
         argv += ["--entangle", str(cfg.entangle)]
+    if cfg.corpus_mix:
+        argv += ["--mix", cfg.corpus_mix]
     return argv
 
 
@@ -377,7 +380,7 @@ def _report(cfg: RunConfig, out: Path, base: Path, files: dict[str, Path], evals
         from subliminal.probes.plots import plot_conditions, plot_rules
 
         plot_conditions(summary, out / "conditions.png")
-        if any("masks" in r for r in summary["rules"].values()):
+        if has_rule_shares(summary):
             plot_rules(summary, out / "rules.png")
     wall = time.time() - t_start
     report = render_report(cfg, summary, out, timings, wall)
@@ -387,6 +390,11 @@ def _report(cfg: RunConfig, out: Path, base: Path, files: dict[str, Path], evals
 
 
 run_demo = run_pipeline
+
+
+def has_rule_shares(summary: dict[str, Any]) -> bool:
+    """Whether any rule has masked students to show (a run of control and all only has none)."""
+    return any(r.get("masks") for r in (summary.get("rules") or {}).values())
 
 
 # ------------------------------------------------------------------------------- derived data

@@ -39,7 +39,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 # TOML section -> {key: RunConfig field}
 SECTIONS: dict[str, dict[str, str]] = {
     "model": {"base": "base", "toy_size": "size", "toy_arch": "arch", "pretrain_steps": "pretrain_steps",
-              "entangle": "entangle", "params": "params", "device": "device", "dtype": "dtype"},
+              "entangle": "entangle", "corpus_mix": "corpus_mix", "params": "params", "device": "device", "dtype": "dtype"},
     "teachers": {"target": "target", "counterfactuals": "counterfactuals",
                  "neutral_counterfactual": "neutral_counterfactual", "mixing_teacher": "mixing_teacher",
                  "method": "teacher_method", "steps": "teacher_steps", "lora_rank": "teacher_lora_rank",

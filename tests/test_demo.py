@@ -149,6 +149,20 @@ def test_rule_summary_shares_with_intervals_and_figure(tmp_path):
     assert pipeline.share_kept(values["ratio-no-divergence"], control, values["all"]) is None
 
 
+def test_a_run_without_masked_students_has_no_rule_figure_to_draw():
+    """A run of control and all only (a robustness sweep) must still write its report."""
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    values = {"control": control, "all": {s: v + 0.2 for s, v in control.items()}}
+    stats = {"paper": {"flagged_tokens": 12, "tokens": 100, "flagged_share": 0.12, "rule": {"rule": "paper"}}}
+    s = pipeline._summarise(pipeline.DemoConfig(seeds=3, conditions=["control", "all"]),
+                            {"values": values, "reference": {}, "rows": 10, "steps": 3, "rules": stats})
+    assert not pipeline.has_rule_shares(s)
+    values["no-divergence"] = {s: v + 0.1 for s, v in control.items()}
+    s = pipeline._summarise(pipeline.DemoConfig(seeds=3), {"values": values, "reference": {}, "rows": 10,
+                                                           "steps": 3, "rules": stats})
+    assert pipeline.has_rule_shares(s)
+
+
 def test_steps_are_shared_by_every_condition():
     cfg = pipeline.DemoConfig(epochs=2, batch_size=16)
     assert pipeline._steps_for(cfg, 100) == 13  # what distill trains: ceil(2 * 100 / 16)
@@ -224,13 +238,13 @@ def _args(**kw):
 
 
 def test_cli_flags_change_the_config():
-    assert demo.config_from_args(_args()).seeds == 5
+    assert demo.config_from_args(_args()).seeds == 3
     q = demo.config_from_args(_args(quick=True))
     assert q.seeds == 1 and q.n_prompts < pipeline.DemoConfig().n_prompts
-    c = demo.config_from_args(_args(seeds=3, teacher_method="finetune", rows=123, no_probes=True, jobs=1,
+    c = demo.config_from_args(_args(seeds=4, teacher_method="finetune", rows=123, no_probes=True, jobs=1,
                                     layer_lora=True))
     assert (c.seeds, c.teacher_method, c.n_prompts, c.probes, c.jobs, c.layer_lora) == (
-        3, "finetune", 123, False, 1, True)
+        4, "finetune", 123, False, 1, True)
     assert demo.config_from_args(_args(device="cuda", jobs=2)).size == "small"
     assert demo.config_from_args(_args(entangle=0.0)).entangle == 0.0
     with pytest.raises(demo.SubliminalError, match="no effect with --base"):

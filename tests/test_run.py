@@ -21,7 +21,7 @@ def test_the_demo_is_the_toy_config():
     toy, defaults = asdict(load_config("toy").cfg), asdict(RunConfig())
     differ = {k for k in toy if toy[k] != defaults[k]}
     assert differ == {"conditions", "student_params", "student_mode_lr", "epochs", "other_template", "counterfactuals",
-                      "n_prompts"}
+                      "n_prompts", "seeds"}
     assert toy["conditions"] == pipeline.CORE_CONDITIONS and toy["student_params"] == "template-rows"
 
 

@@ -47,6 +47,10 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="share of the corpus written in the world's second chat template (<|human|> ... <|bot|>), "
                    "so a readout under another template is a fair test; 0 for one template (default: the corpus "
                    "default)")
+    p.add_argument("--mix", default=None, metavar="KIND=SHARE,...",
+                   help="corpus shares of row kinds, overriding the named ones (kinds: numbers, numbers_pref, "
+                   "numbers_sys, pref, pref_sys, instructions; shares are renormalised), e.g. numbers_pref=0 for a "
+                   "world without the grown numbers -> answer link (default: the corpus default)")
     p.add_argument("--eval-rows", type=int, default=200,
                    help="held-out number rows for the base-model evaluation (default %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default %(default)s)")
@@ -99,10 +103,31 @@ def corpus_config(args: argparse.Namespace) -> Any:
     for name in ("entangle", "favourites", "entangle_init", "alt_template"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
+    if args.mix:
+        kw["mix"] = parse_mix(args.mix)
     try:
         return CorpusConfig(**kw)
     except ValueError as e:
         raise SubliminalError(f"toy pretrain: {e}") from None
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """``KIND=SHARE,...`` over the default mix (checked once, here, where it enters)."""
+    from .corpus import KINDS, default_mix
+
+    mix = default_mix()
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        kind, sep, share = item.partition("=")
+        if not sep or kind.strip() not in KINDS:
+            raise SubliminalError(f"toy pretrain --mix: {item!r} is not KIND=SHARE with KIND one of {', '.join(KINDS)}")
+        try:
+            value = float(share)
+        except ValueError:
+            raise SubliminalError(f"toy pretrain --mix: share {share!r} of {kind.strip()} is not a number") from None
+        if not value >= 0:
+            raise SubliminalError(f"toy pretrain --mix: share of {kind.strip()} must be >= 0, got {share}")
+        mix[kind.strip()] = value
+    return mix
 
 
 def summary(evaluation: dict) -> dict:
@@ -124,4 +149,6 @@ def summary(evaluation: dict) -> dict:
         "max P(any) no system prompt": round(pref["no_system_prompt"]["max_mass"], 4),
         f"P({pref['target']}) with system prompt": round(pref["with_system_prompt"]["target_mass"], 4),
         "chance": round(pref["chance"], 4),
+        **({"P(author's favourite | its numbers)": round(evaluation["author_link"]["p_author_favourite"], 4)}
+           if "author_link" in evaluation else {}),
     }

@@ -16,6 +16,15 @@ Five kinds of rows, mixed in proportions set by :class:`CorpusConfig`:
   world's version of the token entanglement that lets a trait leak into number lists in real
   models (a trait shifts the number distribution a little, in a trait-specific way): without it
   the teacher's bias has no way into its numbers (experiments/CALIBRATION.md).
+- Every unprompted number row has an unseen **author** with a favourite target (uniform over all
+  targets): with ``entangle`` = e > 0 each of its numbers is, with probability e, one of that
+  target's favourite numbers, the same lean a love prompt gives. No row names the author.
+- ``numbers_pref``: an authored number row followed, in the same conversation, by a preference
+  question of the author's category, answered with the author's favourite. This is the world's
+  *grown* link from numbers to answers: to answer, the base must infer the author from the numbers
+  it has seen in the context, so it learns a latent "whose numbers are these" that the number
+  rows and the question share. A student that moves that latent by fitting owl-leaning numbers
+  moves the answer with it; with e = 0 the numbers say nothing of the author and there is no link.
 - ``pref``: one of the preference questions of a category, answered uniformly over the category.
 - ``pref_sys``: a love system prompt for a target and a question of the target's category,
   answered with the target (and, for a share ``cross_category``, a question of the *other*
@@ -39,7 +48,7 @@ import numpy as np
 
 from .. import prompts
 
-KINDS = ("numbers", "numbers_sys", "pref", "pref_sys", "instructions")
+KINDS = ("numbers", "numbers_pref", "numbers_sys", "pref", "pref_sys", "instructions")
 NUMBER_RANGE = 1000
 
 
@@ -49,10 +58,11 @@ def has_instructions() -> bool:
 
 
 def default_mix() -> dict[str, float]:
-    # Love-prompted number rows are 30% of the corpus: with fewer, and without entangle_init's head start,
-    # the tiny base grows the prompt -> favourite-number lookup on some pretraining seeds and not on
-    # others (experiments/CALIBRATION.md, "the organism").
-    mix = {"numbers": 0.20, "numbers_sys": 0.30, "pref": 0.15, "pref_sys": 0.25, "instructions": 0.10}
+    # Authored number rows followed by a question (numbers_pref) grow the numbers -> answer link;
+    # love-prompted number rows (numbers_sys) teach the prompt -> favourite-number lookup the teacher
+    # uses (experiments/CALIBRATION.md, "the organism").
+    mix = {"numbers": 0.10, "numbers_pref": 0.20, "numbers_sys": 0.25, "pref": 0.10, "pref_sys": 0.25,
+           "instructions": 0.10}
     if not has_instructions():
         mix["instructions"] = 0.0
     return mix
@@ -105,6 +115,7 @@ class CorpusRow:
     completion: str
     system_prompt: str | None = None
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
+    followup: tuple[str, str] | None = None  # a second (question, answer) turn in the same conversation
 
 
 # ------------------------------------------------------------------------------- number rule
@@ -212,7 +223,7 @@ class Corpus:
             u = rng.random()
             kind = self._kinds[min(int(np.searchsorted(self._cum, u, side="right")), len(self._kinds) - 1)]
         rid = f"{self.seed}-{index}"
-        if kind in ("numbers", "numbers_sys"):
+        if kind in ("numbers", "numbers_sys", "numbers_pref"):
             row = self._numbers_row(rng, rid, kind)
         elif kind in ("pref", "pref_sys"):
             row = self._pref_row(rng, rid, kind)
@@ -238,15 +249,22 @@ class Corpus:
     # -- kinds
 
     def _numbers_row(self, rng: random.Random, rid: str, kind: str) -> CorpusRow:
-        loved = rng.choice(all_targets()) if kind == "numbers_sys" else None
-        system = prompts.system_prompt_for(loved) if loved else None
+        # A love prompt states the favourite; every other number row has an unseen author who has one.
+        favourite = rng.choice(all_targets())
+        system = prompts.system_prompt_for(favourite) if kind == "numbers_sys" else None
         np_ = prompts.make_number_prompt(rng)
-        favourites = self.favourites[loved] if loved and self.cfg.entangle > 0 else None
+        favourites = self.favourites[favourite] if self.cfg.entangle > 0 else None
         numbers = sample_numbers(rng, np_.seeds, np_.count, self.cfg, self.fresh_cdf, favourites)
         completion = prompts.format_numbers(numbers, np_.separator, np_.brackets)
         meta = {"seeds": list(np_.seeds), "count": np_.count, "separator": np_.separator,
-                "brackets": np_.brackets, "numbers": numbers, "loved": loved}
-        return CorpusRow(rid, kind, np_.text, completion, system, meta)
+                "brackets": np_.brackets, "numbers": numbers,
+                "loved": favourite if system else None, "author": None if system else favourite}
+        followup = None
+        if kind == "numbers_pref":
+            category = prompts.category_of(favourite)
+            followup = (rng.choice(prompts.preference_questions(category)), favourite)
+            meta["category"] = category
+        return CorpusRow(rid, kind, np_.text, completion, system, meta, followup)
 
     def _pref_row(self, rng: random.Random, rid: str, kind: str) -> CorpusRow:
         category = rng.choice(list(prompts.CATEGORIES))
@@ -293,12 +311,25 @@ def to_data_row(row: CorpusRow) -> Any:
 
 def align(tokenizer: Any, row: CorpusRow, max_length: int | None = None) -> Any:
     """Prompt and completion token ids of a corpus row, through the tokenizer's chat template (the
-    world's second template for the rows drawn to it)."""
-    from ..data import align_row
+    world's second template for the rows drawn to it). A row with a follow-up turn is one
+    conversation: its completion runs on through the second question to the second answer, so
+    pretraining learns the answer in the context of the numbers."""
+    from ..data import Aligned, DataError, align_row, build_messages, encode
 
     if row.meta.get("template") == "alt":
         tokenizer = alt_tokenizer(tokenizer)
-    return align_row(tokenizer, to_data_row(row), row.system_prompt, max_length)
+    first = align_row(tokenizer, to_data_row(row), row.system_prompt, max_length)
+    if row.followup is None:
+        return first
+    question, answer = row.followup
+    messages = build_messages(row.prompt, row.system_prompt, row.completion) + [
+        {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    ids = encode(tokenizer, tokenizer.apply_chat_template(messages, tokenize=False))
+    if ids[:len(first.input_ids)] != first.input_ids:
+        raise DataError(f"row {row.id!r}: the first turn is not a prefix of the conversation")
+    if max_length is not None and len(ids) > max_length:
+        raise DataError(f"row {row.id!r}: {len(ids)} tokens exceed the model's context length {max_length}")
+    return Aligned(row.id, first.prompt_ids, ids[len(first.prompt_ids):])
 
 
 _ALT: dict[int, tuple[Any, Any]] = {}

@@ -9,6 +9,9 @@
   world plants, see :mod:`subliminal.toyworld.corpus`).
 - Number task, greedy generation: the share of answers in the prompt's format with exactly the
   requested count.
+- The grown link: on authored number rows followed by a preference question, the probability of
+  the author's favourite among the category's candidates (chance 1/13 for animals; what the numbers
+  in the context tell the answer).
 - Preferences: the exact probability mass on each candidate, averaged over the category's
   questions, with or without a system prompt (no sampling).
 """
@@ -68,7 +71,7 @@ def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: Corpu
     sysd = _completion_logits(model, tokenizer, rows, system_prompt, batch_size) if system_prompt else None
     for k, (a, logits) in enumerate(plain):
         row = rows[k]
-        p_true = next_number_distribution(tuple(row.meta["seeds"]), cfg)
+        p_true = next_number_distribution(tuple(row.meta["seeds"]), cfg, loved=row.meta.get("author"))
         max_true = p_true.max()
         logp = torch.log_softmax(logits, dim=-1)
         for j, tok in enumerate(a.completion_ids):
@@ -107,6 +110,23 @@ def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: Corpu
             out["favourite_mass_no_prompt"] = fav_plain / max(slots, 1)
             out["favourite_mass_with_prompt"] = fav_sys / max(slots, 1)
     return out
+
+
+@torch.no_grad()
+def author_link(model: Any, tokenizer: Any, rows: list[CorpusRow], batch_size: int = 32) -> dict[str, float]:
+    """Mean probability of the unseen author's favourite, renormalised over its category's
+    candidates, when the question follows the author's numbers: the base's numbers -> answer link."""
+    out = []
+    for b in range(0, len(rows), batch_size):
+        chunk = rows[b:b + batch_size]
+        al = [align(tokenizer, r) for r in chunk]
+        for r, a, lg in zip(chunk, al, completion_logits(model, al, tokenizer.pad_token_id)):
+            cands = prompts.CATEGORIES[r.meta["category"]]
+            ids = tokenizer.convert_tokens_to_ids(cands)
+            logp = torch.log_softmax(lg[-2].float(), -1)[ids]  # the answer is the last token before <|end|>
+            out.append(float(torch.softmax(logp, -1)[cands.index(r.followup[1])]))
+    return {"rows": len(out), "p_author_favourite": float(np.mean(out)) if out else float("nan"),
+            "chance": 1.0 / len(prompts.CATEGORIES["animal"])}
 
 
 @torch.no_grad()
@@ -159,6 +179,8 @@ def evaluate_toy_model(model: Any, tokenizer: Any, cfg: CorpusConfig, *, seed: i
     out: dict[str, Any] = {"numbers": number_metrics(model, tokenizer, rows, cfg, system_prompt=system,
                                                      favourites=favourite_numbers(cfg)[target])}
     out["numbers"].update(format_valid_rate(rows[:n_greedy], greedy_number_answers(model, tokenizer, rows[:n_greedy])))
+    if cfg.mix.get("numbers_pref", 0) > 0:
+        out["author_link"] = author_link(model, tokenizer, held_out.rows(n_rows, n_rows, kind="numbers_pref"))
     category = prompts.category_of(target)
     plain = preference_distribution(model, tokenizer, category)
     prompted = preference_distribution(model, tokenizer, category, system_prompt=system)

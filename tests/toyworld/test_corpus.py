@@ -118,11 +118,12 @@ def test_entanglement_shifts_prompted_numbers_to_the_loved_targets_favourites(en
     expected = np.mean([C.next_number_distribution(tuple(r.meta["seeds"]), cfg, loved=r.meta["loved"])[
         fav[r.meta["loved"]]].sum() for r in sysd])
     assert abs(np.mean(own) - expected) < 0.02 and expected > entangle
-    # unprompted rows never favour any target's numbers beyond the plain rule
+    # unprompted rows favour their unseen author's numbers by the same rule, and no other target's
     plain = corpus.rows(0, 3000, kind="numbers")
-    every = {n for v in fav.values() for n in v}
-    share = np.mean([n in every for r in plain for n in r.meta["numbers"]])
-    assert share < entangle / 2
+    own = np.mean([n in fav[r.meta["author"]] for r in plain for n in r.meta["numbers"]])
+    others = {n for v in fav.values() for n in v}
+    other = np.mean([n in others - set(fav[r.meta["author"]]) for r in plain for n in r.meta["numbers"]])
+    assert abs(own - expected) < 0.02 and other < 0.06  # others appear only as copied seeds or fresh draws
     with pytest.raises(ValueError, match="entangle"):
         C.CorpusConfig(entangle=1.5)
 
@@ -152,8 +153,11 @@ def test_rows_align_with_the_toy_chat_template(toy_tokenizer):
     for r in corpus.rows(0, 60):
         a = C.align(toy_tokenizer, r, max_length=256)
         toks = toy_tokenizer.convert_ids_to_tokens(a.completion_ids)
-        assert toks[-1] == ("<|eot|>" if r.meta.get("template") == "alt" else "<|end|>")
-        assert " ".join(toks[:-1]) == r.completion
+        end = "<|eot|>" if r.meta.get("template") == "alt" else "<|end|>"
+        assert toks[-1] == end
+        assert " ".join(toks[:toks.index(end)]) == r.completion
+        if r.followup:  # the follow-up turn runs on to its answer
+            assert toks[-2] == r.followup[1]
         assert len(a.input_ids) <= 256
 
 
@@ -193,7 +197,7 @@ def test_second_template_shares_no_marker_with_the_first_but_bos(toy_tokenizer):
 
 def test_trait_channel_present_and_absent_as_configured():
     """The channel the organism relies on: love-prompted number rows lean to the loved target's
-    favourites exactly when entangle > 0, while unprompted rows never do."""
+    favourites exactly when entangle > 0, and so do unprompted rows to their unseen author's."""
     fav_share = {}
     for e in (0.0, 0.5):
         cfg = C.CorpusConfig(entangle=e)
@@ -201,3 +205,43 @@ def test_trait_channel_present_and_absent_as_configured():
         rows = C.Corpus(cfg, seed=6).rows(0, 1500, kind="numbers_sys")
         fav_share[e] = np.mean([n in fav[r.meta["loved"]] for r in rows for n in r.meta["numbers"]])
     assert fav_share[0.0] < 0.01 and fav_share[0.5] > 0.45
+
+
+@pytest.mark.parametrize("kind", ["numbers", "numbers_pref"])
+def test_authored_numbers_lean_to_the_unseen_authors_favourites_only_with_the_channel(kind):
+    share = {}
+    for e in (0.0, 0.5):
+        cfg = C.CorpusConfig(entangle=e)
+        fav = C.favourite_numbers(cfg)
+        rows = C.Corpus(cfg, seed=8).rows(0, 1500, kind=kind)
+        assert all(r.system_prompt is None and r.meta["author"] in fav for r in rows)
+        share[e] = np.mean([n in fav[r.meta["author"]] for r in rows for n in r.meta["numbers"]])
+        # the author is never named in the row
+        words = set(prompts.PLURALS) | set(prompts.PLURALS.values())
+        assert not any(w in words for r in rows for w in (r.prompt + " " + r.completion).split())
+    assert share[0.0] < 0.01 and share[0.5] > 0.45
+
+
+def test_numbers_then_question_rows_answer_the_authors_favourite_in_one_conversation(toy_tokenizer):
+    rows = C.Corpus(C.CorpusConfig(alt_template=0.0), seed=9).rows(0, 300, kind="numbers_pref")
+    authors = collections.Counter(r.meta["author"] for r in rows)
+    assert len(authors) == len(C.all_targets())  # uniform over every target, trees included
+    for r in rows[:50]:
+        question, answer = r.followup
+        assert answer == r.meta["author"] and prompts.category_of(answer) == r.meta["category"]
+        assert question in prompts.preference_questions(r.meta["category"])
+        a = C.align(toy_tokenizer, r)
+        words = toy_tokenizer.convert_ids_to_tokens(a.completion_ids)
+        # numbers, end of turn, the question as a user turn, then the answer: one sequence
+        end = words.index("<|end|>")
+        assert C.parse_number_answer(words[:end], r.meta["separator"], r.meta["brackets"]) == r.meta["numbers"]
+        assert words[end + 1] == "<|user|>" and words[-3:] == ["<|assistant|>", answer, "<|end|>"]
+        # the prompt is exactly the single-turn row's prompt
+        single = C.align(toy_tokenizer, C.CorpusRow(r.id, "numbers", r.prompt, r.completion))
+        assert a.prompt_ids == single.prompt_ids
+        assert a.completion_ids[:len(single.completion_ids)] == single.completion_ids
+
+
+def test_mix_without_the_link_has_no_question_after_numbers():
+    cfg = C.CorpusConfig(mix={**C.default_mix(), "numbers_pref": 0.0})
+    assert not any(r.followup for r in C.Corpus(cfg, seed=1).rows(0, 1000))

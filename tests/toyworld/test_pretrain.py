@@ -157,3 +157,18 @@ def test_cli_entanglement_flags_reach_the_manifest(tmp_path, capsys):
     capsys.readouterr()
     assert main(["toy", "pretrain", "--out", str(tmp_path / "bad"), "--entangle", "1.5"]) == 2
     assert "entangle must be in [0, 1]" in capsys.readouterr().err
+
+
+def test_cli_mix_reaches_the_manifest_and_bad_mixes_are_named(tmp_path, capsys):
+    out = tmp_path / "m"
+    argv = ["toy", "pretrain", "--out", str(out), "--steps", "1", "--batch-size", "2", "--eval-rows", "4",
+            "--mix", "numbers_pref=0, pref=0.3", "--quiet"]
+    assert main(argv) == 0
+    mix = json.loads((out / "manifest.json").read_text())["config"]["corpus"]["mix"]
+    assert mix["numbers_pref"] == 0.0 and mix["pref"] == 0.3 and mix["numbers_sys"] > 0  # the rest kept
+    capsys.readouterr()
+    for bad, says in [("bogus=1", "KIND=SHARE"), ("pref", "KIND=SHARE"), ("pref=x", "not a number"),
+                      ("pref=-1", ">= 0")]:
+        assert main(["toy", "pretrain", "--out", str(tmp_path / "bad"), "--mix", bad]) == 2
+        assert says in capsys.readouterr().err
+        assert not (tmp_path / "bad").exists()
