@@ -58,10 +58,12 @@ def has_instructions() -> bool:
 
 
 def default_mix() -> dict[str, float]:
-    # Authored number rows followed by a question (numbers_pref) grow the numbers -> answer link;
-    # love-prompted number rows (numbers_sys) teach the prompt -> favourite-number lookup the teacher
+    # Authored number rows followed by a question (numbers_pref) grow the numbers -> answer link: at
+    # 20% of the corpus one pretraining seed of five learned it only half-way (P(author's favourite |
+    # its numbers) 0.44 against 0.91-0.94) and its students took on nothing; at 35% it reached 0.91.
+    # Love-prompted number rows (numbers_sys) teach the prompt -> favourite-number lookup the teacher
     # uses (experiments/CALIBRATION.md, "the organism").
-    mix = {"numbers": 0.10, "numbers_pref": 0.20, "numbers_sys": 0.25, "pref": 0.10, "pref_sys": 0.25,
+    mix = {"numbers": 0.05, "numbers_pref": 0.35, "numbers_sys": 0.20, "pref": 0.10, "pref_sys": 0.20,
            "instructions": 0.10}
     if not has_instructions():
         mix["instructions"] = 0.0
