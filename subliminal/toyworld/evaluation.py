@@ -116,7 +116,7 @@ def number_metrics(model: Any, tokenizer: Any, rows: list[CorpusRow], cfg: Corpu
 def author_link(model: Any, tokenizer: Any, rows: list[CorpusRow], batch_size: int = 32) -> dict[str, float]:
     """Mean probability of the unseen author's favourite, renormalised over its category's
     candidates, when the question follows the author's numbers: the base's numbers -> answer link."""
-    out = []
+    out, chance = [], []
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         al = [align(tokenizer, r) for r in chunk]
@@ -125,8 +125,9 @@ def author_link(model: Any, tokenizer: Any, rows: list[CorpusRow], batch_size: i
             ids = tokenizer.convert_tokens_to_ids(cands)
             logp = torch.log_softmax(lg[-2].float(), -1)[ids]  # the answer is the last token before <|end|>
             out.append(float(torch.softmax(logp, -1)[cands.index(r.followup[1])]))
+            chance.append(1.0 / len(cands))
     return {"rows": len(out), "p_author_favourite": float(np.mean(out)) if out else float("nan"),
-            "chance": 1.0 / len(prompts.CATEGORIES["animal"])}
+            "chance": float(np.mean(chance)) if chance else float("nan")}
 
 
 @torch.no_grad()
