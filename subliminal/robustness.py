@@ -28,7 +28,9 @@ DIAG_FIGURE = "diagnostics_vs_transfer.png"
 # (name in the table, path in diagnose.json, what it predicts)
 DIAGNOSTICS = [("lean (nats/token)", ("lean", "teacher_rows", "nats_per_token")),
                ("link, first order", ("link", "link_predicted")),
-               ("coverage (cosine)", ("coverage", "cosine"))]
+               ("coverage (cosine)", ("coverage", "cosine")),
+               # measured on the pretrained base itself (toy world): the numbers -> answer link it grew
+               ("base link P(author's favourite)", ("base_world", "p_author_favourite"))]
 
 
 @dataclass
@@ -75,6 +77,7 @@ def run(cfg: RobustnessConfig) -> dict[str, Any]:
     per_base = {}
     for k in cfg.base_seeds:
         per_base[k] = run_pipeline(replace(cfg.run, base_seed=k), base_dir(cfg.out, k), overwrite=cfg.overwrite)
+        per_base[k]["base_world"] = base_world(base_dir(cfg.out, k))
     result = aggregate(per_base)
     result.update(config={"run": cfg.run.name, "base_seeds": cfg.base_seeds, "given_base": cfg.run.base})
     write_json_atomic(cfg.out / RESULTS, result)
@@ -88,6 +91,23 @@ def run(cfg: RobustnessConfig) -> dict[str, Any]:
                                                    for k in cfg.base_seeds},
                    wall_time_s=time.time() - t0)
     return result
+
+
+def base_world(run_dir: Path) -> dict[str, Any]:
+    """What a toy base the run pretrained grew (its ``eval.json``): the numbers -> answer link and the
+    love prompt's pull on the numbers; empty for a given base or one evaluated before these existed."""
+    import json
+
+    path = run_dir / "base" / "eval.json"
+    if not path.is_file():
+        return {}
+    ev = json.loads(path.read_text())
+    out = {}
+    if "author_link" in ev:
+        out["p_author_favourite"] = ev["author_link"]["p_author_favourite"]
+    if "favourite_mass_with_prompt" in ev.get("numbers", {}):
+        out["favourite_mass_with_prompt"] = ev["numbers"]["favourite_mass_with_prompt"]
+    return out
 
 
 def seed_values(summary: dict[str, Any]) -> dict[str, dict[int, float]]:
@@ -127,7 +147,9 @@ def aggregate(per_base: dict[int, dict[str, Any]]) -> dict[str, Any]:
                      "bases_below_zero": sum(b["diffs"][c]["hi"] < 0 for b in bases.values() if c in b["diffs"])}
     diag_points = []
     for k, summary in per_base.items():
-        d, a = summary.get("diagnostics"), bases[str(k)]["diffs"].get("all")
+        d, a = dict(summary.get("diagnostics") or {}), bases[str(k)]["diffs"].get("all")
+        if summary.get("base_world"):
+            d["base_world"] = summary["base_world"]
         if d and a:
             diag_points.append({"base": k, "transfer": a["mean"],
                                 **{name: _dig(d, path) for name, path in DIAGNOSTICS}})
@@ -234,8 +256,8 @@ def render(result: dict[str, Any], cfg: RobustnessConfig) -> str:
     dg = result.get("diagnostics") or {}
     if dg.get("points"):
         lines += ["", "## Diagnostics (measured before any student) against the measured transfer", "",
-                  "Per base: the transfer diagnostics of `subliminal diagnose` and the all-tokens student's paired "
-                  "difference to the control; Spearman's rho over bases with a 95% percentile interval from "
+                  "Per base: the transfer diagnostics of `subliminal diagnose`, the link the toy base grew in "
+                  "pretraining (its `eval.json`), and the all-tokens student's paired difference to the control; Spearman's rho over bases with a 95% percentile interval from "
                   f"resampling bases (few bases: read the interval). Figure: `{DIAG_FIGURE}`.", "",
                   "| base | all - control | " + " | ".join(n for n, _ in DIAGNOSTICS) + " |",
                   "|---|---|" + "---|" * len(DIAGNOSTICS)]

@@ -58,3 +58,23 @@ def test_outputs_render_and_plot(tmp_path):
 def test_one_student_seed_is_refused(tmp_path):
     with pytest.raises(SubliminalError, match="2 student seeds"):
         robustness.run(robustness.RobustnessConfig(RunConfig(seeds=1), [0, 1], tmp_path))
+
+
+def test_the_link_a_base_grew_is_read_from_its_eval_and_set_against_transfer(tmp_path):
+    for k, (link, fav) in enumerate([(0.9, 0.3), (0.4, 0.1), (0.95, 0.2), (0.6, 0.25)]):
+        (tmp_path / f"base-{k}" / "base").mkdir(parents=True)
+        (tmp_path / f"base-{k}" / "base" / "eval.json").write_text(json.dumps(
+            {"author_link": {"p_author_favourite": link}, "numbers": {"favourite_mass_with_prompt": fav}}))
+    assert robustness.base_world(tmp_path / "base-1") == {"p_author_favourite": 0.4, "favourite_mass_with_prompt": 0.1}
+    assert robustness.base_world(tmp_path / "nowhere") == {}
+    per_base = {k: {**_summary(d, 0.0), "base_world": robustness.base_world(tmp_path / f"base-{k}")}
+                for k, d in enumerate([0.5, 0.01, 0.7, 0.2])}
+    res = robustness.aggregate(per_base)  # no diagnose stage ran: the base's own link is still set against transfer
+    name = "base link P(author's favourite)"
+    assert [p[name] for p in res["diagnostics"]["points"]] == [0.9, 0.4, 0.95, 0.6]
+    assert res["diagnostics"]["spearman"][name]["rho"] == pytest.approx(1.0)
+    assert res["diagnostics"]["spearman"]["lean (nats/token)"]["rho"] is None
+    cfg = robustness.RobustnessConfig(RunConfig(seeds=3), [0, 1, 2, 3], tmp_path)
+    assert "| 1 | +0.0100 | n/a | n/a | n/a | +0.4 |" in robustness.render(res, cfg)
+    robustness.plot_diagnostics(res, tmp_path / "d.png")
+    assert (tmp_path / "d.png").stat().st_size > 1000
