@@ -182,7 +182,7 @@ def test_second_template_share_is_as_configured_and_leaves_contents_unchanged(to
 
 
 def test_second_template_shares_no_marker_with_the_first_but_bos(toy_tokenizer):
-    rows = [r for r in C.Corpus(C.CorpusConfig(alt_template=0.5), seed=5).rows(0, 60) if r.kind == "numbers"]
+    rows = [r for r in C.Corpus(C.CorpusConfig(alt_template=0.5), seed=5).rows(0, 400) if r.kind == "numbers"]
     alt = next(r for r in rows if r.meta.get("template") == "alt")
     main = next(r for r in rows if r.meta.get("template") != "alt")
     a_alt, a_main = C.align(toy_tokenizer, alt), C.align(toy_tokenizer, main)
