@@ -210,6 +210,13 @@ class Example(Aligned):
 
     mask: list[bool] = field(default_factory=list)
     teacher_prompt_ids: list[int] | None = None
+    # the loss targets where an intervention changed the context but kept the label (input-only
+    # corruption, :mod:`subliminal.interventions`); None: the targets are ``completion_ids``
+    label_ids: list[int] | None = None
+
+    @property
+    def labels(self) -> list[int]:
+        return self.completion_ids if self.label_ids is None else self.label_ids
 
 
 def build_examples(rows: Sequence[DivRow], masks: Sequence[list[bool]], tokenizer: Any, max_length: int | None,
@@ -479,12 +486,39 @@ def loss_positions(batch: Sequence[Example]) -> tuple[list[int], list[int], list
     """(row, completion index j, target token) of every masked-in completion token."""
     rows, cols, tgt = [], [], []
     for i, e in enumerate(batch):
+        labels = e.labels
         for j, keep in enumerate(e.mask):
             if keep:
                 rows.append(i)
                 cols.append(j)
-                tgt.append(e.completion_ids[j])
+                tgt.append(labels[j])
     return rows, cols, tgt
+
+
+def _position_logits(out: forward.Forced, batch: Sequence[Example], rows: Sequence[int], cols: Sequence[int]
+                     ) -> tuple[torch.Tensor, list[int]]:
+    """The logits that predict completion token ``cols[k]`` of row ``rows[k]`` (sequence position
+    ``n_prompt + j``, so the logits of position ``n_prompt + j - 1``: :meth:`forward.Forced.column`),
+    and those sequence positions: the one place the training loss and the detectors index them."""
+    device = out.logits.device
+    r = torch.tensor(list(rows), device=device, dtype=torch.long)
+    s_tok = [batch[i].n_prompt + j for i, j in zip(rows, cols)]  # sequence position of each target
+    s_col = torch.tensor([out.column(t) for t in s_tok], device=device, dtype=torch.long)
+    return out.logits[r, s_col], s_tok
+
+
+def hard_token_losses(student: Any, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
+    """[n] the cross-entropy (float32 or wider) of every masked-in completion token, in
+    :func:`loss_positions` order: exactly the terms whose mean is the ``hard`` loss, for the
+    per-token detectors (:mod:`subliminal.detectors`)."""
+    rows, cols, tgt = loss_positions(batch)
+    out = _completion_forward(student, [e.prompt_ids for e in batch], batch, pad_id, False)
+    if not rows:
+        return out.logits.new_zeros(0)
+    logits, _ = _position_logits(out, batch, rows, cols)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.nn.functional.cross_entropy(logits.to(dtype), torch.tensor(tgt, device=logits.device),
+                                             reduction="none")
 
 
 class _SoftKL(torch.autograd.Function):
@@ -538,9 +572,8 @@ def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg:
         return out.logits.sum() * 0.0, 0
     device = out.logits.device
     r = torch.tensor(rows, device=device)
-    s_tok = [batch[i].n_prompt + j for i, j in zip(rows, cols)]  # sequence position of each target
-    s_col = torch.tensor([out.column(t) for t in s_tok], device=device)
-    hard = torch.nn.functional.cross_entropy(out.logits[r, s_col].float(), torch.tensor(tgt, device=device))
+    hard_logits, s_tok = _position_logits(out, batch, rows, cols)
+    hard = torch.nn.functional.cross_entropy(hard_logits.float(), torch.tensor(tgt, device=device))
     if cfg.mode == "hard":
         return hard, len(rows)
     with torch.no_grad():
@@ -549,7 +582,7 @@ def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg:
     t_tok = [len(t_prompts[i]) + j for i, j in zip(rows, cols)]
     if cfg.mode == "soft":
         t_col = torch.tensor([t_out.column(t) for t in t_tok], device=device)
-        return soft_kl(out.logits[r, s_col], t_out.logits[r, t_col]), len(rows)
+        return soft_kl(hard_logits, t_out.logits[r, t_col]), len(rows)
     # hidden states at the position that predicts each target (the same place the logits come from)
     sp = torch.tensor([t - 1 for t in s_tok], device=device)
     tp = torch.tensor([t - 1 for t in t_tok], device=device)
