@@ -75,6 +75,8 @@ from .manifest import (
     write_manifest,
     write_text_atomic,
 )
+from .interventions import INTERVENTIONS
+from .interventions import TARGETS as INTERVENTION_TARGETS
 from .models import parse_layers, resolve_layers
 from .train import (
     STATE_FILE,
@@ -735,6 +737,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "matched (default: every block)")
     p.add_argument("--repr-weight", type=float, default=1.0, help="representation: weight of the MSE term")
     p.add_argument("--repr-with-hard", action="store_true", help="representation: add the hard CE loss")
+    p.add_argument("--intervention", choices=INTERVENTIONS, default="none",
+                   help="hard, --mask all: change tokens instead of dropping them (subliminal.interventions): "
+                   "replace-teacher (a counterfactual's argmax), replace-random (a random number token of the same "
+                   "shape), corrupt-input (the random token in the context only, the label kept) (default %(default)s)")
+    p.add_argument("--intervene-on", choices=INTERVENTION_TARGETS, default="flagged",
+                   help="flagged: the row's flagged tokens; random-matched: the control, as many unflagged tokens "
+                   "per row (default %(default)s)")
+    p.add_argument("--replace-teacher", default=None, help="replace-teacher: which counterfactual of the "
+                   "divergence file (default: its first)")
     add_seed(p)
     add_model_runtime(p)
     add_overwrite(p)
@@ -770,6 +781,9 @@ class DistillConfig:
     repr_layers: str | None = None
     repr_weight: float = 1.0
     repr_with_hard: bool = False
+    intervention: str = "none"
+    intervene_on: str = "flagged"
+    replace_teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -802,6 +816,11 @@ def _check_args(cfg: DistillConfig) -> None:
         raise SubliminalError("--repr-layers / --repr-with-hard apply to --mode representation only")
     if cfg.params not in PARAM_SETS:
         raise SubliminalError(f"--params {cfg.params!r}: no such parameter set; one of {', '.join(PARAM_SETS)}")
+    if cfg.intervention != "none" and (cfg.mode != "hard" or cfg.mask != "all"):
+        raise SubliminalError(f"--intervention {cfg.intervention} changes tokens of the hard loss: it needs --mode hard "
+                              "and --mask all (dropping tokens is --mask)")
+    if cfg.replace_teacher is not None and cfg.intervention != "replace-teacher":
+        raise SubliminalError("--replace-teacher applies to --intervention replace-teacher only")
     if cfg.params != "all" and (cfg.layers is not None or cfg.lora_rank is not None):
         raise SubliminalError(f"--params {cfg.params} trains embedding rows; it does not combine with --layers or "
                               "--lora-rank (use --params all with those)")
@@ -853,7 +872,8 @@ def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
     config["device"] = device_type(cfg.device)
     for k, default in (("lora_targets", None), ("schedule", "cosine"), ("grad_accum", 1),
-                       ("params", "all")):  # students made before these existed
+                       ("params", "all"), ("intervention", "none"), ("intervene_on", "flagged"),
+                       ("replace_teacher", None)):  # students made before these existed
         if config.get(k) == default:
             config.pop(k, None)
     return fingerprint({"base": cfg.base, "data": cfg.data, "source_data": source, "teacher": cfg.teacher},
@@ -915,6 +935,12 @@ def run_distill(cfg: DistillConfig) -> int:
     repr_layers = sorted(resolve_layers(cfg.repr_layers, n_layers(model), "--repr-layers"))
     examples = build_examples(rows, masks, tok, model_max_length(model),
                               teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
+    intervention = None
+    if cfg.intervention != "none":
+        from .interventions import apply_to_examples
+
+        intervention = apply_to_examples(examples, rows, cfg.intervention, cfg.intervene_on, cfg.seed, tok,
+                                         cfg.data, cfg.replace_teacher)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
     pset = param_set(cfg.params, tok, model)
     model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha, targets, pset)
@@ -961,6 +987,8 @@ def run_distill(cfg: DistillConfig) -> int:
         "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
         "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),
     }
+    if intervention is not None:
+        extra["intervention"] = intervention
     write_manifest(out, stage=STAGE, config=config, seed=cfg.seed, wall_time_s=time.time() - t0, extra=extra,
                    inputs={"base": _abs(cfg.base), "data": _abs(cfg.data), "source_data": _abs(source),
                            "teacher": _abs(cfg.teacher)})
