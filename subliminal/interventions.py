@@ -18,10 +18,13 @@ same number-list filter (:func:`subliminal.generate.parse_number_list`, strict o
 rule) as the original; a replacement that would break it is not made (counted as skipped).
 
 ``--intervene-on flagged`` changes the row's flagged tokens (any detector's flags, from
-``reflag-divergence``); ``random-matched`` is its control: per row, exactly as many unflagged
-tokens as the flagged plan changed, drawn (seeded by ``--seed`` and the row id, not by batch or
-row order) from the unflagged tokens the same intervention can change. A shortfall (a row without
-enough of them) is counted in the manifest.
+``reflag-divergence``); ``random-matched`` is its control: per row, as many unflagged tokens as
+the flagged plan changed, drawn (seeded by ``--seed`` and the row id, not by batch or row order)
+from the unflagged tokens the same intervention can change. A row without enough of them leaves a
+shortfall, which is then drawn from the other rows' unflagged changeable tokens (one seeded draw
+over the file, in row-id order), so the control changes exactly as many tokens as the flagged
+condition whenever the file has that many; what could not be matched is counted in the manifest.
+(``--mask random-matched``, the drop control, matches per row only and records its shortfall.)
 """
 
 from __future__ import annotations
@@ -208,16 +211,46 @@ def apply_to_examples(examples: Sequence[Any], rows: Sequence[Any], kind: str, o
         if div_path is None:
             raise InterventionError("--intervention replace-teacher needs the .div.jsonl as --data")
         argmax, teacher = _teacher_argmaxes(div_path, replace_teacher)
-    n_flag = n_done = n_skip = n_short = n_rows = 0
+    n_flag = n_skip = 0
+    plans = []
     for e, r in zip(examples, rows):
         if e.completion_ids != r.token_ids:
             raise DataError(f"row {r.id!r}: the example's tokens are not the file's")
         p = plan_row(kind, on, r.id, e.completion_ids, r.divergence, seed, tokenizer, argmax.get(r.id))
-        e.completion_ids, e.label_ids = p.ids, p.labels
+        plans.append(p)
         n_flag += sum(bool(f) for f in r.divergence)
-        n_done += len(p.positions)
         n_skip += p.skipped
-        n_short += p.shortfall
-        n_rows += bool(p.positions)
+    row_short = sum(p.shortfall for p in plans)
+    if on == "random-matched" and row_short:
+        _top_up(kind, plans, rows, row_short, seed, tokenizer, argmax)
+    for e, p in zip(examples, plans):
+        e.completion_ids, e.label_ids = p.ids, p.labels
+    n_done = sum(len(p.positions) for p in plans)
     return {"intervention": kind, "on": on, "replace_teacher": teacher, "n_flagged": n_flag,
-            "n_intervened": n_done, "n_skipped": n_skip, "control_shortfall": n_short, "rows_changed": n_rows}
+            "n_intervened": n_done, "n_skipped": n_skip, "row_shortfall": row_short,
+            "control_shortfall": sum(p.shortfall for p in plans), "rows_changed": sum(bool(p.positions) for p in plans)}
+
+
+def _top_up(kind: str, plans: list[RowPlan], rows: Sequence[Any], want: int, seed: int, tokenizer: Any,
+            argmax: dict[str, list[int]]) -> None:
+    """Draw the control's per-row shortfall from the other rows' unflagged, still unchanged tokens
+    (one seeded shuffle over the file, rows in id order), each change kept only if its row keeps
+    its format; the plans are updated in place and their ``shortfall`` set to what is left."""
+    vocab = number_vocab(tokenizer)
+    order = sorted(range(len(rows)), key=lambda i: rows[i].id)
+    pool = [(i, j) for i in order for j, f in enumerate(rows[i].divergence)
+            if not f and j not in plans[i].positions]
+    rng = random.Random(f"intervene:{seed}:top-up")
+    rng.shuffle(pool)
+    for p in plans:
+        p.shortfall = 0
+    for i, j in pool:
+        if want == 0:
+            break
+        p = plans[i]
+        new, pos, _ = _apply(kind, p.ids, [j], 1, rng, vocab, tokenizer, argmax.get(rows[i].id))
+        if pos:
+            p.ids, p.positions = new, sorted(p.positions + pos)
+            want -= 1
+    if plans:
+        plans[0].shortfall = want

@@ -72,6 +72,34 @@ def test_random_control_changes_exactly_as_many_unflagged_tokens(toy_tokenizer):
             assert iv.plan_row("replace-random", "random-matched", a.id, ids, flags, seed, tok).ids == c.ids
 
 
+@pytest.mark.parametrize("kind", ["replace-random", "corrupt-input"])
+def test_a_row_short_of_clean_tokens_is_topped_up_from_the_others(toy_tokenizer, kind):
+    """Row c has 4 numbers, 3 flagged: its control can change 1; the other 2 come from rows a and b."""
+    from subliminal.divergence import DivRow
+
+    tok = toy_tokenizer
+    al = _aligned(tok)
+    flags = {"a": 1, "b": 1, "c": 3}
+    rows, exs = [], []
+    for a in al:
+        nums = _number_positions(tok, a.completion_ids)
+        f = [j in nums[:flags[a.id]] for j in range(len(a.completion_ids))]
+        rows.append(DivRow(a.id, "", "", list(a.completion_ids), f))
+    counts = {}
+    for on in ("flagged", "random-matched"):
+        exs = [Example(a.id, a.prompt_ids, list(a.completion_ids), [True] * len(a.completion_ids)) for a in al]
+        info = iv.apply_to_examples(exs, rows, kind, on, 0, tok)
+        counts[on] = info
+        changed = [[j for j, (x, y) in enumerate(zip(e.completion_ids, a.completion_ids)) if x != y]
+                   for e, a in zip(exs, al)]
+        assert sum(map(len, changed)) == info["n_intervened"]
+        if on == "random-matched":
+            assert all(not r.divergence[j] for r, c in zip(rows, changed) for j in c)
+            assert all(iv.format_verdict(tok, e.completion_ids) == "strict" for e in exs)
+    assert counts["flagged"]["n_intervened"] == counts["random-matched"]["n_intervened"] == 5
+    assert counts["random-matched"]["row_shortfall"] == 2 and counts["random-matched"]["control_shortfall"] == 0
+
+
 def test_replace_teacher_uses_the_argmax_where_it_keeps_the_format(toy_tokenizer):
     tok = toy_tokenizer
     a = _aligned(tok)[0]
