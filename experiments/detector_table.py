@@ -67,6 +67,21 @@ def student_argv(template: dict[str, Any], data: Path, out: Path, seed: int, ext
     return argv + extra
 
 
+def _baseline(run: Path, work: Path, cond: str, seed: int, target: str) -> float:
+    """P(target) of the run's ``cond`` student of ``seed``; a seed the run lacks is trained here with
+    the run's seed-1 config of that condition (its own data: the control's rows for ``control``)."""
+    ev = run / "eval" / f"{cond}-s{seed}.json"
+    if ev.is_file():
+        return _exact(ev)
+    tmpl = (read_manifest(run / "students" / f"{cond}-s1") or {}).get("config")
+    if not tmpl:
+        raise SubliminalError(f"{run}/students/{cond}-s1: no distill manifest")
+    student, ev = work / "students" / f"{cond}-s{seed}", work / "eval" / f"{cond}-s{seed}.json"
+    _cli(student_argv(tmpl, Path(tmpl["data"]), student, seed, []))
+    _cli(["eval", "--model", str(student), "--target", target, "--out", str(ev)])
+    return _exact(ev)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--run", required=True, help="a finished subliminal run / demo directory")
@@ -95,8 +110,8 @@ def _main(args: argparse.Namespace) -> int:
     tmpl = (read_manifest(run / "students" / f"all-s{args.seeds[0]}") or {}).get("config")
     if not tmpl:
         raise SubliminalError(f"{run}/students/all-s{args.seeds[0]}: no distill manifest")
-    control = {s: _exact(run / "eval" / f"control-s{s}.json") for s in args.seeds}
-    all_tok = {s: _exact(run / "eval" / f"all-s{s}.json") for s in args.seeds}
+    control = {s: _baseline(run, work, "control", s, args.target) for s in args.seeds}
+    all_tok = {s: _baseline(run, work, "all", s, args.target) for s in args.seeds}
     diff_all = mean_ci([all_tok[s] - control[s] for s in args.seeds])
     transfer = diff_all[1] is not None and diff_all[1] > 0
     timings: dict[str, float] = {}
