@@ -35,7 +35,8 @@ from typing import Any
 
 from subliminal import cli
 from subliminal.evaluate import mean_ci
-from subliminal.manifest import SubliminalError, read_manifest, write_json_atomic, write_manifest
+from subliminal.divergence import any_flags, load_divergence
+from subliminal.manifest import SubliminalError, read_file_manifest, read_manifest, write_json_atomic, write_manifest
 
 log = logging.getLogger("detector_table")
 DETECTORS = ("ratio", "likelihood-shift", "gradient")
@@ -118,7 +119,6 @@ def _main(args: argparse.Namespace) -> int:
     flagged: dict[str, Path] = {}
     for d in args.detectors:
         path = work / "div" / f"{args.target}.{d}.top.div.jsonl"
-        t = time.time()
         if d == "ratio":
             src = div
         else:
@@ -129,9 +129,14 @@ def _main(args: argparse.Namespace) -> int:
                      + (["--lora-rank", str(tmpl["lora_rank"])] if tmpl.get("lora_rank") else []))
             _cli(["score-tokens", "--detector", d, "--divergence", str(div), "--out", str(src),
                   "--base", tmpl["base"], *extra])
-        timings[d] = time.time() - t
+        timings[d] = float((read_file_manifest(src) or {}).get("wall_time_s") or 0.0) if d != "ratio" else 0.0
         _cli(["reflag-divergence", str(src), "--out", str(path), "--rule", d, "--flag-share", str(args.share)])
         flagged[d] = path
+    sets = {d: {(o["id"], j) for o in load_divergence(p) for j, f in enumerate(any_flags(o)) if f}
+            for d, p in flagged.items()}
+    overlap = {f"{a}|{b}": len(sets[a] & sets[b]) / max(1, len(sets[a] | sets[b]))
+               for a in sets for b in sets if a < b}
+    log.info("flagged-set overlap (Jaccard): %s", overlap)
     rows: list[dict[str, Any]] = []
     for d, path in flagged.items():
         for iv in args.interventions:
@@ -168,7 +173,7 @@ def _main(args: argparse.Namespace) -> int:
         w.writerows([{k: r[k] for k in keys} for r in rows])
     result = {"run": str(run), "target": args.target, "share": args.share, "seeds": args.seeds,
               "control": control, "all": all_tok, "all_minus_control": diff_all, "transfer_distinguishable": transfer,
-              "detector_seconds": timings, "rows": rows}
+              "detector_seconds": timings, "flagged_overlap_jaccard": overlap, "rows": rows}
     write_json_atomic(out / "detector_table.json", result)
     write_manifest(out, stage="detector_table", config=vars(args), seed=None, inputs={"divergence": div},
                    wall_time_s=time.time() - t0)
