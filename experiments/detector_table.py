@@ -175,9 +175,39 @@ def _main(args: argparse.Namespace) -> int:
               "control": control, "all": all_tok, "all_minus_control": diff_all, "transfer_distinguishable": transfer,
               "detector_seconds": timings, "flagged_overlap_jaccard": overlap, "rows": rows}
     write_json_atomic(out / "detector_table.json", result)
+    if transfer:
+        _figure(rows, out / "detector_table.png")
     write_manifest(out, stage="detector_table", config=vars(args), seed=None, inputs={"divergence": div},
                    wall_time_s=time.time() - t0)
     return 0
+
+
+def _figure(rows: list[dict[str, Any]], path: Path) -> None:
+    """Transfer kept per detector and intervention: flagged tokens beside their random control."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dets = list(dict.fromkeys(r["detector"] for r in rows))
+    ivs = list(dict.fromkeys(r["intervention"] for r in rows))
+    fig, axes = plt.subplots(1, len(ivs), figsize=(3.2 * len(ivs), 3.4), sharey=True, squeeze=False)
+    for ax, iv in zip(axes[0], ivs):
+        for k, on in enumerate(("flagged", "random")):
+            sel = [next(r for r in rows if r["detector"] == d and r["intervention"] == iv and r["tokens"] == on)
+                   for d in dets]
+            xs = [i + (k - 0.5) * 0.38 for i in range(len(dets))]
+            ax.bar(xs, [r["share_kept"] for r in sel], width=0.36, label=f"{on} tokens",
+                   yerr=[[r["share_kept"] - r["kept_lo"] for r in sel], [r["kept_hi"] - r["share_kept"] for r in sel]],
+                   capsize=2, color="C3" if on == "flagged" else "C7")
+        ax.axhline(1, color="grey", lw=0.8)
+        ax.set_xticks(range(len(dets)), dets, rotation=20, fontsize=8)
+        ax.set_title(iv, fontsize=9)
+    axes[0][0].set_ylabel("share of the all-tokens transfer kept")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

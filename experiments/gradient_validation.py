@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", default=None)
     ap.add_argument("--rows", type=int, default=48, help="rows scored by both methods")
     ap.add_argument("--tokens", type=int, default=8, help="tokens stepped on (half the largest |a_t|, half random)")
-    ap.add_argument("--step", type=float, default=1e-3, help="the step is sized so |lr * a_t| = this")
+    ap.add_argument("--step", type=float, default=1e-3, help="one lr for every token, sized so the largest "
+                    "|lr * a_t| is this")
     ap.add_argument("--eps", type=float, nargs="+", default=[1e-2, 1e-3, 1e-4])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", required=True)
@@ -69,9 +70,9 @@ def _main(args: argparse.Namespace) -> int:
     half = args.tokens // 2
     picks = sorted(flat, key=lambda x: -abs(x[2]))[:half] + rng.sample(flat, args.tokens - half)
     checks = []
+    lr = args.step / max(abs(x[2]) for x in picks)  # one lr: the largest |a_t| moves R by --step
     for i, j, a_t in picks:
         e = ex[i]
-        lr = args.step / abs(a_t) if a_t else 0.0
         logits = model(input_ids=torch.tensor([e.input_ids])).logits[0]
         loss = torch.nn.functional.cross_entropy(logits[e.n_prompt + j - 1][None].float(),
                                                  torch.tensor([e.completion_ids[j]]))
@@ -92,11 +93,36 @@ def _main(args: argparse.Namespace) -> int:
                                                        for c in checks),
               "wall_time_s": time.time() - t0}
     write_json_atomic(Path(args.out), result)
+    _figure(checks, Path(args.out).with_suffix(".png"))
     for c in checks:
         print(f"{c['row']}:{c['position']} {c['token']!r}: predicted {c['predicted_delta_R']:+.3e}, "
               f"actual {c['actual_delta_R']:+.3e}")
     print(json.dumps(central, indent=1))
     return 0
+
+
+def _figure(checks: list[dict], path: Path) -> None:
+    """Predicted (lr * a_t) against actual change of R, symmetric-log axes, the identity line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [c["predicted_delta_R"] for c in checks]
+    y = [c["actual_delta_R"] for c in checks]
+    lim = max(max(map(abs, x)), max(map(abs, y))) * 1.5
+    small = min(abs(v) for v in x + y if v) / 2
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.8)
+    ax.scatter(x, y, s=18)
+    ax.set_xscale("symlog", linthresh=small)
+    ax.set_yscale("symlog", linthresh=small)
+    ax.set_xlabel("predicted change of R, lr * a_t")
+    ax.set_ylabel("actual change of R after one SGD step on token t")
+    ax.set_title("gradient attribution vs an actual step", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
