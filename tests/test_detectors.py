@@ -195,3 +195,16 @@ def test_reflag_on_a_file_without_the_score_is_a_named_error(world, tmp_path, ca
     rc = cli.main(["reflag-divergence", world["div"], "--out", str(tmp_path / "y.div.jsonl"), "--rule",
                    "likelihood-shift", "--flag-share", "0.1"])
     assert rc == 2 and "score-tokens" in capsys.readouterr().err
+
+
+def test_the_written_scores_do_not_depend_on_the_batch_size(world, tiny_model_factory, tmp_path):
+    """Batch invariance of the file (as find-divergence's): the likelihood shift, rows scored one at a
+    time and three at a time."""
+    student = str(tiny_model_factory("gpt2", seed=1))
+    got = []
+    for bs in (1, 3):
+        out = tmp_path / f"shift-{bs}.div.jsonl"
+        assert cli.main(["score-tokens", "--detector", "likelihood-shift", "--divergence", world["div"], "--student",
+                         student, "--base", world["base"], "--batch-size", str(bs), "--out", str(out)]) == 0
+        got.append([s for x in out.read_text().splitlines() for s in json.loads(x)["scores"]["likelihood_shift"]])
+    assert got[0] == pytest.approx(got[1], abs=1e-5) and any(abs(v) > 1e-3 for v in got[0])
