@@ -34,9 +34,15 @@ from pathlib import Path
 from typing import Any
 
 from subliminal import cli
-from subliminal.evaluate import mean_ci
 from subliminal.divergence import any_flags, load_divergence
-from subliminal.manifest import SubliminalError, read_file_manifest, read_manifest, write_json_atomic, write_manifest
+from subliminal.evaluate import mean_ci
+from subliminal.manifest import (
+    SubliminalError,
+    read_file_manifest,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
 
 log = logging.getLogger("detector_table")
 DETECTORS = ("ratio", "likelihood-shift", "gradient")

@@ -142,7 +142,7 @@ def gradient_attribution(model: Any, params: Sequence[tuple[str, torch.nn.Parame
             out.extend(torch.zeros(n, dtype=torch.float64) for n in lengths)
             continue
 
-        def losses(*vals: torch.Tensor) -> torch.Tensor:
+        def losses(*vals: torch.Tensor, batch: list[Any] = batch) -> torch.Tensor:
             return hard_token_losses(_Bound(model, dict(zip(names, vals))), batch, pad_id)
 
         with _math_attention():
@@ -310,7 +310,7 @@ def run(cfg: ScoreTokensConfig, *, progress: bool = True) -> dict[str, Any] | No
     the same rows with ``scores[<detector key>]`` added (flags unchanged, or set by ``flag_share``),
     atomically, with its manifest. Returns the summary (None: ``out`` already holds this exact run)."""
     from . import distributed as dist
-    from .divergence import RuleSpec, _write_rows, _floats, flag_rows
+    from .divergence import RuleSpec, _floats, _write_rows, flag_rows
 
     t0 = time.time()
     _check(cfg)

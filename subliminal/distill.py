@@ -62,6 +62,8 @@ from .data import (
     template_token_ids,
 )
 from .divergence import DivRow, parse_row
+from .interventions import INTERVENTIONS
+from .interventions import TARGETS as INTERVENTION_TARGETS
 from .manifest import (
     SubliminalError,
     check_not_input,
@@ -75,8 +77,6 @@ from .manifest import (
     write_manifest,
     write_text_atomic,
 )
-from .interventions import INTERVENTIONS
-from .interventions import TARGETS as INTERVENTION_TARGETS
 from .models import parse_layers, resolve_layers
 from .train import (
     STATE_FILE,
