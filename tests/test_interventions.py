@@ -189,3 +189,51 @@ def test_bad_intervention_is_a_named_error_exit_2(tiny_model_factory, tmp_path, 
     rc = cli.main(["distill", "--base", str(base), "--data", div, "--out", str(tmp_path / "s"), "--max-steps", "1",
                    *extra])
     assert rc == 2 and needle in capsys.readouterr().err
+
+
+def test_the_intervention_conditions_are_opt_in_run_conditions(smol_model, tmp_path):
+    """`subliminal run` trains the intervention conditions only when named; named, each student
+    records what it changed, the control as many tokens as the flagged condition."""
+    from subliminal.pipeline import OPT_IN_CONDITIONS, RunConfig
+
+    assert not set(OPT_IN_CONDITIONS) & set(RunConfig().chosen_conditions())
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+name = "tiny-interventions"
+[model]
+base = "{smol_model}"
+[teachers]
+target = "owl"
+counterfactuals = ["cat"]
+mixing_teacher = ""
+method = "prompt"
+check = false
+[data]
+rows = 4
+greedy = true
+constrain = "numbers"
+max_new_tokens = 40
+[students]
+conditions = ["replace-divergence", "replace-random-matched", "corrupt-divergence"]
+seeds = 1
+full = false
+lora_rank = 2
+epochs = 1
+batch_size = 3
+[eval]
+max_questions = 2
+[probes]
+enabled = false
+[run]
+jobs = 1
+""")
+    out = tmp_path / "run"
+    assert cli.main(["run", str(cfg), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["conditions"]) == {"control", "all", "replace-divergence", "replace-random-matched",
+                                          "corrupt-divergence"}
+    man = {c: json.loads((out / "students" / f"{c}-s1" / "manifest.json").read_text())["intervention"]
+           for c in ("replace-divergence", "replace-random-matched", "corrupt-divergence")}
+    assert man["replace-divergence"]["n_intervened"] == man["replace-random-matched"]["n_intervened"] \
+        == man["corrupt-divergence"]["n_intervened"]
+    assert man["replace-random-matched"]["on"] == "random-matched"
