@@ -84,6 +84,8 @@ def _baseline(run: Path, work: Path, cond: str, seed: int, target: str) -> float
     if not tmpl:
         raise SubliminalError(f"{run}/students/{cond}-s1: no distill manifest")
     student, ev = work / "students" / f"{cond}-s{seed}", work / "eval" / f"{cond}-s{seed}.json"
+    if ev.is_file() and not student.exists():  # an evaluation carried over from another --work (share sweep)
+        return _exact(ev)
     _cli(student_argv(tmpl, Path(tmpl["data"]), student, seed, []))
     _cli(["eval", "--model", str(student), "--target", target, "--out", str(ev)])
     return _exact(ev)

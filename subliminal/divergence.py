@@ -949,7 +949,8 @@ def _add_rule_args(p: argparse.ArgumentParser, detectors: bool = False) -> None:
                       "detector, with --min-ratio (in its units) or --flag-share" if detectors else "")
                    + " (default %(default)s)")
     p.add_argument("--min-ratio", type=float, default=None,
-                   help="ratio rule: flag a token when its reduced log-ratio is >= this many nats")
+                   help="ratio rule: flag a token when its reduced log-ratio is >= this many nats (a detector's "
+                   "rule: its score is >= this, in the score's units)")
     p.add_argument("--flag-share", type=float, default=None,
                    help="ratio rule: instead of --min-ratio, pick the threshold that flags this share of all "
                    "completion tokens of the file (round(share x tokens), exactly unless values tie at the "
