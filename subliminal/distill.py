@@ -743,7 +743,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "shape), corrupt-input (the random token in the context only, the label kept) (default %(default)s)")
     p.add_argument("--intervene-on", choices=INTERVENTION_TARGETS, default="flagged",
                    help="flagged: the row's flagged tokens; random-matched: the control, as many unflagged tokens "
-                   "per row (default %(default)s)")
+                   "(per row, a row's shortfall drawn from the other rows) (default %(default)s)")
     p.add_argument("--replace-teacher", default=None, help="replace-teacher: which counterfactual of the "
                    "divergence file (default: its first)")
     add_seed(p)
@@ -819,6 +819,8 @@ def _check_args(cfg: DistillConfig) -> None:
     if cfg.intervention != "none" and (cfg.mode != "hard" or cfg.mask != "all"):
         raise SubliminalError(f"--intervention {cfg.intervention} changes tokens of the hard loss: it needs --mode hard "
                               "and --mask all (dropping tokens is --mask)")
+    if cfg.intervene_on != "flagged" and cfg.intervention == "none":
+        raise SubliminalError("--intervene-on needs --intervention (the drop control is --mask random-matched)")
     if cfg.replace_teacher is not None and cfg.intervention != "replace-teacher":
         raise SubliminalError("--replace-teacher applies to --intervention replace-teacher only")
     if cfg.params != "all" and (cfg.layers is not None or cfg.lora_rank is not None):

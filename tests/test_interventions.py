@@ -180,6 +180,7 @@ def test_distill_matched_conditions_change_as_many_tokens_on_the_same_steps(tiny
     (["--intervention", "replace-random", "--mask", "no-divergence"], "--mask all"),
     (["--intervention", "replace-teacher", "--replace-teacher", "cat"], "not a counterfactual"),
     (["--replace-teacher", "none"], "applies to --intervention replace-teacher"),
+    (["--intervene-on", "random-matched"], "--intervene-on needs --intervention"),
 ])
 def test_bad_intervention_is_a_named_error_exit_2(tiny_model_factory, tmp_path, capsys, extra, needle):
     from subliminal.models import load_tokenizer
