@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "subliminal.generate",          # generate
     "subliminal.divergence",        # find-divergence
     "subliminal.diagnose",          # diagnose
+    "subliminal.detectors",         # score-tokens
     "subliminal.distill",           # distill
     "subliminal.evaluate",          # eval
     "subliminal.probes.cli",        # probe, patch, plot

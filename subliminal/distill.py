@@ -62,6 +62,8 @@ from .data import (
     template_token_ids,
 )
 from .divergence import DivRow, parse_row
+from .interventions import INTERVENTIONS
+from .interventions import TARGETS as INTERVENTION_TARGETS
 from .manifest import (
     SubliminalError,
     check_not_input,
@@ -210,6 +212,13 @@ class Example(Aligned):
 
     mask: list[bool] = field(default_factory=list)
     teacher_prompt_ids: list[int] | None = None
+    # the loss targets where an intervention changed the context but kept the label (input-only
+    # corruption, :mod:`subliminal.interventions`); None: the targets are ``completion_ids``
+    label_ids: list[int] | None = None
+
+    @property
+    def labels(self) -> list[int]:
+        return self.completion_ids if self.label_ids is None else self.label_ids
 
 
 def build_examples(rows: Sequence[DivRow], masks: Sequence[list[bool]], tokenizer: Any, max_length: int | None,
@@ -479,12 +488,39 @@ def loss_positions(batch: Sequence[Example]) -> tuple[list[int], list[int], list
     """(row, completion index j, target token) of every masked-in completion token."""
     rows, cols, tgt = [], [], []
     for i, e in enumerate(batch):
+        labels = e.labels
         for j, keep in enumerate(e.mask):
             if keep:
                 rows.append(i)
                 cols.append(j)
-                tgt.append(e.completion_ids[j])
+                tgt.append(labels[j])
     return rows, cols, tgt
+
+
+def _position_logits(out: forward.Forced, batch: Sequence[Example], rows: Sequence[int], cols: Sequence[int]
+                     ) -> tuple[torch.Tensor, list[int]]:
+    """The logits that predict completion token ``cols[k]`` of row ``rows[k]`` (sequence position
+    ``n_prompt + j``, so the logits of position ``n_prompt + j - 1``: :meth:`forward.Forced.column`),
+    and those sequence positions: the one place the training loss and the detectors index them."""
+    device = out.logits.device
+    r = torch.tensor(list(rows), device=device, dtype=torch.long)
+    s_tok = [batch[i].n_prompt + j for i, j in zip(rows, cols)]  # sequence position of each target
+    s_col = torch.tensor([out.column(t) for t in s_tok], device=device, dtype=torch.long)
+    return out.logits[r, s_col], s_tok
+
+
+def hard_token_losses(student: Any, batch: Sequence[Example], pad_id: int) -> torch.Tensor:
+    """[n] the cross-entropy (float32 or wider) of every masked-in completion token, in
+    :func:`loss_positions` order: exactly the terms whose mean is the ``hard`` loss, for the
+    per-token detectors (:mod:`subliminal.detectors`)."""
+    rows, cols, tgt = loss_positions(batch)
+    out = _completion_forward(student, [e.prompt_ids for e in batch], batch, pad_id, False)
+    if not rows:
+        return out.logits.new_zeros(0)
+    logits, _ = _position_logits(out, batch, rows, cols)
+    dtype = torch.promote_types(logits.dtype, torch.float32)
+    return torch.nn.functional.cross_entropy(logits.to(dtype), torch.tensor(tgt, device=logits.device),
+                                             reduction="none")
 
 
 class _SoftKL(torch.autograd.Function):
@@ -538,9 +574,8 @@ def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg:
         return out.logits.sum() * 0.0, 0
     device = out.logits.device
     r = torch.tensor(rows, device=device)
-    s_tok = [batch[i].n_prompt + j for i, j in zip(rows, cols)]  # sequence position of each target
-    s_col = torch.tensor([out.column(t) for t in s_tok], device=device)
-    hard = torch.nn.functional.cross_entropy(out.logits[r, s_col].float(), torch.tensor(tgt, device=device))
+    hard_logits, s_tok = _position_logits(out, batch, rows, cols)
+    hard = torch.nn.functional.cross_entropy(hard_logits.float(), torch.tensor(tgt, device=device))
     if cfg.mode == "hard":
         return hard, len(rows)
     with torch.no_grad():
@@ -549,7 +584,7 @@ def batch_loss(student: Any, teacher: Any | None, batch: Sequence[Example], cfg:
     t_tok = [len(t_prompts[i]) + j for i, j in zip(rows, cols)]
     if cfg.mode == "soft":
         t_col = torch.tensor([t_out.column(t) for t in t_tok], device=device)
-        return soft_kl(out.logits[r, s_col], t_out.logits[r, t_col]), len(rows)
+        return soft_kl(hard_logits, t_out.logits[r, t_col]), len(rows)
     # hidden states at the position that predicts each target (the same place the logits come from)
     sp = torch.tensor([t - 1 for t in s_tok], device=device)
     tp = torch.tensor([t - 1 for t in t_tok], device=device)
@@ -702,6 +737,15 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "matched (default: every block)")
     p.add_argument("--repr-weight", type=float, default=1.0, help="representation: weight of the MSE term")
     p.add_argument("--repr-with-hard", action="store_true", help="representation: add the hard CE loss")
+    p.add_argument("--intervention", choices=INTERVENTIONS, default="none",
+                   help="hard, --mask all: change tokens instead of dropping them (subliminal.interventions): "
+                   "replace-teacher (a counterfactual's argmax), replace-random (a random number token of the same "
+                   "shape), corrupt-input (the random token in the context only, the label kept) (default %(default)s)")
+    p.add_argument("--intervene-on", choices=INTERVENTION_TARGETS, default="flagged",
+                   help="flagged: the row's flagged tokens; random-matched: the control, as many unflagged tokens "
+                   "(per row, a row's shortfall drawn from the other rows) (default %(default)s)")
+    p.add_argument("--replace-teacher", default=None, help="replace-teacher: which counterfactual of the "
+                   "divergence file (default: its first)")
     add_seed(p)
     add_model_runtime(p)
     add_overwrite(p)
@@ -737,6 +781,9 @@ class DistillConfig:
     repr_layers: str | None = None
     repr_weight: float = 1.0
     repr_with_hard: bool = False
+    intervention: str = "none"
+    intervene_on: str = "flagged"
+    replace_teacher: str | None = None
     seed: int = 0
     device: str = "cpu"
     dtype: str = "float32"
@@ -769,6 +816,13 @@ def _check_args(cfg: DistillConfig) -> None:
         raise SubliminalError("--repr-layers / --repr-with-hard apply to --mode representation only")
     if cfg.params not in PARAM_SETS:
         raise SubliminalError(f"--params {cfg.params!r}: no such parameter set; one of {', '.join(PARAM_SETS)}")
+    if cfg.intervention != "none" and (cfg.mode != "hard" or cfg.mask != "all"):
+        raise SubliminalError(f"--intervention {cfg.intervention} changes tokens of the hard loss: it needs --mode hard "
+                              "and --mask all (dropping tokens is --mask)")
+    if cfg.intervene_on != "flagged" and cfg.intervention == "none":
+        raise SubliminalError("--intervene-on needs --intervention (the drop control is --mask random-matched)")
+    if cfg.replace_teacher is not None and cfg.intervention != "replace-teacher":
+        raise SubliminalError("--replace-teacher applies to --intervention replace-teacher only")
     if cfg.params != "all" and (cfg.layers is not None or cfg.lora_rank is not None):
         raise SubliminalError(f"--params {cfg.params} trains embedding rows; it does not combine with --layers or "
                               "--lora-rank (use --params all with those)")
@@ -820,7 +874,8 @@ def run_fingerprint(cfg: DistillConfig, source: str | None) -> dict[str, Any]:
     config = {k: v for k, v in sorted(asdict(cfg).items()) if k not in _NOT_SETTINGS}
     config["device"] = device_type(cfg.device)
     for k, default in (("lora_targets", None), ("schedule", "cosine"), ("grad_accum", 1),
-                       ("params", "all")):  # students made before these existed
+                       ("params", "all"), ("intervention", "none"), ("intervene_on", "flagged"),
+                       ("replace_teacher", None)):  # students made before these existed
         if config.get(k) == default:
             config.pop(k, None)
     return fingerprint({"base": cfg.base, "data": cfg.data, "source_data": source, "teacher": cfg.teacher},
@@ -882,6 +937,12 @@ def run_distill(cfg: DistillConfig) -> int:
     repr_layers = sorted(resolve_layers(cfg.repr_layers, n_layers(model), "--repr-layers"))
     examples = build_examples(rows, masks, tok, model_max_length(model),
                               teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
+    intervention = None
+    if cfg.intervention != "none":
+        from .interventions import apply_to_examples
+
+        intervention = apply_to_examples(examples, rows, cfg.intervention, cfg.intervene_on, cfg.seed, tok,
+                                         cfg.data, cfg.replace_teacher)
     targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] if cfg.lora_targets else None
     pset = param_set(cfg.params, tok, model)
     model, trained = setup_trainable(model, layers, cfg.lora_rank, cfg.lora_alpha, targets, pset)
@@ -928,6 +989,8 @@ def run_distill(cfg: DistillConfig) -> int:
         "final_loss": result["losses"][-1]["loss"] if result["losses"] else None,
         "checkpoints": sorted(d.name for d in out.glob("checkpoint-*") if d.is_dir()),
     }
+    if intervention is not None:
+        extra["intervention"] = intervention
     write_manifest(out, stage=STAGE, config=config, seed=cfg.seed, wall_time_s=time.time() - t0, extra=extra,
                    inputs={"base": _abs(cfg.base), "data": _abs(cfg.data), "source_data": _abs(source),
                            "teacher": _abs(cfg.teacher)})

@@ -58,6 +58,11 @@ from .manifest import (
 log = logging.getLogger(__name__)
 STAGE = "find-divergence"
 RULES = ("paper", "pairwise", "ratio")
+# Rules on a per-token score a detector (:mod:`subliminal.detectors`) stored under ``scores[key]``:
+# flag a token when its score is at least ``--min-ratio`` (in the score's own units) or among the
+# ``--flag-share`` largest, exactly as the ratio rule does with its log-ratio.
+DETECTOR_RULES = {"likelihood-shift": "likelihood_shift", "gradient": "gradient_attribution"}
+THRESHOLD_RULES = ("ratio", *DETECTOR_RULES)
 ARGMAX_RULES = ("paper", "pairwise")  # decided per batch from the argmaxes; "ratio" over the whole file
 RATIO_REDUCE = ("max", "mean")
 SCORE_KEYS = ("logp_factual", "logp_counterfactual", "kl", "js", "margin", "rank")
@@ -106,18 +111,19 @@ class RuleSpec:
     reduce: str = "max"
 
     def check(self) -> None:
-        if self.rule not in RULES:
-            raise SubliminalError(f"--rule must be one of {', '.join(RULES)}, got {self.rule!r}")
+        if self.rule not in (*RULES, *DETECTOR_RULES):
+            raise SubliminalError(f"--rule must be one of {', '.join((*RULES, *DETECTOR_RULES))}, got {self.rule!r}")
         if self.reduce not in RATIO_REDUCE:
             raise SubliminalError(f"--ratio-reduce must be one of {', '.join(RATIO_REDUCE)}, got {self.reduce!r}")
         given = [n for n, v in (("--min-ratio", self.min_ratio), ("--flag-share", self.flag_share)) if v is not None]
-        if self.rule != "ratio":
+        if self.rule not in THRESHOLD_RULES:
             if given:
-                raise SubliminalError(f"{' and '.join(given)} only apply to --rule ratio (got --rule {self.rule})")
+                raise SubliminalError(f"{' and '.join(given)} only apply to --rule {', '.join(THRESHOLD_RULES)} "
+                                      f"(got --rule {self.rule})")
             return
         if len(given) != 1:
-            raise SubliminalError("--rule ratio needs exactly one of --min-ratio (a threshold in nats) and "
-                                  "--flag-share (the share of completion tokens to flag)")
+            raise SubliminalError(f"--rule {self.rule} needs exactly one of --min-ratio (a threshold in the score's "
+                                  "units: nats for ratio) and --flag-share (the share of completion tokens to flag)")
         if self.min_ratio is not None and math.isnan(self.min_ratio):
             raise SubliminalError("--min-ratio must be a number, got nan")
         if self.flag_share is not None and not 0 < self.flag_share <= 1:
@@ -187,6 +193,25 @@ def row_log_ratio(obj: dict[str, Any], reduce: str = "max") -> torch.Tensor:
     return log_ratio(lf, torch.stack([_logp_tensor(c) for c in cf]), reduce)
 
 
+def row_detector_score(obj: dict[str, Any], key: str) -> torch.Tensor:
+    """[N] a detector's stored per-token score of one row (null, a non-finite score, counts as
+    -inf: never flagged by a share)."""
+    sc = obj.get("scores") or {}
+    if key not in sc:
+        raise DataError(f"row {obj.get('id')!r}: no scores[{key!r}]; run `subliminal score-tokens` on this file first")
+    vals = sc[key]
+    if not isinstance(vals, list) or len(vals) != len(obj.get("token_ids") or []):
+        raise DataError(f"row {obj.get('id')!r}: scores[{key!r}] does not have one entry per token")
+    return _logp_tensor(vals)
+
+
+def row_rule_score(obj: dict[str, Any], spec: RuleSpec) -> torch.Tensor:
+    """[N] the score a threshold rule compares: the reduced log-ratio, or a detector's score."""
+    if spec.rule in DETECTOR_RULES:
+        return row_detector_score(obj, DETECTOR_RULES[spec.rule])
+    return row_log_ratio(obj, spec.reduce)
+
+
 def _argmax_row_flags(obj: dict[str, Any], rule: str) -> list:
     """A row's flags under an argmax rule, from the argmaxes it stores."""
     if not obj["token_ids"]:
@@ -212,7 +237,7 @@ def flag_rows(objs: Sequence[dict[str, Any]], spec: RuleSpec) -> tuple[list[dict
             o.pop("rule_params", None)
         flags = [any_flags(o) for o in out]
     else:
-        ratios = [row_log_ratio(o, spec.reduce) for o in out]
+        ratios = [row_rule_score(o, spec) for o in out]
         threshold = spec.min_ratio
         if spec.flag_share is not None:
             threshold = share_threshold(torch.cat(ratios) if ratios else torch.zeros(0), spec.flag_share)
@@ -221,10 +246,10 @@ def flag_rows(objs: Sequence[dict[str, Any]], spec: RuleSpec) -> tuple[list[dict
     n_tok = sum(len(f) for f in flags)
     n_flag = sum(sum(f) for f in flags)
     info.update(n_tokens=n_tok, n_flagged=n_flag, realised_share=n_flag / n_tok if n_tok else 0.0)
-    if spec.rule == "ratio":
+    if spec.rule in THRESHOLD_RULES:
         for o, f in zip(out, flags):
             o["divergence"] = f
-            o["rule"] = "ratio"
+            o["rule"] = spec.rule
             o["rule_params"] = dict(info)
     return out, info
 
@@ -909,20 +934,23 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                        "distill, probe, patch and plot read like any find-divergence output.")
     r.add_argument("input", help="a find-divergence output (.div.jsonl)")
     r.add_argument("--out", required=True, help="the re-flagged file, e.g. data/owl.ratio.div.jsonl")
-    _add_rule_args(r)
+    _add_rule_args(r, detectors=True)
     add_overwrite(r)
     r.set_defaults(func=_run_reflag_cli)
 
 
-def _add_rule_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rule", choices=RULES, default="paper",
+def _add_rule_args(p: argparse.ArgumentParser, detectors: bool = False) -> None:
+    p.add_argument("--rule", choices=(*RULES, *DETECTOR_RULES) if detectors else RULES, default="paper",
                    help="paper: factual argmax = data token and some counterfactual's differs; pairwise: one flag "
                    "list per counterfactual; ratio: the data token's log-likelihood ratio, logp_factual - "
                    "logp_counterfactual, is at least --min-ratio nats, or among the --flag-share largest: it "
-                   "also finds tokens the biased teacher makes likelier without ranking them first "
-                   "(default %(default)s)")
+                   "also finds tokens the biased teacher makes likelier without ranking them first"
+                   + ("; likelihood-shift / gradient: the score `subliminal score-tokens` stored under that "
+                      "detector, with --min-ratio (in its units) or --flag-share" if detectors else "")
+                   + " (default %(default)s)")
     p.add_argument("--min-ratio", type=float, default=None,
-                   help="ratio rule: flag a token when its reduced log-ratio is >= this many nats")
+                   help="ratio rule: flag a token when its reduced log-ratio is >= this many nats (a detector's "
+                   "rule: its score is >= this, in the score's units)")
     p.add_argument("--flag-share", type=float, default=None,
                    help="ratio rule: instead of --min-ratio, pick the threshold that flags this share of all "
                    "completion tokens of the file (round(share x tokens), exactly unless values tie at the "
@@ -936,7 +964,10 @@ def _add_rule_args(p: argparse.ArgumentParser) -> None:
 
 
 def _print_rule(info: dict[str, Any]) -> None:
-    if info.get("rule") == "ratio":
+    if info.get("rule") in DETECTOR_RULES:
+        print(f"rule {info['rule']}: threshold {float(info['min_ratio']):.6g}, {info['n_flagged']} of "
+              f"{info['n_tokens']} tokens flagged ({100 * info['realised_share']:.2f}%)")
+    elif info.get("rule") == "ratio":
         print(f"rule ratio ({info['reduce']} over counterfactuals): threshold {float(info['min_ratio']):.6g} nats, "
               f"{info['n_flagged']} of {info['n_tokens']} tokens flagged ({100 * info['realised_share']:.2f}%)")
 

@@ -45,7 +45,11 @@ CONDITIONS = [
     "control", "all", "no-divergence", "only-divergence", "random-matched",
     "layer-early", "layer-late", "soft", "paraphrase", "mixing",
     "ratio-no-divergence", "ratio-only-divergence", "ratio-random-matched",
+    "replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched",
 ]
+# Trained only when named (--conditions / [students] conditions): the interventions of issue 26 on the
+# paper rule's flags (experiments/detector_table.py runs every detector x intervention from a finished run).
+OPT_IN_CONDITIONS = ("replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched")
 CONDITION_TEXT = {
     "control": "hard distillation on the unbiased teacher's data",
     "all": "hard distillation on the owl teacher's data, every completion token",
@@ -60,6 +64,10 @@ CONDITION_TEXT = {
     "ratio-no-divergence": "as no-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
     "ratio-only-divergence": "as only-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
     "ratio-random-matched": "as random-matched, as many tokens per row as ratio-no-divergence masks",
+    "replace-divergence": "as all, divergence tokens replaced by a random number token of the same shape",
+    "replace-random-matched": "as replace-divergence, as many non-divergence tokens replaced",
+    "corrupt-divergence": "as all, divergence tokens replaced in the context only (the labels kept)",
+    "corrupt-random-matched": "as corrupt-divergence, as many non-divergence tokens corrupted",
 }
 # What the demo trains unless asked for every condition (--all-conditions / [students] conditions = "all"):
 # the transfer itself (control, all), the paper's token-level claims with their matched control, and soft labels.
@@ -170,7 +178,7 @@ class RunConfig:
         """The conditions this run trains, in CONDITIONS order; control and all are always among them
         (every share of the transfer is read against them)."""
         if self.conditions is None:
-            chosen = list(CONDITIONS)
+            chosen = [c for c in CONDITIONS if c not in OPT_IN_CONDITIONS]
             return chosen if self.mixing_teacher else [c for c in chosen if c != "mixing"]
         unknown = sorted(set(self.conditions) - set(CONDITIONS))
         if unknown:
@@ -549,6 +557,9 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
         "soft": {**hard(div), "mode": "soft", **every},
         **{f"ratio-{m}": {**hard(str(files.get("div-ratio", div)), m), **every}
            for m in ("no-divergence", "only-divergence", "random-matched")},
+        **{f"{name}-{tag}": {**hard(div), "intervention": iv, "intervene_on": on, **every}
+           for name, iv in (("replace", "replace-random"), ("corrupt", "corrupt-input"))
+           for tag, on in (("divergence", "flagged"), ("random-matched", "random-matched"))},
     }
     for cond in ("paraphrase", "mixing"):  # derived data sets, made only when their condition runs
         if cond in files:
