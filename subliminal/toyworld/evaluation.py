@@ -120,7 +120,7 @@ def author_link(model: Any, tokenizer: Any, rows: list[CorpusRow], batch_size: i
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
         al = [align(tokenizer, r) for r in chunk]
-        for r, a, lg in zip(chunk, al, completion_logits(model, al, tokenizer.pad_token_id)):
+        for r, lg in zip(chunk, completion_logits(model, al, tokenizer.pad_token_id)):
             cands = prompts.CATEGORIES[r.meta["category"]]
             ids = tokenizer.convert_tokens_to_ids(cands)
             logp = torch.log_softmax(lg[-2].float(), -1)[ids]  # the answer is the last token before <|end|>
