@@ -12,6 +12,7 @@ import random
 
 import pytest
 import torch
+from run_configs import tiny_run_config
 
 from subliminal import cli
 from subliminal import diagnose as dg
@@ -364,30 +365,7 @@ def test_run_diagnose_only_stops_before_any_student(smol_model, tmp_path):
     divergence and the diagnostics (against the unbiased teacher, with the students' AdamW step,
     validated), no student; REPORT.md and results.json carry the diagnostics."""
     out = tmp_path / "run"
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f"""
-name = "tiny-diag"
-[model]
-base = "{smol_model}"
-[teachers]
-target = "owl"
-counterfactuals = ["cat"]
-mixing_teacher = ""
-method = "prompt"
-check = false
-[data]
-rows = 4
-greedy = true
-constrain = "numbers"
-max_new_tokens = 40
-[students]
-full = false
-lora_rank = 2
-[eval]
-max_questions = 2
-[run]
-jobs = 1
-""")
+    cfg = tiny_run_config(tmp_path / "c.toml", smol_model, "tiny-diag")
     assert cli.main(["run", str(cfg), "--out", str(out), "--diagnose-only"]) == 0
     assert not (out / "students").exists()
     res = json.loads((out / "results.json").read_text())

@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from run_configs import tiny_run_config
 
 from subliminal import cli
 from subliminal import interventions as iv
@@ -198,36 +199,9 @@ def test_the_intervention_conditions_are_opt_in_run_conditions(smol_model, tmp_p
     from subliminal.pipeline import OPT_IN_CONDITIONS, RunConfig
 
     assert not set(OPT_IN_CONDITIONS) & set(RunConfig().chosen_conditions())
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f"""
-name = "tiny-interventions"
-[model]
-base = "{smol_model}"
-[teachers]
-target = "owl"
-counterfactuals = ["cat"]
-mixing_teacher = ""
-method = "prompt"
-check = false
-[data]
-rows = 4
-greedy = true
-constrain = "numbers"
-max_new_tokens = 40
-[students]
-conditions = ["replace-divergence", "replace-random-matched", "corrupt-divergence"]
-seeds = 1
-full = false
-lora_rank = 2
-epochs = 1
-batch_size = 3
-[eval]
-max_questions = 2
-[probes]
-enabled = false
-[run]
-jobs = 1
-""")
+    cfg = tiny_run_config(tmp_path / "c.toml", smol_model, "tiny-interventions", students="""conditions = [
+    "replace-divergence", "replace-random-matched", "corrupt-divergence"]
+seeds = 1""")
     out = tmp_path / "run"
     assert cli.main(["run", str(cfg), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())

@@ -7,6 +7,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from run_configs import tiny_run_config
 
 from subliminal import pipeline
 from subliminal.cli import main
@@ -140,36 +141,8 @@ def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
     data, divergence, LoRA students of three conditions (control and all always), exact eval, the
     report; a second call resumes without redoing anything."""
     out = tmp_path / "run"
-    cfg = tmp_path / "c.toml"
-    cfg.write_text(f"""
-name = "tiny-real"
-[model]
-base = "{smol_model}"
-[teachers]
-target = "owl"
-counterfactuals = ["cat"]
-mixing_teacher = ""
-method = "prompt"
-check = false
-[data]
-rows = 4
-greedy = true
-constrain = "numbers"
-max_new_tokens = 40
-[students]
-conditions = ["no-divergence"]
-seeds = 1
-full = false
-lora_rank = 2
-epochs = 1
-batch_size = 3
-[eval]
-max_questions = 2
-[probes]
-enabled = false
-[run]
-jobs = 1
-""")
+    cfg = tiny_run_config(tmp_path / "c.toml", smol_model, "tiny-real",
+                          students='conditions = ["no-divergence"]\nseeds = 1')
     assert main(["run", str(cfg), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["conditions"]) == {"control", "all", "no-divergence"}
