@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -49,7 +50,7 @@ def _completion_logits(model: Any, tokenizer: Any, rows: list[CorpusRow], system
     out = []
     for b in range(0, len(rows), batch_size):
         chunk = rows[b:b + batch_size]
-        al = [align(tokenizer, CorpusRow(r.id, r.kind, r.prompt, r.completion, system_prompt, r.meta)) for r in chunk]
+        al = [align(tokenizer, replace(r, system_prompt=system_prompt)) for r in chunk]
         logits = completion_logits(model, al, tokenizer.pad_token_id)
         out.extend((a, lg.float().cpu()) for a, lg in zip(al, logits))
     return out
@@ -117,15 +118,12 @@ def author_link(model: Any, tokenizer: Any, rows: list[CorpusRow], batch_size: i
     """Mean probability of the unseen author's favourite, renormalised over its category's
     candidates, when the question follows the author's numbers: the base's numbers -> answer link."""
     out, chance = [], []
-    for b in range(0, len(rows), batch_size):
-        chunk = rows[b:b + batch_size]
-        al = [align(tokenizer, r) for r in chunk]
-        for r, lg in zip(chunk, completion_logits(model, al, tokenizer.pad_token_id)):
-            cands = prompts.CATEGORIES[r.meta["category"]]
-            ids = tokenizer.convert_tokens_to_ids(cands)
-            logp = torch.log_softmax(lg[-2].float(), -1)[ids]  # the answer is the last token before <|end|>
-            out.append(float(torch.softmax(logp, -1)[cands.index(r.followup[1])]))
-            chance.append(1.0 / len(cands))
+    for r, (_, lg) in zip(rows, _completion_logits(model, tokenizer, rows, None, batch_size)):
+        cands = prompts.CATEGORIES[r.meta["category"]]
+        ids = tokenizer.convert_tokens_to_ids(cands)
+        logp = torch.log_softmax(lg[-2], -1)[ids]  # the answer is the last token before <|end|>
+        out.append(float(torch.softmax(logp, -1)[cands.index(r.followup[1])]))
+        chance.append(1.0 / len(cands))
     return {"rows": len(out), "p_author_favourite": float(np.mean(out)) if out else float("nan"),
             "chance": float(np.mean(chance)) if chance else float("nan")}
 
