@@ -252,7 +252,7 @@ class Runner:
                     todo.append((name, rest))
                     break
                 rest = rest[1:]
-        log.info("[run] %d student jobs to run (%d reused), %d worker(s)", len(todo), len(tasks) - len(todo),
+        log.info("[run] %d evaluation and student jobs to run (%d reused), %d worker(s)", len(todo), len(tasks) - len(todo),
                  workers)
         if not todo:
             return

@@ -211,7 +211,7 @@ def sample_answers(loaded: Any, questions: Sequence[str], samples: int, *, tempe
     its own seeded stream, so answers do not depend on the batch size. ``indices``: the
     questions' positions in the full list (a rank's shard), which name their streams."""
     from .data import encode, end_token_ids, render_chat
-    from .forward import SamplingConfig, row_rng, sample_batched
+    from .forward import SamplingConfig, row_rng, sample_repeated
 
     tok = loaded.tokenizer
     cfg = SamplingConfig(temperature=temperature, top_p=1.0, seed=seed)
@@ -219,9 +219,10 @@ def sample_answers(loaded: Any, questions: Sequence[str], samples: int, *, tempe
     index = list(indices) if indices is not None else list(range(len(questions)))
     jobs = [(qi, s) for qi in range(len(questions)) for s in range(samples)]
     prompt_ids = [encode(tok, render_chat(tok, q, loaded.system_prompt)) for q in questions]
-    res = sample_batched(loaded.model, [prompt_ids[qi] for qi, _ in jobs], batch_size=batch_size,
-                         pad_id=tok.pad_token_id, stop_ids=stop, max_new=[max_new_tokens] * len(jobs), cfg=cfg,
-                         rngs=[row_rng("eval-sample", seed, f"{index[qi]}:{s}") for qi, s in jobs])
+    # each question is encoded once and its KV cache copied for its samples
+    res = sample_repeated(loaded.model, prompt_ids, samples, batch_size=batch_size, pad_id=tok.pad_token_id,
+                          stop_ids=stop, max_new=max_new_tokens, cfg=cfg,
+                          rngs=[row_rng("eval-sample", seed, f"{index[qi]}:{s}") for qi, s in jobs])
     out: list[list[str]] = [[] for _ in questions]
     for (qi, _), (ids, _stopped) in zip(jobs, res):
         out[qi].append(tok.decode([t for t in ids if t not in stop], skip_special_tokens=True).strip())

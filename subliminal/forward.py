@@ -83,28 +83,85 @@ def _call(model: Any, keep: int | torch.Tensor, **inputs: Any) -> tuple[Any, boo
         return model(**inputs), False
 
 
+# A batch whose rows open with the same tokens (the chat template's system turn: a fifth of a
+# number row on SmolLM2) encodes that opening once and continues every row from its KV cache.
+MIN_SHARED_PREFIX = 4
+
+
+def shared_prefix(seqs: Sequence[Sequence[int]], limit: int) -> int:
+    """How many leading tokens every row of ``seqs`` has in common, at most ``limit``."""
+    n = min(limit, *(len(s) for s in seqs))
+    head = seqs[0]
+    for i in range(n):
+        t = head[i]
+        if any(s[i] != t for s in seqs):
+            return i
+    return n
+
+
+def _stochastic(model: Any) -> bool:
+    """Whether a forward pass draws random numbers (dropout in training mode): rows sharing one
+    encoding of their common opening would then share its noise, which they must not."""
+    if not getattr(model, "training", False):
+        return False
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        return True
+    # attention dropout is often functional, named only in the config
+    config = getattr(model, "config", None)
+    rates = vars(config).items() if config is not None else ()
+    return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in rates)
+
+
 def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_id: int, *,
            hidden: bool = False) -> Forced:
     """One teacher-forced pass over ``seqs``, keeping the logits that predict ``seqs[i][first[i]:]``.
 
     Runs under whatever grad mode the caller chose (training calls it with grad, scoring under
     ``torch.no_grad``). ``first[i]`` must be at least 1 (token 0 has no prediction). Where the
-    kept span starts at position 0 nothing is saved, and the model projects every position."""
+    kept span starts at position 0 nothing is saved, and the model projects every position.
+
+    The tokens every row opens with (up to the first kept prediction) are encoded once and their
+    KV cache repeated for the rows (:func:`shared_prefix`): the same numbers up to float rounding,
+    with gradients flowing back through the repeat into that one encoding. Not when the hidden
+    states are asked for (they would lack the shared positions) or the pass draws dropout noise."""
     if not seqs:
         raise ValueError("no rows")
     for s, f in zip(seqs, first):
         if not 1 <= f <= len(s):
             raise ValueError(f"first index {f} outside 1..{len(s)}")
     device = device_of(model)
-    ids, mask = pad_batch(seqs, pad_id, "right", device)
-    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
     lo = min(first) - 1
     hi = max(len(s) for s in seqs) - 1
+    n_shared = 0 if hidden or len(seqs) < 2 else shared_prefix(seqs, lo)
+    if n_shared >= MIN_SHARED_PREFIX and not _stochastic(model):
+        return _forced_after_prefix(model, seqs, first, pad_id, n_shared, lo, hi)
+    ids, mask = pad_batch(seqs, pad_id, "right", device)
+    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
     keep: int | torch.Tensor = 0 if lo == 0 else torch.arange(lo, hi, device=device)
     out, sliced = _call(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
                         output_hidden_states=hidden)
     logits = out.logits if sliced and lo else out.logits[:, lo:hi]
     return Forced(logits, lo, list(first), [len(s) for s in seqs], out.hidden_states if hidden else None)
+
+
+def _forced_after_prefix(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_id: int,
+                         n_shared: int, lo: int, hi: int) -> Forced:
+    """:func:`forced` for rows opening with the same ``n_shared`` tokens (``n_shared <= lo``):
+    that opening in one row, its cache repeated for every row, the rest right-padded after it."""
+    device = device_of(model)
+    head = torch.tensor([list(seqs[0][:n_shared])], dtype=torch.long, device=device)
+    ones = torch.ones_like(head)
+    pre, _ = _call(model, 1, input_ids=head, attention_mask=ones,
+                   position_ids=torch.arange(n_shared, device=device)[None], use_cache=True)
+    past = _repeat_rows(pre.past_key_values, len(seqs))
+    ids, rest_mask = pad_batch([list(s[n_shared:]) for s in seqs], pad_id, "right", device)
+    mask = torch.cat([ones.expand(len(seqs), n_shared).to(rest_mask.dtype), rest_mask], dim=1)
+    pos = (n_shared + torch.arange(ids.shape[1], device=device)).expand_as(ids)
+    keep = torch.arange(lo - n_shared, hi - n_shared, device=device)
+    out, sliced = _call(model, keep, input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past,
+                        use_cache=True)
+    logits = out.logits if sliced else out.logits[:, lo - n_shared:hi - n_shared]
+    return Forced(logits, lo, list(first), [len(s) for s in seqs])
 
 
 def _row_chunks(seqs: Sequence[Sequence[int]], first: Sequence[int], vocab: int,
@@ -232,37 +289,78 @@ def _last_logits(model: Any, **inputs: Any) -> Any:
         return model(**inputs)
 
 
+def encode_prompts(model: Any, seqs: Sequence[Sequence[int]], pad_id: int
+                   ) -> tuple[Any, torch.Tensor, torch.Tensor]:
+    """Encode a batch of prompts for decoding: their KV cache, each prompt's last logits ``[B, V]``
+    and the cache's attention mask ``[B, W]``; the next token of row ``i`` is at position
+    ``len(seqs[i])``. The tokens every prompt opens with (a chat template's system turn) are
+    encoded once and their cache repeated; the rest of each prompt follows, left-padded, so the
+    padding sits between the opening and the rest (the mask and explicit positions skip it)."""
+    device = device_of(model)
+    n_shared = shared_prefix(seqs, min(len(s) for s in seqs) - 1) if len(seqs) > 1 else 0
+    if n_shared < MIN_SHARED_PREFIX or _stochastic(model):
+        ids, mask = pad_batch(seqs, pad_id, "left", device)
+        out = _last_logits(model, input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=True)
+        return out.past_key_values, out.logits[:, -1], mask
+    head = torch.tensor([list(seqs[0][:n_shared])], dtype=torch.long, device=device)
+    pre = _last_logits(model, input_ids=head, attention_mask=torch.ones_like(head),
+                       position_ids=torch.arange(n_shared, device=device)[None], use_cache=True)
+    past = _repeat_rows(pre.past_key_values, len(seqs))
+    ids, rest_mask = pad_batch([list(s[n_shared:]) for s in seqs], pad_id, "left", device)
+    mask = torch.cat([torch.ones((len(seqs), n_shared), dtype=rest_mask.dtype, device=device), rest_mask], dim=1)
+    out = _last_logits(model, input_ids=ids, attention_mask=mask, position_ids=n_shared + position_ids(rest_mask),
+                       past_key_values=past, use_cache=True)
+    return out.past_key_values, out.logits[:, -1], mask
+
+
 @torch.no_grad()
 def sample(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, stop_ids: set[int], max_new: Sequence[int],
            cfg: SamplingConfig, rngs: Sequence[random.Random] | None = None,
-           constraint: Constraint | None = None) -> list[tuple[list[int], bool]]:
+           constraint: Constraint | None = None, repeat: int = 1) -> list[tuple[list[int], bool]]:
     """Continue every prompt in ``seqs`` (token ids) with a KV cache over a left-padded batch.
 
     Returns per row the new tokens (up to and including a stop token) and whether it stopped on
     one (False: the row ran out of its ``max_new`` budget). Sampling needs one generator per row.
     ``constraint(row, new_tokens)`` (e.g. :class:`subliminal.constrain.NumberListConstraint`)
     names the ids a row may write next; the others are masked before argmax or sampling, so
-    the choice among the allowed ids is still the model's."""
+    the choice among the allowed ids is still the model's.
+
+    ``repeat`` > 1 continues every prompt ``repeat`` times (rows ``i * repeat + k``: ``max_new``,
+    ``rngs`` and the constraint's row index count these rows) from one encoding of the prompt:
+    its KV cache is copied for the repeats after the first pass, so sampled answers to one
+    question do not each pay for the question."""
     if not seqs:
         return []
-    if not cfg.greedy and (rngs is None or len(rngs) != len(seqs)):
+    if repeat < 1:
+        raise ValueError(f"repeat must be >= 1, got {repeat}")
+    n = len(seqs) * repeat
+    if len(max_new) != n:
+        raise ValueError(f"max_new has {len(max_new)} entries for {n} rows")
+    if not cfg.greedy and (rngs is None or len(rngs) != n):
         raise ValueError("sampling needs one random.Random per row")
     device = device_of(model)
-    ids, mask = pad_batch(seqs, pad_id, "left", device)
-    pos = position_ids(mask)
-    out: list[list[int]] = [[] for _ in seqs]
+    out: list[list[int]] = [[] for _ in range(n)]
     done = [m <= 0 for m in max_new]
-    stopped = [False] * len(seqs)
-    past = None
-    step_ids, step_pos = ids, pos
-    for _ in range(max(max_new)):
+    stopped = [False] * n
+    if all(done):
+        return list(zip(out, stopped))
+    past, logits, mask = encode_prompts(model, seqs, pad_id)
+    step_pos = torch.tensor([[len(s) - 1] for s in seqs], dtype=torch.long, device=device)
+    if repeat > 1:  # the prompts were encoded once; now one row per continuation
+        past = _repeat_rows(past, repeat)
+        logits = logits.repeat_interleave(repeat, dim=0)
+        mask = mask.repeat_interleave(repeat, dim=0)
+        step_pos = step_pos.repeat_interleave(repeat, dim=0)
+    step_ids = None  # the tokens just chosen, fed at the next step
+    for step in range(max(max_new)):
         if all(done):
             break
-        res = _last_logits(model, input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
-                           past_key_values=past, use_cache=True)
-        past = res.past_key_values
+        if step:
+            res = _last_logits(model, input_ids=step_ids, attention_mask=mask, position_ids=step_pos,
+                               past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            logits = res.logits[:, -1, :]
         uniforms = None if cfg.greedy else [(r.random() if not d else 0.0) for r, d in zip(rngs, done)]
-        logits = res.logits[:, -1, :]
         if constraint is not None:
             logits = _constrained(logits, [None if d else constraint(i, out[i]) for i, d in enumerate(done)])
         nxt = pick_tokens(logits, cfg, uniforms)
@@ -275,8 +373,8 @@ def sample(model: Any, seqs: Sequence[Sequence[int]], *, pad_id: int, stop_ids: 
             elif len(out[i]) >= max_new[i]:
                 done[i] = True
         step_ids = nxt[:, None]  # finished rows keep decoding; their tokens are ignored
-        mask = torch.cat([mask, torch.ones((len(seqs), 1), dtype=mask.dtype, device=device)], dim=1)
-        step_pos = step_pos[:, -1:] + 1
+        mask = torch.cat([mask, torch.ones((n, 1), dtype=mask.dtype, device=device)], dim=1)
+        step_pos = step_pos + 1
     return list(zip(out, stopped))
 
 
@@ -294,52 +392,81 @@ def sample_batched(model: Any, seqs: Sequence[Sequence[int]], *, batch_size: int
     return out
 
 
+def sample_repeated(model: Any, seqs: Sequence[Sequence[int]], repeat: int, *, batch_size: int, pad_id: int,
+                    stop_ids: set[int], max_new: int, cfg: SamplingConfig,
+                    rngs: Sequence[random.Random] | None = None) -> list[tuple[list[int], bool]]:
+    """``repeat`` continuations of every prompt (rows ``i * repeat + k``, each with its own
+    generator), each prompt encoded once (:func:`sample` with ``repeat``); batches hold as many
+    whole prompts as fit in ``batch_size`` rows (at least one). Every row's tokens depend only on
+    its prompt and its generator, so the result does not depend on ``batch_size``."""
+    per = max(1, batch_size // max(1, repeat))
+    out: list[tuple[list[int], bool]] = []
+    for b in range(0, len(seqs), per):
+        rows = slice(b * repeat, (b + per) * repeat)
+        chunk = seqs[b:b + per]
+        out.extend(sample(model, chunk, pad_id=pad_id, stop_ids=stop_ids, max_new=[max_new] * (len(chunk) * repeat),
+                          cfg=cfg, rngs=None if rngs is None else rngs[rows], repeat=repeat))
+    return out
+
+
 # ------------------------------------------------------------------ shared-prefix scoring (KV cache)
 #
 # Exact preference scores every candidate answer after the same question: the prompt is ~95% of
-# the tokens. Here each distinct prompt is encoded once; its KV cache is copied for a batch of
-# continuations, which run right-padded with explicit positions after the prompt. The numbers
-# equal teacher forcing of the whole rows (up to float rounding of the split attention).
+# the tokens. Here each distinct prompt is encoded once, in left-padded batches of prompts; the
+# rows of that cache are gathered for a batch of continuations (each row its own prompt's), which
+# run right-padded with explicit positions after their prompt. Batching across prompts matters
+# on a CPU: a forward over a handful of tokens costs about as much as reading the weights once.
+# The numbers equal teacher forcing of the whole rows (up to float rounding of the split attention).
 
 
-def _expand_cache(past: Any, n: int) -> Any:
-    """A copy of a batch-1 KV cache repeated for ``n`` rows (the original is left untouched,
-    since a forward pass appends to the cache it is given)."""
+def _repeat_rows(past: Any, n: int) -> Any:
+    """A KV cache with every row repeated ``n`` times in place (row ``i`` becomes rows
+    ``i * n .. i * n + n - 1``): a ``transformers`` cache object, or the legacy tuple of
+    per-layer (key, value) tensors some architectures still return."""
+    if hasattr(past, "batch_repeat_interleave"):
+        past.batch_repeat_interleave(n)
+        return past
+    return tuple(tuple(t.repeat_interleave(n, dim=0) for t in layer) for layer in past)
+
+
+def _select_rows(past: Any, index: torch.Tensor) -> Any:
+    """A new KV cache whose row ``j`` is row ``index[j]`` of ``past`` (rows may repeat); ``past``
+    is left untouched, since a forward pass appends to the cache it is given. The layers are
+    copied shallowly (their tensors are replaced by the gathered ones, never written into)."""
     import copy
 
-    cache = copy.deepcopy(past)
-    if n > 1:
-        cache.batch_repeat_interleave(n)
+    if isinstance(past, tuple):
+        return tuple(tuple(t[index] for t in layer) for layer in past)
+    layers = getattr(past, "layers", None)
+    if isinstance(layers, list):
+        cache = copy.copy(past)
+        cache.layers = [copy.copy(layer) for layer in layers]
+    else:
+        cache = copy.deepcopy(past)
+    cache.batch_select_indices(index)
     return cache
 
 
-def _prefix_pass(model: Any, prefix: Sequence[int]) -> tuple[Any, torch.Tensor]:
-    """The prompt's KV cache and its last position's logits ``[V]``."""
+def _continuation_logits(model: Any, past: Any, pmask: torch.Tensor, owner: Sequence[int],
+                         conts: Sequence[Sequence[int]], pad_id: int, last: torch.Tensor) -> list[torch.Tensor]:
+    """Per continuation ``c`` (after prompt ``owner[k]`` of the cache), the logits ``[len(c), V]``
+    predicting its tokens after the prompt."""
     device = device_of(model)
-    ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
-    mask = torch.ones_like(ids)
-    pos = torch.arange(ids.shape[1], device=device)[None]
-    out = _last_logits(model, input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    return out.past_key_values, out.logits[0, -1]
-
-
-def _continuation_logits(model: Any, past: Any, n_prefix: int, conts: Sequence[Sequence[int]], pad_id: int,
-                         last: torch.Tensor) -> list[torch.Tensor]:
-    """Per continuation ``c``, the logits ``[len(c), V]`` predicting its tokens after the prefix."""
-    device = device_of(model)
-    out: list[torch.Tensor] = [last[None] for _ in conts]
-    longer = [i for i, c in enumerate(conts) if len(c) > 1]
+    out: list[torch.Tensor] = [last[o][None] for o in owner]
+    longer = [k for k, c in enumerate(conts) if len(c) > 1]
     if not longer:
         return out
     # the last token of each continuation predicts nothing we keep, so it is not fed
-    feed = [list(conts[i][:-1]) for i in longer]
+    feed = [list(conts[k][:-1]) for k in longer]
+    rows = torch.tensor([owner[k] for k in longer], dtype=torch.long, device=device)
     ids, cmask = pad_batch(feed, pad_id, "right", device)
-    mask = torch.cat([torch.ones((len(feed), n_prefix), dtype=cmask.dtype, device=device), cmask], dim=1)
-    pos = (n_prefix + torch.arange(ids.shape[1], device=device)).expand_as(ids)
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=_expand_cache(past, len(feed)),
+    prompt_mask = pmask[rows]
+    mask = torch.cat([prompt_mask, cmask.to(prompt_mask.dtype)], dim=1)
+    pos = prompt_mask.sum(1, keepdim=True) + torch.arange(ids.shape[1], device=device)[None]
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=_select_rows(past, rows),
                 use_cache=True)
-    for j, i in enumerate(longer):
-        out[i] = torch.cat([last[None], res.logits[j, : len(feed[j])]], dim=0)
+    for j, k in enumerate(longer):
+        out[k] = torch.cat([last[owner[k]][None], res.logits[j, : len(feed[j])]], dim=0)
     return out
 
 
@@ -348,22 +475,27 @@ def prefix_cached_scores(model: Any, rows: Sequence[Aligned], pad_id: int, batch
                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What :func:`completion_scores` returns (per row: log-prob of each completion token, argmax
     at each completion position, float32 on the CPU), computed by encoding each distinct prompt
-    once and scoring every completion that follows it from the prompt's KV cache, in batches of
-    ``batch_size`` completions. Rows keep their order."""
+    once (``batch_size`` prompts per pass) and scoring the completions that follow them from that
+    cache, ``batch_size`` completions per pass. Rows keep their order."""
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(rows):
         if r.n_prompt < 1 or not r.completion_ids:
             raise ValueError(f"row {r.id!r}: needs at least one prompt and one completion token")
         groups.setdefault(tuple(r.prompt_ids), []).append(i)
+    prompts = list(groups)
+    size = max(1, batch_size)
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(rows)
-    for prefix, members in groups.items():
-        past, last = _prefix_pass(model, prefix)
-        for b in range(0, len(members), max(1, batch_size)):
-            chunk = members[b:b + batch_size]
-            conts = [rows[i].completion_ids for i in chunk]
-            for i, c, lg in zip(chunk, conts, _continuation_logits(model, past, len(prefix), conts, pad_id, last)):
+    for b in range(0, len(prompts), size):
+        block = prompts[b:b + size]
+        past, last, pmask = encode_prompts(model, block, pad_id)
+        members = [(p, i) for p, prompt in enumerate(block) for i in groups[prompt]]
+        for c in range(0, len(members), size):
+            chunk = members[c:c + size]
+            conts = [rows[i].completion_ids for _, i in chunk]
+            logits = _continuation_logits(model, past, pmask, [p for p, _ in chunk], conts, pad_id, last)
+            for (_, i), cont, lg in zip(chunk, conts, logits):
                 lg = lg.float()
                 logp = torch.log_softmax(lg, dim=-1)
-                tgt = torch.tensor(c, device=logp.device)
+                tgt = torch.tensor(cont, device=logp.device)
                 out[i] = (logp.gather(1, tgt[:, None])[:, 0].cpu(), lg.argmax(-1).cpu())
     return out  # type: ignore[return-value]

@@ -625,20 +625,27 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
     (``ref:NAME`` for a reference, ``COND-sSEED`` for a student)."""
     sdir, edir = out / "students", out / "eval"
     evals: dict[str, Path] = {}
+    # the references' evaluations share the student pool: one thread per job on its own core
+    # gets more out of a small CPU than one job on every core (and they need no student)
+    jobs: list[tuple[str, list[tuple[str, Any, str]]]] = []
     for name, spec in reference_evals(cfg, base, tdir).items():
         path = edir / f"{name}.json"
         # sampled answers for the base and the two teachers the students learn from (they are slow)
         samples = cfg.eval_samples if not name.startswith("teacher-") or cfg.metric == "sampled" else 0
-        run(f"eval-{name}", StageCall("eval", eval_config(cfg, spec, path, samples)), path, [spec])
+        chain = [(f"eval-{name}", StageCall("eval", eval_config(cfg, spec, path, samples)), str(path))]
         evals[f"ref:{name}"] = path
         if cfg.other_template and name in ("base", "teacher", "unbiased-teacher"):
             alt = edir / cfg.other_template / f"{name}.json"
-            run(f"eval-{name}-{cfg.other_template}", StageCall("eval", eval_config(cfg, spec, alt, 0,
-                                                                                   cfg.other_template)), alt, [spec])
+            chain.append((f"eval-{name}-{cfg.other_template}", StageCall(
+                "eval", eval_config(cfg, spec, alt, 0, cfg.other_template)), str(alt)))
             evals[f"alt:ref:{name}"] = alt
+        if run.upstream([spec]):  # a dry run: the model is remade first, so its evaluations wait on it
+            for stage, call, dest in chain:
+                run(stage, call, Path(dest), [spec])
+            continue
+        jobs.append((f"eval-{name}", chain))
     shared = [base, tdir / cfg.target, tdir / "none", files["none"]]
     plan: dict[str, list[str]] | None = None
-    jobs = []
     for seed in range(1, cfg.seeds + 1):
         for cond in cfg.chosen_conditions():
             student, path = sdir / f"{cond}-s{seed}", edir / f"{cond}-s{seed}.json"

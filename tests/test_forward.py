@@ -63,6 +63,66 @@ def test_scores_are_the_same_for_every_batch_size(tiny_model_factory, arch):
         assert lp1.dtype == torch.float32 and (lp1 <= 0).all()
 
 
+def _opening_rows(seed: int, vocab: int = 300) -> tuple[list[list[int]], list[int]]:
+    """Rows that open with the same 9 tokens (a system turn), then differ in length and content."""
+    rng = random.Random(seed)
+    head = [rng.randrange(5, vocab) for _ in range(9)]
+    seqs = [head + [rng.randrange(5, vocab) for _ in range(rng.randrange(3, 15))] for _ in range(6)]
+    return seqs, [rng.randrange(11, len(s) + 1) for s in seqs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_shared_opening_encoded_once_gives_the_logits_and_gradients_of_whole_rows(tiny_model_factory, arch,
+                                                                                     monkeypatch):
+    """Rows opening with the same tokens are encoded from one cache of that opening: the kept
+    logits equal the whole-row pass (float32, 1e-5), and so does every parameter's gradient of a
+    loss on them, the opening's share summed back over the rows."""
+    model = _model(tiny_model_factory, arch).float()  # eval mode: gpt2's dropout would make both passes random
+    seqs, first = _opening_rows(2)
+    assert fw.shared_prefix(seqs, min(first) - 1) == 9
+
+    def run(share: bool):
+        monkeypatch.setattr(fw, "MIN_SHARED_PREFIX", 4 if share else 10**9)
+        model.zero_grad()
+        out = fw.forced(model, seqs, first, pad_id=0)
+        rows = out.rows()
+        loss = sum((r.float().log_softmax(-1)[:, 5] * torch.linspace(0.5, 1.5, len(r))[:, None]).sum() for r in rows)
+        loss.backward()
+        return [r.detach().clone() for r in rows], {n: q.grad.clone() for n, q in model.named_parameters()
+                                                  if q.grad is not None}
+
+    shared_rows, shared_grads = run(True)
+    whole_rows, whole_grads = run(False)
+    for a, b in zip(shared_rows, whole_rows):
+        assert torch.allclose(a, b, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == whole_grads.keys() and shared_grads
+    for n in whole_grads:
+        assert torch.allclose(shared_grads[n], whole_grads[n], atol=1e-5, rtol=1e-4), n
+
+
+def test_a_shared_opening_is_not_shared_under_dropout_or_for_hidden_states(tiny_model_factory, monkeypatch):
+    """Dropout in training mode (modules, or attention dropout named only in the config) would
+    give every row the same noise over the opening, and the hidden states would lack it: both
+    take the whole-row pass; an eval-mode pass without hidden states shares it."""
+    seqs, first = _opening_rows(3)
+
+    def shared(*a, **k):
+        raise AssertionError("shared")
+
+    monkeypatch.setattr(fw, "_forced_after_prefix", shared)
+    gpt2 = _model(tiny_model_factory, "gpt2").train()
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in gpt2.modules())
+    fw.forced(gpt2, seqs, first, pad_id=0)
+    llama = _model(tiny_model_factory, "llama").train()
+    llama.config.attention_dropout = 0.1
+    fw.forced(llama, seqs, first, pad_id=0)
+    llama.eval()
+    out = fw.forced(llama, seqs, first, pad_id=0, hidden=True)
+    assert out.hidden is not None and out.hidden[0].shape[1] == max(len(s) for s in seqs)
+    with pytest.raises(AssertionError, match="shared"):
+        fw.forced(llama, seqs, first, pad_id=0)
+
+
 def test_row_chunks_bound_the_logits_and_keep_every_row(tiny_model_factory):
     model = _model(tiny_model_factory, "llama")
     rows = _rows(6, 3)
@@ -176,6 +236,51 @@ def test_sampled_text_is_the_same_for_every_batch_size(tiny_model_factory, arch)
     other = fw.sample_batched(model, seqs, batch_size=7, pad_id=0, stop_ids={7}, max_new=[5] * 7, cfg=cfg,
                               rngs=[fw.row_rng("test", 4, i) for i in range(7)])
     assert other != one  # the seed matters
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_repeated_prompts_encoded_once_sample_what_each_copy_would(tiny_model_factory, arch):
+    """``repeat``: each prompt encoded once and its cache copied gives every continuation the
+    tokens it gets when the prompt is written out once per row, for any batch size, sampled and
+    greedy (with a budget that leaves some rows unstopped)."""
+    model = _model(tiny_model_factory, arch)
+    seqs = [r.prompt_ids for r in _rows(5, 8)]
+    reps = 3
+    flat = [s for s in seqs for _ in range(reps)]
+    for cfg in (fw.SamplingConfig(1.0, 0.9, seed=5), fw.SamplingConfig(0.0)):
+        rngs = [fw.row_rng("rep", 5, i) for i in range(len(flat))]
+        ref = fw.sample_batched(model, flat, batch_size=len(flat), pad_id=0, stop_ids={7}, max_new=[6] * len(flat),
+                                cfg=cfg, rngs=rngs if not cfg.greedy else None)
+        for bs in (1, 4, 15):
+            rngs = [fw.row_rng("rep", 5, i) for i in range(len(flat))]
+            got = fw.sample_repeated(model, seqs, reps, batch_size=bs, pad_id=0, stop_ids={7}, max_new=6, cfg=cfg,
+                                     rngs=rngs if not cfg.greedy else None)
+            assert got == ref, (cfg, bs)
+    assert len({tuple(t) for t, _ in ref[:reps]}) == 1  # greedy copies agree; sampled ones were compared above
+    with pytest.raises(ValueError, match="max_new"):
+        fw.sample(model, seqs[:2], pad_id=0, stop_ids=set(), max_new=[2, 2], cfg=fw.SamplingConfig(0.0), repeat=2)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_prompts_with_a_shared_opening_decode_as_when_each_is_encoded_whole(tiny_model_factory, arch, monkeypatch):
+    """The opening every prompt shares, encoded once with the padding after it, changes no token:
+    greedy and sampled continuations equal those of whole left-padded prompts, and the scores
+    from the prompts' cache still equal teacher forcing."""
+    model = _model(tiny_model_factory, arch)
+    seqs, _ = _opening_rows(4)
+
+    def run(share: bool, cfg):
+        monkeypatch.setattr(fw, "MIN_SHARED_PREFIX", 4 if share else 10**9)
+        rs = None if cfg.greedy else [fw.row_rng("open", 1, i) for i in range(len(seqs))]
+        return fw.sample(model, seqs, pad_id=0, stop_ids={7}, max_new=[6] * len(seqs), cfg=cfg, rngs=rs)
+
+    for cfg in (fw.SamplingConfig(0.0), fw.SamplingConfig(1.0, 0.9, seed=1)):
+        assert run(True, cfg) == run(False, cfg)
+    rows = [Aligned(f"r{i}-{c}", s, [11 + c, 12 + i, 13]) for i, s in enumerate(seqs) for c in range(3)]
+    monkeypatch.setattr(fw, "MIN_SHARED_PREFIX", 4)
+    ref = fw.completion_scores(model, rows, pad_id=0)
+    for (lp, am), (rlp, ram) in zip(fw.prefix_cached_scores(model, rows, pad_id=0, batch_size=8), ref):
+        assert torch.allclose(lp, rlp, atol=1e-5, rtol=0) and torch.equal(am, ram)
 
 
 def test_sampling_needs_one_generator_per_row(tiny_model_factory):
