@@ -644,6 +644,13 @@ def render_section(all_rows: Sequence[dict[str, Any]], model: str) -> str:
         out.append("")
         out.append(f"{first.get('machine', '')}; torch {first.get('torch', '')}; measured "
                    f"{first.get('time', '')}{'; ' + first['note'] if first.get('note') else ''}.")
+        rates = first.get("matmul_gflops_by_tokens") or {}
+        if rates:
+            bw = next((r["bandwidth_gbs"] for r in sel if r.get("bandwidth_gbs")), None)
+            out.append("")
+            out.append("Measured in this run: matmul GFLOP/s by tokens per call "
+                       + ", ".join(f"{n}: {v:,.1f}" for n, v in rates.items())
+                       + (f"; copy bandwidth {bw:,.1f} GB/s" if bw else "") + ".")
         out.append("")
         out.extend(stage_table(sel, seven))
         out.append("")
@@ -737,7 +744,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         "torch.", ""), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "time": time.strftime("%Y-%m-%d %H:%M"),
         "note": args.note, "dry_run": bool(args.dry_run)}
-    results = []
+    results: list[dict[str, Any]] = []
     for s in stages:
         t0 = time.perf_counter()
         r = {**common, **measure_stage(s, ctx, machine, replayers, r7, args.timed_runs)}
@@ -748,12 +755,21 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
               f"matmul {r['matmul_gflops']:.1f} GFLOP/s ({_g(r.get('pct_matmul'))}%)"
               + (f", memory bound {r['mem_bound_s']:.2f} s ({_g(r.get('pct_mem_bound'))}%)" if "mem_bound_s" in r
                  else "") + f" [{time.perf_counter() - t0:.0f} s]", flush=True)
+        write_outputs(args, results, machine, common["model"])  # after every stage: a stopped run keeps its lines
+    return results
+
+
+def write_outputs(args: argparse.Namespace, results: list[dict[str, Any]], machine: Machine, model: str) -> None:
+    rates = {str(n): round(r / 1e9, 2) for n, r in sorted(machine.rates.items())}
+    for r in results:  # the machine's reference numbers of this run, on every line
+        r["matmul_gflops_by_tokens"] = rates
+        if machine._bandwidth is not None:
+            r["bandwidth_gbs"] = machine._bandwidth / 1e9
     all_rows = update_jsonl(Path(args.json), results) if args.json else results
     if args.out:
         p = Path(args.out)
         text = p.read_text() if p.is_file() else ""
-        write_atomic(p, replace_section(text, render_section(all_rows, common["model"])))
-    return results
+        write_atomic(p, replace_section(text, render_section(all_rows, model)))
 
 
 if __name__ == "__main__":
