@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 # config dataclass (whose field names are the sub-command's flags).
 STAGE_RUNS = {"distill": "subliminal.distill:run_distill", "generate": "subliminal.generate:run_generate",
               "find-divergence": "subliminal.divergence:find_divergence", "eval": "subliminal.evaluate:run_eval",
-              "teach": "subliminal.teachers_cli:run_teach"}
+              "teach": "subliminal.teachers_cli:run_teach", "project": "subliminal.project:run"}
 
 
 def config_argv(command: str, cfg: Any) -> list[str]:

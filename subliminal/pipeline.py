@@ -163,6 +163,11 @@ class RunConfig:
     other_template: str | None = None  # every model also read out under this chat template (eval --chat-template)
     # [diagnose] -- transfer diagnostics right after the data (subliminal.diagnose)
     diagnose: bool = True
+    # [project] -- the residual stream along the trait's direction, per layer (subliminal.project)
+    project: bool | None = None  # None: on exactly when the teachers are steered (their vector is known)
+    project_layer: int | None = None  # block of a love-prompt vector measured here; None: the middle one
+    project_source: str = "numbers"  # what that vector is measured on: numbers | questions
+    project_prompts: int = 64  # held-out number prompts of the readout
     # [probes]
     probes: bool = True
     probe_max_rows: int = 300
@@ -189,6 +194,11 @@ class RunConfig:
 
     def counterfactual_teachers(self) -> list[str]:
         return [*self.counterfactuals, *(["none"] if self.neutral_counterfactual else [])]
+
+    def projects(self) -> bool:
+        """Whether the run reads its models along the trait's direction (``[project] enabled``;
+        unset: when the teachers are steered, whose vector is that direction)."""
+        return self.teacher_method == "steer" if self.project is None else self.project
 
 
 DemoConfig = RunConfig  # the demo is a run of the toy config
@@ -351,14 +361,20 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
     # 6. students, each condition with several seeds, then their evaluation
     evals = _train_and_eval_students(cfg, run, out, base, tdir, files)
 
-    # 7. probes and patching
+    # 7. the students' shift along the trait's direction, layer by layer
+    if cfg.projects():
+        _project_stage(cfg, run, out, base, tdir)
+
+    # 8. probes and patching
     if cfg.probes:
         _probe_stage(cfg, run, out, tdir, div)
 
-    # 8. the report: remade whenever anything it reads (or the config it shows) changed
+    # 9. the report: remade whenever anything it reads (or the config it shows) changed
     inputs = [*evals.values(), files["none"], div, files["div-ratio"]]
     if cfg.diagnose:
         inputs.append(out / "diagnose")
+    if cfg.projects():
+        inputs.append(out / "project")
     run("report", lambda ow: _report(cfg, out, base, files, evals, run.timings, t_start, diagnostics, overwrite=ow),
         out, inputs, derived=True)
     if run.dry:
@@ -374,6 +390,8 @@ def _report(cfg: RunConfig, out: Path, base: Path, files: dict[str, Path], evals
     inputs.update({"data": files["none"], "divergence": files["div"], "divergence-ratio": files["div-ratio"]})
     if diagnostics is not None:
         inputs["diagnose"] = out / "diagnose" / "diagnose.json"
+    if cfg.projects():
+        inputs["projection"] = out / "project" / "projection.json"
     fp = fingerprint(inputs, asdict(cfg))
     finished = read_manifest(out)
     finished = finished if finished and finished.get("stage") in ("demo", "run") else None
@@ -383,6 +401,8 @@ def _report(cfg: RunConfig, out: Path, base: Path, files: dict[str, Path], evals
     summary = _summarise(cfg, results)
     summary["data"] = data_summary(cfg, out / "data", files)
     summary["diagnostics"] = diagnostics
+    if cfg.projects():
+        summary["projection"] = projection_summary(read_json(out / "project" / "projection.json", "projection"))
     write_json_atomic(out / "results.json", summary)
     if cfg.seeds > 1:
         from subliminal.probes.plots import plot_conditions, plot_rules
@@ -727,6 +747,74 @@ def reference_detail(path: Path) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------- probes
 
 
+def _project_stage(cfg: RunConfig, run: Runner, out: Path, base: Path, tdir: Path) -> None:
+    """``subliminal project`` of the base, the target and unbiased teachers and every student on
+    the trait's direction: a steer teacher's own vector, else the target's love-prompt vector
+    measured on the base (what a prompt or a fine-tune teacher is taken to move along; the
+    readout then asks whether the students moved along what the love prompt does)."""
+    from .project import ProjectConfig
+
+    if cfg.teacher_method == "steer":
+        vector = tdir / cfg.target
+    else:
+        layer = cfg.project_layer if cfg.project_layer is not None else _n_layers(base) // 2
+        vector = out / "vectors" / f"{cfg.target}-love-{cfg.project_source}-block{layer}.safetensors"
+        run("measure-vector", lambda ow: _love_vector(cfg, base, vector, layer, overwrite=ow), vector, [base])
+    sdir = out / "students"
+    students = [(c, s, str(sdir / f"{c}-s{s}")) for s in range(1, cfg.seeds + 1) for c in cfg.chosen_conditions()]
+    models = [str(base), str(tdir / cfg.target), str(tdir / "none")]
+    pc = ProjectConfig(vector=str(vector), out=str(out / "project"), models=models, students=students,
+                       reference="control", number_prompts=cfg.project_prompts, seed=cfg.base_seed,
+                       device=cfg.device, dtype=cfg.dtype)
+    run("project", StageCall("project", pc), out / "project", [vector, *models, *(d for _, _, d in students)])
+
+
+def _love_vector(cfg: RunConfig, base: Path, path: Path, layer: int, *, overwrite: bool) -> None:
+    """The target's love-prompt vector on the base (prompt minus no prompt at block ``layer``),
+    with what it was measured on beside it (``VECTOR.json``, which ``subliminal project`` reads)."""
+    from . import prompts, steer
+    from .models import load_model
+
+    config = {"target": cfg.target, "layer": layer, "source": cfg.project_source, "baseline": "none",
+              "seed": cfg.base_seed, "dtype": cfg.dtype}
+    fp = _derive(path, "measure-vector", config, {"base": base}, overwrite=overwrite)
+    if fp is None:
+        return
+    loaded = load_model(str(base), device=cfg.device, dtype=cfg.dtype)
+    category = prompts.category_of(cfg.target)
+    vector, info = steer.measure_vector(loaded.model, loaded.tokenizer, system_prompt=prompts.system_prompt_for(
+        cfg.target), source=cfg.project_source, layer=layer, category=category, seed=cfg.base_seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steer.save_vector(path, vector)
+    write_json_atomic(steer.vector_info_path(path), {"bias": cfg.target, "category": category, "layer": layer,
+                                                     "source": cfg.project_source, "measured_on": str(base),
+                                                     "system_prompt": prompts.system_prompt_for(cfg.target), **info})
+    write_file_manifest(path, stage="measure-vector", config=config, seed=cfg.base_seed, inputs={"base": base},
+                        extra={"fingerprint": fp})
+
+
+def projection_summary(result: dict[str, Any]) -> dict[str, Any]:
+    """What results.json keeps of ``project/projection.json``: the vector, and per condition and
+    prompt kind the paired difference to the control at the vector's block (the block it was
+    measured or added at) and at the block where that difference is largest."""
+    layer = result["vector"].get("layer")
+    out: dict[str, Any] = {"vector": result["vector"], "reference": result["reference"], "conditions": {}}
+    for cond, entry in result.get("conditions", {}).items():
+        row: dict[str, Any] = {"seeds": entry.get("seeds")}
+        for kind in ("questions", "numbers"):
+            rows = entry.get(kind) or []
+            if not rows or cond == result["reference"]:
+                continue
+            diffs = [r for r in rows if r.get("vs_reference")]
+            at = rows[layer] if layer is not None and layer < len(rows) else None
+            top = max(diffs, key=lambda r: abs(r["vs_reference"]["mean"])) if diffs else None
+            row[kind] = {"at_vector_layer": None if at is None else {"layer": at["layer"],
+                                                                     **(at.get("vs_reference") or {})},
+                         "largest": None if top is None else {"layer": top["layer"], **top["vs_reference"]}}
+        out["conditions"][cond] = row
+    return out
+
+
 def _probe_stage(cfg: DemoConfig, run: Runner, out: Path, tdir: Path, div: Path) -> None:
     pdir = out / "probes"
     owl, none = str(tdir / cfg.target), str(tdir / "none")
@@ -1034,6 +1122,34 @@ def data_summary(cfg: RunConfig, ddir: Path, files: dict[str, Path]) -> dict[str
                                                     "per_counterfactual", "top_divergence_tokens")}}
 
 
+def _projection_section(proj: dict[str, Any] | None) -> list[str]:
+    """The projection readout beside P(target): per condition, the paired shift along the trait's
+    direction at the vector's block and where it is largest, on both kinds of held-out prompts."""
+    if not proj:
+        return []
+    v = proj["vector"]
+    what = (f"the steer teacher's vector (block {v.get('layer')}, alpha {v.get('alpha')})" if v.get("teacher")
+            else f"the {v.get('bias', 'target')} love prompt's vector measured on the base (block {v.get('layer')}, "
+                 f"from {v.get('source')} prompts)")
+    lines = ["## Shift along the trait's direction", "",
+             f"Each model's block outputs at the last prompt position, projected on {what} (|v| = "
+             f"{_fmt(v.get('norm'))}); per condition the paired difference to the {proj['reference']} by seed, "
+             "95% t-interval over seeds, at the vector's block and at the block where it is largest. Figure: "
+             "`project/projection.png`; every block: `project/projection.json`.", "",
+             "| condition | prompts | at block | shift | 95% CI | largest at block | shift | 95% CI |",
+             "|---|---|---|---|---|---|---|---|"]
+    for cond, row in proj["conditions"].items():
+        for kind in ("questions", "numbers"):
+            e = row.get(kind)
+            if not e:
+                continue
+            at, top = e.get("at_vector_layer") or {}, e.get("largest") or {}
+            lines.append(f"| {cond} | {kind} | {at.get('layer', '-')} | {_fmt(at.get('mean'))} | "
+                         f"[{_fmt(at.get('lo'))}, {_fmt(at.get('hi'))}] | {top.get('layer', '-')} | "
+                         f"{_fmt(top.get('mean'))} | [{_fmt(top.get('lo'))}, {_fmt(top.get('hi'))}] |")
+    return [*lines, ""]
+
+
 def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: dict[str, float],
                   wall: float) -> str:
     ref = summary["reference"]
@@ -1063,6 +1179,7 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
 
     lines += ["", "## What reproduces", "", *_verdict(summary), "", *_other_template_section(summary),
               *report_section(summary.get("diagnostics")),
+              *_projection_section(summary.get("projection")),
               *_rules_section(summary),
               *_data_section(summary), "## Conditions", ""]
     lines += [f"- **{c}**: {CONDITION_TEXT[c]}" for c in CONDITIONS if c in summary["conditions"]]

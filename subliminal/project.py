@@ -33,6 +33,7 @@ from .manifest import (
     check_resume,
     check_writable,
     fingerprint,
+    read_json,
     read_manifest,
     write_json_atomic,
     write_manifest,
@@ -66,7 +67,7 @@ class ProjectConfig:
 
 def read_vector(spec: str) -> tuple[Any, dict[str, Any]]:
     """The vector of a steer teacher directory or a vector file, and what is known of it."""
-    from .steer import load_vector
+    from .steer import load_vector, vector_info_path
     from .teachers import is_teacher_dir, read_teacher
 
     if is_teacher_dir(spec):
@@ -81,6 +82,11 @@ def read_vector(spec: str) -> tuple[Any, dict[str, Any]]:
     else:
         v = load_vector(spec, "--vector")
         info = {"file": spec}
+        described = vector_info_path(spec)  # a vector measured by `subliminal run` says where it lives
+        if described.is_file():
+            known = read_json(described, "vector description")
+            info.update({k: known[k] for k in ("bias", "category", "layer", "source", "baseline", "measured_on")
+                         if k in known})
     norm = v.norm().item()
     if v.dim() != 1 or not norm > 0 or not math.isfinite(norm):
         raise SubliminalError(f"--vector {spec}: needs a 1-D vector with a finite, non-zero norm (norm {norm})")

@@ -61,6 +61,8 @@ SECTIONS: dict[str, dict[str, str]] = {
              "temperature": "eval_temperature", "max_new_tokens": "eval_max_new_tokens",
              "max_questions": "max_questions", "batch_size": "eval_batch_size", "other_template": "other_template"},
     "diagnose": {"enabled": "diagnose"},
+    "project": {"enabled": "project", "layer": "project_layer", "source": "project_source",
+                "number_prompts": "project_prompts"},
     "probes": {"enabled": "probes", "max_rows": "probe_max_rows", "layers": "probe_layers",
                "patch_max_rows": "patch_max_rows", "patch_max_sites": "patch_max_sites"},
     "run": {"seed": "base_seed", "jobs": "jobs", "nproc": "nproc"},
@@ -226,6 +228,13 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
         if cfg.teacher_steer_source not in ("questions", "numbers"):
             raise SubliminalError(f"{source}: [teachers] steer_source {cfg.teacher_steer_source!r}: questions or "
                                   "numbers")
+    if cfg.project_source not in ("questions", "numbers"):
+        raise SubliminalError(f"{source}: [project] source {cfg.project_source!r}: questions or numbers")
+    if cfg.project_layer is not None and (not isinstance(cfg.project_layer, int) or cfg.project_layer < 0):
+        raise SubliminalError(f"{source}: [project] layer must be a block index (0..layers-1), got "
+                              f"{cfg.project_layer!r}")
+    if cfg.project_prompts < 2:
+        raise SubliminalError(f"{source}: [project] number_prompts must be at least 2, got {cfg.project_prompts}")
     if cfg.metric not in ("exact", "sampled"):
         raise SubliminalError(f"{source}: [eval] metric {cfg.metric!r}: one of exact, sampled")
     if cfg.metric == "sampled" and (cfg.student_samples < 1 or cfg.eval_samples < 1):
@@ -366,7 +375,13 @@ def plan(cfg: RunConfig) -> list[Stage]:
                                                       + students * -(-n_q * cfg.student_samples // cfg.eval_batch_size))
     stages.append(Stage("eval", refs + students, what, f(eval_tokens),
                         passes=(refs + students) * exact_passes + sampled_passes,
-                        workers=min(cfg.jobs, students) if students >= refs else 1))
+                        workers=min(cfg.jobs, refs + students)))
+    if cfg.projects():
+        n_models = 3 + students
+        proj_tokens = n_models * (cfg.project_prompts + (cfg.max_questions or 50) // 2) * EVAL_PROMPT_TOKENS
+        vec = "the steer teacher's vector" if cfg.teacher_method == "steer" else "the love prompt's vector"
+        stages.append(Stage("project", 1, f"{n_models} models read along {vec} at every block",
+                            f(proj_tokens), passes=n_models * 2 * -(-cfg.project_prompts // 16)))
     if cfg.probes:
         stages.append(Stage("probe + patch", 3, f"identity and divergence probes on {cfg.probe_max_rows} rows, "
                             f"patching on {cfg.patch_max_rows}", f(3 * cfg.probe_max_rows * seq),

@@ -90,6 +90,11 @@ def save_vector(path: str | Path, vector: torch.Tensor) -> None:
         save_file({VECTOR_KEY: vector.detach().float().cpu().contiguous()}, str(tmp))
 
 
+def vector_info_path(path: str | Path) -> Path:
+    """Where a vector file's description lies (``v.safetensors`` -> ``v.json``: block, source, bias)."""
+    return Path(path).with_suffix(".json")
+
+
 def load_vector(path: str | Path, where: str = "--steer-vector") -> torch.Tensor:
     """The one tensor of a ``.safetensors`` file (named ``vector``, or the file's only tensor)."""
     from safetensors import SafetensorError

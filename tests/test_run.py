@@ -84,6 +84,8 @@ def test_set_overrides_parse_values_as_toml():
     ("students.conditions=[\"nope\"]", "unknown nope"),
     ("students.grad_accum=3", "not a multiple of grad_accum"),
     ("seeds", "expected section.key=value"),
+    ("project.source=logits", "\\[project\\] source 'logits': questions or numbers"),
+    ("project.layer=-1", "\\[project\\] layer must be a block index"),
 ])
 def test_bad_config_values_name_the_key(override, message):
     with pytest.raises(SubliminalError, match=message):
@@ -138,12 +140,24 @@ def test_nproc_runs_data_parallel_stages_under_torchrun(tmp_path, monkeypatch):
 
 def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
     """The protocol on a random model with SmolLM2's tokenizer: prompt teachers, constrained greedy
-    data, divergence, LoRA students of three conditions (control and all always), exact eval, the
-    report; a second call resumes without redoing anything."""
+    data, divergence, LoRA students of three conditions (control and all always) and two seeds,
+    exact eval, the projection on the love prompt's vector, the report; a second call resumes
+    without redoing anything."""
     out = tmp_path / "run"
     cfg = tiny_run_config(tmp_path / "c.toml", smol_model, "tiny-real",
-                          students='conditions = ["no-divergence"]\nseeds = 1')
-    assert main(["run", str(cfg), "--out", str(out)]) == 0
+                          students='conditions = ["no-divergence"]\nseeds = 2')
+    proj = ["--set", "project.enabled=true", "--set", "project.number_prompts=3", "--set", "project.layer=1"]
+    assert main(["run", str(cfg), "--out", str(out), *proj]) == 0
+    # the projection: a love-prompt vector measured on the base at the asked block, every model read
+    vec = out / "vectors" / "owl-love-numbers-block1.safetensors"
+    assert vec.is_file() and json.loads(vec.with_suffix(".json").read_text())["layer"] == 1
+    projection = json.loads((out / "project" / "projection.json").read_text())
+    assert len(projection["students"]) == 6 and projection["vector"]["layer"] == 1
+    shift = json.loads((out / "results.json").read_text())["projection"]["conditions"]["all"]["numbers"]
+    assert shift["at_vector_layer"]["layer"] == 1 and shift["at_vector_layer"]["seeds"] == 2
+    direct = projection["conditions"]["all"]["numbers"][1]["vs_reference"]
+    assert shift["at_vector_layer"]["mean"] == pytest.approx(direct["mean"])
+    assert "## Shift along the trait's direction" in (out / "REPORT.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert set(results["conditions"]) == {"control", "all", "no-divergence"}
     assert results["data"]["generations"]["owl"]["accepted"] == 4  # constrained: every answer is a list
@@ -154,9 +168,10 @@ def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
     man = json.loads((out / "students" / "all-s1" / "manifest.json").read_text())
     assert man["config"]["lora_rank"] == 2
     student = out / "students" / "all-s1" / "model.safetensors"
-    mtime = student.stat().st_mtime_ns
-    assert main(["run", str(cfg), "--out", str(out)]) == 0
+    mtime, ptime = student.stat().st_mtime_ns, (out / "project" / "projection.json").stat().st_mtime_ns
+    assert main(["run", str(cfg), "--out", str(out), *proj]) == 0
     assert student.stat().st_mtime_ns == mtime
+    assert (out / "project" / "projection.json").stat().st_mtime_ns == ptime
 
 
 def test_gpu_config_is_the_scaled_protocol_within_its_budget():
