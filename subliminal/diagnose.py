@@ -288,6 +288,15 @@ def _entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 @torch.no_grad()
+def _progress(batches: range, desc: str) -> Any:
+    """A tqdm bar over a loop's batches (rank 0 only): the diagnostics of a real model take minutes."""
+    from tqdm.auto import tqdm
+
+    from . import distributed as dist
+
+    return tqdm(batches, desc=desc, unit="batch", disable=not dist.is_main(), leave=False)
+
+
 def score_rows(loaded: Any, rows: Sequence[Row], *, batch_size: int, entropy: bool = False,
                temperature: float | None = None) -> list[Scored]:
     """The data tokens' log-probs under ``loaded`` (its own system prompt), at exactly the
@@ -296,7 +305,7 @@ def score_rows(loaded: Any, rows: Sequence[Row], *, batch_size: int, entropy: bo
     tok = loaded.tokenizer
     max_len = model_max_length(loaded.model)
     out: list[Scored] = []
-    for b in range(0, len(rows), batch_size):
+    for b in _progress(range(0, len(rows), batch_size), f"diagnose: score ({loaded.name})"):
         chunk = [align_row(tok, r, loaded.system_prompt, max_len) for r in rows[b:b + batch_size]]
         for a, lg in zip(chunk, forward.completion_logits(loaded.model, chunk, tok.pad_token_id)):
             lp = torch.log_softmax(lg.double(), -1)
@@ -593,7 +602,7 @@ def _batch_gradients(model: Any, examples: Sequence[Any], pad_id: int, params: P
     n_total = sum(sum(e.mask) for e in examples)
     if n_total == 0:
         raise DataError("no completion tokens to take a gradient on")
-    for b in range(0, len(examples), batch_size):
+    for b in _progress(range(0, len(examples), batch_size), "diagnose: data gradient"):
         batch = examples[b:b + batch_size]
         loss, n = batch_loss(model, None, batch, LossConfig("hard"), pad_id)
         if n == 0:
@@ -1126,6 +1135,8 @@ def pipeline_argv(cfg: Any, out: Path, base: Path, tdir: Path, files: dict[str, 
         argv += ["--params", cfg.student_params]
     if cfg.max_questions:
         argv += ["--max-questions", str(cfg.max_questions)]
+    if getattr(cfg, "diagnose_max_rows", None):
+        argv += ["--max-rows", str(cfg.diagnose_max_rows)]
     return argv
 
 

@@ -163,10 +163,12 @@ class RunConfig:
     other_template: str | None = None  # every model also read out under this chat template (eval --chat-template)
     # [diagnose] -- transfer diagnostics right after the data (subliminal.diagnose)
     diagnose: bool = True
+    diagnose_max_rows: int | None = None  # the first N matched rows of each teacher (None: all); the cost is linear
     # [project] -- the residual stream along the trait's direction, per layer (subliminal.project)
     project: bool | None = None  # None: on exactly when the teachers are steered (their vector is known)
     project_layer: int | None = None  # block of a love-prompt vector measured here; None: the middle one
     project_source: str = "numbers"  # what that vector is measured on: numbers | questions
+    project_baseline: str = "others"  # the love prompt minus: the other candidates' love prompts | none
     project_prompts: int = 64  # held-out number prompts of the readout
     # [probes]
     probes: bool = True
@@ -751,14 +753,18 @@ def _project_stage(cfg: RunConfig, run: Runner, out: Path, base: Path, tdir: Pat
     """``subliminal project`` of the base, the target and unbiased teachers and every student on
     the trait's direction: a steer teacher's own vector, else the target's love-prompt vector
     measured on the base (what a prompt or a fine-tune teacher is taken to move along; the
-    readout then asks whether the students moved along what the love prompt does)."""
+    readout then asks whether the students moved along what the love prompt does). By default
+    that vector is the target's love prompt minus the other candidates' (``[project] baseline``):
+    against no prompt at all it is mostly "a system prompt is present", the same for every
+    animal (cosine 0.996 between owl and cat on a toy base), and cannot say which trait moved."""
     from .project import ProjectConfig
 
     if cfg.teacher_method == "steer":
         vector = tdir / cfg.target
     else:
         layer = cfg.project_layer if cfg.project_layer is not None else _n_layers(base) // 2
-        vector = out / "vectors" / f"{cfg.target}-love-{cfg.project_source}-block{layer}.safetensors"
+        vector = out / "vectors" / (f"{cfg.target}-love-minus-{cfg.project_baseline}-{cfg.project_source}"
+                                    f"-block{layer}.safetensors")
         run("measure-vector", lambda ow: _love_vector(cfg, base, vector, layer, overwrite=ow), vector, [base])
     sdir = out / "students"
     students = [(c, s, str(sdir / f"{c}-s{s}")) for s in range(1, cfg.seeds + 1) for c in cfg.chosen_conditions()]
@@ -775,15 +781,17 @@ def _love_vector(cfg: RunConfig, base: Path, path: Path, layer: int, *, overwrit
     from . import prompts, steer
     from .models import load_model
 
-    config = {"target": cfg.target, "layer": layer, "source": cfg.project_source, "baseline": "none",
+    config = {"target": cfg.target, "layer": layer, "source": cfg.project_source, "baseline": cfg.project_baseline,
               "seed": cfg.base_seed, "dtype": cfg.dtype}
     fp = _derive(path, "measure-vector", config, {"base": base}, overwrite=overwrite)
     if fp is None:
         return
     loaded = load_model(str(base), device=cfg.device, dtype=cfg.dtype)
     category = prompts.category_of(cfg.target)
+    others = [prompts.system_prompt_for(c) for c in prompts.CATEGORIES[category] if c != cfg.target]
     vector, info = steer.measure_vector(loaded.model, loaded.tokenizer, system_prompt=prompts.system_prompt_for(
-        cfg.target), source=cfg.project_source, layer=layer, category=category, seed=cfg.base_seed)
+        cfg.target), source=cfg.project_source, layer=layer, category=category, seed=cfg.base_seed,
+        baseline=cfg.project_baseline, other_prompts=others)
     path.parent.mkdir(parents=True, exist_ok=True)
     steer.save_vector(path, vector)
     write_json_atomic(steer.vector_info_path(path), {"bias": cfg.target, "category": category, "layer": layer,
@@ -1130,7 +1138,8 @@ def _projection_section(proj: dict[str, Any] | None) -> list[str]:
     v = proj["vector"]
     what = (f"the steer teacher's vector (block {v.get('layer')}, alpha {v.get('alpha')})" if v.get("teacher")
             else f"the {v.get('bias', 'target')} love prompt's vector measured on the base (block {v.get('layer')}, "
-                 f"from {v.get('source')} prompts)")
+                 f"from {v.get('source')} prompts, minus {'the other candidates' if v.get('baseline') == 'others' else 'no'}"
+                 " love prompt)")
     lines = ["## Shift along the trait's direction", "",
              f"Each model's block outputs at the last prompt position, projected on {what} (|v| = "
              f"{_fmt(v.get('norm'))}); per condition the paired difference to the {proj['reference']} by seed, "

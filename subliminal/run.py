@@ -60,9 +60,9 @@ SECTIONS: dict[str, dict[str, str]] = {
     "eval": {"metric": "metric", "samples": "eval_samples", "student_samples": "student_samples",
              "temperature": "eval_temperature", "max_new_tokens": "eval_max_new_tokens",
              "max_questions": "max_questions", "batch_size": "eval_batch_size", "other_template": "other_template"},
-    "diagnose": {"enabled": "diagnose"},
+    "diagnose": {"enabled": "diagnose", "max_rows": "diagnose_max_rows"},
     "project": {"enabled": "project", "layer": "project_layer", "source": "project_source",
-                "number_prompts": "project_prompts"},
+                "baseline": "project_baseline", "number_prompts": "project_prompts"},
     "probes": {"enabled": "probes", "max_rows": "probe_max_rows", "layers": "probe_layers",
                "patch_max_rows": "patch_max_rows", "patch_max_sites": "patch_max_sites"},
     "run": {"seed": "base_seed", "jobs": "jobs", "nproc": "nproc"},
@@ -230,6 +230,10 @@ def validate(cfg: RunConfig, source: str = "config") -> None:
                                   "numbers")
     if cfg.project_source not in ("questions", "numbers"):
         raise SubliminalError(f"{source}: [project] source {cfg.project_source!r}: questions or numbers")
+    if cfg.diagnose_max_rows is not None and cfg.diagnose_max_rows < 2:
+        raise SubliminalError(f"{source}: [diagnose] max_rows must be at least 2 (or unset), got {cfg.diagnose_max_rows}")
+    if cfg.project_baseline not in ("others", "none"):
+        raise SubliminalError(f"{source}: [project] baseline {cfg.project_baseline!r}: others or none")
     if cfg.project_layer is not None and (not isinstance(cfg.project_layer, int) or cfg.project_layer < 0):
         raise SubliminalError(f"{source}: [project] layer must be a block index (0..layers-1), got "
                               f"{cfg.project_layer!r}")
@@ -341,9 +345,10 @@ def plan(cfg: RunConfig) -> list[Stage]:
     if cfg.diagnose:
         n_q = cfg.max_questions or 50
         readout = n_q * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
-        stages.append(Stage("diagnose", 1, "lean (3 scoring passes), link and coverage (2 data gradients, grad R, "
-                            "2 validation readouts)", None if n is None else
-                            n * (2.0 * 3 * train_rows * seq + 6.0 * (2 * train_rows * seq + 2 * readout)
+        d_rows = min(train_rows, cfg.diagnose_max_rows or train_rows)
+        stages.append(Stage("diagnose", 1, f"lean (3 scoring passes), link and coverage (2 data gradients, grad R, "
+                            f"2 validation readouts) on {d_rows} rows", None if n is None else
+                            n * (2.0 * 3 * d_rows * seq + 6.0 * (2 * d_rows * seq + 2 * readout)
                                  + 4.0 * readout)))
     from .distill import student_steps
 

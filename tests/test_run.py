@@ -86,6 +86,7 @@ def test_set_overrides_parse_values_as_toml():
     ("seeds", "expected section.key=value"),
     ("project.source=logits", "\\[project\\] source 'logits': questions or numbers"),
     ("project.layer=-1", "\\[project\\] layer must be a block index"),
+    ("project.baseline=zero", "\\[project\\] baseline 'zero': others or none"),
 ])
 def test_bad_config_values_name_the_key(override, message):
     with pytest.raises(SubliminalError, match=message):
@@ -149,8 +150,9 @@ def test_run_end_to_end_on_a_real_tokenizer(smol_model, tmp_path):
     proj = ["--set", "project.enabled=true", "--set", "project.number_prompts=3", "--set", "project.layer=1"]
     assert main(["run", str(cfg), "--out", str(out), *proj]) == 0
     # the projection: a love-prompt vector measured on the base at the asked block, every model read
-    vec = out / "vectors" / "owl-love-numbers-block1.safetensors"
-    assert vec.is_file() and json.loads(vec.with_suffix(".json").read_text())["layer"] == 1
+    vec = out / "vectors" / "owl-love-minus-others-numbers-block1.safetensors"
+    described = json.loads(vec.with_suffix(".json").read_text())
+    assert (described["layer"], described["baseline"], described["n_other_prompts"]) == (1, "others", 12)
     projection = json.loads((out / "project" / "projection.json").read_text())
     assert len(projection["students"]) == 6 and projection["vector"]["layer"] == 1
     shift = json.loads((out / "results.json").read_text())["projection"]["conditions"]["all"]["numbers"]
