@@ -408,3 +408,21 @@ def test_a_launcher_is_refused_with_a_named_error(world, tmp_path, capsys, monke
     assert cli.main(argv) == 2
     assert "one process" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_the_run_passes_its_diagnose_row_cap_and_student_settings(tmp_path):
+    """`[diagnose] max_rows` reaches `subliminal diagnose` as --max-rows (its cost is linear in rows),
+    beside the students' optimiser, learning rate and LoRA rank; unset, every row is read."""
+    from subliminal.diagnose import pipeline_argv
+    from subliminal.run import load_config
+
+    cfg = load_config("smollm2-135m-cpu", ["diagnose.max_rows=64"]).cfg
+    files = {"owl": tmp_path / "owl.jsonl", "none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl"}
+    argv = pipeline_argv(cfg, tmp_path / "d", tmp_path / "base", tmp_path / "t", files)
+    assert argv[argv.index("--max-rows") + 1] == "64" and argv[argv.index("--lora-rank") + 1] == "8"
+    assert argv[argv.index("--lr") + 1] == str(cfg.student_mode_lr)
+    unset = pipeline_argv(load_config("smollm2-135m-cpu").cfg, tmp_path / "d", tmp_path / "base", tmp_path / "t",
+                          files)
+    assert "--max-rows" not in unset
+    with pytest.raises(dg.SubliminalError, match="max_rows must be at least 2"):
+        load_config("smollm2-135m-cpu", ["diagnose.max_rows=1"])
