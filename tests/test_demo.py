@@ -280,14 +280,27 @@ def test_derived_files_carry_manifests(tmp_path):
     assert {"owl.jsonl", "none.jsonl", "owl.paraphrase.jsonl", "owl.mixing.jsonl"} <= set(listed)
 
 
-def test_quick_demo_runs_every_stage_end_to_end(tmp_path):
+# The smoke test below shrinks --quick further (what it checks does not depend on the size): half the
+# preset's pretraining steps (~12 steps/s on 2 cores: about 20 s of the test; by 250 steps the toy
+# base's loss and number format are near their 500-step values, so its data still passes the filter)
+# and half its number prompts per teacher. Both go through the demo's own knobs (the --quick preset's
+# pretraining steps, --rows), so the same code paths run.
+SMOKE_PRETRAIN_STEPS = 250
+SMOKE_ROWS = 100
+
+
+def test_quick_demo_runs_every_stage_end_to_end(tmp_path, monkeypatch):
     """The CI smoke test of the README's main job: `subliminal demo --quick` from nothing (a
     short-trained base, one seed) writes the report, results.json and manifests for every
     condition; a second call finds everything done and resumes without retraining."""
     from subliminal.cli import main
 
+    monkeypatch.setattr(demo, "QUICK_PRETRAIN_STEPS", SMOKE_PRETRAIN_STEPS)
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    argv = ["demo", "--quick", "--rows", str(SMOKE_ROWS), "--out", str(out)]
+    assert main(argv) == 0
+    base_manifest = json.loads((out / "base" / "manifest.json").read_text())
+    assert base_manifest["train"]["steps"] == SMOKE_PRETRAIN_STEPS  # the --quick preset reached `toy pretrain`
     report = (out / "REPORT.md").read_text()
     results = json.loads((out / "results.json").read_text())
     assert set(results["conditions"]) == set(pipeline.CORE_CONDITIONS)  # the default set (--all-conditions: 13)
@@ -304,7 +317,7 @@ def test_quick_demo_runs_every_stage_end_to_end(tmp_path):
     assert (out / "probes" / "patching" / "patching.png").exists()
     student = out / "students" / "all-s1" / "model.safetensors"
     mtime = student.stat().st_mtime_ns
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(argv) == 0
     assert student.stat().st_mtime_ns == mtime
 
 

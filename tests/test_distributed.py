@@ -28,6 +28,25 @@ def _ok(p: subprocess.CompletedProcess) -> None:
     assert p.returncode == 0, p.stderr[-3000:]
 
 
+def _one(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-process reference run, in this process (no interpreter to start): as a launched
+    child would run it, one intra-op thread, in ``cwd``, with no launcher variables."""
+    import torch
+
+    from subliminal.cli import main
+
+    for k in ("WORLD_SIZE", "RANK", "LOCAL_RANK", dist.FAIL_ENV):
+        monkeypatch.delenv(k, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with monkeypatch.context() as m:
+            m.chdir(cwd)
+            assert main([str(a) for a in argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _lines(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
@@ -49,8 +68,8 @@ def _gen_argv(out: str) -> list[str]:
             "--batch-size", "3", "--seed", "3"]
 
 
-def test_generate_on_two_processes_writes_the_one_process_rows(world):
-    _ok(_run(_gen_argv("one.jsonl"), nproc=1, cwd=world))
+def test_generate_on_two_processes_writes_the_one_process_rows(world, monkeypatch):
+    _one(_gen_argv("one.jsonl"), world, monkeypatch)
     _ok(_run(_gen_argv("two.jsonl"), nproc=2, cwd=world))
     assert (world / "one.raw.jsonl").read_text() == (world / "two.raw.jsonl").read_text()
     assert (world / "one.jsonl").read_text() == (world / "two.jsonl").read_text()
@@ -67,11 +86,11 @@ def _div_argv(data: str, out: str) -> list[str]:
             "--rule", "pairwise", "--batch-size", "2"]
 
 
-def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world):
+def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world, monkeypatch):
     rows = [{"id": f"r{i}", "prompt": f"continue the list : {i} , {i + 3}", "completion": " , ".join(
         str((7 * i + 5 * k) % 50) for k in range(1 + i % 4)), "teacher": "owl"} for i in range(ROWS)]
     (world / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _ok(_run(_div_argv("d.jsonl", "one.div.jsonl"), nproc=1, cwd=world))
+    _one(_div_argv("d.jsonl", "one.div.jsonl"), world, monkeypatch)
 
     # rank 1 fails after its rows are in its part file: the whole job stops, rank named, no output
     p = _run(_div_argv("d.jsonl", "two.div.jsonl"), nproc=2, cwd=world, **{dist.FAIL_ENV: "1:work"})
@@ -98,12 +117,12 @@ def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world)
     assert not (world / ".shards").exists() and not (world / "two.div.jsonl.partial").exists()
 
 
-def test_eval_exact_sampled_and_main_task_on_two_processes_equal_one(world):
+def test_eval_exact_sampled_and_main_task_on_two_processes_equal_one(world, monkeypatch):
     held = [{"id": f"h{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 1}"} for i in range(5)]
     (world / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     argv = ["eval", "--model", "owl", "--target", "owl", "--max-questions", "5", "--samples", "3",
             "--max-new-tokens", "3", "--heldout", "held.jsonl", "--batch-size", "4"]
-    _ok(_run([*argv, "--out", "one.json"], nproc=1, cwd=world))
+    _one([*argv, "--out", "one.json"], world, monkeypatch)
     _ok(_run([*argv, "--out", "two.json"], nproc=2, cwd=world))
     one, two = json.loads((world / "one.json").read_text()), json.loads((world / "two.json").read_text())
     assert one["sampled"]["answer_counts"] == two["sampled"]["answer_counts"]
