@@ -648,8 +648,9 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
     sdir, edir = out / "students", out / "eval"
     evals: dict[str, Path] = {}
     # the references' evaluations share the student pool: one thread per job on its own core
-    # gets more out of a small CPU than one job on every core (and they need no student)
-    jobs: list[tuple[str, list[tuple[str, Any, str]]]] = []
+    # gets more out of a small CPU than one job on every core (and they need no student). They
+    # are queued after the students: short jobs last fill the cores the last students leave idle.
+    ref_jobs: list[tuple[str, list[tuple[str, Any, str]]]] = []
     for name, spec in reference_evals(cfg, base, tdir).items():
         path = edir / f"{name}.json"
         # sampled answers for the base and the two teachers the students learn from (they are slow)
@@ -665,9 +666,10 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
             for stage, call, dest in chain:
                 run(stage, call, Path(dest), [spec])
             continue
-        jobs.append((f"eval-{name}", chain))
+        ref_jobs.append((f"eval-{name}", chain))
     shared = [base, tdir / cfg.target, tdir / "none", files["none"]]
     plan: dict[str, list[str]] | None = None
+    jobs: list[tuple[str, list[tuple[str, Any, str]]]] = []
     for seed in range(1, cfg.seeds + 1):
         for cond in cfg.chosen_conditions():
             student, path = sdir / f"{cond}-s{seed}", edir / f"{cond}-s{seed}.json"
@@ -690,7 +692,7 @@ def _train_and_eval_students(cfg: DemoConfig, run: Runner, out: Path, base: Path
                 chain.append((f"eval-{cond}-s{seed}-{cfg.other_template}", StageCall(
                     "eval", eval_config(cfg, str(student), alt, 0, cfg.other_template)), str(alt)))
             jobs.append((f"distill+eval-{cond}", chain))
-    run.parallel(jobs, workers=cfg.jobs)
+    run.parallel(jobs + ref_jobs, workers=cfg.jobs)
     return evals
 
 
