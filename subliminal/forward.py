@@ -244,24 +244,82 @@ def row_rng(stream: str, seed: int, index: Any) -> random.Random:
     return random.Random(f"{stream}:{seed}:{index}")
 
 
+# Candidates a sampled step reads before it falls back to sorting the whole vocabulary. A full
+# stable sort of [32, 49k] probabilities costs ~60 ms a step on two CPU cores, as much as the
+# decoding step itself. On SmolLM2 the top 256 answer 93% of T=1 draws exactly (64: 81%).
+SAMPLE_CANDIDATES = 256
+
+
 def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[float] | None) -> torch.Tensor:
     """Next token per row from ``logits`` [B, V]: argmax (lowest id on ties) when greedy, else
-    inverse-CDF sampling of the temperature/top-p distribution with one uniform per row."""
+    inverse-CDF sampling of the temperature/top-p distribution with one uniform per row.
+
+    The CDF runs over the tokens in descending probability (ties: lowest id first), so a uniform
+    names the same token whatever the batch. Without top-p, each row is first tried on its
+    ``SAMPLE_CANDIDATES`` most likely tokens on the CPU, which gives :func:`_pick_sorted`'s token
+    exactly whenever the uniform lands inside their mass; the other rows take the full sort."""
     logits = logits.float()
     if cfg.greedy:
         return logits.argmax(-1)
     probs = torch.softmax(logits / cfg.temperature, -1)
+    u = torch.tensor(uniforms, dtype=probs.dtype, device=probs.device)
+    if cfg.top_p < 1 or probs.device.type != "cpu":  # a GPU sorts the vocabulary in well under a step's time
+        return _pick_sorted(probs, u, cfg.top_p)
+    picked, exact = _pick_candidates(probs, u, SAMPLE_CANDIDATES)
+    if not bool(exact.all()):
+        rest = ~exact
+        picked[rest] = _pick_sorted(probs[rest], u[rest], 1.0)
+    return picked
+
+
+def _pick_sorted(probs: torch.Tensor, u: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The reference sampler: sort the whole vocabulary (stable, descending), walk the CDF to
+    ``u`` times the mass (the nucleus's mass under top-p, else the row's total)."""
     sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
     cum = sorted_p.cumsum(-1)
-    if cfg.top_p < 1:
-        keep = (cum - sorted_p) < cfg.top_p  # the smallest prefix whose mass reaches top_p
+    if top_p < 1:
+        keep = (cum - sorted_p) < top_p  # the smallest prefix whose mass reaches top_p
         sorted_p = sorted_p * keep
         cum = sorted_p.cumsum(-1)
-    u = torch.tensor(uniforms, dtype=cum.dtype, device=cum.device) * cum[:, -1]
-    idx = torch.searchsorted(cum, u[:, None], right=True).clamp(max=cum.shape[-1] - 1)
+        total = cum[:, -1]
+    else:
+        total = _mass(probs)
+    idx = torch.searchsorted(cum, (u * total)[:, None], right=True).clamp(max=cum.shape[-1] - 1)
     # never land on a zero-probability tail entry (float rounding at the top of the CDF)
     idx = torch.minimum(idx, (sorted_p > 0).sum(-1, keepdim=True) - 1)
     return order.gather(-1, idx)[:, 0]
+
+
+def _mass(probs: torch.Tensor) -> torch.Tensor:
+    """Each row's total probability as the sorted CDF's last entry gives it (a float64 sum rounded
+    to the row's dtype), computed without the sort. It scales the uniform, and in a 49k-token
+    tail the CDF's float32 steps are finer than one ulp of the total: a total one ulp off moves
+    a tail draw (u > ~0.997) to another token."""
+    return probs.sum(-1, dtype=torch.float64).to(probs.dtype)
+
+
+def _pick_candidates(probs: torch.Tensor, u: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_pick_sorted` (no top-p) on each row's ``k`` most likely tokens, and per row whether
+    that is provably its answer: the candidates are the first ``k`` of the full stable sort (no
+    tie crosses the k-th value, or every nonzero probability is among them), and the uniform
+    lands inside their mass. Their cumulative sums are then the full sort's first ``k`` (the CPU
+    cumsum adds left to right, so a prefix's sums do not depend on what follows), and the same
+    token comes out."""
+    n_vocab = probs.shape[-1]
+    k = min(k, n_vocab)
+    vals, ids = probs.topk(k, dim=-1, sorted=True)
+    ids, by_id = ids.sort(dim=-1)  # the full sort puts equal probabilities in id order
+    sorted_p, pos = vals.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+    order = ids.gather(-1, pos)
+    cum = sorted_p.cumsum(-1)
+    x = u * _mass(probs)
+    last = sorted_p[:, -1]
+    whole = (last == 0) | (k == n_vocab)  # nothing the sampler can reach lies outside
+    clean_edge = (probs >= last[:, None]).sum(-1) == k
+    exact = whole | (clean_edge & (x < cum[:, -1]))
+    idx = torch.searchsorted(cum, x[:, None], right=True).clamp(max=k - 1)
+    idx = torch.minimum(idx, (sorted_p > 0).sum(-1, keepdim=True) - 1)
+    return order.gather(-1, idx)[:, 0], exact
 
 
 # (row index in the batch, tokens it has written so far) -> the ids it may write next

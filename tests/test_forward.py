@@ -195,6 +195,57 @@ def test_pick_tokens_inverse_cdf_and_top_p():
     assert fw.pick_tokens(logits, top2, [0.99]).tolist() == [2]
 
 
+def _sampling_cases(vocab: int, seed: int) -> list[torch.Tensor]:
+    """Logit rows the candidate fast path must get right: peaked and flat rows, ties everywhere
+    (integer logits), a number-list constraint (-inf outside a few ids), half precision."""
+    g = torch.Generator().manual_seed(seed)
+    peaked = torch.randn(6, vocab, generator=g) * 4
+    flat = torch.randn(6, vocab, generator=g) * 0.05  # the top 64 hold little mass: full sort
+    ties = torch.randint(0, 4, (6, vocab), generator=g).float()  # ties across the last candidate's value
+    masked = torch.full((6, vocab), float("-inf"))
+    allowed = min(11, vocab - 1)
+    masked[:, :allowed] = torch.randn(6, allowed, generator=g)
+    masked[0, :allowed] = 1.0  # equal allowed ids
+    half = (torch.randn(6, vocab, generator=g) * 3).to(torch.bfloat16)
+    return [peaked, flat, ties, masked, half]
+
+
+@pytest.mark.parametrize("vocab", [7, 64, 65, 1000])
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 2.0])
+def test_pick_tokens_candidates_equal_the_full_sort(vocab, temperature):
+    """The sampler's top-candidates path picks exactly the token of the full stable sort, for
+    every uniform, on rows that take the fast path and rows that fall back alike."""
+    cfg = fw.SamplingConfig(temperature, 1.0)
+    uniforms = [0.0, 1e-7, 0.25, 0.5, 0.9, 0.999, 1 - 1e-9]
+    fast_rows = 0
+    for logits in _sampling_cases(vocab, seed=vocab):
+        probs = torch.softmax(logits.float() / temperature, -1)
+        # the total that scales the uniform is the sorted CDF's last entry, without the sort
+        assert torch.equal(fw._mass(probs), probs.sort(dim=-1, descending=True, stable=True)[0].cumsum(-1)[:, -1])
+        for u0 in uniforms:
+            u = [u0] * len(logits)
+            want = fw._pick_sorted(probs, torch.tensor(u), 1.0)
+            assert fw.pick_tokens(logits, cfg, u).tolist() == want.tolist()
+            picked, exact = fw._pick_candidates(probs, torch.tensor(u), fw.SAMPLE_CANDIDATES)
+            assert picked[exact].tolist() == want[exact].tolist()
+            fast_rows += int(exact.sum())
+    assert fast_rows > 0
+
+
+def test_pick_tokens_candidates_fall_back_when_the_uniform_leaves_them():
+    """A flat row whose top candidates hold a fraction of the mass: a uniform beyond them is
+    answered by the full sort (a token outside the candidates), one inside by the candidates."""
+    logits = torch.zeros(1, 1000)
+    logits[0, 500] = 1.0  # the single most likely id, then 999 equal ones in id order
+    probs = torch.softmax(logits, -1)
+    _, exact = fw._pick_candidates(probs, torch.tensor([0.9]), fw.SAMPLE_CANDIDATES)
+    assert not exact.any()  # 999 equal values cross the last candidate: the set is not the sort's
+    cfg = fw.SamplingConfig(1.0, 1.0)
+    assert fw.pick_tokens(logits, cfg, [0.0]).tolist() == [500]
+    assert fw.pick_tokens(logits, cfg, [0.9]).tolist() == fw._pick_sorted(probs, torch.tensor([0.9]), 1.0).tolist()
+    assert fw.pick_tokens(logits, cfg, [0.9]).item() >= fw.SAMPLE_CANDIDATES  # deep in the tail, beyond them
+
+
 @pytest.mark.parametrize("t,p", [(-1.0, 1.0), (1.0, 0.0), (1.0, 1.5)])
 def test_sampling_config_rejects_bad_values(t, p):
     with pytest.raises(SubliminalError, match="--t"):
