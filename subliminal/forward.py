@@ -113,7 +113,7 @@ def _stochastic(model: Any) -> bool:
 
 
 def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_id: int, *,
-           hidden: bool = False) -> Forced:
+           hidden: bool = False, share: bool | None = None) -> Forced:
     """One teacher-forced pass over ``seqs``, keeping the logits that predict ``seqs[i][first[i]:]``.
 
     Runs under whatever grad mode the caller chose (training calls it with grad, scoring under
@@ -123,7 +123,9 @@ def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_
     The tokens every row opens with (up to the first kept prediction) are encoded once and their
     KV cache repeated for the rows (:func:`shared_prefix`): the same numbers up to float rounding,
     with gradients flowing back through the repeat into that one encoding. Not when the hidden
-    states are asked for (they would lack the shared positions) or the pass draws dropout noise."""
+    states are asked for (they would lack the shared positions) or the pass draws dropout noise.
+    ``share`` (default: yes, except when recording gradients under ``torch.distributed``, where DDP
+    expects one forward per backward and a second one would hang the ranks)."""
     if not seqs:
         raise ValueError("no rows")
     for s, f in zip(seqs, first):
@@ -132,7 +134,10 @@ def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_
     device = device_of(model)
     lo = min(first) - 1
     hi = max(len(s) for s in seqs) - 1
-    n_shared = 0 if hidden or len(seqs) < 2 else shared_prefix(seqs, lo)
+    if share is None:
+        share = not (torch.is_grad_enabled() and torch.distributed.is_available()
+                     and torch.distributed.is_initialized())
+    n_shared = 0 if hidden or not share or len(seqs) < 2 else shared_prefix(seqs, lo)
     if n_shared >= MIN_SHARED_PREFIX and not _stochastic(model):
         return _forced_after_prefix(model, seqs, first, pad_id, n_shared, lo, hi)
     ids, mask = pad_batch(seqs, pad_id, "right", device)

@@ -286,9 +286,11 @@ def test_grad_accum_gives_the_whole_batch_update(world, tmp_path, mask):
     _distill(world, tmp_path / "one", *common)
     _distill(world, tmp_path / "acc", *common, "--grad-accum", "3")
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "acc")
-    # Adam divides by sqrt(v): summation-order rounding in near-zero gradients moves a weight by
-    # ~1e-3 of the learning rate (1e-2 here), not more
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # Adam divides by sqrt(v): summation-order rounding in a near-zero gradient can move that one
+    # weight by a few percent of the learning rate (1e-2 here; one weight of 112k by 2.9e-4 on one
+    # machine). A micro-batch weighting error would move most weights: the median update is ~8e-3.
+    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (d > 1e-5).float().mean().item() < 1e-3 and d.max().item() < 1e-3
     la = json.loads((tmp_path / "one" / "manifest.json").read_text())
     lb = json.loads((tmp_path / "acc" / "manifest.json").read_text())
     assert la["fingerprint"] != lb["fingerprint"]  # a setting of the run, recorded

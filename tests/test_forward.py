@@ -84,7 +84,7 @@ def test_a_shared_opening_encoded_once_gives_the_logits_and_gradients_of_whole_r
     def run(share: bool):
         monkeypatch.setattr(fw, "MIN_SHARED_PREFIX", 4 if share else 10**9)
         model.zero_grad()
-        out = fw.forced(model, seqs, first, pad_id=0)
+        out = fw.forced(model, seqs, first, pad_id=0, share=True)
         rows = out.rows()
         loss = sum((r.float().log_softmax(-1)[:, 5] * torch.linspace(0.5, 1.5, len(r))[:, None]).sum() for r in rows)
         loss.backward()
@@ -112,12 +112,12 @@ def test_a_shared_opening_is_not_shared_under_dropout_or_for_hidden_states(tiny_
     monkeypatch.setattr(fw, "_forced_after_prefix", shared)
     gpt2 = _model(tiny_model_factory, "gpt2").train()
     assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in gpt2.modules())
-    fw.forced(gpt2, seqs, first, pad_id=0)
+    fw.forced(gpt2, seqs, first, pad_id=0, share=True)
     llama = _model(tiny_model_factory, "llama").train()
     llama.config.attention_dropout = 0.1
-    fw.forced(llama, seqs, first, pad_id=0)
+    fw.forced(llama, seqs, first, pad_id=0, share=True)
     llama.eval()
-    out = fw.forced(llama, seqs, first, pad_id=0, hidden=True)
+    out = fw.forced(llama, seqs, first, pad_id=0, hidden=True, share=True)
     assert out.hidden is not None and out.hidden[0].shape[1] == max(len(s) for s in seqs)
     with pytest.raises(AssertionError, match="shared"):
         fw.forced(llama, seqs, first, pad_id=0)
