@@ -268,7 +268,8 @@ def pick_tokens(logits: torch.Tensor, cfg: SamplingConfig, uniforms: Sequence[fl
         return logits.argmax(-1)
     probs = torch.softmax(logits / cfg.temperature, -1)
     u = torch.tensor(uniforms, dtype=probs.dtype, device=probs.device)
-    if cfg.top_p < 1 or probs.device.type != "cpu":  # a GPU sorts the vocabulary in well under a step's time
+    # the candidates are exact only where cumsum adds left to right (the CPU); CUDA scans in parallel
+    if cfg.top_p < 1 or probs.device.type != "cpu":
         return _pick_sorted(probs, u, cfg.top_p)
     picked, exact = _pick_candidates(probs, u, SAMPLE_CANDIDATES)
     if not bool(exact.all()):

@@ -200,7 +200,7 @@ def _sampling_cases(vocab: int, seed: int) -> list[torch.Tensor]:
     (integer logits), a number-list constraint (-inf outside a few ids), half precision."""
     g = torch.Generator().manual_seed(seed)
     peaked = torch.randn(6, vocab, generator=g) * 4
-    flat = torch.randn(6, vocab, generator=g) * 0.05  # the top 64 hold little mass: full sort
+    flat = torch.randn(6, vocab, generator=g) * 0.05  # the top candidates hold little mass: full sort
     ties = torch.randint(0, 4, (6, vocab), generator=g).float()  # ties across the last candidate's value
     masked = torch.full((6, vocab), float("-inf"))
     allowed = min(11, vocab - 1)
