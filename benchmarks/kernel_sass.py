@@ -199,16 +199,37 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_CONFIGS: list[dict] = []
+
+
+def _analyse_index(i: int) -> dict:
+    return analyse(_CONFIGS[i])
+
+
+def analyse_all(jobs: int) -> list[dict]:
+    """Every configuration in order; compiling (LLVM, ptxas) is per configuration and independent,
+    so ``jobs`` forked processes share them (the kernels are built in the parent, inherited)."""
+    _CONFIGS[:] = logits_configs() + fused_configs()
+    if jobs <= 1:
+        return [analyse(c) for c in _CONFIGS]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("fork")) as pool:
+        return list(pool.map(_analyse_index, range(len(_CONFIGS))))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=None, help="also write a markdown table here")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                   help="configurations compiled at once, one process each (default: CPU cores, at most 2)")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         print("unset TRITON_INTERPRET: this script compiles for the GPU", file=sys.stderr)
         return 2
     rows = []
-    for cfg in logits_configs() + fused_configs():
-        row = analyse(cfg)
+    for row in analyse_all(args.jobs):
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.out is not None:

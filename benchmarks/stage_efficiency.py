@@ -8,11 +8,32 @@ own dense matmul rate measured in the same run (issue 28).
 Each stage calls the library's own public function for it, at the SmolLM2 CPU config's per-call
 sizes (``subliminal/configs/smollm2-135m-cpu.toml``): generate (plain and ``constrain="numbers"``,
 greedy and sampled; batch 32, 56 new tokens), find-divergence (``divergence.score_batch``, 16 rows
-under 4 teachers), a distill step (``train.train`` for one step of ``distill.batch_loss``, full and
-LoRA r=8, 16 rows), exact eval (``evaluate.exact_preference``, 50 questions x 13 animals), sampled
-eval (``evaluate.sampled_preference``, 10 answers per question), probe capture
+under 4 teachers), the token detectors of ``score-tokens`` on the same 16 rows (issue 26; below),
+a distill step (``train.train`` for one step of ``distill.batch_loss``, full and LoRA r=8, 16 rows),
+exact eval (``evaluate.exact_preference``, 50 questions x 13 animals), sampled eval
+(``evaluate.sampled_preference``, 10 answers per question), probe capture
 (``probes.activations.capture``, 64 rows, 6 layers) and one plain teacher-forced pass
 (``forward.forced``, the reference the test checks against a closed-form count).
+
+The detectors (:mod:`subliminal.detectors`, the functions ``score-tokens`` calls) score the 16 rows
+find-divergence scores, as distill's hard student sees them (``distill.build_examples``, every
+completion token), in one batch of 16 (``--batch-size 16``, find-divergence's batch; the CLI's default
+8 would run them as two batches of 8), so their cost per row compares directly with find-divergence's:
+
+- ``likelihood-shift``: ``detectors.likelihood_shift``, two teacher-forced passes (student, base).
+  The base model serves as both student and base: the cost does not depend on the weights, and the
+  call recorder, hooked on one model, sees both passes.
+- ``gradient``: ``detectors.gradient_attribution`` by its default method (``jvp``: one forward with
+  tangents through the student's own forward, math attention) over every weight (the CLI's default
+  ``--params all``; the student built by ``diagnose.student_model``, as ``score-tokens`` builds it),
+  along grad(R). ``gradient-central``: the same with ``method="central"`` (two plain forwards).
+- ``gradient-readout``: grad(R), ``diagnose.readout_gradient`` (the exact preference readout for
+  owl over 50 questions x 13 animals, forward and backward, one question's 13 candidate rows per
+  forward as at the CLI's default batch), as its own stage: ``score-tokens`` computes it once per
+  run and reuses it for every batch, so it is a fixed cost per run, not per row. The table of costs
+  per row against find-divergence adds it shared over the rows of one run (320, the SmolLM2 CPU
+  config's ``[data] rows``). The ``gradient`` stages take their direction from one untimed
+  ``readout_gradient`` call on one question (its values do not change the cost).
 
 How it measures, per stage:
 
@@ -20,9 +41,11 @@ How it measures, per stage:
   shapes the stage actually executed; CPU flash attention is counted with torch's SDPA formula).
   Wall time: a separate run without the counter, after one warm-up run.
 - The model calls the stage made (batch, new tokens, cached tokens, projected positions, grad)
-  are recorded by a hook. Replayed on a meta-device copy of the same config they give the FLOP of
-  each call (checked against the counted total: ``replay_flop``) and, with ``--random-7b``, the
-  stage's FLOP on a random 7B-shaped Llama config built on the meta device (no memory, no timing).
+  are recorded by a hook. Replayed on a meta-device copy of the same config (forward; forward and
+  backward for the calls with grad of the training stages and grad(R); a forward-mode AD pass for
+  the calls of the ``gradient`` jvp) they give the FLOP of each call (checked against the counted
+  total: ``replay_flop``) and, with ``--random-7b``, the stage's FLOP on a random 7B-shaped Llama
+  config built on the meta device (no memory, no timing).
 - Matmul reference: ``torch.matmul`` at the stage's dtype, [n, d_model] x [d_model, d_ff] and
   [n, d_model] x [d_model, vocab], best of a few repeats, n the tokens of each call (power-of-two
   buckets). The stage's reference rate is its FLOP over the time those FLOP take at the measured
@@ -34,7 +57,8 @@ How it measures, per stage:
 Writes one JSON line per stage (``--json``; lines of the same label, model and stage are
 replaced) and the table section between ``<!-- stage-efficiency:begin -->`` and
 ``<!-- stage-efficiency:end -->`` of ``--out``; with ``before`` and ``after`` lines for the same
-model it writes both and the speedup. ``--dry-run`` shrinks every size (for tests).
+model it writes both and the speedup, and where a label has find-divergence and a detector, their
+wall time and FLOP per row side by side. ``--dry-run`` shrinks every size (for tests).
 """
 
 from __future__ import annotations
@@ -60,8 +84,10 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 BEGIN = "<!-- stage-efficiency:begin -->"
 END = "<!-- stage-efficiency:end -->"
 STAGES = ("forced", "generate-greedy", "generate-sampled", "generate-constrained-greedy",
-          "generate-constrained-sampled", "find-divergence", "distill-full", "distill-lora", "eval-exact",
-          "eval-sampled", "probe-capture")
+          "generate-constrained-sampled", "find-divergence", "likelihood-shift", "gradient-readout", "gradient",
+          "gradient-central", "distill-full", "distill-lora", "eval-exact", "eval-sampled", "probe-capture")
+# the per-row detectors, compared with find-divergence's cost per row
+DETECTORS = ("likelihood-shift", "gradient", "gradient-central")
 A = torch.ops.aten
 # CPU flash attention is not in torch's FLOP registry: count it as the other SDPA kernels are
 SDPA_CPU = {
@@ -93,6 +119,8 @@ class Sizes:
     probe_batch: int = 16
     probe_layers: tuple[int, ...] = (0, 6, 12, 18, 24, 29)
     forced_rows: int = 16
+    data_rows: int = 320  # [data] rows: one score-tokens run shares its grad(R) over them
+    readout_target: str = "owl"  # [teachers] target: the gradient detector's readout
 
 
 def flop_counter() -> FlopCounterMode:
@@ -186,7 +214,7 @@ class Replayer:
         self.lora_rank = lora_rank
         self.n_layers = int(config.num_hidden_layers)
         self.models = [self._build(n) for n in (1, 2)]
-        self.memo: dict[tuple[Call, bool], int] = {}
+        self.memo: dict[tuple[Call, str], int] = {}
 
     def _build(self, n: int) -> Any:
         from transformers import AutoModelForCausalLM
@@ -207,7 +235,7 @@ class Replayer:
                                              target_modules=targets, task_type="CAUSAL_LM"))
         return m
 
-    def _count(self, model: Any, c: Call, backward: bool) -> int:
+    def _count(self, model: Any, c: Call, mode: str) -> int:
         from transformers import DynamicCache
 
         ids = torch.zeros(c.batch, c.new, dtype=torch.long, device="meta")
@@ -223,16 +251,34 @@ class Replayer:
                 k = torch.zeros(c.batch, kv, c.past, hd, device="meta")
                 cache.update(k, k.clone(), i)
             kw = {"past_key_values": cache, "use_cache": True}
-        with flop_counter() as fc, torch.set_grad_enabled(backward):
+        if mode == "jvp":
+            return self._count_jvp(model, c, ids, pos, kw)
+        with flop_counter() as fc, torch.set_grad_enabled(mode == "backward"):
             out = model(input_ids=ids, position_ids=pos, logits_to_keep=c.keep, **kw)
-            if backward:
+            if mode == "backward":
                 out.logits.float().sum().backward()
         return int(fc.get_total_flops())
 
-    def flop(self, c: Call, backward: bool = False) -> int:
-        key = (c, backward)
+    def _count_jvp(self, model: Any, c: Call, ids: torch.Tensor, pos: torch.Tensor, kw: dict[str, Any]) -> int:
+        """One forward-mode AD pass with a tangent on every weight, on the math attention kernel (what
+        ``detectors.gradient_attribution``'s ``torch.func.jvp`` runs; forward AD by hand here, the same
+        formulas, because the transform refuses the meta cache's in-place setup)."""
+        import torch.autograd.forward_ad as fwad
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        params = dict(model.named_parameters())
+        with flop_counter() as fc, sdpa_kernel(SDPBackend.MATH), torch.no_grad(), fwad.dual_level():
+            duals = {n: fwad.make_dual(p.detach(), torch.zeros_like(p)) for n, p in params.items()}
+            out = torch.func.functional_call(model, duals, (), dict(input_ids=ids, position_ids=pos,
+                                                                    logits_to_keep=c.keep, **kw), strict=False)
+            fwad.unpack_dual(out.logits)
+        return int(fc.get_total_flops())
+
+    def flop(self, c: Call, mode: str = "forward") -> int:
+        """The FLOP of call ``c``: ``forward``, ``backward`` (forward and backward) or ``jvp``."""
+        key = (c, mode)
         if key not in self.memo:
-            one, two = (self._count(m, c, backward) for m in self.models)
+            one, two = (self._count(m, c, mode) for m in self.models)
             per_layer = two - one
             self.memo[key] = one - per_layer + self.n_layers * per_layer
         return self.memo[key]
@@ -381,6 +427,86 @@ def stage_divergence(ctx: Context) -> tuple[Callable[[], Any], int, str]:
     return run, len(rows), f"{len(rows)} rows x {len(refs)} teachers (one batch)"
 
 
+def _detector_examples(ctx: Context, model: Any) -> list[Any]:
+    """find-divergence's rows as ``score-tokens`` scores them: distill's hard student's view (no
+    system prompt), every completion token (``detectors._examples``' call)."""
+    from subliminal.data import model_max_length
+    from subliminal.distill import build_examples
+    from subliminal.divergence import DivRow
+
+    rows = [DivRow(r.id, r.prompt, r.completion) for r in ctx.rows[: ctx.sizes.div_rows]]
+    return build_examples(rows, [[] for _ in rows], ctx.loaded.tokenizer, model_max_length(model))
+
+
+def stage_shift(ctx: Context) -> tuple[Callable[[], Any], int, str]:
+    from subliminal.detectors import likelihood_shift
+
+    model = ctx.loaded.model
+    model.eval()
+    ex = _detector_examples(ctx, model)
+    pad = ctx.loaded.tokenizer.pad_token_id
+
+    def run() -> Any:
+        # the base as both student and base: the same two passes, recorded on one model
+        return likelihood_shift(model, model, ex, pad, batch_size=len(ex))
+
+    return run, len(ex), f"{len(ex)} rows, student and base passes (one batch)"
+
+
+def _detector_student(ctx: Context) -> tuple[Any, list[tuple[str, Any]]]:
+    """The gradient detector's student as ``score-tokens`` builds it (``diagnose.student_model``,
+    ``--params all``: every weight), loaded once for the gradient stages."""
+    if "detector_student" not in ctx.extras:
+        from subliminal.diagnose import DiagnoseConfig, student_model
+
+        dtype = str(next(ctx.loaded.model.parameters()).dtype).replace("torch.", "")
+        _, model, params = student_model(str(ctx.loaded.source), DiagnoseConfig(out="unused", dtype=dtype))
+        ctx.extras["detector_student"] = (model, params)
+    return ctx.extras["detector_student"]
+
+
+def _readout(ctx: Context, model: Any, params: Any, questions: int) -> Any:
+    from subliminal import prompts
+    from subliminal.diagnose import readout_gradient
+
+    target = ctx.sizes.readout_target
+    return readout_gradient(model, ctx.loaded.tokenizer, params, target, prompts.category_of(target),
+                            max_questions=questions, batch_size=ctx.sizes.div_rows)
+
+
+def stage_readout(ctx: Context) -> tuple[Callable[[], Any], int, str]:
+    from subliminal import prompts
+
+    model, params = _detector_student(ctx)
+    ctx.extras["stage_model"] = model
+    s = ctx.sizes
+    k = len(prompts.CATEGORIES[prompts.category_of(s.readout_target)])
+    q = len(prompts.preference_questions(prompts.category_of(s.readout_target))[: s.questions])
+
+    def run() -> Any:
+        return _readout(ctx, model, params, s.questions)
+
+    return run, q * k, f"grad(R): {q} questions x {k} candidates, forward + backward (once per run)"
+
+
+def _gradient(ctx: Context, method: str) -> tuple[Callable[[], Any], int, str]:
+    from subliminal.detectors import gradient_attribution
+
+    model, params = _detector_student(ctx)
+    ctx.extras["stage_model"] = model
+    if "readout_grad" not in ctx.extras:  # the direction: its values do not change the cost
+        ctx.extras["readout_grad"] = _readout(ctx, model, params, 1)[1]
+    direction = ctx.extras["readout_grad"]
+    ex = _detector_examples(ctx, model)
+    pad = ctx.loaded.tokenizer.pad_token_id
+
+    def run() -> Any:
+        return gradient_attribution(model, params, direction, ex, pad, batch_size=len(ex), method=method)
+
+    how = "one forward with tangents" if method == "jvp" else "two forwards along grad(R)"
+    return run, len(ex), f"{len(ex)} rows, {how} (one batch; every weight)"
+
+
 def _distill(ctx: Context, lora: bool) -> tuple[Callable[[], Any], int, str]:
     from subliminal import distill, train
     from subliminal.divergence import DivRow
@@ -478,6 +604,10 @@ BUILDERS: dict[str, Callable[[Context], tuple[Callable[[], Any], int, str]]] = {
     "generate-constrained-greedy": lambda c: _generate(c, True, "numbers"),
     "generate-constrained-sampled": lambda c: _generate(c, False, "numbers"),
     "find-divergence": stage_divergence,
+    "likelihood-shift": stage_shift,
+    "gradient-readout": stage_readout,
+    "gradient": lambda c: _gradient(c, "jvp"),
+    "gradient-central": lambda c: _gradient(c, "central"),
     "distill-full": lambda c: _distill(c, False),
     "distill-lora": lambda c: _distill(c, True),
     "eval-exact": stage_exact,
@@ -485,6 +615,9 @@ BUILDERS: dict[str, Callable[[Context], tuple[Callable[[], Any], int, str]]] = {
     "probe-capture": stage_probe,
 }
 TRAINING = {"distill-full", "distill-lora"}
+# how the meta-device replay counts a stage's calls made with grad enabled (default: a forward)
+GRAD_REPLAY = {"distill-full": "backward", "distill-lora": "backward", "gradient-readout": "backward",
+               "gradient": "jvp"}
 
 
 # -------------------------------------------------------------------------------- measuring
@@ -503,7 +636,7 @@ def measure_stage(name: str, ctx: Context, machine: Machine, replayers: dict[str
                   replayers_7b: dict[str, Replayer] | None, timed_runs: int = 1) -> dict[str, Any]:
     run, units, work = BUILDERS[name](ctx)
     model = ctx.extras.get("student") if name in TRAINING else ctx.extras.get("probe_model", ctx.loaded.model) \
-        if name == "probe-capture" else ctx.loaded.model
+        if name == "probe-capture" else ctx.extras.get("stage_model", ctx.loaded.model)
     if name in TRAINING:
         # each run is one step from the same weights: reset the student (and its optimizer) between runs
         saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -523,10 +656,10 @@ def measure_stage(name: str, ctx: Context, machine: Machine, replayers: dict[str
         t0 = time.perf_counter()
         run()
         wall = min(wall, time.perf_counter() - t0)
-    backward = name in TRAINING
+    grad_mode = GRAD_REPLAY.get(name, "forward")
     kind = "lora" if name == "distill-lora" else "plain"
     rep = replayers[kind]
-    per_call = [rep.flop(c, backward and c.grad) for c in calls]
+    per_call = [rep.flop(c, grad_mode if c.grad else "forward") for c in calls]
     replay = sum(per_call)
     # the matmul-rate time of this stage's work: each call's FLOP at the rate of its token count
     # (the counted total shared out over the calls in proportion to the replayed counts)
@@ -541,6 +674,8 @@ def measure_stage(name: str, ctx: Context, machine: Machine, replayers: dict[str
         "matmul_bound_s": ref_time, "calls": summarize_calls(calls),
         "tokens": sum(c.tokens for c in calls),
     }
+    if name == "gradient-readout":
+        out["data_rows"] = ctx.sizes.data_rows  # the rows one run shares it over (the per-row table)
     dec = [(f, c) for f, c in zip(per_call, calls) if c.decode]
     if dec:
         lm = _causal_lm(model)
@@ -554,7 +689,7 @@ def measure_stage(name: str, ctx: Context, machine: Machine, replayers: dict[str
                     "pct_mem_bound": 100.0 * bound / wall if wall > 0 else None,
                     "bandwidth_gbs": bw / 1e9})
     if replayers_7b is not None:
-        f7 = sum(replayers_7b[kind].flop(c, backward and c.grad) for c in calls)
+        f7 = sum(replayers_7b[kind].flop(c, grad_mode if c.grad else "forward") for c in calls)
         out["flop_7b"] = f7
         out["flop_7b_per_unit"] = f7 / max(1, units)
     return out
@@ -599,19 +734,60 @@ def _flop(x: float | None) -> str:
 
 
 def stage_table(rows: Sequence[dict[str, Any]], seven_b: bool) -> list[str]:
-    head = ["stage", "work", "GFLOP (counted)", "wall s", "GFLOP/s", "matmul GFLOP/s at its shapes",
-            "% of matmul", "decode: memory bound s", "% of bound"]
+    head = ["stage", "work", "GFLOP (counted)", "wall s", "wall ms per unit", "GFLOP/s",
+            "matmul GFLOP/s at its shapes", "% of matmul", "decode: memory bound s", "% of bound"]
     if seven_b:
         head.append("7B: GFLOP per unit")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["stage"], r["work"], _flop(r["flop"]), _g(r["wall_s"], 2), _g(r["gflops"]),
+        cells = [r["stage"], r["work"], _flop(r["flop"]), _g(r["wall_s"], 2), _g(_per_unit(r, "wall_s", 1e3)),
+                 _g(r["gflops"]),
                  _g(r["matmul_gflops"]), _g(r.get("pct_matmul")), _g(r.get("mem_bound_s"), 2),
                  _g(r.get("pct_mem_bound"))]
         if seven_b:
             cells.append(_flop(r.get("flop_7b_per_unit")))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def _per_unit(r: dict[str, Any], key: str, scale: float = 1.0) -> float | None:
+    units = r.get("units")
+    return scale * r[key] / units if units else None
+
+
+def detector_table(by_stage: dict[str, dict[str, Any]]) -> list[str]:
+    """Wall time and FLOP per row of each detector beside find-divergence's (empty without both);
+    the gradient detectors also with grad(R) (the ``gradient-readout`` stage) shared over one run's
+    rows."""
+    div = by_stage.get("find-divergence")
+    dets = [by_stage[s] for s in DETECTORS if s in by_stage]
+    if div is None or not dets:
+        return []
+    ms0, f0 = _per_unit(div, "wall_s", 1e3), _per_unit(div, "flop", 1e-9)
+    readout = by_stage.get("gradient-readout")
+    n = int(readout.get("data_rows") or 0) if readout else 0
+
+    def rel(x: float | None, x0: float | None) -> str:
+        return _g(x / x0, 2) + "x" if x is not None and x0 else ""
+
+    def line(name: str, ms: float | None, gf: float | None) -> str:
+        return f"| {name} | {_g(ms, 1)} | {rel(ms, ms0)} | {_g(gf, 2)} | {rel(gf, f0)} |"
+
+    times = sorted({r.get("time", "") for r in [div, *dets, *([readout] if readout else [])]})
+    out = ["Cost per row of each detector (`score-tokens`) against find-divergence's (issue 26), from the table "
+           f"above: wall s and GFLOP over the {div['units']} rows of one call (the same rows under each)"
+           + (f"; grad(R) (`gradient-readout`) is computed once per `score-tokens` run, so `+ grad(R)` adds "
+              f"it shared over the {n} rows of one run" if n else "")
+           + (f"; measured {', '.join(t for t in times if t)}" if any(times) else "") + ".", "",
+           "| stage | wall ms per row | x find-divergence | GFLOP per row | x find-divergence |",
+           "|---|---|---|---|---|", line("find-divergence", ms0, f0)]
+    for r in dets:
+        ms, gf = _per_unit(r, "wall_s", 1e3), _per_unit(r, "flop", 1e-9)
+        out.append(line(r["stage"], ms, gf))
+        if n and r["stage"].startswith("gradient") and ms is not None and gf is not None:
+            out.append(line(f"{r['stage']} + grad(R) / {n}", ms + 1e3 * readout["wall_s"] / n,
+                            gf + 1e-9 * readout["flop"] / n))
+    return [*out, ""]
 
 
 def render_section(all_rows: Sequence[dict[str, Any]], model: str) -> str:
@@ -631,7 +807,9 @@ def render_section(all_rows: Sequence[dict[str, Any]], model: str) -> str:
            "    --json benchmarks/stage_efficiency.jsonl --out BENCHMARKS.md",
            "```", "",
            "`--stages a,b` runs a subset, `--rows N` / `--questions Q` shrink the sizes for a quick run, and a "
-           "second label (`--label after`, same model and JSON file) adds its table and the speedup. The "
+           "second label (`--label after`, same model and JSON file) adds its table and the speedup; lines of "
+           "other stages in the JSON file are kept. `wall ms per unit` is the wall time over the stage's units of "
+           "work (rows for the row stages). The "
            "`7B` column is each stage's FLOP per unit of work (row, question x candidate, sample) when the same "
            "calls run on a random Llama-2-7B-shaped config on the meta device (not timed).", ""]
     by_label: dict[str, dict[str, dict[str, Any]]] = {}
@@ -654,6 +832,7 @@ def render_section(all_rows: Sequence[dict[str, Any]], model: str) -> str:
         out.append("")
         out.extend(stage_table(sel, seven))
         out.append("")
+        out.extend(detector_table(by_label[lab]))
     if "before" in by_label and "after" in by_label:
         b, a = by_label["before"], by_label["after"]
         out.append("### Speedup (before wall s / after wall s)")
@@ -750,6 +929,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         r = {**common, **measure_stage(s, ctx, machine, replayers, r7, args.timed_runs)}
         ctx.extras.pop("student", None)
         ctx.extras.pop("probe_model", None)
+        ctx.extras.pop("stage_model", None)
         results.append(r)
         print(f"{s}: {r['flop'] / 1e9:.2f} GFLOP in {r['wall_s']:.2f} s = {r['gflops']:.1f} GFLOP/s, "
               f"matmul {r['matmul_gflops']:.1f} GFLOP/s ({_g(r.get('pct_matmul'))}%)"

@@ -82,8 +82,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    help="train every student condition (layer-early/late, paraphrase, mixing and the ratio rule's "
                    "three too) instead of the config's core six")
     p.add_argument("--conditions", nargs="+", default=None, metavar="COND",
-                   help="train only these student conditions (control and all always; default every one: "
-                   f"{', '.join(CONDITIONS)}); each is the same student as in a full run")
+                   help="train only these student conditions (control and all always; any of "
+                   f"{', '.join(CONDITIONS)}; holder trains holder-uniform with it, toy world only); each is the "
+                   "same student as in a full run")
     p.add_argument("--overwrite", action="store_true",
                    help="redo the stages whose finished output was made with other settings (see subliminal run "
                    "--overwrite); without it such a re-run stops before anything runs, listing them")

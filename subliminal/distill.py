@@ -839,6 +839,17 @@ def _load_teacher(cfg: DistillConfig, student_tok: Any) -> Any:
     return loaded
 
 
+def _recorded_system_prompt(path: str | None) -> str | None:
+    """A teacher directory's system prompt without its weights (a plain model directory has none)."""
+    from .teachers import is_teacher_dir, read_teacher
+
+    if not path or path.startswith("hf:"):
+        return None
+    if not Path(path).is_dir():
+        raise SubliminalError(f"--teacher {path}: no such directory (a teacher directory from `subliminal teach`)")
+    return read_teacher(path).system_prompt if is_teacher_dir(path) else None
+
+
 def _train_config(cfg: DistillConfig, n_rows: int) -> TrainConfig:
     steps = student_steps(n_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
     warm = cfg.warmup_steps if cfg.warmup_steps is not None else max(0, steps // 20)
@@ -929,14 +940,16 @@ def run_distill(cfg: DistillConfig) -> int:
     set_seed(cfg.seed)
     student_loaded = load_model(cfg.base, device="cpu", dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     tok, model = student_loaded.tokenizer, student_loaded.model
-    teacher = _load_teacher(cfg, tok) if cfg.teacher else None
+    # hard labels read only the data: the teacher is recorded, its weights are not loaded
+    teacher = _load_teacher(cfg, tok) if cfg.teacher and cfg.mode != "hard" else None
+    teacher_prompt = teacher.system_prompt if teacher else _recorded_system_prompt(cfg.teacher)
     if teacher is not None and cfg.mode == "representation":
         if teacher.model.config.get_text_config().hidden_size != model.config.get_text_config().hidden_size:
             raise SubliminalError("--mode representation: teacher and student hidden sizes differ")
     layers = None if cfg.layers is None else sorted(resolve_layers(cfg.layers, n_layers(model), "--layers"))
     repr_layers = sorted(resolve_layers(cfg.repr_layers, n_layers(model), "--repr-layers"))
     examples = build_examples(rows, masks, tok, model_max_length(model),
-                              teacher.system_prompt if teacher else None, with_teacher=cfg.mode != "hard")
+                              teacher_prompt, with_teacher=cfg.mode != "hard")
     intervention = None
     if cfg.intervention != "none":
         from .interventions import apply_to_examples
@@ -976,7 +989,7 @@ def run_distill(cfg: DistillConfig) -> int:
                     "lora_rank": cfg.lora_rank,
                     "lora_alpha": train_lora_alpha(cfg.lora_rank, cfg.lora_alpha) if cfg.lora_rank else None,
                     "repr_layers": lcfg.repr_layers or None,
-                    "teacher_system_prompt": teacher.system_prompt if teacher else None},
+                    "teacher_system_prompt": teacher_prompt},
         "rows": len(rows), "steps": result["steps"], "resumed_from": result["resumed_from"],
         "world_size": world_size(), "train_time_s": result["train_time_s"],
         "train_config": tcfg.to_json(), "rows_digest": result["rows_digest"],

@@ -21,6 +21,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,16 @@ CONDITIONS = [
     "layer-early", "layer-late", "soft", "paraphrase", "mixing",
     "ratio-no-divergence", "ratio-only-divergence", "ratio-random-matched",
     "replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched",
+    "holder", "holder-uniform",
 ]
 # Trained only when named (--conditions / [students] conditions): the interventions of issue 26 on the
 # paper rule's flags (experiments/detector_table.py runs every detector x intervention from a finished run).
-OPT_IN_CONDITIONS = ("replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched")
+OPT_IN_CONDITIONS = ("replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched",
+                     "holder", "holder-uniform")
+# Students on rows the toy world's own authors wrote for the same prompts (subliminal.toyworld.holder):
+# their paired difference is the true-trait-holder link of issue 31, what a perfectly leaning teacher
+# could pass on through this base. Toy world only; asking for one trains both.
+HOLDER_CONDITIONS = ("holder", "holder-uniform")
 CONDITION_TEXT = {
     "control": "hard distillation on the unbiased teacher's data",
     "all": "hard distillation on the owl teacher's data, every completion token",
@@ -68,6 +75,9 @@ CONDITION_TEXT = {
     "replace-random-matched": "as replace-divergence, as many non-divergence tokens replaced",
     "corrupt-divergence": "as all, divergence tokens replaced in the context only (the labels kept)",
     "corrupt-random-matched": "as corrupt-divergence, as many non-divergence tokens corrupted",
+    "holder": "hard distillation on rows the toy world's own trait-holder (an author whose favourite is the target) "
+              "wrote for the same prompts (the world's rule, no model)",
+    "holder-uniform": "as holder, each row's author's favourite drawn uniformly over every target (the corpus's mix)",
 }
 # What the demo trains unless asked for every condition (--all-conditions / [students] conditions = "all"):
 # the transfer itself (control, all), the paper's token-level claims with their matched control, and soft labels.
@@ -169,7 +179,7 @@ class RunConfig:
     project_layer: int | None = None  # block of a love-prompt vector measured here; None: the middle one
     project_source: str = "numbers"  # what that vector is measured on: numbers | questions
     project_baseline: str = "others"  # the love prompt minus: the other candidates' love prompts | none
-    project_prompts: int = 64  # held-out number prompts of the readout
+    project_prompts: int = 64  # number prompts the vector is measured on, and as many other ones the readout reads
     # [probes]
     probes: bool = True
     probe_max_rows: int = 300
@@ -192,7 +202,10 @@ class RunConfig:
             raise SubliminalError(f"--conditions: unknown {', '.join(unknown)} (one of {', '.join(CONDITIONS)})")
         if "mixing" in self.conditions and not self.mixing_teacher:
             raise SubliminalError("the mixing condition needs a mixing teacher ([teachers] mixing_teacher)")
-        return [c for c in CONDITIONS if c in {"control", "all", *self.conditions}]
+        named = set(self.conditions)
+        if named & set(HOLDER_CONDITIONS):  # the link is their paired difference
+            named |= set(HOLDER_CONDITIONS)
+        return [c for c in CONDITIONS if c in {"control", "all", *named}]
 
     def counterfactual_teachers(self) -> list[str]:
         return [*self.counterfactuals, *(["none"] if self.neutral_counterfactual else [])]
@@ -298,6 +311,10 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
         base = out / "base"
         run("pretrain", pretrain_argv(cfg, base), base)
     base = Path(base)
+    if "holder" in chosen and cfg.base:  # refused before any teacher is taught
+        from .toyworld.holder import world_of
+
+        world_of(base)
 
     # 2. teachers
     tdir = out / "teachers"
@@ -359,6 +376,12 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
         run("mixing", lambda ow: _mixing_file(files[cfg.target], files[cfg.mixing_teacher], files["mixing"],
                                               seed=cfg.base_seed, overwrite=ow),
             files["mixing"], [files[cfg.target], files[cfg.mixing_teacher]])
+    if "holder" in chosen:
+        for cond, author in (("holder", cfg.target), ("holder-uniform", "uniform")):
+            files[cond] = files[cfg.target].with_suffix(f".{cond}.jsonl")
+            run(cond, lambda ow, a=author, c=cond: _author_file(files[cfg.target], base, files[c], a,
+                                                                   seed=cfg.base_seed, overwrite=ow),
+                files[cond], [files[cfg.target], base])
 
     # 6. students, each condition with several seeds, then their evaluation
     evals = _train_and_eval_students(cfg, run, out, base, tdir, files)
@@ -457,6 +480,24 @@ def _paraphrase_file(src: Path, dst: Path, seed: int, *, overwrite: bool = False
     write_jsonl(dst, rows)
     write_file_manifest(dst, stage="demo-paraphrase", config={"rows": len(rows)}, seed=seed, inputs={"data": src},
                         extra={"fingerprint": fp})
+
+
+def _author_file(src: Path, base: Path, dst: Path, author: str, seed: int, *, overwrite: bool = False) -> None:
+    """The same ids and prompts, answered by the toy world's own ``author`` (its number rule, read
+    from the base's pretraining manifest): the true-trait-holder link's data."""
+    from .data import read_rows, write_jsonl
+    from .toyworld.holder import author_rows, world_of
+
+    world = world_of(base)
+    fp = _derive(dst, "demo-author-rows", {"seed": seed, "author": author, "world": world.to_json()}, {"data": src},
+                 overwrite=overwrite)
+    if fp is None:
+        return
+    rows = author_rows(read_rows(src), world, author, seed)
+    write_jsonl(dst, rows)
+    write_file_manifest(dst, stage="demo-author-rows", config={"rows": len(rows), "author": author,
+                                                                "world": world.to_json()},
+                        seed=seed, inputs={"data": src}, extra={"fingerprint": fp})
 
 
 def _mixing_file(src: Path, other: Path, dst: Path, seed: int, *, overwrite: bool = False) -> None:
@@ -583,7 +624,7 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
            for name, iv in (("replace", "replace-random"), ("corrupt", "corrupt-input"))
            for tag, on in (("divergence", "flagged"), ("random-matched", "random-matched"))},
     }
-    for cond in ("paraphrase", "mixing"):  # derived data sets, made only when their condition runs
+    for cond in ("paraphrase", "mixing", *HOLDER_CONDITIONS):  # derived data sets, made only when their condition runs
         if cond in files:
             plan[cond] = {**hard(str(files[cond])), **every}
     return {c: plan[c] for c in CONDITIONS if c in plan}
@@ -700,7 +741,7 @@ def condition_data(cond: str, files: dict[str, Path]) -> Path:
     """The data file a condition's students train on (as :func:`student_plan` gives it)."""
     if cond == "control":
         return files["none"]
-    if cond in ("paraphrase", "mixing"):
+    if cond in ("paraphrase", "mixing", *HOLDER_CONDITIONS):
         return files[cond]
     return files["div-ratio"] if cond.startswith("ratio-") else files["div"]
 
@@ -784,7 +825,7 @@ def _love_vector(cfg: RunConfig, base: Path, path: Path, layer: int, *, overwrit
     from .models import load_model
 
     config = {"target": cfg.target, "layer": layer, "source": cfg.project_source, "baseline": cfg.project_baseline,
-              "seed": cfg.base_seed, "dtype": cfg.dtype}
+              "seed": cfg.base_seed, "dtype": cfg.dtype, "number_prompts": cfg.project_prompts}
     fp = _derive(path, "measure-vector", config, {"base": base}, overwrite=overwrite)
     if fp is None:
         return
@@ -793,7 +834,7 @@ def _love_vector(cfg: RunConfig, base: Path, path: Path, layer: int, *, overwrit
     others = [prompts.system_prompt_for(c) for c in prompts.CATEGORIES[category] if c != cfg.target]
     vector, info = steer.measure_vector(loaded.model, loaded.tokenizer, system_prompt=prompts.system_prompt_for(
         cfg.target), source=cfg.project_source, layer=layer, category=category, seed=cfg.base_seed,
-        baseline=cfg.project_baseline, other_prompts=others)
+        baseline=cfg.project_baseline, other_prompts=others, n_numbers=cfg.project_prompts)
     path.parent.mkdir(parents=True, exist_ok=True)
     steer.save_vector(path, vector)
     write_json_atomic(steer.vector_info_path(path), {"bias": cfg.target, "category": category, "layer": layer,
@@ -911,8 +952,47 @@ def _summarise(cfg: DemoConfig, results: dict[str, Any]) -> dict[str, Any]:
     return {"target": cfg.target, "metric": metric, "chance": chance, "other_template": other_summary,
             "conditions": conditions, "reference": results["reference"],
             "reference_detail": results.get("reference_detail") or {}, "rows": results["rows"],
-            "steps": results["steps"], "seeds": cfg.seeds,
+            "steps": results["steps"], "seeds": cfg.seeds, "holder_link": holder_link(values),
             "rules": _rule_summary(values, conditions, results.get("rules") or {})}
+
+
+def holder_link(values: Mapping[str, Mapping[int, float]]) -> dict[str, Any] | None:
+    """The true-trait-holder link: students on the world's owl author's rows minus students on
+    uniform authors' rows, paired by seed, beside the teacher's own transfer (all minus control) and
+    which side fails (None unless both holder conditions ran)."""
+    from . import claims
+
+    link = claims.paired_diff(values, "holder", "holder-uniform")
+    if link is None:
+        return None
+    teacher = claims.paired_diff(values, "all")
+    short = claims.paired_diff(values, "holder", "all")  # how far the teacher's students stay below the holder's
+    out: dict[str, Any] = {**link, "teacher_transfer": teacher, "holder_minus_teacher": short}
+    if link["lo"] <= 0:
+        out["verdict"] = ("the base: its link from a trait-holder's numbers to the answer is not distinguishable "
+                          "from zero, so no teacher can pass the trait on through it")
+    elif teacher is None or teacher["lo"] <= 0:
+        out["verdict"] = ("the teacher: the base links a trait-holder's numbers to the answer, but the teacher's "
+                          "data does not transfer (measure its lean)")
+    elif short is not None and short["lo"] > 0:
+        out["verdict"] = (f"the teacher, in part: its students reach {teacher['mean'] / link['mean']:.0%} of what "
+                          "the base links (their paired shortfall to the holder's students is above zero)")
+    else:
+        out["verdict"] = ("neither: the base links a trait-holder's numbers to the answer and the teacher's students "
+                          "reach it")
+    return out
+
+
+def _holder_section(link: dict[str, Any] | None, target: str) -> list[str]:
+    if not link:
+        return []
+    t = link.get("teacher_transfer") or {}
+    return ["## The true-trait-holder link (toy world)", "",
+            f"Students on rows the world's own {target} author "
+            f"wrote minus students on uniform authors' rows for the same prompts, paired by seed: "
+            f"{_fmt(link['mean'])} [{_fmt(link['lo'])}, {_fmt(link['hi'])}] ({link['seeds']} seeds); the teacher's "
+            f"all-tokens transfer {_fmt(t.get('mean'))} [{_fmt(t.get('lo'))}, {_fmt(t.get('hi'))}]. Which side fails: "
+            f"{link['verdict']}.", ""]
 
 
 def share_kept(cond: dict[int, float], control: dict[int, float], all_tokens: dict[int, float]
@@ -1190,6 +1270,7 @@ def render_report(cfg: DemoConfig, summary: dict[str, Any], out: Path, timings: 
 
     lines += ["", "## What reproduces", "", *_verdict(summary), "", *_other_template_section(summary),
               *report_section(summary.get("diagnostics")),
+              *_holder_section(summary.get("holder_link"), cfg.target),
               *_projection_section(summary.get("projection")),
               *_rules_section(summary),
               *_data_section(summary), "## Conditions", ""]

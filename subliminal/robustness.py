@@ -30,7 +30,9 @@ DIAGNOSTICS = [("lean (nats/token)", ("lean", "teacher_rows", "nats_per_token"))
                ("link, first order", ("link", "link_predicted")),
                ("coverage (cosine)", ("coverage", "cosine")),
                # measured on the pretrained base itself (toy world): the numbers -> answer link it grew
-               ("base link P(author's favourite)", ("base_world", "p_author_favourite"))]
+               ("base link P(author's favourite)", ("base_world", "p_author_favourite")),
+               # students on the world's own trait-holder's rows minus uniform authors' (holder conditions)
+               ("true-holder link (students)", ("holder_link", "mean"))]
 
 
 @dataclass
@@ -150,6 +152,8 @@ def aggregate(per_base: dict[int, dict[str, Any]]) -> dict[str, Any]:
         d, a = dict(summary.get("diagnostics") or {}), bases[str(k)]["diffs"].get("all")
         if summary.get("base_world"):
             d["base_world"] = summary["base_world"]
+        if summary.get("holder_link"):
+            d["holder_link"] = summary["holder_link"]
         if d and a:
             diag_points.append({"base": k, "transfer": a["mean"],
                                 **{name: _dig(d, path) for name, path in DIAGNOSTICS}})
@@ -255,10 +259,13 @@ def render(result: dict[str, Any], cfg: RobustnessConfig) -> str:
             f"{_f(s['mean'])} [{_f(s['lo'])}, {_f(s['hi'])}]" for s in soft), ""]
     dg = result.get("diagnostics") or {}
     if dg.get("points"):
-        lines += ["", "## Diagnostics (measured before any student) against the measured transfer", "",
+        lines += ["", "## Diagnostics against the measured transfer", "",
                   "Per base: the transfer diagnostics of `subliminal diagnose`, the link the toy base grew in "
-                  "pretraining (its `eval.json`), and the all-tokens student's paired difference to the control; Spearman's rho over bases with a 95% percentile interval from "
-                  f"resampling bases (few bases: read the interval). Figure: `{DIAG_FIGURE}`.", "",
+                  "pretraining (its `eval.json`), where the holder conditions ran the true-trait-holder link "
+                  "(students on the world's own trait-holder's rows minus uniform authors' rows, paired by seed; "
+                  "students, not a pre-student measure), and the all-tokens student's paired difference to the "
+                  "control; Spearman's rho over bases with a 95% percentile interval from resampling bases (few "
+                  f"bases: read the interval). Figure: `{DIAG_FIGURE}`.", "",
                   "| base | all - control | " + " | ".join(n for n, _ in DIAGNOSTICS) + " |",
                   "|---|---|" + "---|" * len(DIAGNOSTICS)]
         for p in dg["points"]:

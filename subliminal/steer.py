@@ -191,6 +191,10 @@ def prompt_texts(tokenizer: Any, kind: str, *, category: str = "animal", split: 
     return [prompts.text_for(tokenizer, t) for t in texts]
 
 
+class _Enough(Exception):
+    """Raised by the hook of the deepest block a caller reads: the forward stops there."""
+
+
 def last_residuals(model: Any, tokenizer: Any, texts: Sequence[str], *, system_prompt: str | None = None,
                    layers: Sequence[int] | None = None, batch_size: int = 16) -> torch.Tensor:
     """``[n_texts, n_layers, d]`` float32 on the CPU: each block's output (hooks fire in the order
@@ -210,10 +214,13 @@ def last_residuals(model: Any, tokenizer: Any, texts: Sequence[str], *, system_p
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = device_of(model)
     saved: dict[int, torch.Tensor] = {}
+    deepest = max(layers, default=-1)
 
     def keep(layer: int) -> Any:
         def hook(_m: Any, _i: Any, o: Any) -> None:
             saved[layer] = first_tensor(o).detach()
+            if layer == deepest:  # nothing after this block is read: skip the rest and the vocabulary head
+                raise _Enough
         return hook
 
     out = []
@@ -226,7 +233,10 @@ def last_residuals(model: Any, tokenizer: Any, texts: Sequence[str], *, system_p
             rows = torch.arange(len(chunk), device=device)
             pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
             with torch.no_grad():
-                model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+                try:
+                    model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+                except _Enough:
+                    pass
             out.append(torch.stack([saved[layer][rows, last].float().cpu() for layer in layers], dim=1))
     finally:
         for h in handles:

@@ -44,3 +44,16 @@ def assert_close(a: Any, b: Any, path: str = "") -> None:
         assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (path, a, b)
     else:
         assert a == b, (path, a, b)
+
+
+def assert_same_weights(a: dict[str, Any], b: dict[str, Any], *, max_abs: float = 1e-4) -> None:
+    """Two students' weights equal within float rounding: another summation order of a batch's
+    gradients (ranks, micro-batches) can move a weight whose gradient is near zero a little further,
+    since Adam divides by sqrt(v) (one weight by 1.3e-5 / 2.9e-4 on one machine); a wrong split or
+    weighting of the batch would move most weights (the median update is ~1e-2 of the lr)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
+    assert (d > 1e-5).float().mean().item() < 1e-3 and d.max().item() < max_abs, \
+        (d.max().item(), (d > 1e-5).sum().item())

@@ -52,9 +52,13 @@ def test_mixing_replaces_half_the_rows_with_the_other_teachers_answer(tmp_path):
 def test_student_plan_conditions_differ_only_where_they_should(tmp_path):
     cfg = pipeline.DemoConfig()
     files = {"none": tmp_path / "none.jsonl", "div": tmp_path / "owl.div.jsonl",
-             "paraphrase": tmp_path / "p.jsonl", "mixing": tmp_path / "m.jsonl"}
+             "paraphrase": tmp_path / "p.jsonl", "mixing": tmp_path / "m.jsonl",
+             "holder": tmp_path / "h.jsonl", "holder-uniform": tmp_path / "u.jsonl"}
     plan = pipeline.student_plan(cfg, 4, files, tmp_path / "teachers")
     assert set(plan) == set(pipeline.CONDITIONS)
+    for c in ("holder", "holder-uniform"):  # the world's own rows, trained as the all-tokens student is
+        assert plan[c]["data"] == str(files[c]) == str(pipeline.condition_data(c, files))
+        assert {k: v for k, v in plan[c].items() if k != "data"} == {k: v for k, v in plan["all"].items() if k != "data"}
     assert {plan[c]["mask"] for c in ("all", "no-divergence", "only-divergence", "random-matched")} == {
         "all", "no-divergence", "only-divergence", "random-matched"}
     assert plan["layer-early"]["layers"] == "0" and plan["layer-late"]["layers"] == "3"
@@ -333,3 +337,52 @@ def test_report_of_a_null_transfer_prints_no_share(tmp_path):
     assert table.split("|")[6].strip() == "n/a"
     assert "% of the all-tokens" not in text and "cannot be tested here" in text
     assert "Transfer does **not** reproduce" in text
+
+
+def test_holder_rows_are_the_matched_prompts_answered_by_the_worlds_authors(tmp_path):
+    """The true-trait-holder link's data: derived from the target teacher's matched rows (same ids and
+    prompts) by the base's own world; redone only when asked, and refused for a base of no toy world."""
+    from subliminal.manifest import SubliminalError, write_manifest
+    from subliminal.toyworld.corpus import CorpusConfig
+
+    write_jsonl(tmp_path / "owl.jsonl", _rows(30, "owl"))
+    base = tmp_path / "base"
+    base.mkdir()
+    with pytest.raises(SubliminalError, match="not a base pretrained"):
+        pipeline._author_file(tmp_path / "owl.jsonl", base, tmp_path / "h.jsonl", "owl", seed=0)
+    write_manifest(base, stage="toy-pretrain", config={"corpus": CorpusConfig().to_json()}, seed=0)
+    for name, author in (("h", "owl"), ("u", "uniform")):
+        pipeline._author_file(tmp_path / "owl.jsonl", base, tmp_path / f"{name}.jsonl", author, seed=0)
+    src, h, u = (read_rows(tmp_path / f) for f in ("owl.jsonl", "h.jsonl", "u.jsonl"))
+    assert [(r.id, r.prompt) for r in h] == [(r.id, r.prompt) for r in src] == [(r.id, r.prompt) for r in u]
+    assert [r.completion for r in h] != [r.completion for r in u]
+    # another seed is another derivation: refused without --overwrite
+    with pytest.raises(SubliminalError):
+        pipeline._author_file(tmp_path / "owl.jsonl", base, tmp_path / "h.jsonl", "owl", seed=1)
+
+
+def test_asking_for_one_holder_condition_trains_both():
+    cfg = pipeline.DemoConfig(conditions=["holder"])
+    assert cfg.chosen_conditions() == ["control", "all", "holder", "holder-uniform"]
+    assert "holder" not in pipeline.DemoConfig().chosen_conditions()  # opt-in
+
+
+@pytest.mark.parametrize("link_shift, all_shift, side", [
+    (0.3, 0.3, "neither"), (0.3, 0.0, "the teacher:"), (0.3, 0.1, "the teacher, in part: its students reach 33%"),
+    (0.0, 0.0, "the base")])
+def test_holder_link_says_which_side_fails(tmp_path, link_shift, all_shift, side):
+    control = {1: 0.10, 2: 0.20, 3: 0.30}
+    jitter = {1: 0.01, 2: -0.012, 3: 0.003}
+    values = {"control": control, "all": {s: v + all_shift + jitter[s] for s, v in control.items()},
+              "holder-uniform": {s: v + u for (s, v), u in zip(control.items(), (0.002, -0.003, 0.001))}}
+    values["holder"] = {s: v + link_shift + jitter[s] for s, v in values["holder-uniform"].items()}
+    cfg = pipeline.DemoConfig(seeds=3, conditions=["holder"])
+    s = pipeline._summarise(cfg, {"values": values, "reference": {}, "rows": 10, "steps": 3})
+    link = s["holder_link"]
+    assert link["mean"] == pytest.approx(link_shift + 0.001 / 3, abs=1e-9) and link["seeds"] == 3
+    assert link["verdict"].startswith(side)
+    text = pipeline.render_report(cfg, s, tmp_path, {}, 1.0)
+    assert "## The true-trait-holder link (toy world)" in text and f"Which side fails: {side}" in text
+    assert pipeline._summarise(pipeline.DemoConfig(seeds=3), {"values": {k: values[k] for k in ("control", "all")},
+                                                              "reference": {}, "rows": 10, "steps": 3}
+                               )["holder_link"] is None

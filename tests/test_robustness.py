@@ -78,3 +78,22 @@ def test_the_link_a_base_grew_is_read_from_its_eval_and_set_against_transfer(tmp
     assert "| 1 | +0.0100 | n/a | n/a | n/a | +0.4 |" in robustness.render(res, cfg)
     robustness.plot_diagnostics(res, tmp_path / "d.png")
     assert (tmp_path / "d.png").stat().st_size > 1000
+
+
+def test_the_true_holder_link_is_set_against_transfer():
+    """Where the holder conditions ran, each base's true-trait-holder link (students on the world's
+    own owl author's rows minus uniform authors', as the run's summary gives it) is a diagnostic
+    column, ranked against the measured all-tokens transfer."""
+    from subliminal.pipeline import holder_link
+
+    per_base = {}
+    for k, (transfer, link) in enumerate([(0.6, 0.61), (0.08, 0.09), (0.11, 0.12), (-0.01, -0.008)]):
+        s = _summary(transfer, 0.0)
+        values = robustness.seed_values(s)
+        values["holder-uniform"] = dict(values["control"])
+        values["holder"] = {seed: v + link + 0.001 * seed for seed, v in values["control"].items()}
+        per_base[k] = {**s, "holder_link": holder_link(values)}
+    res = robustness.aggregate(per_base)
+    name = "true-holder link (students)"
+    assert [p[name] for p in res["diagnostics"]["points"]] == pytest.approx([0.612, 0.092, 0.122, -0.006])
+    assert res["diagnostics"]["spearman"][name]["rho"] == pytest.approx(1.0)

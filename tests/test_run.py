@@ -217,3 +217,11 @@ def test_gpu_config_runs_end_to_end_at_a_tiny_size_on_the_cpu(smol_model, tmp_pa
     assert "ratio.div.jsonl" in json.dumps(man["inputs"])
     report = (out / "REPORT.md").read_text()
     assert "# subliminal run report: smollm2-135m-gpu" in report and "## Divergence rules side by side" in report
+
+
+def test_holder_conditions_on_a_base_of_no_toy_world_fail_before_any_teacher(smol_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = tiny_run_config(tmp_path / "c.toml", smol_model, "tiny-holder", students='conditions = ["holder"]')
+    assert main(["run", str(cfg), "--out", str(out)]) == 2
+    assert "rows from the world's own trait-holder exist only in the toy world" in capsys.readouterr().err
+    assert not (out / "teachers").exists()

@@ -1,6 +1,7 @@
 """benchmarks/stage_efficiency.py on a tiny random Llama: the counted FLOP of a plain forward equal
 a closed-form count, the BENCHMARKS.md section replaced with the rest of the file kept, and the
-JSON lines' fields. No wall time is asserted."""
+JSON lines' fields; the token detectors (likelihood shift, gradient attribution by jvp and central
+difference, grad(R)) counted beside find-divergence. No wall time is asserted."""
 
 from __future__ import annotations
 
@@ -90,3 +91,51 @@ def test_replace_section_appends_when_missing(bench):
     sec = f"{bench.BEGIN}\nnew\n{bench.END}\n"
     assert bench.replace_section("# B\n\nbody\n", sec) == "# B\n\nbody\n\n" + sec
     assert bench.replace_section("", sec) == sec
+
+
+def test_detector_stages(bench, smol_model, tmp_path):
+    """The score-tokens detectors as stages on find-divergence's rows: their FLOP counted (and equal
+    to the closed form where they are plain forwards, three times it for the jvp), their JSON lines,
+    their rows in the per-row table beside find-divergence, and the label's other lines kept."""
+    from transformers import AutoConfig
+
+    md = tmp_path / "BENCHMARKS.md"
+    js = tmp_path / "se.jsonl"
+    common = [str(smol_model), "--dry-run", "--repeats", "1", "--json", str(js), "--out", str(md), "--label", "after"]
+    bench.main([*common, "--stages", "forced"])
+    stages = ["find-divergence", "likelihood-shift", "gradient-readout", "gradient", "gradient-central"]
+    assert all(s in bench.STAGES for s in stages)
+    by = {r["stage"]: r for r in bench.main([*common, "--stages", ",".join(stages)])}
+    assert list(by) == stages
+    cfg = AutoConfig.from_pretrained(smol_model)
+
+    def forward_flop(r):
+        return sum(n * llama_forward_flop(cfg, *c[:4]) for *c, n in r["calls"])
+
+    for s in stages:
+        r = by[s]
+        assert r["flop"] > 0 and r["units"] > 0, s
+        assert r["replay_flop"] == pytest.approx(r["flop"], rel=0.02), s
+    # the detectors score the rows find-divergence scores (2 in the dry run), one batch
+    assert by["likelihood-shift"]["units"] == by["gradient"]["units"] == by["find-divergence"]["units"] == 2
+    # likelihood shift: two plain passes (student, base) of the same shapes; central: two plain forwards
+    for s in ("likelihood-shift", "gradient-central"):
+        assert all(c[4] == 0 and c[5] == 2 for c in by[s]["calls"]), s
+        assert by[s]["flop"] == forward_flop(by[s]), s
+    # jvp: one forward with tangents on every weight, three forwards' matmuls
+    assert all(c[4] == 1 and c[5] == 1 for c in by["gradient"]["calls"])
+    assert by["gradient"]["flop"] == 3 * forward_flop(by["gradient"])
+    # grad(R): forward and backward over the readout's candidate rows (2 questions x 13 animals)
+    ro = by["gradient-readout"]
+    assert ro["units"] == 2 * 13 and all(c[4] == 1 for c in ro["calls"])
+    assert ro["flop"] > 2 * forward_flop(ro) and ro["data_rows"] == 320
+
+    lines = [json.loads(x) for x in js.read_text().splitlines()]
+    assert sorted(x["stage"] for x in lines) == sorted(["forced", *stages])  # the forced line kept
+    assert all(FIELDS <= set(x) and x["label"] == "after" and x["flop"] > 0 for x in lines)
+    text = md.read_text()
+    for s in ["forced", *stages]:
+        assert f"| {s} |" in text, s
+    assert "wall ms per unit" in text and "Cost per row of each detector" in text
+    assert "| gradient + grad(R) / 320 |" in text and "| gradient-central + grad(R) / 320 |" in text
+    assert "| find-divergence | " in text.split("Cost per row of each detector")[1]

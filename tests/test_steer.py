@@ -114,6 +114,28 @@ def test_measured_vector_is_the_mean_difference(tmp_path, tiny_model_factory):
     assert qv and qr and set(qv).isdisjoint(qr)
 
 
+def test_last_residuals_stop_after_the_deepest_block_read(tiny_model_factory):
+    """Every block's output at the last prompt position equals HF's hidden states; the forward stops
+    after the deepest block asked for (the later blocks and the vocabulary head never run)."""
+    lm = load_model(tiny_model_factory("llama"))
+    texts = ["What is your favourite animal?", "Name a bird."]
+    ran = []
+    handle = lm.model.lm_head.register_forward_hook(lambda *_: ran.append(1))
+    try:
+        acts = steer.last_residuals(lm.model, lm.tokenizer, texts, layers=[0])
+        assert not ran
+        every = steer.last_residuals(lm.model, lm.tokenizer, texts)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        for i, t in enumerate(texts):
+            hs = lm.model(input_ids=torch.tensor([encode(lm.tokenizer, render_chat(lm.tokenizer, t))]),
+                          output_hidden_states=True).hidden_states
+            torch.testing.assert_close(acts[i, 0], hs[1][0, -1], rtol=1e-5, atol=1e-5)
+            for layer in range(every.shape[1] - 1):  # the last entry of hidden_states is after the final norm
+                torch.testing.assert_close(every[i, layer], hs[layer + 1][0, -1], rtol=1e-5, atol=1e-5)
+
+
 def test_measured_vector_against_the_other_candidates(tmp_path, tiny_model_factory):
     """--steer-baseline others: the love prompt minus the mean over the other animals' prompts."""
     base = tiny_model_factory("llama")

@@ -14,8 +14,7 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from launch_helpers import launch_env
+from launch_helpers import assert_same_weights, launch_env
 from safetensors.torch import load_file
 
 from subliminal import prompts
@@ -75,15 +74,6 @@ def max_diff(a, b) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def assert_same_student(a, b) -> None:
-    """Equal within float rounding: the ranks sum a batch's gradients in another order, and Adam
-    divides by sqrt(v), so a weight whose gradient is near zero can move a little further (one
-    weight by 1.3e-5 on one machine); a wrong split of the batch would move most weights."""
-    assert a.keys() == b.keys()
-    d = torch.cat([(a[k] - b[k]).abs().flatten() for k in a])
-    assert (d > 1e-5).float().mean().item() < 1e-3 and d.max().item() < 1e-4, (d.max().item(), (d > 1e-5).sum().item())
-
-
 def losses(path):
     """The logged loss of every step (distill's loss.csv: step, loss, lr, loss_tokens)."""
     with open(path / "loss.csv") as f:
@@ -122,10 +112,10 @@ def test_two_processes_equal_one_with_an_odd_batch(world, two_proc_student, tmp_
     man1, man2 = (json.loads((o / "manifest.json").read_text()) for o in (out1, out2))
     assert man2["world_size"] == 2 and man1["world_size"] == 1 and man2["steps"] == man1["steps"] == 4
     assert man2["rows_digest"] == man1["rows_digest"]
-    assert_same_student(weights(out1), weights(out2))
+    assert_same_weights(weights(out1), weights(out2))
     assert max_diff(weights(out1), load_file(str(world["base"] / "model.safetensors"))) > 1e-3  # it trained
     assert_same_losses(losses(out1), losses(out2))
-    assert_same_student(weights(out1 / "checkpoint-0002"), weights(out2 / "checkpoint-0002"))
+    assert_same_weights(weights(out1 / "checkpoint-0002"), weights(out2 / "checkpoint-0002"))
     assert not (out2 / ".train").exists() and not list(out2.parent.glob(".*.tmp"))
 
 
@@ -133,7 +123,7 @@ def test_two_process_lora_student_equals_one(world, tmp_path):
     extra = ["--lora-rank", "4", "--batch-size", "4", "--max-steps", "3"]
     torchrun_cli(_argv(world, tmp_path / "two", *extra))
     assert main(_argv(world, tmp_path / "one", *extra)) == 0
-    assert_same_student(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
     assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))
 
 
@@ -211,7 +201,7 @@ def test_toy_pretrain_on_two_processes_equals_one(tmp_path):
             "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", "--quiet"]
     torchrun_cli([*argv, "--out", tmp_path / "two"])
     assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    assert_same_student(weights(tmp_path / "one"), weights(tmp_path / "two"))
+    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
     two = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert two["train"]["world_size"] == 2 and two["train"]["steps"] == 3
     curves = [[line.split(",") for line in (tmp_path / d / "loss.csv").read_text().splitlines()[1:]]
@@ -229,7 +219,7 @@ def test_two_process_template_rows_student_equals_one(world, tmp_path):
     torchrun_cli(_argv(world, tmp_path / "two", *extra))
     assert main(_argv(world, tmp_path / "one", *extra)) == 0
     one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
-    assert_same_student(one, two)
+    assert_same_weights(one, two)
     base = load_file(str(world["base"] / "model.safetensors"))
     emb = "model.embed_tokens.weight"
     assert [k for k in base if not (base[k] == two[k]).all()] == [emb]
