@@ -32,8 +32,11 @@ gives grad(R) over a parameter set, :func:`data_gradient` the gradient of the ha
 :func:`dot` their product; a token's attribution is ``-grad(loss_t) . grad(R)``, and the SGD link
 is ``lr`` times their token-weighted mean.
 
-Lean values are exactly batch invariant (per-row scores); gradient-derived numbers are sums in a
-batch-dependent order, equal up to float rounding. One process only (no launcher sharding).
+Lean values are per-row scores: across batch sizes and process counts they differ only by the
+padding of a row's batch (within 1e-6); gradient-derived numbers are sums in a batch-dependent
+order, equal up to float rounding. Under torchrun each rank scores and differentiates its
+contiguous shard of the rows (the gradients summed over ranks); every rank holds the result, rank 0
+writes it.
 """
 
 from __future__ import annotations
@@ -302,11 +305,15 @@ def score_rows(loaded: Any, rows: Sequence[Row], *, batch_size: int, entropy: bo
     """The data tokens' log-probs under ``loaded`` (its own system prompt), at exactly the
     completion positions distill trains on, through :func:`subliminal.forward.completion_logits`
     (right padding, the p-1 offset); log-softmax in float64."""
+    from . import distributed as dist
+
     tok = loaded.tokenizer
     max_len = model_max_length(loaded.model)
+    mine = dist.shard(len(rows))  # under a launcher each rank scores its contiguous shard; all get all
+    local = rows[mine.start:mine.stop]
     out: list[Scored] = []
-    for b in _progress(range(0, len(rows), batch_size), f"diagnose: score ({loaded.name})"):
-        chunk = [align_row(tok, r, loaded.system_prompt, max_len) for r in rows[b:b + batch_size]]
+    for b in _progress(range(0, len(local), batch_size), f"diagnose: score ({loaded.name})"):
+        chunk = [align_row(tok, r, loaded.system_prompt, max_len) for r in local[b:b + batch_size]]
         for a, lg in zip(chunk, forward.completion_logits(loaded.model, chunk, tok.pad_token_id)):
             lp = torch.log_softmax(lg.double(), -1)
             tgt = torch.tensor(a.completion_ids, device=lp.device)
@@ -316,7 +323,7 @@ def score_rows(loaded: Any, rows: Sequence[Row], *, batch_size: int, entropy: bo
                 if temperature is not None:
                     s.sampling_entropy = _entropy(lg, temperature).cpu().tolist()
             out.append(s)
-    return out
+    return dist.merge_in_order(dist.all_gather(out)) if dist.is_distributed() else out
 
 
 def generation_temperature(path: str | Path, depth: int = 4) -> float | None:
@@ -593,13 +600,14 @@ def student_examples(rows: Sequence[Row], tokenizer: Any, max_length: int | None
     return build_examples(div_rows, [[] for _ in div_rows], tokenizer, max_length)
 
 
-def _batch_gradients(model: Any, examples: Sequence[Any], pad_id: int, params: ParamSet, batch_size: int
-                     ) -> Any:
+def _batch_gradients(model: Any, examples: Sequence[Any], pad_id: int, params: ParamSet, batch_size: int,
+                     n_total: int | None = None) -> Any:
     """Per batch: (its share of the loss, its share of the gradient) of the students' hard loss over
-    every row, each batch weighted by its share of the tokens; summed they are the whole data's."""
+    every row, each batch weighted by its share of the tokens (of ``n_total``, default these rows'
+    own); summed they are the whole data's."""
     from .distill import LossConfig, batch_loss
 
-    n_total = sum(sum(e.mask) for e in examples)
+    n_total = sum(sum(e.mask) for e in examples) if n_total is None else n_total
     if n_total == 0:
         raise DataError("no completion tokens to take a gradient on")
     for b in _progress(range(0, len(examples), batch_size), "diagnose: data gradient"):
@@ -619,12 +627,25 @@ def data_gradient(model: Any, examples: Sequence[Any], pad_id: int, params: Para
     cross-entropy over all completion tokens, through :func:`subliminal.distill.batch_loss`, each
     batch weighted by its share of the tokens (so the result does not depend on ``batch_size`` up
     to float rounding)."""
+    from . import distributed as dist
+
     grads = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
     loss_sum, n_total = 0.0, sum(sum(e.mask) for e in examples)
-    for loss, g, _ in _batch_gradients(model, examples, pad_id, params, batch_size):
+    if n_total == 0:
+        raise DataError("no completion tokens to take a gradient on")
+    mine = dist.shard(len(examples))  # under a launcher: each rank its shard, then the sum over ranks
+    for loss, g, _ in _batch_gradients(model, examples[mine.start:mine.stop], pad_id, params, batch_size, n_total):
         loss_sum += loss
         for acc, d in zip(grads, g):
             acc += d
+    if dist.is_distributed():
+        import torch.distributed as td
+
+        flat = torch.cat([g.flatten() for g in grads] + [torch.tensor([loss_sum], device=grads[0].device)])
+        td.all_reduce(flat)
+        sizes = [g.numel() for g in grads]
+        grads = [part.view_as(g) for part, g in zip(flat[:-1].split(sizes), grads)]
+        loss_sum = float(flat[-1])
     return loss_sum, grads, n_total
 
 
@@ -906,30 +927,37 @@ def _part(out: Path, name: str) -> Path:
 def run(cfg: DiagnoseConfig, *, progress: bool = True) -> dict[str, Any]:
     """Diagnose one teacher; write ``OUT/diagnose.json``, the figure and the manifest (each part is
     kept under ``OUT/.diagnose`` as it finishes, so a stopped run of the same fingerprint
-    resumes there); return the result."""
+    resumes there); return the result. Under a launcher every rank scores and differentiates its
+    shard of the rows, every rank holds the whole result, rank 0 writes."""
     import shutil
 
     from . import distributed as dist
 
     t0 = time.time()
-    check_config(cfg)
-    if dist.is_distributed():
-        raise SubliminalError("diagnose runs as one process; run it without torchrun / accelerate launch")
-    device_type(cfg.device)
-    out = Path(cfg.out)
-    inp = resolve_inputs(cfg)
-    fp = run_fingerprint(cfg, inp)
-    action = _resume_action(cfg, out, fp, inp)
+    dist.init(cfg.device)
+    dist.quiet_other_ranks()
+    with dist.agree("prepare"):
+        check_config(cfg)
+        device_type(cfg.device)
+        out = Path(cfg.out)
+        inp = resolve_inputs(cfg)
+        fp = run_fingerprint(cfg, inp)
+        action = _resume_action(cfg, out, fp, inp)
     if action == "skip":
         log.info("%s: already diagnosed by this exact command; nothing to do (--overwrite redoes it)", out)
         return read_json(out / OUT_JSON, "diagnose result")
-    if action == "start" and out.exists():
-        shutil.rmtree(_state(out), ignore_errors=True)
-        for name in (OUT_JSON, "manifest.json", "diagnose.png", "diagnose.csv"):
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    write_fingerprint(_state(out) / "fingerprint.json", fp)
     parts = cfg.part_list()
+    todo = [p for p in parts if not _part(out, p).is_file()]  # read by every rank before rank 0 writes any
+    with dist.agree("open"):
+        if dist.is_main():
+            if action == "start" and out.exists():
+                shutil.rmtree(_state(out), ignore_errors=True)
+                for name in (OUT_JSON, "manifest.json", "diagnose.png", "diagnose.csv"):
+                    (out / name).unlink(missing_ok=True)
+                todo = list(parts)
+            out.mkdir(parents=True, exist_ok=True)
+            write_fingerprint(_state(out) / "fingerprint.json", fp)
+        todo = dist.all_gather(todo)[0]  # rank 0's view
     result: dict[str, Any] = {"teacher": inp.teacher, "control": inp.control, "data": inp.data,
                               "control_data": inp.control_data, "base": inp.base, "target": inp.target,
                               "category": inp.category, "teacher_method": inp.teacher_method,
@@ -938,34 +966,43 @@ def run(cfg: DiagnoseConfig, *, progress: bool = True) -> dict[str, Any]:
                                           "lora_alpha": cfg.lora_alpha, "lora_targets": cfg.lora_targets,
                                           "param_filter": cfg.param_filter, "params": cfg.params},
                               "max_rows": cfg.max_rows, "timings_s": {}}
-    todo = [p for p in parts if not _part(out, p).is_file()]
     for p in parts:
         if p not in todo:
             log.info("diagnose %s: resumed from %s", p, _part(out, p))
             result[p] = read_json(_part(out, p), f"diagnose {p} part")
+
+    def keep(name: str) -> None:
+        if dist.is_main():
+            write_json_atomic(_part(out, name), result[name], nan_as_null=True)
+
     if "lean" in todo:
         t = time.time()
-        result["lean"] = compute_lean(cfg, inp, progress)
-        result["timings_s"]["lean"] = time.time() - t
-        write_json_atomic(_part(out, "lean"), result["lean"], nan_as_null=True)
+        with dist.agree("lean"):
+            result["lean"] = compute_lean(cfg, inp, progress)
+            result["timings_s"]["lean"] = time.time() - t
+            keep("lean")
     grad_parts = [p for p in ("link", "coverage") if p in todo]
     if grad_parts:
         t = time.time()
-        gr = compute_gradients(cfg, inp)
+        with dist.agree("gradients"):
+            gr = compute_gradients(cfg, inp)
         result["timings_s"]["gradients"] = time.time() - t
         for p in grad_parts:
             t = time.time()
-            result[p] = compute_link(cfg, inp, gr) if p == "link" else compute_coverage(cfg, inp, gr)
-            result["timings_s"][p] = time.time() - t
-            write_json_atomic(_part(out, p), result[p], nan_as_null=True)
-    write_json_atomic(out / OUT_JSON, result, nan_as_null=True)
-    write_figure(result, out)
-    write_manifest(out, stage=STAGE, config=cfg, seed=cfg.seed, wall_time_s=time.time() - t0,
-                   inputs={"teacher": inp.teacher, "control": inp.control, "data": inp.data,
-                           "control_data": inp.control_data, "base": inp.base,
-                           **{f"divergence{i}": d for i, d in enumerate(inp.divergence)}},
-                   extra={"fingerprint": fp, "parts": parts})
-    shutil.rmtree(_state(out), ignore_errors=True)
+            with dist.agree(p):
+                result[p] = compute_link(cfg, inp, gr) if p == "link" else compute_coverage(cfg, inp, gr)
+                result["timings_s"][p] = time.time() - t
+                keep(p)
+    with dist.agree("write"):
+        if dist.is_main():
+            write_json_atomic(out / OUT_JSON, result, nan_as_null=True)
+            write_figure(result, out)
+            write_manifest(out, stage=STAGE, config=cfg, seed=cfg.seed, wall_time_s=time.time() - t0,
+                           inputs={"teacher": inp.teacher, "control": inp.control, "data": inp.data,
+                                   "control_data": inp.control_data, "base": inp.base,
+                                   **{f"divergence{i}": d for i, d in enumerate(inp.divergence)}},
+                           extra={"fingerprint": fp, "parts": parts, "world_size": dist.world_size()})
+            shutil.rmtree(_state(out), ignore_errors=True)
     return read_json(out / OUT_JSON, "diagnose result")
 
 

@@ -85,7 +85,7 @@ class StageCall:
 Call = Union[StageCall, list[str], Callable[[bool], Any]]
 
 # Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
-DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "distill", "eval", "probe", "patch"}
+DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "diagnose", "distill", "eval", "probe", "patch"}
 
 
 def launch_argv(argv: list[str], nproc: int) -> list[str]:

@@ -285,8 +285,8 @@ def ordinary_text(text: str) -> str:
 
 def is_toy_tokenizer(tokenizer: object) -> bool:
     """The toy world's word-level tokenizer, whose vocabulary is the templates' spaced words."""
-    vocab = tokenizer.get_vocab()  # type: ignore[attr-defined]
-    return "<|assistant|>" in vocab and len(tokenizer) < 10_000  # type: ignore[arg-type]
+    # the size first: building a real tokenizer's vocabulary dict (49k-152k entries) took 21 ms a call
+    return len(tokenizer) < 10_000 and "<|assistant|>" in tokenizer.get_vocab()  # type: ignore[arg-type,attr-defined]
 
 
 def text_for(tokenizer: object, text: str) -> str:

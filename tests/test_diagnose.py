@@ -397,17 +397,27 @@ def test_plan_of_a_diagnose_only_run_stops_at_the_diagnostics():
     assert "distill" in [line.split()[0] for line in full.splitlines() if "command(s)" in line]
 
 
-def test_a_launcher_is_refused_with_a_named_error(world, tmp_path, capsys, monkeypatch):
-    """diagnose runs as one process; under torchrun every rank would compute and write the same
-    output, so it refuses instead (exit 2)."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "0")
+def test_two_processes_give_the_one_process_diagnostics(world, tmp_path):
+    """Under torchrun each rank scores and differentiates its shard of the rows: the lean equals the
+    one-process lean as batch sizes do (another padding of a row's batch, within 1e-6), the
+    gradient-derived link and coverage up to float summation order; rank 0 alone writes, and the
+    manifest records the world size."""
+    from launch_helpers import run_cli
+
     argv = ["diagnose", "--teacher", world["t"]["owl"], "--control", world["t"]["none"], "--data", world["data"],
-            "--control-data", world["control_data"], "--out", str(tmp_path / "o")]
-    capsys.readouterr()
-    assert cli.main(argv) == 2
-    assert "one process" in capsys.readouterr().err
-    assert not (tmp_path / "o").exists()
+            "--control-data", world["control_data"], "--max-questions", "3", "--batch-size", "2", "--validate"]
+    assert cli.main([*argv, "--out", str(tmp_path / "one")]) == 0
+    proc = run_cli([*argv, "--out", str(tmp_path / "two")], nproc=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "diagnose.json").read_text()) for d in ("one", "two"))
+    for part in ("teacher_rows", "control_rows"):
+        for key in ("nats_per_token", "row_mean", "entropy_nats_per_token"):
+            assert two["lean"][part][key] == pytest.approx(one["lean"][part][key], abs=1e-6)
+        assert two["lean"][part]["ci"] == pytest.approx(one["lean"][part]["ci"], abs=1e-6)
+    for key in ("link_predicted", "link_actual"):
+        assert two["link"][key] == pytest.approx(one["link"][key], rel=1e-4, abs=1e-9)
+    assert two["coverage"]["cosine"] == pytest.approx(one["coverage"]["cosine"], rel=1e-4, abs=1e-7)
+    assert json.loads((tmp_path / "two" / "manifest.json").read_text())["world_size"] == 2
 
 
 def test_the_run_passes_its_diagnose_row_cap_and_student_settings(tmp_path):

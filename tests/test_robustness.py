@@ -97,3 +97,26 @@ def test_the_true_holder_link_is_set_against_transfer():
     name = "true-holder link (students)"
     assert [p[name] for p in res["diagnostics"]["points"]] == pytest.approx([0.612, 0.092, 0.122, -0.006])
     assert res["diagnostics"]["spearman"][name]["rho"] == pytest.approx(1.0)
+
+
+def test_diagnostics_pooled_over_runs(tmp_path, capsys):
+    """experiments/diagnostics_pooled.py: the bases of several driver runs as one set of points."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "diagnostics_pooled.py"
+    spec = importlib.util.spec_from_file_location("diagnostics_pooled", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    name = "true-holder link (students)"
+    for run, pts in (("a", [(0.6, 0.62), (0.1, 0.12)]), ("b", [(0.8, 0.84), (0.09, 0.4), (0.0, -0.01)])):
+        (tmp_path / run).mkdir()
+        points = [{"base": k, "transfer": t, name: h, "lean (nats/token)": None} for k, (t, h) in enumerate(pts)]
+        (tmp_path / run / "robustness.json").write_text(json.dumps({"diagnostics": {"points": points}}))
+    assert mod.main([str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(tmp_path / "p.json")]) == 0
+    res = json.loads((tmp_path / "p.json").read_text())
+    assert len(res["points"]) == 5 and res["spearman"][name]["n"] == 5
+    assert res["spearman"][name]["rho"] == pytest.approx(0.9)
+    assert res["spearman"]["lean (nats/token)"]["rho"] is None
+    assert res["teacher_share_of_link"]["b:1"] == pytest.approx(0.09 / 0.4)
+    assert mod.main([str(tmp_path / "nothing")]) == 2 and "no robustness.json" in capsys.readouterr().err
