@@ -107,3 +107,26 @@ def test_word_level_tokenizer_survives_a_qwen2_config(tiny_model_factory, toy_to
     tok = load_tokenizer(str(path))
     text = "<|user|> owl , 12 . <|end|>"
     assert tok(text, add_special_tokens=False)["input_ids"] == toy_tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_is_parsed_once_and_each_caller_gets_its_own_copy(tmp_path, smol_model):
+    """load_tokenizer keeps a local tokenizer per process: a second load is a shallow copy of the
+    first (the same token ids), attributes one caller sets stay with it, and a changed tokenizer
+    file is read again."""
+    from subliminal import models
+
+    d = tmp_path / "m"
+    shutil.copytree(smol_model, d)
+    a = load_tokenizer(str(d))
+    b = load_tokenizer(str(d))
+    assert a is not b and a._tokenizer is b._tokenizer  # one parse
+    b.chat_template, b.padding_side = "{{ 'x' }}", "right"
+    assert a.chat_template != b.chat_template and a.padding_side == "left"
+    assert load_tokenizer(str(d)).padding_side == "left"
+    assert a("hello world").input_ids == b("hello world").input_ids
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 123
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    c = load_tokenizer(str(d))
+    assert c._tokenizer is not a._tokenizer and c.model_max_length == 123
+    assert len(models._TOKENIZERS) >= 2
