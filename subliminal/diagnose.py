@@ -323,7 +323,7 @@ def score_rows(loaded: Any, rows: Sequence[Row], *, batch_size: int, entropy: bo
                 if temperature is not None:
                     s.sampling_entropy = _entropy(lg, temperature).cpu().tolist()
             out.append(s)
-    return dist.merge_in_order(dist.all_gather(out)) if dist.is_distributed() else out
+    return dist.merge_in_order(dist.all_gather(out))
 
 
 def generation_temperature(path: str | Path, depth: int = 4) -> float | None:
@@ -631,8 +631,6 @@ def data_gradient(model: Any, examples: Sequence[Any], pad_id: int, params: Para
 
     grads = [torch.zeros_like(p, dtype=torch.float32) for _, p in params]
     loss_sum, n_total = 0.0, sum(sum(e.mask) for e in examples)
-    if n_total == 0:
-        raise DataError("no completion tokens to take a gradient on")
     mine = dist.shard(len(examples))  # under a launcher: each rank its shard, then the sum over ranks
     for loss, g, _ in _batch_gradients(model, examples[mine.start:mine.stop], pad_id, params, batch_size, n_total):
         loss_sum += loss

@@ -377,7 +377,9 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
                                               seed=cfg.base_seed, overwrite=ow),
             files["mixing"], [files[cfg.target], files[cfg.mixing_teacher]])
     if "holder" in chosen:
-        for cond, author in (("holder", cfg.target), ("holder-uniform", "uniform")):
+        from .toyworld.holder import UNIFORM
+
+        for cond, author in (("holder", cfg.target), ("holder-uniform", UNIFORM)):
             files[cond] = files[cfg.target].with_suffix(f".{cond}.jsonl")
             run(cond, lambda ow, a=author, c=cond: _author_file(files[cfg.target], base, files[c], a,
                                                                    seed=cfg.base_seed, overwrite=ow),
