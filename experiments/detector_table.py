@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from subliminal import cli
+from subliminal import detectors as det
 from subliminal.divergence import any_flags, load_divergence
 from subliminal.evaluate import mean_ci
 from subliminal.manifest import (
@@ -131,12 +132,10 @@ def _main(args: argparse.Namespace) -> int:
             src = div
         else:
             src = work / "div" / f"{args.target}.{d}.div.jsonl"
-            extra = (["--student", str(run / "students" / f"all-s{args.detector_seed}")] if d == "likelihood-shift"
-                     else ["--target", args.target, "--params", tmpl.get("params", "all")]
-                     + (["--layers", str(tmpl["layers"])] if tmpl.get("layers") is not None else [])
-                     + (["--lora-rank", str(tmpl["lora_rank"])] if tmpl.get("lora_rank") else []))
-            _cli(["score-tokens", "--detector", d, "--divergence", str(div), "--out", str(src),
-                  "--base", tmpl["base"], *extra])
+            # the gradient over exactly what the students train (the run's own rule: detectors.student_trainable)
+            kw = ({"student": str(run / "students" / f"all-s{args.detector_seed}")} if d == "likelihood-shift"
+                  else {"target": args.target, **det.student_trainable(tmpl)})
+            det.run(det.ScoreTokensConfig(detector=d, divergence=str(div), out=str(src), base=tmpl["base"], **kw))
         timings[d] = float((read_file_manifest(src) or {}).get("wall_time_s") or 0.0) if d != "ratio" else 0.0
         _cli(["reflag-divergence", str(src), "--out", str(path), "--rule", d, "--flag-share", str(args.share)])
         flagged[d] = path

@@ -21,8 +21,16 @@ Two detectors beside the divergence rules (paper, ratio) that find-divergence ha
 Positions are exactly those ``distill --mode hard`` trains on: every completion token of the row
 as the student sees it (no system prompt), its loss read from the logits at sequence position
 p-1 (one helper, :func:`subliminal.distill._position_logits`, indexes both). Scores are per row,
-so a row's scores do not depend on the batch it ran in (up to float rounding for gradients: a
-sum over parameters). One process only.
+so a row's scores do not depend on the batch it ran in (up to float rounding: the rows padded
+with it change the last bits of a forward, and a gradient score is a sum over parameters).
+
+Under ``torchrun --nproc-per-node N`` every rank scores its shard of the rows and rank 0 writes
+the one file. The shards are made of whole batches, the batches one process makes
+(:func:`subliminal.distributed.batch_shard`), every rank computes grad(R) whole (the same
+questions in the same chunks as one process), so each row is scored in exactly the forward one process scores
+it in: the file is bit-identical whatever the number of processes (on one kind of device, at one
+thread count). Sharding the readout's questions and summing grad(R) over ranks would save each
+rank part of that backward but change its summation order, i.e. the scores' last bits.
 """
 
 from __future__ import annotations
@@ -31,7 +39,7 @@ import argparse
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -193,6 +201,23 @@ class ScoreTokensConfig:
     overwrite: bool = False
 
 
+# The distill settings that choose which parameters a student trains (DistillConfig's names, which
+# ScoreTokensConfig shares): the gradient detector's dot product runs over exactly that set.
+TRAINABLE_FIELDS = ("layers", "lora_rank", "lora_alpha", "lora_targets", "params")
+
+
+def student_trainable(distill: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`ScoreTokensConfig` fields that give ``gradient`` the parameter set of a student
+    with these distill settings (a DistillConfig's fields: its manifest's ``config``, or a run's plan
+    of a condition): every weight, some blocks, LoRA with its rank, alpha and targets, or a
+    ``--params`` set. One function, so a run and the experiment scripts cannot score over a set
+    their students do not train."""
+    out = {k: distill[k] for k in TRAINABLE_FIELDS if distill.get(k) is not None}
+    if out.get("params") == "all":
+        del out["params"]
+    return out
+
+
 def _check(cfg: ScoreTokensConfig) -> None:
     if cfg.detector not in DETECTORS:
         raise DetectorError(f"--detector {cfg.detector!r}: one of {', '.join(DETECTORS)}")
@@ -269,15 +294,16 @@ def _gradient_scores(cfg: ScoreTokensConfig, base: str, progress: bool) -> tuple
 
     target, category = _resolve_target(cfg)
     dcfg = DiagnoseConfig(out="unused", layers=cfg.layers, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                          lora_targets=cfg.lora_targets, params=cfg.params, seed=cfg.seed, device=cfg.device,
-                          dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+                          lora_targets=cfg.lora_targets, params=cfg.params, seed=cfg.seed,
+                          device=cfg.device, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     loaded, model, params = student_model(base, dcfg)
     tok = loaded.tokenizer
     r, g_r = readout_gradient(model, tok, params, target, category, max_questions=cfg.max_questions,
                               batch_size=cfg.batch_size)
     objs, ex = _examples(cfg, tok, model)
-    scores = gradient_attribution(model, params, g_r, ex, tok.pad_token_id, batch_size=cfg.batch_size,
-                                  method=cfg.method, eps=cfg.eps, progress=progress)
+    scores = _my_batches(lambda part: gradient_attribution(model, params, g_r, part, tok.pad_token_id,
+                                                        batch_size=cfg.batch_size, method=cfg.method, eps=cfg.eps,
+                                                        progress=progress), ex, cfg.batch_size)
     info = {"target": target, "category": category, "readout": r, "method": cfg.method,
             "grad_readout_norm": math.sqrt(sum(float((g.double() ** 2).sum()) for g in g_r)),
             "n_trained_tensors": len(params), "n_trained_values": sum(p.numel() for _, p in params)}
@@ -295,8 +321,20 @@ def _shift_scores(cfg: ScoreTokensConfig, base: str) -> tuple[list[dict], list[t
     student.model.eval()
     base_m.model.eval()
     objs, ex = _examples(cfg, student.tokenizer, student.model)
-    scores = likelihood_shift(student.model, base_m.model, ex, student.tokenizer.pad_token_id, cfg.batch_size)
+    pad = student.tokenizer.pad_token_id
+    scores = _my_batches(lambda part: likelihood_shift(student.model, base_m.model, part, pad, cfg.batch_size), ex,
+                         cfg.batch_size)
     return objs, scores, {"student": cfg.student}
+
+
+def _my_batches(score: Callable[[Sequence[Any]], list[torch.Tensor]], examples: Sequence[Any], batch_size: int
+                ) -> list[torch.Tensor]:
+    """``score`` over this rank's whole batches of ``examples`` (all of them without a launcher), on
+    the CPU; :func:`run` gathers every rank's (see the module docstring for why whole batches)."""
+    from . import distributed as dist
+
+    mine = dist.batch_shard(len(examples), batch_size)
+    return [t.detach().cpu() for t in score(list(examples[mine.start:mine.stop]))]
 
 
 def score_key(detector: str) -> str:
@@ -305,23 +343,10 @@ def score_key(detector: str) -> str:
     return DETECTOR_RULES[detector]
 
 
-def run(cfg: ScoreTokensConfig, *, progress: bool = True) -> dict[str, Any] | None:
-    """Score every completion token of ``cfg.divergence`` with ``cfg.detector`` and write ``cfg.out``:
-    the same rows with ``scores[<detector key>]`` added (flags unchanged, or set by ``flag_share``),
-    atomically, with its manifest. Returns the summary (None: ``out`` already holds this exact run)."""
-    from . import distributed as dist
-    from .divergence import RuleSpec, _floats, _write_rows, flag_rows
-
-    t0 = time.time()
-    _check(cfg)
-    if dist.is_distributed():
-        raise SubliminalError("score-tokens runs as one process; run it without torchrun / accelerate launch")
-    device_type(cfg.device)
-    out = Path(cfg.out)
-    check_not_input({"--out": out}, {"--divergence": cfg.divergence, "--source-data": cfg.source_data,
-                                     "--student": cfg.student, "--base": cfg.base})
-    check_writable(out)
-    base = _resolve_base(cfg)
+def _fingerprint(cfg: ScoreTokensConfig, base: str) -> dict[str, Any]:
+    """What the scores depend on: the inputs' contents and the settings that can change a score; not
+    the paths, the number of processes (the same bits) nor the batch size (the same up to float
+    rounding, as find-divergence's scores)."""
     settings = {k: v for k, v in asdict(cfg).items()
                 if k not in ("divergence", "out", "source_data", "student", "base", "overwrite", "trust_remote_code",
                              "device", "batch_size")}
@@ -330,40 +355,98 @@ def run(cfg: ScoreTokensConfig, *, progress: bool = True) -> dict[str, Any] | No
         settings.pop("eps")
     if cfg.detector != "gradient":
         settings.pop("method")
-    fp = fingerprint({"divergence": cfg.divergence, "source_data": cfg.source_data, "student": cfg.student,
-                      "base": base}, settings)
-    if check_file_resume(out, fp, overwrite=cfg.overwrite, stage=STAGE) == "skip":
-        log.info("%s: already scored by this exact command; nothing to do (--overwrite redoes it)", out)
-        return None
-    set_seed(cfg.seed)
-    if cfg.detector == "gradient":
-        objs, scores, info = _gradient_scores(cfg, base, progress)
-    else:
-        objs, scores, info = _shift_scores(cfg, base)
+    return fingerprint({"divergence": cfg.divergence, "source_data": cfg.source_data, "student": cfg.student,
+                        "base": base}, settings)
+
+
+def _prepare(cfg: ScoreTokensConfig) -> tuple[str, dict[str, Any], str]:
+    """Check the config and the paths; (base, fingerprint, the resume action: ``skip`` when ``out``
+    already holds this exact run)."""
+    _check(cfg)
+    device_type(cfg.device)
+    out = Path(cfg.out)
+    check_not_input({"--out": out}, {"--divergence": cfg.divergence, "--source-data": cfg.source_data,
+                                     "--student": cfg.student, "--base": cfg.base})
+    check_writable(out)
+    base = _resolve_base(cfg)
+    fp = _fingerprint(cfg, base)
+    return base, fp, check_file_resume(out, fp, overwrite=cfg.overwrite, stage=STAGE)
+
+
+def _scored_rows(cfg: ScoreTokensConfig, objs: Sequence[dict[str, Any]], scores: Sequence[torch.Tensor]
+                 ) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The file's rows with the detector's score added (and flags set, with ``flag_share``)."""
+    from .divergence import RuleSpec, _floats, flag_rows
+
     key = score_key(cfg.detector)
     rows = []
-    for o, s in zip(objs, scores):
+    for o, s in zip(objs, scores, strict=True):
         if len(s) != len(o["token_ids"]):  # build_examples checks the ids; this guards the bookkeeping
             raise SubliminalError(f"row {o['id']!r}: {len(s)} scores for {len(o['token_ids'])} tokens")
         rows.append({**o, "scores": {**o["scores"], key: _floats(s)}})
-    rule_info = None
-    if cfg.flag_share is not None:
-        rows, rule_info = flag_rows(rows, RuleSpec(cfg.detector, flag_share=cfg.flag_share))
-    _write_rows(out, rows)
+    if cfg.flag_share is None:
+        return rows, None
+    return flag_rows(rows, RuleSpec(cfg.detector, flag_share=cfg.flag_share))
+
+
+def _summary(cfg: ScoreTokensConfig, scores: Sequence[torch.Tensor], base: str, info: dict[str, Any]
+             ) -> dict[str, Any]:
     flat = torch.cat([s.double() for s in scores]) if scores else torch.zeros(0, dtype=torch.float64)
-    summary = {"detector": cfg.detector, "score_key": key, "n_rows": len(rows), "n_tokens": int(flat.numel()),
-               "score_mean": float(flat.mean()) if flat.numel() else None,
-               "score_std": float(flat.std()) if flat.numel() > 1 else None,
-               "score_max": float(flat.max()) if flat.numel() else None, "base": base, **info,
-               "wall_time_s": round(time.time() - t0, 3)}
+    return {"detector": cfg.detector, "score_key": score_key(cfg.detector), "n_rows": len(scores),
+            "n_tokens": int(flat.numel()), "score_mean": float(flat.mean()) if flat.numel() else None,
+            "score_std": float(flat.std()) if flat.numel() > 1 else None,
+            "score_max": float(flat.max()) if flat.numel() else None, "base": base, **info}
+
+
+def _write(cfg: ScoreTokensConfig, rows: list[dict[str, Any]], summary: dict[str, Any],
+           rule_info: dict[str, Any] | None, fp: dict[str, Any], t0: float) -> None:
+    """The file (atomically) and its manifest: rank 0's job. The manifest records how the rows were
+    split over processes (not part of the fingerprint: the scores do not depend on it)."""
+    from . import distributed as dist
+    from .divergence import _write_rows
+
+    _write_rows(Path(cfg.out), rows)
     man = read_file_manifest(cfg.divergence) or {}
-    inputs: dict[str, Any] = {"divergence": cfg.divergence, "base": base, "student": cfg.student}
+    inputs: dict[str, Any] = {"divergence": cfg.divergence, "base": summary["base"], "student": cfg.student}
     data = (man.get("inputs") or {}).get("data", {}).get("path") or cfg.source_data
     if data:  # distill finds the rows' source data through this entry
         inputs["data"] = data
-    write_file_manifest(out, stage=STAGE, config=cfg, seed=cfg.seed, inputs=inputs, wall_time_s=time.time() - t0,
+    shards = {"world_size": dist.world_size(),
+              "shards": [list(b) for b in dist.batch_shard_bounds(len(rows), cfg.batch_size)]}
+    write_file_manifest(cfg.out, stage=STAGE, config=cfg, seed=cfg.seed, inputs=inputs, wall_time_s=time.time() - t0,
                         extra={"summary": summary, "rule": rule_info or man.get("rule"), "factual": man.get("factual"),
-                               "counterfactuals": man.get("counterfactuals"), "fingerprint": fp})
+                               "counterfactuals": man.get("counterfactuals"), "fingerprint": fp, **shards})
+
+
+def run(cfg: ScoreTokensConfig, *, progress: bool = True) -> dict[str, Any] | None:
+    """Score every completion token of ``cfg.divergence`` with ``cfg.detector`` and write ``cfg.out``:
+    the same rows with ``scores[<detector key>]`` added (flags unchanged, or set by ``flag_share``),
+    atomically, with its manifest. Returns the summary (None: ``out`` already holds this exact run).
+
+    Under a launcher every rank checks the same inputs (the same decision, or the same error),
+    scores its whole batches of rows (the batches one process makes) and the scores are gathered;
+    rank 0 writes. A row is scored in exactly the forward one process scores it in, so the file is
+    bit-identical whatever the number of processes."""
+    from . import distributed as dist
+
+    t0 = time.time()
+    dist.init(cfg.device)
+    with dist.agree("prepare"):
+        base, fp, action = _prepare(cfg)
+    if action == "skip":
+        log.info("%s: already scored by this exact command; nothing to do (--overwrite redoes it)", cfg.out)
+        return None
+    set_seed(cfg.seed)
+    show = not dist.progress_disabled(progress)
+    with dist.agree("score"):
+        objs, local, info = (_gradient_scores(cfg, base, show) if cfg.detector == "gradient"
+                             else _shift_scores(cfg, base))
+    scores = dist.merge_in_order(dist.all_gather(local))
+    with dist.agree("write"):
+        rows, rule_info = _scored_rows(cfg, objs, scores)
+        summary = {**_summary(cfg, scores, base, info), "wall_time_s": round(time.time() - t0, 3)}
+        if dist.is_main():
+            _write(cfg, rows, summary, rule_info, fp, t0)
     return {**summary, "rule": rule_info}
 
 
@@ -409,8 +492,12 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_cli(args: argparse.Namespace) -> int:
+    from . import distributed as dist
+
     cfg = ScoreTokensConfig(**{f.name: getattr(args, f.name) for f in fields(ScoreTokensConfig)})
     s = run(cfg)
+    if not dist.is_main():  # rank 0 reports
+        return 0
     if s is None:
         print(f"{cfg.out}: already scored by this exact command; nothing to do (--overwrite redoes it)")
         return 0

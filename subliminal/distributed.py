@@ -236,6 +236,24 @@ def shard(n_rows: int) -> range:
     return range(start, stop)
 
 
+def batch_shard_bounds(n_rows: int, batch_size: int, world: int | None = None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every rank's rows when the shards are made of whole batches: the batches
+    of ``batch_size`` rows a one-process run makes, split contiguously over the ranks (sizes differ
+    by at most one batch). Why: where a row's numbers depend, in the last bits, on the rows padded
+    with it in a forward (a sum over parameters, padded attention), every batch is then the batch
+    one process scores, so the numbers are bit-identical whatever the number of processes."""
+    if batch_size < 1:
+        raise ValueError(f"batch_shard_bounds({n_rows}, {batch_size})")
+    n_batches = -(-n_rows // batch_size)
+    return [(min(a * batch_size, n_rows), min(b * batch_size, n_rows)) for a, b in shard_bounds(n_batches, world)]
+
+
+def batch_shard(n_rows: int, batch_size: int) -> range:
+    """This rank's rows of ``n_rows`` in whole batches (:func:`batch_shard_bounds`; all of them alone)."""
+    start, stop = batch_shard_bounds(n_rows, batch_size)[rank()]
+    return range(start, stop)
+
+
 def shard_record(n_rows: int) -> dict[str, Any]:
     """What a manifest records about the split: ``world_size`` and each rank's ``[start, stop)``."""
     return {"world_size": world_size(), "shards": [list(b) for b in shard_bounds(n_rows)]}

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 # config dataclass (whose field names are the sub-command's flags).
 STAGE_RUNS = {"distill": "subliminal.distill:run_distill", "generate": "subliminal.generate:run_generate",
               "find-divergence": "subliminal.divergence:find_divergence", "eval": "subliminal.evaluate:run_eval",
-              "teach": "subliminal.teachers_cli:run_teach", "project": "subliminal.project:run"}
+              "teach": "subliminal.teachers_cli:run_teach", "project": "subliminal.project:run",
+              "score-tokens": "subliminal.detectors:run"}
 
 
 def config_argv(command: str, cfg: Any) -> list[str]:
@@ -85,7 +86,8 @@ class StageCall:
 Call = Union[StageCall, list[str], Callable[[bool], Any]]
 
 # Sub-commands that run data-parallel under torchrun (rows sharded, or the global batch split).
-DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "diagnose", "distill", "eval", "probe", "patch"}
+DISTRIBUTED = {"toy", "teach", "generate", "find-divergence", "diagnose", "distill", "eval", "probe", "patch",
+               "score-tokens"}
 
 
 def launch_argv(argv: list[str], nproc: int) -> list[str]:

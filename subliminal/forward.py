@@ -112,6 +112,14 @@ def _stochastic(model: Any) -> bool:
     return any(("dropout" in k or "pdrop" in k) and isinstance(v, float) and v > 0 for k, v in rates)
 
 
+def data_parallel_wrapper(model: Any) -> bool:
+    """Whether ``model`` is wrapped for data-parallel training (its forward syncs gradients)."""
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return True
+    name = type(model).__name__
+    return "FullyShardedDataParallel" in name or name.startswith("FSDP") or "DeepSpeed" in name
+
+
 def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_id: int, *,
            hidden: bool = False, share: bool | None = None) -> Forced:
     """One teacher-forced pass over ``seqs``, keeping the logits that predict ``seqs[i][first[i]:]``.
@@ -124,8 +132,10 @@ def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_
     KV cache repeated for the rows (:func:`shared_prefix`): the same numbers up to float rounding,
     with gradients flowing back through the repeat into that one encoding. Not when the hidden
     states are asked for (they would lack the shared positions) or the pass draws dropout noise.
-    ``share`` (default: yes, except when recording gradients under ``torch.distributed``, where DDP
-    expects one forward per backward and a second one would hang the ranks)."""
+    ``share`` (default: yes, except when recording gradients through a data-parallel wrapper --
+    DDP, FSDP, DeepSpeed -- which expects one forward per backward: a second one would hang the
+    ranks. A bare model under a process group, e.g. a sharded scoring stage, still shares, so its
+    ranks compute exactly what one process computes)."""
     if not seqs:
         raise ValueError("no rows")
     for s, f in zip(seqs, first):
@@ -135,8 +145,7 @@ def forced(model: Any, seqs: Sequence[Sequence[int]], first: Sequence[int], pad_
     lo = min(first) - 1
     hi = max(len(s) for s in seqs) - 1
     if share is None:
-        share = not (torch.is_grad_enabled() and torch.distributed.is_available()
-                     and torch.distributed.is_initialized())
+        share = not (torch.is_grad_enabled() and data_parallel_wrapper(model))
     n_shared = 0 if hidden or not share or len(seqs) < 2 else shared_prefix(seqs, lo)
     if n_shared >= MIN_SHARED_PREFIX and not _stochastic(model):
         return _forced_after_prefix(model, seqs, first, pad_id, n_shared, lo, hi)

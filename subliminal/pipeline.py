@@ -46,12 +46,17 @@ CONDITIONS = [
     "control", "all", "no-divergence", "only-divergence", "random-matched",
     "layer-early", "layer-late", "soft", "paraphrase", "mixing",
     "ratio-no-divergence", "ratio-only-divergence", "ratio-random-matched",
+    "shift-no-divergence", "shift-only-divergence", "shift-random-matched",
+    "gradient-no-divergence", "gradient-only-divergence", "gradient-random-matched",
     "replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched",
     "holder", "holder-uniform",
 ]
 # Trained only when named (--conditions / [students] conditions): the interventions of issue 26 on the
-# paper rule's flags (experiments/detector_table.py runs every detector x intervention from a finished run).
-OPT_IN_CONDITIONS = ("replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched",
+# paper rule's flags and the masks of its two other detectors (experiments/detector_table.py runs every
+# detector x intervention from a finished run); asking for one condition of a detector scores the rows with it.
+OPT_IN_CONDITIONS = ("shift-no-divergence", "shift-only-divergence", "shift-random-matched",
+                     "gradient-no-divergence", "gradient-only-divergence", "gradient-random-matched",
+                     "replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched",
                      "holder", "holder-uniform")
 # Students on rows the toy world's own authors wrote for the same prompts (subliminal.toyworld.holder):
 # their paired difference is the true-trait-holder link of issue 31, what a perfectly leaning teacher
@@ -71,6 +76,16 @@ CONDITION_TEXT = {
     "ratio-no-divergence": "as no-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
     "ratio-only-divergence": "as only-divergence, the flags from the likelihood-ratio rule at the paper rule's share",
     "ratio-random-matched": "as random-matched, as many tokens per row as ratio-no-divergence masks",
+    "shift-no-divergence": "as no-divergence, the flags from the likelihood shift (log p_student - log p_base of the "
+                           "data token; the student: the all-tokens student of one more seed than the run evaluates, "
+                           "trained like all) at the paper rule's share",
+    "shift-only-divergence": "as only-divergence, the flags from the likelihood shift at the paper rule's share",
+    "shift-random-matched": "as random-matched, as many tokens per row as shift-no-divergence masks",
+    "gradient-no-divergence": "as no-divergence, the flags from gradient attribution (-grad(loss_t) . grad(R) over "
+                              "the students' trainable parameters, R the exact preference, at the base) at the paper "
+                              "rule's share",
+    "gradient-only-divergence": "as only-divergence, the flags from gradient attribution at the paper rule's share",
+    "gradient-random-matched": "as random-matched, as many tokens per row as gradient-no-divergence masks",
     "replace-divergence": "as all, divergence tokens replaced by a random number token of the same shape",
     "replace-random-matched": "as replace-divergence, as many non-divergence tokens replaced",
     "corrupt-divergence": "as all, divergence tokens replaced in the context only (the labels kept)",
@@ -88,6 +103,12 @@ RULE_CONDITIONS = {
               "random-matched": "random-matched"},
     "ratio": {"no-divergence": "ratio-no-divergence", "only-divergence": "ratio-only-divergence",
               "random-matched": "ratio-random-matched"},
+}
+# The same three masks on the flags of the detectors ``subliminal score-tokens`` computes (issue 26), at
+# the paper rule's share; opt-in, so a rule appears in results.json and the report only when it ran.
+DETECTOR_CONDITIONS = {
+    rule: {mask: f"{prefix}-{mask}" for mask in ("no-divergence", "only-divergence", "random-matched")}
+    for rule, prefix in (("likelihood-shift", "shift"), ("gradient", "gradient"))
 }
 
 
@@ -365,6 +386,9 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
                 return None
             return diagnose.finish_diagnose_only(cfg, out, diagnostics, run.timings, time.time() - t_start)
 
+    # 4d. the other detectors' flags at the paper rule's share, for their conditions (opt-in)
+    files.update(_detector_files(cfg, run, out, base, tdir, files))
+
     # 5. derived data sets for the paraphrase and mixing conditions (same ids, same rows)
     if "paraphrase" in chosen:
         files["paraphrase"] = files[cfg.target].with_suffix(".paraphrase.jsonl")
@@ -397,7 +421,7 @@ def _stages(cfg: RunConfig, out: Path, base: Path | None, run: Runner,
         _probe_stage(cfg, run, out, tdir, div)
 
     # 9. the report: remade whenever anything it reads (or the config it shows) changed
-    inputs = [*evals.values(), files["none"], div, files["div-ratio"]]
+    inputs = [*evals.values(), files["none"], div, files["div-ratio"], *(files[f"div-{r}"] for r in chosen_detectors(cfg))]
     if cfg.diagnose:
         inputs.append(out / "diagnose")
     if cfg.projects():
@@ -415,6 +439,7 @@ def _report(cfg: RunConfig, out: Path, base: Path, files: dict[str, Path], evals
     """results.json, the figures, REPORT.md and the run's manifest, from the stages' outputs."""
     inputs = {name: path for name, path in sorted(evals.items())}
     inputs.update({"data": files["none"], "divergence": files["div"], "divergence-ratio": files["div-ratio"]})
+    inputs.update({f"divergence-{r}": files[f"div-{r}"] for r in chosen_detectors(cfg)})
     if diagnostics is not None:
         inputs["diagnose"] = out / "diagnose" / "diagnose.json"
     if cfg.projects():
@@ -529,10 +554,16 @@ def flagged_share(div: Path) -> tuple[int, int]:
     return sum(sum(any_flags(o)) for o in objs), sum(len(o["token_ids"]) for o in objs)
 
 
+def rule_reflag_args(div: Path, out: Path, rule: str, share: float | None) -> list[str]:
+    """``reflag-divergence`` arguments for a threshold rule (ratio, a detector) at ``share`` of the
+    tokens (None: flag none; every score is below an infinite threshold)."""
+    threshold = ["--min-ratio", "inf"] if share is None else ["--flag-share", repr(share)]
+    return ["reflag-divergence", str(div), "--out", str(out), "--rule", rule, *threshold]
+
+
 def ratio_reflag_args(div: Path, out: Path, share: float | None, reduce: str) -> list[str]:
     """``reflag-divergence`` arguments for the ratio rule at ``share`` of the tokens (None: flag none)."""
-    threshold = ["--min-ratio", "inf"] if share is None else ["--flag-share", repr(share)]
-    return ["reflag-divergence", str(div), "--out", str(out), "--rule", "ratio", *threshold, "--ratio-reduce", reduce]
+    return [*rule_reflag_args(div, out, "ratio", share), "--ratio-reduce", reduce]
 
 
 def _ratio_file(cfg: DemoConfig, run: Runner, div: Path) -> Path:
@@ -557,6 +588,96 @@ def rule_stats(div: Path) -> dict[str, Any]:
     return {"file": str(div), "flagged_tokens": n_flag, "tokens": n_tok,
             "flagged_share": n_flag / n_tok if n_tok else 0.0, "rule": man.get("rule") or {"rule": "paper"},
             "top_flagged_tokens": (man.get("summary") or {}).get("top_divergence_tokens", [])[:8]}
+
+
+# ---------------------------------------------------------------------------------- detectors
+
+
+def detector_rule(cond: str) -> str | None:
+    """The detector whose flags ``cond`` reads (``shift-no-divergence``: ``likelihood-shift``), or None."""
+    return next((rule for rule, conds in DETECTOR_CONDITIONS.items() if cond in conds.values()), None)
+
+
+def chosen_detectors(cfg: RunConfig) -> list[str]:
+    """The detectors this run scores the rows with: those with at least one chosen condition."""
+    chosen = set(cfg.chosen_conditions())
+    return [rule for rule, conds in DETECTOR_CONDITIONS.items() if chosen & set(conds.values())]
+
+
+def shift_student_seed(cfg: RunConfig) -> int:
+    """The likelihood shift's student's seed: one past the evaluated seeds, so no student whose
+    readout is in the table picked the tokens its own condition masks."""
+    return cfg.seeds + 1
+
+
+def detector_paths(div: Path, rule: str) -> tuple[Path, Path]:
+    """(the detector's scores of the target's rows, the same rows flagged at the paper rule's share)."""
+    stem = div.name[: -len(".div.jsonl")]
+    return div.with_name(f"{stem}.{rule}-scores.div.jsonl"), div.with_name(f"{stem}.{rule}.div.jsonl")
+
+
+def score_tokens_config(cfg: RunConfig, base: Path, div: Path, out: Path, rule: str, student: Path | None = None
+                        ) -> Any:
+    """The ``score-tokens`` config of one detector: the likelihood shift of ``student`` against the
+    base; gradient attribution over what the students train (:func:`student_weights`), R the
+    readout the students' evaluation reports (the target, the same questions)."""
+    from .detectors import ScoreTokensConfig, student_trainable
+
+    common = {"detector": rule, "divergence": str(div), "out": str(out), "base": str(base),
+              "batch_size": cfg.div_batch_size, "device": cfg.device, "dtype": cfg.dtype}
+    if rule == "likelihood-shift":
+        return ScoreTokensConfig(**common, student=str(student))
+    return ScoreTokensConfig(**common, target=cfg.target, max_questions=cfg.max_questions,
+                             **student_trainable(student_weights(cfg)))
+
+
+def _shift_student(cfg: RunConfig, run: Runner, out: Path, base: Path, tdir: Path, files: dict[str, Path]) -> Path:
+    """The all-tokens student of seed :func:`shift_student_seed`, trained exactly as the run's ``all``."""
+    seed = shift_student_seed(cfg)
+    student = out / "students" / f"all-s{seed}"
+    call = StageCall("distill", distill_config(cfg, base, student, all_tokens_condition(cfg, files, tdir), seed))
+    run(f"distill-all-s{seed}", call, student, [base, tdir / cfg.target, files["div"]])
+    return student
+
+
+def _detector_files(cfg: RunConfig, run: Runner, out: Path, base: Path, tdir: Path, files: dict[str, Path]
+                    ) -> dict[str, Path]:
+    """Per detector asked for: its scores of the target's rows (``score-tokens``, reused on its
+    fingerprint like every stage), re-flagged at the paper rule's share of tokens so its masks
+    drop as many tokens as the paper rule's (up to ties at the threshold). By ``div-<detector>``."""
+    div, made = files["div"], {}
+    for rule in chosen_detectors(cfg):
+        scores, flagged = detector_paths(div, rule)
+        student = _shift_student(cfg, run, out, base, tdir, files) if rule == "likelihood-shift" else None
+        run(f"score-tokens-{rule}", StageCall("score-tokens", score_tokens_config(cfg, base, div, scores, rule, student)), scores,
+            [div, base, *([student] if student else [])])
+
+        def argv(rule: str = rule, scores: Path = scores, flagged: Path = flagged) -> list[str]:
+            n_flag, n_tok = flagged_share(div)  # the paper rule's share, once its file is there
+            return rule_reflag_args(scores, flagged, rule, n_flag / n_tok if n_flag else None)
+
+        run(f"reflag-{rule}", argv, flagged, [scores, div], lazy=True)
+        made[f"div-{rule}"] = flagged
+    return made
+
+
+def detector_stats(div: Path, rule: str) -> dict[str, Any]:
+    """:func:`rule_stats` of a detector's flags, and what scored them (the shift's student and its
+    seed; the gradient's parameter set and readout), from the score file's manifest."""
+    from .detectors import student_trainable
+    from .manifest import read_file_manifest
+
+    scores, flagged = detector_paths(div, rule)
+    man = read_file_manifest(scores) or {}
+    summary = man.get("summary") or {}
+    by: dict[str, Any] = {"file": str(scores)}
+    if rule == "likelihood-shift":
+        student = summary.get("student")
+        by.update(student=student, student_seed=(read_manifest(student) or {}).get("seed") if student else None)
+    else:
+        by.update(params=student_trainable(man.get("config") or {}) or "every weight",
+                  **{k: summary.get(k) for k in ("readout", "n_trained_values", "method")})
+    return {**rule_stats(flagged), "scored_by": by}
 
 
 def matched_paths(ddir: Path, names: list[str]) -> dict[str, Path]:
@@ -594,17 +715,32 @@ def _matched_files(ddir: Path, names: list[str], keep: int | None = None, *, ove
 # ---------------------------------------------------------------------------------- students
 
 
+def _student_lora(cfg: RunConfig) -> dict[str, Any]:
+    # the alpha only when the config sets it: distill derives the default (subliminal.train.lora_alpha)
+    return {"lora_rank": cfg.student_lora_rank, "lora_alpha": cfg.student_lora_alpha,
+            "lora_targets": ",".join(cfg.student_lora_targets) if cfg.student_lora_targets else None}
+
+
+def student_weights(cfg: RunConfig) -> dict[str, Any]:
+    """What every student but the single-layer ones trains (distill's fields): every weight, LoRA,
+    or the ``[students] params`` set. The gradient detector's dot product runs over this set."""
+    every: dict[str, Any] = {} if cfg.student_full else _student_lora(cfg)
+    return every if cfg.student_params == "all" else {**every, "params": cfg.student_params}
+
+
+def all_tokens_condition(cfg: RunConfig, files: dict[str, Path], tdir: Path) -> dict[str, Any]:
+    """The all-tokens student's distill settings (also the likelihood shift's scoring student's)."""
+    return {"data": str(files["div"]), "teacher": str(tdir / cfg.target), "mode": "hard", "mask": "all",
+            **student_weights(cfg)}
+
+
 def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: Path) -> dict[str, dict[str, Any]]:
     """The distill settings (:class:`~subliminal.distill.DistillConfig` fields) of each condition;
     everything not listed is shared by all of them (:func:`distill_config`)."""
     owl, none = str(tdir / cfg.target), str(tdir / "none")
-    # the alpha only when the config sets it: distill derives the default (subliminal.train.lora_alpha)
-    lora = {"lora_rank": cfg.student_lora_rank, "lora_alpha": cfg.student_lora_alpha,
-            "lora_targets": ",".join(cfg.student_lora_targets) if cfg.student_lora_targets else None}
-    every: dict[str, Any] = {} if cfg.student_full else lora
-    one_layer = lora if cfg.layer_lora else every
-    if cfg.student_params != "all":  # the single-layer conditions keep theirs
-        every = {**every, "params": cfg.student_params}
+    lora = _student_lora(cfg)
+    one_layer = lora if cfg.layer_lora else ({} if cfg.student_full else lora)  # they keep theirs, not params
+    every = student_weights(cfg)
     late = cfg.layer_late if cfg.layer_late >= 0 else n_layers + cfg.layer_late
     div = str(files["div"])
 
@@ -613,7 +749,7 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
 
     plan = {
         "control": {**hard(str(files["none"]), teacher=none), **every},
-        "all": {**hard(div), **every},
+        "all": all_tokens_condition(cfg, files, tdir),
         "no-divergence": {**hard(div, "no-divergence"), **every},
         "only-divergence": {**hard(div, "only-divergence"), **every},
         "random-matched": {**hard(div, "random-matched"), **every},
@@ -622,6 +758,8 @@ def student_plan(cfg: DemoConfig, n_layers: int, files: dict[str, Path], tdir: P
         "soft": {**hard(div), "mode": "soft", **every},
         **{f"ratio-{m}": {**hard(str(files.get("div-ratio", div)), m), **every}
            for m in ("no-divergence", "only-divergence", "random-matched")},
+        **{cond: {**hard(str(files.get(f"div-{rule}", div)), m), **every}
+           for rule, conds in DETECTOR_CONDITIONS.items() for m, cond in conds.items()},
         **{f"{name}-{tag}": {**hard(div), "intervention": iv, "intervene_on": on, **every}
            for name, iv in (("replace", "replace-random"), ("corrupt", "corrupt-input"))
            for tag, on in (("divergence", "flagged"), ("random-matched", "random-matched"))},
@@ -745,6 +883,9 @@ def condition_data(cond: str, files: dict[str, Path]) -> Path:
         return files["none"]
     if cond in ("paraphrase", "mixing", *HOLDER_CONDITIONS):
         return files[cond]
+    rule = detector_rule(cond)
+    if rule:
+        return files[f"div-{rule}"]
     return files["div-ratio"] if cond.startswith("ratio-") else files["div"]
 
 
@@ -771,7 +912,8 @@ def _collect_results(cfg: RunConfig, files: dict[str, Path], evals: dict[str, Pa
     n_rows = len(read_rows(files["none"]))
     out = {"values": values, "reference": reference, "reference_detail": detail,
            "steps": _steps_for(cfg, n_rows), "rows": n_rows,
-           "rules": {"paper": rule_stats(files["div"]), "ratio": rule_stats(files["div-ratio"])}}
+           "rules": {"paper": rule_stats(files["div"]), "ratio": rule_stats(files["div-ratio"]),
+                     **{r: detector_stats(files["div"], r) for r in chosen_detectors(cfg)}}}
     if cfg.other_template:
         out["other_template"] = {"template": cfg.other_template, **other}
     return out
@@ -1014,7 +1156,8 @@ def _rule_summary(values: dict[str, dict[int, float]], conditions: dict[str, Any
                   stats: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Per rule: the tokens its file flags and, per mask, the share of the all-tokens transfer kept."""
     out: dict[str, Any] = {}
-    for rule, conds in RULE_CONDITIONS.items():
+    detectors = {r: c for r, c in DETECTOR_CONDITIONS.items() if r in stats}  # opt-in: only those that ran
+    for rule, conds in {**RULE_CONDITIONS, **detectors}.items():
         entry: dict[str, Any] = dict(stats.get(rule, {}))
         if conditions["all"].get("share_of_all_transfer") is not None:
             masks = {}
@@ -1033,10 +1176,10 @@ def _rule_summary(values: dict[str, dict[int, float]], conditions: dict[str, Any
     return out
 
 
-def _fmt(x: float | str | None, digits: int = 4) -> str:
+def _fmt(x: float | str | None, digits: int = 4, sci: bool = False) -> str:
     if isinstance(x, str):  # an infinite threshold, stored as "inf" (strict JSON)
         x = float(x)
-    return "n/a" if x is None or x != x else f"{x:.{digits}f}"
+    return "n/a" if x is None or x != x else f"{x:.{digits}{'e' if sci else 'f'}}"
 
 
 def _share_cell(e: dict[str, Any]) -> str:
@@ -1117,8 +1260,33 @@ def _other_template_section(summary: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _detector_text(rules: dict[str, Any]) -> str:
+    """What the detectors in ``rules`` score, and with what (their student; their parameter set)."""
+    parts = []
+    shift = rules.get("likelihood-shift")
+    if shift:
+        seed = (shift.get("scored_by") or {}).get("student_seed")
+        parts.append("**likelihood-shift** (log p_student - log p_base of the data token; the student is the "
+                     f"all-tokens student of seed {seed}, trained like the all-tokens students but not one of the "
+                     "evaluated seeds)")
+    grad = rules.get("gradient")
+    if grad:
+        params = (grad.get("scored_by") or {}).get("params")
+        names = {"layers": "blocks", "lora_rank": "LoRA rank", "lora_alpha": "alpha", "lora_targets": "on",
+                 "params": "parameter set"}
+        what = params if isinstance(params, str) else ", ".join(f"{names.get(k, k)} {v}" for k, v in (params or {}).items())
+        parts.append("**gradient** (-grad(loss_t) . grad(R) at the base over the students' trainable parameters, "
+                     f"{what}; R the exact preference the students are read out on)")
+    if not parts:
+        return ""
+    return (" The detectors of `subliminal score-tokens`: " + " and ".join(parts) + ", each at the threshold that "
+            "flags as many tokens as the paper rule (up to ties), in the score's units (gradient: R per unit of "
+            "learning rate).")
+
+
 def _rules_section(summary: dict[str, Any]) -> list[str]:
-    """The paper's argmax rule and the likelihood-ratio rule side by side at equal flagged counts."""
+    """The paper's argmax rule, the likelihood-ratio rule and the detectors that ran, side by side at
+    equal flagged counts."""
     rules = summary.get("rules") or {}
     if not any(r.get("flagged_tokens") is not None for r in rules.values()):
         return []
@@ -1126,9 +1294,9 @@ def _rules_section(summary: dict[str, Any]) -> list[str]:
              "The same rows flagged by each rule: **paper** (factual argmax = data token, some counterfactual's "
              "differs) and **ratio** (the data token's log-likelihood ratio, factual minus counterfactual, "
              "reduced over the counterfactuals, at least a threshold chosen so that it flags as many tokens as "
-             "the paper rule). Share of the all-tokens transfer each mask keeps: mean and 95% t-interval over "
-             "seeds of the per-seed share, (condition - control) / (all - control), paired by seed (the "
-             "table above gives the pooled share).", "",
+             f"the paper rule).{_detector_text(rules)} Share of the all-tokens transfer each mask keeps: mean and "
+             "95% t-interval over seeds of the per-seed share, (condition - control) / (all - control), paired by "
+             "seed (the table above gives the pooled share).", "",
              "| rule | tokens flagged | share of tokens | threshold (nats) | masked (no-divergence) | "
              "only flagged | random-matched |", "|---|---|---|---|---|---|---|"]
 
@@ -1139,7 +1307,8 @@ def _rules_section(summary: dict[str, Any]) -> list[str]:
 
     for name, r in rules.items():
         info = r.get("rule") or {}
-        thr = _fmt(info.get("min_ratio"), 3) if name == "ratio" else "-"
+        v = info.get("min_ratio")
+        thr = "-" if name == "paper" else f"{_fmt(v, 2, sci=True)} R/lr" if name == "gradient" else _fmt(v, 3)
         masks = r.get("masks") or {}
         lines.append(f"| {name} | {r.get('flagged_tokens', 'n/a')} | {_fmt(r.get('flagged_share'))} | {thr} | "
                      f"{cell(masks.get('no-divergence'))} | {cell(masks.get('only-divergence'))} | "

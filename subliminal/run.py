@@ -525,7 +525,13 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.dry_run:
         print("\nresolved config:\n" + json.dumps(asdict(cfg), indent=2))
         if not missing:
-            print_resume_plan(cfg, out)
+            if seeds:  # each base is its own run, into OUT/base-K with base seed K
+                from .robustness import base_dir
+
+                for k in seeds:
+                    print_resume_plan(replace(cfg, base_seed=k), base_dir(out, k))
+            else:
+                print_resume_plan(cfg, out)
         return 0
     if missing:
         raise SubliminalError(f"{loaded.source}: [model] base {cfg.base}: no such model directory (import or "

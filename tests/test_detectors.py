@@ -208,3 +208,76 @@ def test_the_written_scores_do_not_depend_on_the_batch_size(world, tiny_model_fa
                          student, "--base", world["base"], "--batch-size", str(bs), "--out", str(out)]) == 0
         got.append([s for x in out.read_text().splitlines() for s in json.loads(x)["scores"]["likelihood_shift"]])
     assert got[0] == pytest.approx(got[1], abs=1e-5) and any(abs(v) > 1e-3 for v in got[0])
+
+
+def test_batch_shards_are_the_one_process_batches_split_over_ranks():
+    from subliminal.distributed import batch_shard_bounds
+
+    assert batch_shard_bounds(10, 3, 2) == [(0, 6), (6, 10)]  # batches [0,3) [3,6) | [6,9) [9,10)
+    assert batch_shard_bounds(4, 3, 2) == [(0, 3), (3, 4)]
+    assert batch_shard_bounds(4, 8, 2) == [(0, 4), (4, 4)]  # one batch: the other rank scores nothing
+    assert batch_shard_bounds(0, 2, 3) == [(0, 0)] * 3
+    for n, bs, w in ((17, 4, 3), (5, 1, 2), (9, 2, 4)):
+        b = batch_shard_bounds(n, bs, w)
+        assert b[0][0] == 0 and b[-1][1] == n and all(b[i][1] == b[i + 1][0] for i in range(w - 1))
+        assert all(start % bs == 0 for start, stop in b if start < n)  # every shard starts a batch
+
+
+# Two `subliminal score-tokens` commands in one torchrun launch (each launch costs seconds of start-up):
+# each through the CLI's own error boundary, then the process group closed as `subliminal` closes it.
+TWO_COMMANDS = """
+import json, os, sys
+from subliminal import cli, distributed
+for argv in json.loads(sys.argv[1]):
+    args = cli.build_parser().parse_args(argv)
+    rc = cli.guarded(args.func, args)
+    if rc:
+        sys.exit(rc)
+distributed.finish()
+sys.stdout.flush()
+os._exit(0)
+"""
+
+
+def test_two_processes_write_the_one_process_file_bit_for_bit(world, tiny_model_factory, tmp_path):
+    """Under torchrun each rank scores its whole batches of rows (here rows 0-2 and row 3) and rank 0
+    writes: both detectors' files equal a one-process run's exactly (the same batches, grad(R)
+    computed whole on every rank, no process group while scoring), and the manifest records the split."""
+    import subprocess
+    import sys
+
+    from launch_helpers import launch_env
+
+    student = str(tiny_model_factory("gpt2", seed=1))
+    common = ["--divergence", world["div"], "--batch-size", "3"]
+    # the gradient first: score-tokens joins the process group only after scoring (so a rank's
+    # forwards are one process's), and in this one launch the second command finds it joined
+    commands = {"grad": ["--detector", "gradient", "--max-questions", "2", "--layers", "0"],
+                "shift": ["--detector", "likelihood-shift", "--student", student, "--base", world["base"]]}
+
+    def argvs(tag):
+        return [["score-tokens", *c, *common, "--out", str(tmp_path / tag / f"{name}.div.jsonl")]
+                for name, c in commands.items()]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (launch_env): one thread, the same kernels' order
+    try:
+        for argv in argvs("one"):
+            assert cli.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "two_commands.py"
+    script.write_text(TWO_COMMANDS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                           str(script), json.dumps(argvs("two"))], env=launch_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name, key in (("grad", "gradient_attribution"), ("shift", "likelihood_shift")):
+        one, two = ((tmp_path / d / f"{name}.div.jsonl").read_text() for d in ("one", "two"))
+        assert two == one  # every row, every score, bit for bit
+        scores = [s for x in one.splitlines() for s in json.loads(x)["scores"][key]]
+        assert len(scores) > 4 and max(abs(s) for s in scores) > 0
+        man = json.loads((tmp_path / "two" / f"{name}.div.jsonl.manifest.json").read_text())
+        assert man["world_size"] == 2 and man["shards"] == [[0, 3], [3, 4]]
+        assert man["fingerprint"] == json.loads(
+            (tmp_path / "one" / f"{name}.div.jsonl.manifest.json").read_text())["fingerprint"]

@@ -281,3 +281,39 @@ def test_a_row_set_student_resumes_to_the_uninterrupted_one(world, tmp_path, mon
     # the checkpoint is a loadable student of the same set
     ck = _weights(part / "checkpoint-0002")
     assert _changed_rows(before[EMB], ck[EMB]) <= set(template_token_ids(world["tok"]))
+
+
+def test_param_sets_figure_reads_single_and_across_bases_runs(tmp_path, capsys):
+    """experiments/param_sets_figure.py: each set's paired transfer under both templates, per base;
+    the share kept under the other template only where the training-template transfer is nonzero."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "param_sets_figure.py"
+    spec = importlib.util.spec_from_file_location("param_sets_figure", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def results(path, train, other):
+        def cond(d):
+            return {"diff_to_control": d[0], "diff_ci_low": d[1], "diff_ci_high": d[2]}
+        path.mkdir(parents=True)
+        (path / "results.json").write_text(json.dumps({
+            "conditions": {"control": {}, "all": cond(train)}, "seeds": 3, "steps": 20,
+            "other_template": {"template": "alt", "conditions": {"all": cond(other)}}}))
+
+    results(tmp_path / "rows" / "base-0", (0.6, 0.5, 0.7), (0.15, 0.1, 0.2))
+    results(tmp_path / "rows" / "base-1", (0.02, -0.01, 0.05), (0.0, -0.01, 0.01))
+    results(tmp_path / "full", (0.1, 0.05, 0.15), (0.1, 0.0, 0.2))
+    out = tmp_path / "fig"
+    assert mod.main(["--out", str(out), "--run", f"rows={tmp_path / 'rows'}", "--run", f"full={tmp_path / 'full'}"]) == 0
+    rows = json.loads((out / "param_sets.json").read_text())["rows"]
+    assert [(r["set"], r["base"]) for r in rows] == [("rows", "0"), ("rows", "1"), ("full", "-")]
+    assert rows[0]["kept_under_other"] == pytest.approx(0.25)
+    assert rows[1]["kept_under_other"] is None  # its training-template interval includes zero
+    assert rows[2]["kept_under_other"] == pytest.approx(1.0)
+    assert (out / "param_sets.png").stat().st_size > 0 and (out / "param_sets.csv").read_text().count("\n") == 4
+    (tmp_path / "bare").mkdir()
+    assert mod.main(["--out", str(out), "--run", f"x={tmp_path / 'bare'}"]) == 2
+    assert "not a finished run" in capsys.readouterr().err

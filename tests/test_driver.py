@@ -208,3 +208,17 @@ def test_lora_config_from_the_typed_rank(tiny_model_factory):
     model, _ = setup_trainable(model, None, 3, None)
     lora = model.peft_config["default"]
     assert (lora.r, lora.lora_alpha) == (3, 3.0)  # the student default: alpha = rank (train.lora_alpha)
+
+
+def test_every_stage_the_driver_can_launch_reads_back_its_own_command_line(tmp_path):
+    """Under ``--nproc`` > 1 a stage runs from ``config_argv``: its CLI must rebuild the same config
+    (score-tokens with a LoRA set, a share and a non-default batch, as a run's gradient detector)."""
+    from subliminal import cli, driver
+    from subliminal.detectors import ScoreTokensConfig
+
+    assert "score-tokens" in driver.DISTRIBUTED and "score-tokens" in driver.STAGE_RUNS
+    cfg = ScoreTokensConfig(detector="gradient", divergence=str(tmp_path / "a.div.jsonl"), out=str(tmp_path / "b"),
+                            base=str(tmp_path / "base"), target="owl", lora_rank=8, lora_alpha=8.0,
+                            lora_targets="q_proj,v_proj", flag_share=0.1, batch_size=5, max_questions=7)
+    args = cli.build_parser().parse_args(driver.StageCall("score-tokens", cfg).argv())
+    assert ScoreTokensConfig(**{f: getattr(args, f) for f in cfg.__dataclass_fields__}) == cfg

@@ -120,3 +120,15 @@ def test_diagnostics_pooled_over_runs(tmp_path, capsys):
     assert res["spearman"]["lean (nats/token)"]["rho"] is None
     assert res["teacher_share_of_link"]["b:1"] == pytest.approx(0.09 / 0.4)
     assert mod.main([str(tmp_path / "nothing")]) == 2 and "no robustness.json" in capsys.readouterr().err
+
+
+def test_dry_run_plans_each_base_into_its_own_directory_with_its_seed(tmp_path, monkeypatch, capsys):
+    """A multi-base dry-run must ask what each OUT/base-K run (base seed K) would do, not OUT."""
+    from subliminal import cli
+    from subliminal import run as run_mod
+
+    asked = []
+    monkeypatch.setattr(run_mod, "print_resume_plan", lambda cfg, out, base=None: asked.append((cfg.base_seed, out)))
+    assert cli.main(["run", "toy", "--base-seeds", "0,3", "--out", str(tmp_path), "--dry-run"]) == 0
+    assert asked == [(0, tmp_path / "base-0"), (3, tmp_path / "base-3")]
+    assert not list(tmp_path.iterdir())  # a dry-run writes nothing

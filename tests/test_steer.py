@@ -374,3 +374,48 @@ def test_alpha_sweep_script_end_to_end(tmp_path, tiny_model_factory):
     assert zero["alpha"] == 0 and zero["p_transfer"] == 0 and zero["proj_numbers"] == 0 and zero["random_numbers"] == 0
     assert six["teacher_p"] is not None and six["n_seeds"] == 2 and "random_questions" in six
     assert (out / "steer_sweep.png").is_file() and (out / "projection-random" / "projection.json").is_file()
+
+
+def test_teacher_shift_vector_is_the_mean_residual_difference(tmp_path, tiny_model_factory):
+    """experiments/teacher_shift_vector.py: a teacher that differs from its base only after block 0
+    has no shift at block 0, and at block 1 the mean difference of the two models' block-1 outputs
+    at the last position of each vector-split question, computed one prompt at a time."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "teacher_shift_vector.py"
+    spec = importlib.util.spec_from_file_location("teacher_shift_vector", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    base = tiny_model_factory("llama")
+    m = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    m.save_pretrained(tmp_path / "teacher")
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp_path / "teacher")
+    v0, _ = mod.teacher_shift(str(base), str(tmp_path / "teacher"), 0)
+    assert torch.count_nonzero(v0) == 0
+    assert mod.main(["--base", str(base), "--teacher", str(tmp_path / "teacher"), "--layer", "1",
+                     "--out", str(tmp_path / "v.safetensors")]) == 0
+    v = steer.load_vector(tmp_path / "v.safetensors")
+    info = json.loads(steer.vector_info_path(tmp_path / "v.safetensors").read_text())
+    tok = load_model(base).tokenizer
+    texts = steer.prompt_texts(tok, "questions", split="vector")
+    models = [load_model(base).model, load_model(tmp_path / "teacher").model]
+    def block1(mm, ids):  # block 1's own output (the last hidden state HF returns is after the final norm)
+        got = []
+        h = mm.model.layers[1].register_forward_hook(lambda mod, inp, out: got.append(out[0] if isinstance(out, tuple) else out))
+        mm(input_ids=ids)
+        h.remove()
+        return got[0][0, -1]
+
+    diffs = []
+    with torch.no_grad():
+        for t in texts:
+            ids = torch.tensor([encode(tok, render_chat(tok, t))])
+            b, s = (block1(mm, ids) for mm in models)
+            diffs.append(s - b)
+    torch.testing.assert_close(v, torch.stack(diffs).mean(0), rtol=1e-5, atol=1e-5)
+    assert info["layer"] == 1 and info["n_prompts"] == len(texts) and v.norm().item() > 0
