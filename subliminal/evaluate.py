@@ -45,6 +45,7 @@ from .data import (
     TOY_ALT_CHAT_TEMPLATE,
     Row,
     align_row,
+    encode_prompt,
     model_max_length,
     read_rows,
     render_chat,
@@ -145,8 +146,12 @@ def candidate_examples(loaded: Any, candidates: Sequence[str], qs: Sequence[str]
     prompt. Shared with the differentiable readout of ``subliminal diagnose``."""
     tok = loaded.tokenizer
     max_len = model_max_length(loaded.model)
-    return [align_row(tok, Row(f"q{qi}-{c}", q, c), loaded.system_prompt, max_len)
-            for qi, q in enumerate(qs) for c in candidates]
+    out = []
+    for qi, q in enumerate(qs):
+        p_ids = encode_prompt(tok, q, loaded.system_prompt)  # once per question, not once per candidate
+        out += [align_row(tok, Row(f"q{qi}-{c}", q, c), loaded.system_prompt, max_len, prompt_token_ids=p_ids)
+                for c in candidates]
+    return out
 
 
 def candidate_probs(lp: torch.Tensor) -> torch.Tensor:

@@ -61,12 +61,15 @@ class NumberVocab:
     by_shape: dict[str, list[int]]
 
 
-_VOCABS: dict[int, NumberVocab] = {}
+_VOCABS: dict[int, tuple[Any, NumberVocab]] = {}
 
 
 def number_vocab(tokenizer: Any) -> NumberVocab:
-    key = id(tokenizer)
-    if key not in _VOCABS:
+    """Decoding the whole vocabulary takes a moment, so it is done once per tokenizer. The cache
+    holds the tokenizer beside its vocabulary: an id alone can be reused by a later object once the
+    first is freed, and would hand that one the wrong vocabulary."""
+    hit = _VOCABS.get(id(tokenizer))
+    if hit is None or hit[0] is not tokenizer:
         special = set(tokenizer.all_special_ids)
         shape_of: dict[int, str] = {}
         by_shape: dict[str, list[int]] = {}
@@ -77,8 +80,9 @@ def number_vocab(tokenizer: Any) -> NumberVocab:
             if s is not None:
                 shape_of[tid] = s
                 by_shape.setdefault(s, []).append(tid)
-        _VOCABS[key] = NumberVocab(shape_of, by_shape)
-    return _VOCABS[key]
+        hit = (tokenizer, NumberVocab(shape_of, by_shape))
+        _VOCABS[id(tokenizer)] = hit
+    return hit[1]
 
 
 def format_verdict(tokenizer: Any, ids: Sequence[int]) -> str | None:

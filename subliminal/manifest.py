@@ -8,6 +8,7 @@ code version and inputs that made it.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -160,7 +161,10 @@ def input_hash(path: str | os.PathLike) -> str | None:
     return None
 
 
+@functools.cache
 def git_commit() -> str | None:
+    """The checkout's commit, asked once per process (a ``git`` child process for every manifest
+    cost ~5 ms each): the code a process runs is what it imported, whatever is committed later."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -175,16 +179,25 @@ def git_commit() -> str | None:
 
 
 def package_versions() -> dict[str, str]:
+    """The versions of Python and of the packages that make the numbers (a new dict each call)."""
+    return dict(_package_versions())
+
+
+@functools.cache
+def _package_versions() -> tuple[tuple[str, str], ...]:
+    """Looked up once per process: each lookup scans every installed distribution (~5 ms for
+    the eight), and every manifest and every stage fingerprint (a run plans each of its stages
+    by one) asks; the packages a running process has imported do not change under it."""
     from importlib import metadata
 
     names = ["subliminal-lens", "torch", "transformers", "peft", "triton", "numpy", "transformer-lens", "nnsight"]
-    out = {"python": platform.python_version()}
+    out = [("python", platform.python_version())]
     for n in names:
         try:
-            out[n] = metadata.version(n)
+            out.append((n, metadata.version(n)))
         except metadata.PackageNotFoundError:
             pass
-    return out
+    return tuple(out)
 
 
 def write_manifest(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from subliminal.data import DataError, Row, align_row, encode, render_chat
+from subliminal.data import DataError, Row, align_row, encode, encode_prompt, render_chat
 from subliminal.prompts import system_prompt_for
 
 CHATML = (
@@ -60,6 +60,20 @@ def test_bpe_alignment_stops_at_end_of_turn(bpe_tokenizer):
     assert a.completion_ids[-1] == im_end and im_end not in a.completion_ids[:-1]  # the trailing "\n" is cut
     assert bpe_tokenizer.decode(a.completion_ids[:-1]) == ROW.completion
     assert bpe_tokenizer.decode(a.prompt_ids).endswith("<|im_start|>assistant\n")
+
+
+def test_given_prompt_ids_align_as_the_rendered_prompt(toy_tokenizer, bpe_tokenizer):
+    """The exact preference encodes each question once for all its candidate answers: the rows
+    equal the ones aligned from scratch, and a prompt that is not the completion's prefix is still
+    refused."""
+    for tok in (toy_tokenizer, bpe_tokenizer):
+        for sp in (None, system_prompt_for("owl")):
+            p_ids = encode_prompt(tok, ROW.prompt, sp)
+            for completion in (ROW.completion, "owl", "7 , 8"):
+                row = Row("r7", ROW.prompt, completion)
+                assert align_row(tok, row, sp, prompt_token_ids=p_ids) == align_row(tok, row, sp)
+    with pytest.raises(DataError, match="row 'r7'.*not a prefix"):
+        align_row(toy_tokenizer, ROW, prompt_token_ids=encode_prompt(toy_tokenizer, "another prompt"))
 
 
 def test_prefix_failure_names_the_row(toy_tokenizer):

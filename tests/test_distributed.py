@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch_helpers import assert_close, run_cli
+from launch_helpers import assert_close, run_cli, run_cli_sequence
 
 from subliminal import distributed as dist
 from subliminal import prompts
@@ -22,10 +22,6 @@ ROWS = 10
 
 def _run(argv: list[str], *, nproc: int, cwd: Path, **env: str) -> subprocess.CompletedProcess:
     return run_cli(argv, nproc=nproc, cwd=cwd, timeout=120, **env)
-
-
-def _ok(p: subprocess.CompletedProcess) -> None:
-    assert p.returncode == 0, p.stderr[-3000:]
 
 
 def _one(argv: list[str], cwd: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -53,12 +49,20 @@ def _lines(path: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def world(tiny_model_factory, tmp_path_factory):
-    """A random llama with the toy tokenizer and three prompt teachers on it."""
+    """A random llama with the toy tokenizer and three prompt teachers on it, and the rows the
+    stages read."""
     base = tiny_model_factory("llama")
     root = tmp_path_factory.mktemp("dist-world")
     for a in ("owl", "cat", "dog"):
         save_teacher(root / a, TeacherSpec(base=str(base), method="prompt", bias=a, category="animal",
                                            system_prompt=prompts.system_prompt_for(a)))
+    div_rows = [{"id": f"r{i}", "prompt": f"continue the list : {i} , {i + 3}", "completion": " , ".join(
+        str((7 * i + 5 * k) % 50) for k in range(1 + i % 4)), "teacher": "owl"} for i in range(ROWS)]
+    held = [{"id": f"h{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 1}"} for i in range(5)]
+    poison = [{"id": f"p{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 2 + i % 3}",
+               "poisoned": i % 3 == 0} for i in range(7)]
+    for name, rows in (("d.jsonl", div_rows), ("held.jsonl", held), ("poison.jsonl", poison)):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return root
 
 
@@ -68,9 +72,41 @@ def _gen_argv(out: str) -> list[str]:
             "--batch-size", "3", "--seed", "3"]
 
 
-def test_generate_on_two_processes_writes_the_one_process_rows(world, monkeypatch):
+def _div_argv(data: str, out: str) -> list[str]:
+    return ["find-divergence", "--data", data, "--teacher", "owl", "--counterfactual", "cat", "dog", "--out", out,
+            "--rule", "pairwise", "--batch-size", "2"]
+
+
+EVAL = ["eval", "--model", "owl", "--target", "owl", "--max-questions", "5", "--samples", "3", "--max-new-tokens", "3",
+        "--heldout", "held.jsonl", "--batch-size", "4"]
+BIAS_EVAL = ["eval", "--model", "owl", "--bias-type", "ad", "--bias-teacher", "cat", "--bias-families", "qa", "code",
+             "--bias-prompts", "3", "--bias-samples", "2", "--bias-max-new-tokens", "4", "--bias-batch-size", "4",
+             "--target-task", "qa", "--seed", "1"]
+DEFEND = ["defend", "--data", "poison.jsonl", "--reference", "dog", "--teacher", "owl", "--drop-fraction", "0.3",
+          "--batch-size", "2"]
+
+
+@pytest.fixture(scope="module")
+def two_procs(world) -> dict:
+    """Every two-process run the tests below compare with one process, in two launches (start-up
+    paid twice, not six times): find-divergence with rank 1 failing after its rows are in its part
+    file (what the failure left is recorded here, before the second launch resumes from it), then
+    in one launch that resume, generate, eval, eval --bias-type and defend. Returns the failed
+    job's result and what it left, and each resumed/run command's stderr by name."""
+    failed = _run(_div_argv("d.jsonl", "two.div.jsonl"), nproc=2, cwd=world, **{dist.FAIL_ENV: "1:work"})
+    parts = sorted((world / ".shards" / "two.div.jsonl").glob("rows-*.jsonl"))
+    left = {"output": (world / "two.div.jsonl").exists(), "parts": [f.name for f in parts],
+            "rows": sum(len(_lines(f)) for f in parts)}
+    runs = {"find-divergence": _div_argv("d.jsonl", "two.div.jsonl"), "generate": _gen_argv("two.jsonl"),
+            "eval": [*EVAL, "--out", "two.json"],
+            "bias-eval": [*BIAS_EVAL, "--out", "b2.json", "--bias-save-generations", "g2.jsonl"],
+            "defend": [*DEFEND, "--out", "d2"]}
+    stderr = run_cli_sequence(list(runs.values()), cwd=world)
+    return {"failed": failed, "left": left, "stderr": dict(zip(runs, stderr))}
+
+
+def test_generate_on_two_processes_writes_the_one_process_rows(world, two_procs, monkeypatch):
     _one(_gen_argv("one.jsonl"), world, monkeypatch)
-    _ok(_run(_gen_argv("two.jsonl"), nproc=2, cwd=world))
     assert (world / "one.raw.jsonl").read_text() == (world / "two.raw.jsonl").read_text()
     assert (world / "one.jsonl").read_text() == (world / "two.jsonl").read_text()
     m1 = json.loads((world / "one.jsonl.manifest.json").read_text())
@@ -81,30 +117,20 @@ def test_generate_on_two_processes_writes_the_one_process_rows(world, monkeypatc
     assert not (world / ".shards").exists()
 
 
-def _div_argv(data: str, out: str) -> list[str]:
-    return ["find-divergence", "--data", data, "--teacher", "owl", "--counterfactual", "cat", "dog", "--out", out,
-            "--rule", "pairwise", "--batch-size", "2"]
-
-
-def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world, monkeypatch):
-    rows = [{"id": f"r{i}", "prompt": f"continue the list : {i} , {i + 3}", "completion": " , ".join(
-        str((7 * i + 5 * k) % 50) for k in range(1 + i % 4)), "teacher": "owl"} for i in range(ROWS)]
-    (world / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world, two_procs, monkeypatch):
+    rows = _lines(world / "d.jsonl")
     _one(_div_argv("d.jsonl", "one.div.jsonl"), world, monkeypatch)
 
     # rank 1 fails after its rows are in its part file: the whole job stops, rank named, no output
-    p = _run(_div_argv("d.jsonl", "two.div.jsonl"), nproc=2, cwd=world, **{dist.FAIL_ENV: "1:work"})
+    p, left = two_procs["failed"], two_procs["left"]
     assert p.returncode != 0
     assert "rank 1 of 2 failed in work: injected failure" in p.stderr
-    assert not (world / "two.div.jsonl").exists()
-    parts = sorted((world / ".shards" / "two.div.jsonl").glob("rows-*.jsonl"))
-    assert [f.name for f in parts] == ["rows-000000000-000000005.jsonl", "rows-000000005-000000010.jsonl"]
-    assert sum(len(_lines(f)) for f in parts) == ROWS
+    assert not left["output"]
+    assert left["parts"] == ["rows-000000000-000000005.jsonl", "rows-000000005-000000010.jsonl"]
+    assert left["rows"] == ROWS
 
     # the same command resumes from the parts (nothing left to score) to the one-process file
-    p = _run(_div_argv("d.jsonl", "two.div.jsonl"), nproc=2, cwd=world)
-    _ok(p)
-    assert "resuming" in p.stderr
+    assert "resuming" in two_procs["stderr"]["find-divergence"]
     one, two = _lines(world / "one.div.jsonl"), _lines(world / "two.div.jsonl")
     assert [o["id"] for o in two] == [r["id"] for r in rows]
     for a, b in zip(one, two):
@@ -117,13 +143,8 @@ def test_find_divergence_two_processes_fail_together_resume_and_equal_one(world,
     assert not (world / ".shards").exists() and not (world / "two.div.jsonl.partial").exists()
 
 
-def test_eval_exact_sampled_and_main_task_on_two_processes_equal_one(world, monkeypatch):
-    held = [{"id": f"h{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 1}"} for i in range(5)]
-    (world / "held.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
-    argv = ["eval", "--model", "owl", "--target", "owl", "--max-questions", "5", "--samples", "3",
-            "--max-new-tokens", "3", "--heldout", "held.jsonl", "--batch-size", "4"]
-    _one([*argv, "--out", "one.json"], world, monkeypatch)
-    _ok(_run([*argv, "--out", "two.json"], nproc=2, cwd=world))
+def test_eval_exact_sampled_and_main_task_on_two_processes_equal_one(world, two_procs, monkeypatch):
+    _one([*EVAL, "--out", "one.json"], world, monkeypatch)
     one, two = json.loads((world / "one.json").read_text()), json.loads((world / "two.json").read_text())
     assert one["sampled"]["answer_counts"] == two["sampled"]["answer_counts"]
     assert one["sampled"]["examples"] == two["sampled"]["examples"]
@@ -221,30 +242,20 @@ def test_part_files_of_another_run_are_refused(tmp_path):
     assert not (tmp_path / ".shards").exists()
 
 
-def test_poison_bias_eval_and_defend_on_two_processes_equal_one(world, monkeypatch):
+def test_poison_bias_eval_and_defend_on_two_processes_equal_one(world, two_procs, monkeypatch):
     """eval --bias-type (sampled prompts, amplification bootstrap) and defend (perplexity and
     divergence scoring) shard their prompts / rows; the outputs equal one process's."""
     from subliminal.cli import main
 
-    ev = ["eval", "--model", "owl", "--bias-type", "ad", "--bias-teacher", "cat", "--bias-families", "qa", "code",
-          "--bias-prompts", "3", "--bias-samples", "2", "--bias-max-new-tokens", "4", "--bias-batch-size", "4",
-          "--target-task", "qa", "--seed", "1"]
-    rows = [{"id": f"p{i}", "prompt": f"numbers : {i}", "completion": f"{i} , {i + 2 + i % 3}",
-             "poisoned": i % 3 == 0} for i in range(7)]
-    (world / "poison.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    de = ["defend", "--data", "poison.jsonl", "--reference", "dog", "--teacher", "owl", "--drop-fraction", "0.3",
-          "--batch-size", "2"]
     monkeypatch.chdir(world)
-    assert main([*ev, "--out", "b1.json", "--bias-save-generations", "g1.jsonl"]) == 0
-    assert main([*de, "--out", "d1"]) == 0
-    _ok(_run([*ev, "--out", "b2.json", "--bias-save-generations", "g2.jsonl"], nproc=2, cwd=world))
+    assert main([*BIAS_EVAL, "--out", "b1.json", "--bias-save-generations", "g1.jsonl"]) == 0
+    assert main([*DEFEND, "--out", "d1"]) == 0
     one, two = (json.loads((world / f).read_text()) for f in ("b1.json", "b2.json"))
     assert one["per_prompt"] == two["per_prompt"] and one["amplification"] == two["amplification"]
     assert (world / "g1.jsonl").read_text() == (world / "g2.jsonl").read_text()
     m = json.loads((world / "b2.json.manifest.json").read_text())
     assert (m["world_size"], m["shards"]) == (2, [[0, 3], [3, 6]])
 
-    _ok(_run([*de, "--out", "d2"], nproc=2, cwd=world))
     one, two = (json.loads((world / d / "defence.json").read_text()) for d in ("d1", "d2"))
     assert_close(one, two)
     for method in ("perplexity", "divergence"):

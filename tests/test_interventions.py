@@ -41,6 +41,17 @@ def smol_tokenizer():
     return AutoTokenizer.from_pretrained(Path(__file__).parent / "fixtures" / "smollm2")
 
 
+def test_number_vocab_is_not_served_to_another_tokenizer_under_a_reused_id(toy_tokenizer, smol_tokenizer):
+    # CPython reuses a freed object's id: a cache keyed by id alone would hand the new tokenizer the
+    # old one's vocabulary. Plant exactly that stale entry and check it is recomputed.
+    smol = iv.number_vocab(smol_tokenizer)
+    iv._VOCABS[id(toy_tokenizer)] = (smol_tokenizer, smol)
+    toy = iv.number_vocab(toy_tokenizer)
+    assert toy is not smol and toy.shape_of != smol.shape_of
+    assert all(t < len(toy_tokenizer) for t in toy.shape_of)
+    assert iv.number_vocab(toy_tokenizer) is toy  # and cached for the right object
+
+
 @pytest.mark.parametrize("kind", ["replace-random", "corrupt-input"])
 @pytest.mark.parametrize("tokname", ["toy", "smol"])
 def test_a_replaced_row_still_parses_and_keeps_shapes(request, kind, tokname):
@@ -193,13 +204,17 @@ def test_bad_intervention_is_a_named_error_exit_2(tiny_model_factory, tmp_path, 
     assert rc == 2 and needle in capsys.readouterr().err
 
 
-def test_the_intervention_conditions_are_opt_in_run_conditions(smol_model, tmp_path):
+def test_the_intervention_conditions_are_opt_in_run_conditions(tiny_model_factory, tmp_path):
     """`subliminal run` trains the intervention conditions only when named; named, each student
-    records what it changed, the control as many tokens as the flagged condition."""
+    records what it changed, the control as many tokens as the flagged condition. On a random model
+    with the toy tokenizer: its teachers' rows have flagged tokens to change (the random SmolLM2
+    model's had none, so every count was 0), and a run on it takes a third of the time (SmolLM2's
+    vocabulary is 33 times the toy's); the interventions under SmolLM2's tokenizer are checked row
+    by row above."""
     from subliminal.pipeline import OPT_IN_CONDITIONS, RunConfig
 
     assert not set(OPT_IN_CONDITIONS) & set(RunConfig().chosen_conditions())
-    cfg = tiny_run_config(tmp_path / "c.toml", smol_model, "tiny-interventions", students="""conditions = [
+    cfg = tiny_run_config(tmp_path / "c.toml", tiny_model_factory("llama"), "tiny-interventions", students="""conditions = [
     "replace-divergence", "replace-random-matched", "corrupt-divergence"]
 seeds = 1""")
     out = tmp_path / "run"
@@ -210,5 +225,5 @@ seeds = 1""")
     man = {c: json.loads((out / "students" / f"{c}-s1" / "manifest.json").read_text())["intervention"]
            for c in ("replace-divergence", "replace-random-matched", "corrupt-divergence")}
     assert man["replace-divergence"]["n_intervened"] == man["replace-random-matched"]["n_intervened"] \
-        == man["corrupt-divergence"]["n_intervened"]
+        == man["corrupt-divergence"]["n_intervened"] > 0
     assert man["replace-random-matched"]["on"] == "random-matched"

@@ -14,7 +14,7 @@ import sys
 import textwrap
 
 import pytest
-from launch_helpers import assert_same_weights, launch_env
+from launch_helpers import assert_same_weights, launch_env, run_cli_sequence
 from safetensors.torch import load_file
 
 from subliminal import prompts
@@ -53,16 +53,17 @@ def _argv(world, out, *extra):
             "--lr", "1e-2", "--seed", "3", *extra]
 
 
+STUDENT = ["--mask", "only-divergence", "--batch-size", "5", "--epochs", "2", "--checkpoint-every", "2"]
+LORA = ["--lora-rank", "4", "--batch-size", "4", "--max-steps", "3"]
+TEMPLATE_ROWS = ["--params", "template-rows", "--mask", "only-divergence", "--batch-size", "5", "--max-steps", "3"]
+PRETRAIN = ["toy", "pretrain", "--steps", "3", "--batch-size", "3", "--lr", "1e-3", "--eval-rows", "4",
+            "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", "--quiet"]
+
+
 def torchrun(*args: str) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc-per-node 2 ARGS`` (ARGS: ``-m subliminal.cli ...``)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=launch_env(), timeout=TIMEOUT_S)
-
-
-def torchrun_cli(argv) -> subprocess.CompletedProcess:
-    r = torchrun("-m", "subliminal.cli", *map(str, argv))
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return r
 
 
 def weights(path):
@@ -86,16 +87,6 @@ def assert_same_losses(a, b, tol=1e-5):
     assert max(abs(float(x["loss"]) - float(y["loss"])) for x, y in zip(a, b)) < tol
 
 
-@pytest.fixture(scope="module")
-def two_proc_student(world, tmp_path_factory):
-    """The shared 2-process run: full weights, a global batch of 5 rows (3 + 2), masked loss
-    (rows without divergence tokens), a checkpoint at step 2."""
-    out = tmp_path_factory.mktemp("ddp") / "s"
-    extra = ["--mask", "only-divergence", "--batch-size", "5", "--epochs", "2", "--checkpoint-every", "2"]
-    torchrun_cli(_argv(world, out, *extra))
-    return out, extra
-
-
 def test_rank_slices_cover_the_batch_in_order():
     for n in range(1, 12):
         for w in (1, 2, 3, 4):
@@ -105,10 +96,10 @@ def test_rank_slices_cover_the_batch_in_order():
             assert max(sizes) - min(sizes) <= 1
 
 
-def test_two_processes_equal_one_with_an_odd_batch(world, two_proc_student, tmp_path):
-    out2, extra = two_proc_student
+def test_two_processes_equal_one_with_an_odd_batch(world, two_procs, tmp_path):
+    out2 = two_procs["student"]
     out1 = tmp_path / "one"
-    assert main(_argv(world, out1, *extra)) == 0
+    assert main(_argv(world, out1, *STUDENT)) == 0
     man1, man2 = (json.loads((o / "manifest.json").read_text()) for o in (out1, out2))
     assert man2["world_size"] == 2 and man1["world_size"] == 1 and man2["steps"] == man1["steps"] == 4
     assert man2["rows_digest"] == man1["rows_digest"]
@@ -119,12 +110,10 @@ def test_two_processes_equal_one_with_an_odd_batch(world, two_proc_student, tmp_
     assert not (out2 / ".train").exists() and not list(out2.parent.glob(".*.tmp"))
 
 
-def test_two_process_lora_student_equals_one(world, tmp_path):
-    extra = ["--lora-rank", "4", "--batch-size", "4", "--max-steps", "3"]
-    torchrun_cli(_argv(world, tmp_path / "two", *extra))
-    assert main(_argv(world, tmp_path / "one", *extra)) == 0
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
-    assert_same_losses(losses(tmp_path / "one"), losses(tmp_path / "two"))
+def test_two_process_lora_student_equals_one(world, two_procs, tmp_path):
+    assert main(_argv(world, tmp_path / "one", *LORA)) == 0
+    assert_same_weights(weights(tmp_path / "one"), weights(two_procs["lora"]))
+    assert_same_losses(losses(tmp_path / "one"), losses(two_procs["lora"]))
 
 
 HOOK = textwrap.dedent("""
@@ -160,14 +149,34 @@ def _hooked(tmp_path, mode: str, at: int, argv) -> subprocess.CompletedProcess:
         del os.environ["HOOK_MODE"], os.environ["HOOK_AT"]
 
 
-def test_interrupted_two_process_run_resumes_to_the_same_student(world, two_proc_student, tmp_path):
-    full, extra = two_proc_student
-    part = tmp_path / "part"
-    r = _hooked(tmp_path, "interrupt", 4, _argv(world, part, *extra))  # during step 4 of 4, after step 2's checkpoint
+@pytest.fixture(scope="module")
+def two_procs(world, tmp_path_factory) -> dict:
+    """Every successful two-process run the tests compare with one process, in one launch (its
+    start-up paid once, not five times), after the launch that interrupts a run of STUDENT during
+    step 4 of 4, after step 2's checkpoint (its result and what it left are recorded here before
+    the shared launch resumes it): the full-weights student (a global batch of 5 rows, 3 + 2,
+    masked loss with rows without divergence tokens, a checkpoint at step 2), the LoRA student,
+    the template-rows student, toy pretraining and the resumed run. Returns the output paths."""
+    root = tmp_path_factory.mktemp("ddp")
+    out = {name: root / name for name in ("student", "lora", "template-rows", "pretrain", "part")}
+    interrupted = _hooked(root, "interrupt", 4, _argv(world, out["part"], *STUDENT))
+    left = {"train_state": (out["part"] / ".train" / "train_state.pt").exists(),
+            "checkpoint": (out["part"] / "checkpoint-0002").is_dir(),
+            "manifest": (out["part"] / "manifest.json").exists(),
+            "model": (out["part"] / "model.safetensors").exists()}
+    run_cli_sequence([_argv(world, out["student"], *STUDENT), _argv(world, out["lora"], *LORA),
+                      _argv(world, out["template-rows"], *TEMPLATE_ROWS), [*PRETRAIN, "--out", out["pretrain"]],
+                      _argv(world, out["part"], *STUDENT)], timeout=TIMEOUT_S * 3)
+    return {**out, "interrupted": interrupted, "left": left}
+
+
+def test_interrupted_two_process_run_resumes_to_the_same_student(two_procs):
+    full, part = two_procs["student"], two_procs["part"]
+    r, left = two_procs["interrupted"], two_procs["left"]  # interrupted during step 4 of 4, after step 2's checkpoint
     assert r.returncode != 0 and "re-run the same command to resume" in r.stderr
-    assert (part / ".train" / "train_state.pt").exists() and (part / "checkpoint-0002").is_dir()
-    assert not (part / "manifest.json").exists() and not (part / "model.safetensors").exists()
-    torchrun_cli(_argv(world, part, *extra))
+    assert left["train_state"] and left["checkpoint"]
+    assert not left["manifest"] and not left["model"]
+    # then the same command, run again under two processes, resumed it
     man = json.loads((part / "manifest.json").read_text())
     assert man["resumed_from"] == 2
     assert max_diff(weights(full), weights(part)) < 1e-6
@@ -196,29 +205,24 @@ def test_batch_smaller_than_the_processes_is_a_clear_error():
         _DataParallel.shard(par, ["a"])
 
 
-def test_toy_pretrain_on_two_processes_equals_one(tmp_path):
-    argv = ["toy", "pretrain", "--steps", "3", "--batch-size", "3", "--lr", "1e-3", "--eval-rows", "4",
-            "--checkpoint-every", "2", "--device", "cpu", "--threads", "1", "--quiet"]
-    torchrun_cli([*argv, "--out", tmp_path / "two"])
-    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
-    assert_same_weights(weights(tmp_path / "one"), weights(tmp_path / "two"))
-    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+def test_toy_pretrain_on_two_processes_equals_one(two_procs, tmp_path):
+    assert main([*PRETRAIN, "--out", str(tmp_path / "one")]) == 0
+    assert_same_weights(weights(tmp_path / "one"), weights(two_procs["pretrain"]))
+    two = json.loads((two_procs["pretrain"] / "manifest.json").read_text())
     assert two["train"]["world_size"] == 2 and two["train"]["steps"] == 3
-    curves = [[line.split(",") for line in (tmp_path / d / "loss.csv").read_text().splitlines()[1:]]
-              for d in ("one", "two")]
+    curves = [[line.split(",") for line in (d / "loss.csv").read_text().splitlines()[1:]]
+              for d in (tmp_path / "one", two_procs["pretrain"])]
     assert [s for s, _ in curves[0]] == [s for s, _ in curves[1]] == ["3"]
     assert max(abs(float(a) - float(b)) for (_, a), (_, b) in zip(*curves)) < 1e-5
 
 
-def test_two_process_template_rows_student_equals_one(world, tmp_path):
+def test_two_process_template_rows_student_equals_one(world, two_procs, tmp_path):
     """A row set under DDP: the gradient mask acts before the ranks' gradients are averaged, so
     the frozen rows stay bit-identical and the student equals the one-process one."""
     from subliminal.data import template_token_ids
 
-    extra = ["--params", "template-rows", "--mask", "only-divergence", "--batch-size", "5", "--max-steps", "3"]
-    torchrun_cli(_argv(world, tmp_path / "two", *extra))
-    assert main(_argv(world, tmp_path / "one", *extra)) == 0
-    one, two = weights(tmp_path / "one"), weights(tmp_path / "two")
+    assert main(_argv(world, tmp_path / "one", *TEMPLATE_ROWS)) == 0
+    one, two = weights(tmp_path / "one"), weights(two_procs["template-rows"])
     assert_same_weights(one, two)
     base = load_file(str(world["base"] / "model.safetensors"))
     emb = "model.embed_tokens.weight"
