@@ -304,6 +304,34 @@ def _student_weights(cfg: RunConfig) -> str:
     return "full fine-tune" if cfg.student_full else f"LoRA r={cfg.student_lora_rank}"
 
 
+# Forward-mode cost of the gradient detector's jvp, in forwards per token (primal and tangent):
+# measured on SmolLM2-135M, 16 rows, 2-core CPU: 635 ms a row against 379 ms for the likelihood
+# shift's two forwards (BENCHMARKS.md, "detectors"), ~3.4 forwards.
+JVP_FORWARDS = 3.4
+
+
+def _score_tokens_stage(cfg: RunConfig, detectors: list[str], rows: int, seq: int, f: Any) -> Stage:
+    """``score-tokens`` for each detector the chosen conditions read (the students' masks re-made
+    from its scores at the paper rule's share are a reflag, free). The likelihood shift: two
+    forwards a row (its student and the base); its student is counted with the distill stage.
+    The gradient: grad(R) once (the exact readout's forward and backward), then one jvp a row."""
+    n_q = cfg.max_questions or 50
+    readout = n_q * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
+    per_token = 6.0 if cfg.student_full else 4.0
+    tokens, passes, what = 0.0, 0.0, []
+    for d in detectors:
+        if d == "likelihood-shift":
+            tokens += 2 * 2.0 * rows * seq
+            passes += 2 * -(-rows // cfg.div_batch_size)
+            what.append("likelihood shift (2 forwards a row)")
+        else:
+            tokens += per_token * readout + 2.0 * JVP_FORWARDS * rows * seq
+            passes += n_q * TRAIN_STEP_PASSES + -(-rows // cfg.div_batch_size) * 2
+            what.append("gradient (grad R, then a jvp a row)")
+    flops = f(tokens, 1.0)
+    return Stage("score-tokens", len(detectors), f"{', '.join(what)} on <= {rows} rows", flops, passes=passes)
+
+
 def plan(cfg: RunConfig) -> list[Stage]:
     """The stages in order with their counts and FLOPs: what the run will do, before it does it."""
     n = param_count(cfg)
@@ -342,6 +370,11 @@ def plan(cfg: RunConfig) -> list[Stage]:
                         passes=(1 + len(cfs)) * -(-train_rows // cfg.div_batch_size)))
     if any(c.startswith("ratio-") for c in chosen):
         stages.append(Stage("reflag-divergence", 1, "the ratio rule at the paper rule's share (from stored scores)", 0))
+    from .pipeline import chosen_detectors
+
+    detectors = chosen_detectors(cfg)
+    if detectors:
+        stages.append(_score_tokens_stage(cfg, detectors, train_rows, seq, f))
     if cfg.diagnose:
         n_q = cfg.max_questions or 50
         readout = n_q * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
@@ -353,16 +386,19 @@ def plan(cfg: RunConfig) -> list[Stage]:
     from .distill import student_steps
 
     steps = student_steps(train_rows, cfg.batch_size, cfg.epochs, cfg.max_steps)
-    students = len(chosen) * cfg.seeds
+    students = len(chosen) * cfg.seeds  # evaluated
+    shift_student = int("likelihood-shift" in detectors)  # trained like `all` to score the rows, never evaluated
+    trained = students + shift_student
     per_token = 6.0 if cfg.student_full else 4.0
     soft = ("soft" in chosen) * cfg.seeds * steps * cfg.batch_size * seq * 2.0
-    train_tokens = students * steps * cfg.batch_size * seq
-    stages.append(Stage("distill", students, f"{len(chosen)} conditions x {cfg.seeds} seeds, <= {steps} steps of "
+    train_tokens = trained * steps * cfg.batch_size * seq
+    stages.append(Stage("distill", trained, f"{len(chosen)} conditions x {cfg.seeds} seeds"
+                        f"{' + the likelihood shift student' if shift_student else ''}, <= {steps} steps of "
                         f"{cfg.batch_size} rows each ({_student_weights(cfg)}"
                         f"{f', {cfg.grad_accum} micro-batches' if cfg.grad_accum > 1 else ''})",
                         None if n is None else n * (per_token * train_tokens + soft),
-                        passes=students * steps * (cfg.grad_accum * (TRAIN_STEP_PASSES - 1) + 1),
-                        workers=min(cfg.jobs, students)))
+                        passes=trained * steps * (cfg.grad_accum * (TRAIN_STEP_PASSES - 1) + 1),
+                        workers=min(cfg.jobs, trained)))
     n_q = cfg.max_questions or 50
     refs = 3 + len(cfg.counterfactuals)
     exact_tokens = n_q * (EVAL_PROMPT_TOKENS + CANDIDATES * 3)

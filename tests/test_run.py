@@ -57,6 +57,22 @@ def test_every_shipped_config_loads_and_plans(path):
     assert names.index("generate") < names.index("find-divergence") < names.index("distill") < names.index("eval")
 
 
+def test_plan_counts_the_detectors_scoring_and_the_shift_student():
+    base = load_config("smollm2-135m-cpu", ['students.conditions=["control","all"]']).cfg
+    both = load_config("smollm2-135m-cpu", ['students.conditions=["control","all","shift-no-divergence",'
+                                            '"gradient-random-matched"]']).cfg
+    grad = load_config("smollm2-135m-cpu", ['students.conditions=["control","all","gradient-random-matched"]']).cfg
+    by = {"base": {s.name: s for s in plan(base)}, "both": {s.name: s for s in plan(both)},
+          "grad": {s.name: s for s in plan(grad)}}
+    assert "score-tokens" not in by["base"]
+    assert by["both"]["score-tokens"].commands == 2 and by["grad"]["score-tokens"].commands == 1
+    assert 0 < by["grad"]["score-tokens"].flops < by["both"]["score-tokens"].flops
+    # the shift's student is trained (one more distill command) and never evaluated
+    assert by["both"]["distill"].commands == 4 * base.seeds + 1 and by["grad"]["distill"].commands == 3 * base.seeds
+    assert by["both"]["eval"].commands == by["base"]["eval"].commands + 2 * base.seeds
+    assert "likelihood shift student" in by["both"]["distill"].what
+
+
 def test_paper_config_is_the_paper_protocol():
     cfg = load_config("qwen2.5-7b-paper").cfg
     assert len(cfg.counterfactuals) == 12 and not cfg.neutral_counterfactual
