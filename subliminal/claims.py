@@ -28,6 +28,22 @@ CLAIMS: list[tuple[str, str, bool]] = [
     ("mixing", "mixing teachers suppresses transfer", False),
     ("ratio-no-divergence", "masking the ratio rule's flags removes most of the transfer", False),
     ("ratio-only-divergence", "training only on the ratio rule's flags keeps the transfer", True),
+    ("ratio-random-matched", "masking as many random tokens as the ratio rule flags keeps the transfer", True),
+    # The field's other detectors (issue 26), at the paper rule's share of tokens
+    ("shift-no-divergence", "masking the likelihood shift's flags removes most of the transfer", False),
+    ("shift-only-divergence", "training only on the likelihood shift's flags keeps the transfer", True),
+    ("shift-random-matched", "masking as many random tokens as the likelihood shift flags keeps the transfer", True),
+    ("gradient-no-divergence", "masking the gradient attribution's flags removes most of the transfer", False),
+    ("gradient-only-divergence", "training only on the gradient attribution's flags keeps the transfer", True),
+    ("gradient-random-matched", "masking as many random tokens as gradient attribution flags keeps the transfer",
+     True),
+    # Interventions on the paper rule's flags (a public Llama-3.2-1B reproduction: replacing removes
+    # more than masking, input-only corruption does nothing)
+    ("replace-divergence", "replacing the divergence tokens with random numbers removes most of the transfer", False),
+    ("replace-random-matched", "replacing as many random tokens keeps the transfer", True),
+    ("corrupt-divergence", "corrupting the divergence tokens in the input only (labels kept) keeps the transfer",
+     True),
+    ("corrupt-random-matched", "corrupting as many random tokens in the input keeps the transfer", True),
 ]
 
 HOLDS, FAILS, UNCLEAR, NO_TRANSFER = "holds", "fails", "inconclusive", "no transfer to share"

@@ -41,3 +41,18 @@ def test_pairing_is_by_seed_and_missing_conditions_are_skipped():
     assert abs(claims.paired_share(v, "no-divergence")["share"] - 0.5) < 1e-9
     assert "layer-early" not in claims.all_verdicts(v)
     assert claims.soft_vs_hard(v) is None
+
+
+def test_every_detector_and_intervention_condition_has_a_claim_in_the_right_direction():
+    from subliminal.pipeline import DETECTOR_CONDITIONS, RULE_CONDITIONS
+
+    real = [0.10, 0.12, 0.09, 0.11, 0.10]
+    removes = [0.0, 0.01, -0.01, 0.005, 0.0]
+    masks = [c for rules in (RULE_CONDITIONS, DETECTOR_CONDITIONS) for conds in rules.values() for c in conds.values()]
+    interventions = ["replace-divergence", "replace-random-matched", "corrupt-divergence", "corrupt-random-matched"]
+    for cond in masks + interventions:
+        v = claims.all_verdicts(_values(real, removes, cond)).get(cond)
+        assert v is not None, cond
+        # a claim that the flagged tokens carry the transfer holds when they remove it; every other fails
+        expected = claims.HOLDS if cond.endswith("no-divergence") or cond == "replace-divergence" else claims.FAILS
+        assert v["verdict"] == expected, (cond, v)
