@@ -7,7 +7,9 @@ train in. A run is a single run directory (``results.json``) or an across-bases 
 (``base-K/results.json`` for each base). Per set, base and template: the paired difference of the
 all-tokens students to the control students (mean over seeds, 95% t-interval; the run's own
 numbers, not recomputed), and the share of the training-template transfer left under the other
-template (a ratio of means, given only where the training-template interval excludes zero).
+template (a ratio of means, given only where the training-template interval excludes zero), and
+the number loss the students reach (each student's ``loss.csv``: mean of its last ``--loss-tail``
+steps, then mean over seeds; the owl-data students and, beside them, the controls).
 
 Outputs in ``--out``: ``param_sets.json`` / ``.csv`` / ``.png`` / ``.md`` and ``manifest.json``.
 
@@ -55,8 +57,21 @@ def _diff(cond: dict[str, Any] | None) -> dict[str, float] | None:
     return {"diff": cond["diff_to_control"], "low": cond["diff_ci_low"], "high": cond["diff_ci_high"]}
 
 
-def collect(runs: dict[str, Path]) -> list[dict[str, Any]]:
-    """One row per set and base: transfer under both templates."""
+def final_loss(students: Path, condition: str, tail: int) -> float | None:
+    """Mean over seeds of each ``CONDITION-sK`` student's last ``tail`` logged losses (one batch
+    a step is noisy; the tail averages it), or None when no student logged any."""
+    per_seed = []
+    for d in sorted(students.glob(f"{condition}-s*")):
+        f = d / "loss.csv"
+        if re.fullmatch(rf"{re.escape(condition)}-s\d+", d.name) and f.is_file():
+            losses = [float(r["loss"]) for r in csv.DictReader(f.open())]
+            if losses:
+                per_seed.append(sum(losses[-tail:]) / len(losses[-tail:]))
+    return sum(per_seed) / len(per_seed) if per_seed else None
+
+
+def collect(runs: dict[str, Path], loss_tail: int = 10) -> list[dict[str, Any]]:
+    """One row per set and base: transfer under both templates, and the loss reached."""
     rows = []
     for label, run in runs.items():
         for base, path in _results(run).items():
@@ -70,6 +85,8 @@ def collect(runs: dict[str, Path]) -> list[dict[str, Any]]:
             kept = alt["diff"] / train["diff"] if train["low"] > 0 or train["high"] < 0 else None
             rows.append({"set": label, "base": base, "template": other["template"], "train": train, "other": alt,
                          "kept_under_other": kept, "seeds": res.get("seeds"), "steps": res.get("steps"),
+                         "loss_all": final_loss(path.parent / "students", "all", loss_tail),
+                         "loss_control": final_loss(path.parent / "students", "control", loss_tail),
                          "results": str(path)})
     return rows
 
@@ -78,10 +95,11 @@ def table_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["set", "base", "other_template", "train_diff", "train_low", "train_high", "other_diff", "other_low",
-                "other_high", "kept_under_other", "seeds", "steps"])
+                "other_high", "kept_under_other", "seeds", "steps", "loss_all", "loss_control"])
     for r in rows:
         w.writerow([r["set"], r["base"], r["template"], *(r["train"][k] for k in ("diff", "low", "high")),
-                    *(r["other"][k] for k in ("diff", "low", "high")), r["kept_under_other"], r["seeds"], r["steps"]])
+                    *(r["other"][k] for k in ("diff", "low", "high")), r["kept_under_other"], r["seeds"], r["steps"],
+                    r["loss_all"], r["loss_control"]])
     return buf.getvalue()
 
 
@@ -89,11 +107,16 @@ def _cell(d: dict[str, float]) -> str:
     return f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
 
 
+def _loss(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["| set | base | training template | other template | kept |", "|---|---|---|---|---|"]
+    lines = ["| set | base | training template | other template | kept | loss (control) |", "|---|---|---|---|---|---|"]
     for r in rows:
         kept = "-" if r["kept_under_other"] is None else f"{r['kept_under_other']:.0%}"
-        lines.append(f"| {r['set']} | {r['base']} | {_cell(r['train'])} | {_cell(r['other'])} (`{r['template']}`) | {kept} |")
+        lines.append(f"| {r['set']} | {r['base']} | {_cell(r['train'])} | {_cell(r['other'])} (`{r['template']}`) | {kept} "
+                     f"| {_loss(r['loss_all'])} ({_loss(r['loss_control'])}) |")
     return "\n".join(lines) + "\n"
 
 
@@ -128,20 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", action="append", required=True, metavar="LABEL=DIR",
                    help="a finished run (or across-bases run) of one parameter set; repeat, in plot order")
     p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--loss-tail", type=int, default=10, help="steps at the end of each student's loss.csv to average")
     args = p.parse_args(argv)
     return guarded(lambda: _main(args))
 
 
 def _main(args: argparse.Namespace) -> int:
     runs = _runs(args.run)
-    rows = collect(runs)
+    if args.loss_tail < 1:
+        raise SubliminalError(f"--loss-tail {args.loss_tail}: must be at least 1")
+    rows = collect(runs, args.loss_tail)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "param_sets.json", {"rows": rows})
     write_text_atomic(out / "param_sets.csv", table_csv(rows))
     write_text_atomic(out / "param_sets.md", render(rows))
     plot(rows, out / "param_sets.png")
-    write_manifest(out, stage="param-sets-figure", config={"runs": {k: str(v) for k, v in runs.items()}}, seed=None,
+    write_manifest(out, stage="param-sets-figure", config={"runs": {k: str(v) for k, v in runs.items()}, "loss_tail": args.loss_tail}, seed=None,
                    inputs={r["set"] + "/" + r["base"]: Path(r["results"]) for r in rows})
     print(render(rows))
     return 0

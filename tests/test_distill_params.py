@@ -306,9 +306,15 @@ def test_param_sets_figure_reads_single_and_across_bases_runs(tmp_path, capsys):
     results(tmp_path / "rows" / "base-0", (0.6, 0.5, 0.7), (0.15, 0.1, 0.2))
     results(tmp_path / "rows" / "base-1", (0.02, -0.01, 0.05), (0.0, -0.01, 0.01))
     results(tmp_path / "full", (0.1, 0.05, 0.15), (0.1, 0.0, 0.2))
+    for seed, losses in ((1, [3.0, 2.0, 1.0]), (2, [3.0, 3.0, 2.0])):  # the last 2 steps: 1.5 and 2.5
+        d = tmp_path / "rows" / "base-0" / "students" / f"all-s{seed}"
+        d.mkdir(parents=True)
+        (d / "loss.csv").write_text("step,loss\n" + "".join(f"{i},{x}\n" for i, x in enumerate(losses)))
     out = tmp_path / "fig"
-    assert mod.main(["--out", str(out), "--run", f"rows={tmp_path / 'rows'}", "--run", f"full={tmp_path / 'full'}"]) == 0
+    assert mod.main(["--out", str(out), "--run", f"rows={tmp_path / 'rows'}", "--run", f"full={tmp_path / 'full'}",
+                     "--loss-tail", "2"]) == 0
     rows = json.loads((out / "param_sets.json").read_text())["rows"]
+    assert rows[0]["loss_all"] == pytest.approx(2.0) and rows[0]["loss_control"] is None and rows[2]["loss_all"] is None
     assert [(r["set"], r["base"]) for r in rows] == [("rows", "0"), ("rows", "1"), ("full", "-")]
     assert rows[0]["kept_under_other"] == pytest.approx(0.25)
     assert rows[1]["kept_under_other"] is None  # its training-template interval includes zero
