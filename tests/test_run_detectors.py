@@ -153,3 +153,44 @@ def test_rules_summary_and_figure_show_a_detector_only_when_it_ran(tmp_path):
     rows = list(csv.DictReader(open(tmp_path / "rules.csv")))
     assert len(rows) == 4 * 3
     assert [float(r["share_kept"]) for r in rows if r["rule"] == "gradient"] == pytest.approx([0.8, 0.0, 0.0])
+
+
+def test_detector_bases_figure_gives_shares_only_where_the_base_transfers(tmp_path, capsys):
+    """experiments/detector_bases_figure.py: per base, each detector's flagged and random cells with
+    the claims' paired shares; a base whose all-tokens transfer includes zero gets differences, not shares."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "experiments" / "detector_bases_figure.py"
+    spec = importlib.util.spec_from_file_location("detector_bases_figure", script)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def write(path, all_diffs, flagged_diffs):
+        seeds = range(1, len(all_diffs) + 1)
+        conds = {"control": [0.1] * len(all_diffs), "all": [0.1 + d for d in all_diffs],
+                 "shift-no-divergence": [0.1 + d for d in flagged_diffs],
+                 "shift-random-matched": [0.1 + d for d in all_diffs]}
+        path.mkdir(parents=True)
+        (path / "results.json").write_text(json.dumps({
+            "conditions": {c: {"by_seed": {str(s): v for s, v in zip(seeds, vs)}} for c, vs in conds.items()},
+            "rules": {"likelihood-shift": {"flagged_tokens": 40, "tokens": 400}}}))
+
+    write(tmp_path / "run" / "base-0", [0.5, 0.52, 0.48, 0.5], [0.05, 0.04, 0.06, 0.05])  # removes ~90%
+    write(tmp_path / "run" / "base-1", [0.02, -0.03, 0.01, 0.0], [0.0, 0.01, -0.01, 0.0])  # no transfer
+    out = tmp_path / "fig"
+    assert mod.main(["--run", str(tmp_path / "run"), "--out", str(out)]) == 0
+    res = json.loads((out / "detector_bases.json").read_text())
+    b0, b1 = res["bases"]["0"], res["bases"]["1"]
+    assert [r["pair"] for r in b0["rows"]] == ["likelihood shift: drop"] and b0["rows"][0]["flagged_tokens"] == 40
+    assert b0["rows"][0]["flagged"]["share"] == pytest.approx(0.1) and b0["rows"][0]["flagged"]["verdict"] == "holds"
+    assert b0["rows"][0]["random"]["share"] == pytest.approx(1.0)
+    assert not b1["transfer_is_real"] and b1["rows"][0]["flagged"]["share"] is None
+    assert b1["rows"][0]["flagged"]["verdict"] == "no transfer to share"
+    md = (out / "detector_bases.md").read_text()
+    assert "0.10 [" in md and "(+0.000)" in md and (out / "detector_bases.png").stat().st_size > 0
+    (tmp_path / "bare" / "base-0").mkdir(parents=True)
+    (tmp_path / "bare" / "base-0" / "results.json").write_text(json.dumps({"conditions": {
+        "control": {"by_seed": {"1": 0.1, "2": 0.1}}, "all": {"by_seed": {"1": 0.2, "2": 0.3}}}}))
+    assert mod.main(["--run", str(tmp_path / "bare"), "--out", str(out)]) == 2
+    assert "none of the detector" in capsys.readouterr().err
