@@ -304,6 +304,18 @@ def _student_weights(cfg: RunConfig) -> str:
     return "full fine-tune" if cfg.student_full else f"LoRA r={cfg.student_lora_rank}"
 
 
+def _readout_tokens(cfg: RunConfig) -> int:
+    """Tokens of one exact preference readout, every question with every candidate: what grad(R)
+    runs forward and backward over (the gradient detector, diagnose)."""
+    return (cfg.max_questions or 50) * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
+
+
+def _train_flops_per_token(cfg: RunConfig) -> float:
+    """A training step's FLOPs per token per parameter: 6 fully fine-tuned, 4 with LoRA (no
+    gradients of the frozen weights)."""
+    return 6.0 if cfg.student_full else 4.0
+
+
 # Forward-mode cost of the gradient detector's jvp, in forwards per token (primal and tangent):
 # measured on SmolLM2-135M, 16 rows, 2-core CPU: 635 ms a row against 379 ms for the likelihood
 # shift's two forwards (BENCHMARKS.md, "detectors"), ~3.4 forwards.
@@ -316,8 +328,6 @@ def _score_tokens_stage(cfg: RunConfig, detectors: list[str], rows: int, seq: in
     forwards a row (its student and the base); its student is counted with the distill stage.
     The gradient: grad(R) once (the exact readout's forward and backward), then one jvp a row."""
     n_q = cfg.max_questions or 50
-    readout = n_q * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
-    per_token = 6.0 if cfg.student_full else 4.0
     tokens, passes, what = 0.0, 0.0, []
     for d in detectors:
         if d == "likelihood-shift":
@@ -325,7 +335,7 @@ def _score_tokens_stage(cfg: RunConfig, detectors: list[str], rows: int, seq: in
             passes += 2 * -(-rows // cfg.div_batch_size)
             what.append("likelihood shift (2 forwards a row)")
         else:
-            tokens += per_token * readout + 2.0 * JVP_FORWARDS * rows * seq
+            tokens += _train_flops_per_token(cfg) * _readout_tokens(cfg) + 2.0 * JVP_FORWARDS * rows * seq
             passes += n_q * TRAIN_STEP_PASSES + -(-rows // cfg.div_batch_size) * 2
             what.append("gradient (grad R, then a jvp a row)")
     flops = f(tokens, 1.0)
@@ -376,8 +386,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
     if detectors:
         stages.append(_score_tokens_stage(cfg, detectors, train_rows, seq, f))
     if cfg.diagnose:
-        n_q = cfg.max_questions or 50
-        readout = n_q * CANDIDATES * (EVAL_PROMPT_TOKENS + 3)
+        readout = _readout_tokens(cfg)
         d_rows = min(train_rows, cfg.diagnose_max_rows or train_rows)
         stages.append(Stage("diagnose", 1, f"lean (3 scoring passes), link and coverage (2 data gradients, grad R, "
                             f"2 validation readouts) on {d_rows} rows", None if n is None else
@@ -389,7 +398,7 @@ def plan(cfg: RunConfig) -> list[Stage]:
     students = len(chosen) * cfg.seeds  # evaluated
     shift_student = int("likelihood-shift" in detectors)  # trained like `all` to score the rows, never evaluated
     trained = students + shift_student
-    per_token = 6.0 if cfg.student_full else 4.0
+    per_token = _train_flops_per_token(cfg)
     soft = ("soft" in chosen) * cfg.seeds * steps * cfg.batch_size * seq * 2.0
     train_tokens = trained * steps * cfg.batch_size * seq
     stages.append(Stage("distill", trained, f"{len(chosen)} conditions x {cfg.seeds} seeds"
