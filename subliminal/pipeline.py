@@ -554,6 +554,13 @@ def flagged_share(div: Path) -> tuple[int, int]:
     return sum(sum(any_flags(o)) for o in objs), sum(len(o["token_ids"]) for o in objs)
 
 
+def paper_share(div: Path) -> float | None:
+    """The share of tokens the paper rule flags in ``div``: every other rule and detector is
+    re-flagged at it, so their masks drop as many tokens (None when it flags none: they flag none)."""
+    n_flag, n_tok = flagged_share(div)
+    return n_flag / n_tok if n_flag else None
+
+
 def rule_reflag_args(div: Path, out: Path, rule: str, share: float | None) -> list[str]:
     """``reflag-divergence`` arguments for a threshold rule (ratio, a detector) at ``share`` of the
     tokens (None: flag none; every score is below an infinite threshold)."""
@@ -572,8 +579,7 @@ def _ratio_file(cfg: DemoConfig, run: Runner, div: Path) -> Path:
     out = div.with_name(div.name[: -len(".div.jsonl")] + ".ratio.div.jsonl")
 
     def argv() -> list[str]:  # the share is read from the paper rule's file, once it is there
-        n_flag, n_tok = flagged_share(div)
-        return ratio_reflag_args(div, out, n_flag / n_tok if n_flag else None, cfg.ratio_reduce)
+        return ratio_reflag_args(div, out, paper_share(div), cfg.ratio_reduce)
 
     run("reflag-ratio", argv, out, [div], lazy=True)
     return out
@@ -653,8 +659,7 @@ def _detector_files(cfg: RunConfig, run: Runner, out: Path, base: Path, tdir: Pa
             [div, base, *([student] if student else [])])
 
         def argv(rule: str = rule, scores: Path = scores, flagged: Path = flagged) -> list[str]:
-            n_flag, n_tok = flagged_share(div)  # the paper rule's share, once its file is there
-            return rule_reflag_args(scores, flagged, rule, n_flag / n_tok if n_flag else None)
+            return rule_reflag_args(scores, flagged, rule, paper_share(div))  # once the paper rule's file is there
 
         run(f"reflag-{rule}", argv, flagged, [scores, div], lazy=True)
         made[f"div-{rule}"] = flagged
