@@ -27,7 +27,13 @@ from typing import Any
 
 from subliminal import claims
 from subliminal.cli import guarded
-from subliminal.manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
+from subliminal.manifest import (
+    SubliminalError,
+    write_figure_atomic,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 
 # (row label, detector's rules key, flagged condition, matched random condition), in table order
 PAIRS = [
@@ -158,9 +164,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title(p, fontsize=9)
     axes[0][0].set_ylabel("share of the all-tokens transfer kept")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import detector_table  # noqa: E402  (the script beside this one)
 
+from subliminal.manifest import write_figure_atomic  # noqa: E402
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -87,9 +89,7 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("tokens dropped from the loss (% of completion tokens)")
     ax.set_ylabel("share of the all-tokens transfer kept")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 if __name__ == "__main__":

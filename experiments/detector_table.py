@@ -41,6 +41,7 @@ from subliminal.manifest import (
     SubliminalError,
     read_file_manifest,
     read_manifest,
+    write_figure_atomic,
     write_json_atomic,
     write_manifest,
 )
@@ -212,9 +213,7 @@ def _figure(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(iv, fontsize=9)
     axes[0][0].set_ylabel("share of the all-tokens transfer kept")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 if __name__ == "__main__":

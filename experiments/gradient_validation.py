@@ -23,7 +23,7 @@ from subliminal import cli
 from subliminal.detectors import gradient_attribution
 from subliminal.diagnose import DiagnoseConfig, readout_gradient, student_model
 from subliminal.distill import build_examples, read_training_rows
-from subliminal.manifest import write_json_atomic
+from subliminal.manifest import write_figure_atomic, write_json_atomic
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +120,7 @@ def _figure(checks: list[dict], path: Path) -> None:
     ax.set_xlabel("predicted change of R, lr * a_t")
     ax.set_ylabel("actual change of R after one SGD step on token t")
     ax.set_title("gradient attribution vs an actual step", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 if __name__ == "__main__":

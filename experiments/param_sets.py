@@ -30,7 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from subliminal.cli import guarded, main
-from subliminal.manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
+from subliminal.manifest import (
+    SubliminalError,
+    write_figure_atomic,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from subliminal.stats import mean_ci
 
 SETS = ["all", "embeddings", "template-rows", "bos-row", "all-but-template"]
@@ -138,9 +144,7 @@ def plot(summary: list[dict[str, Any]], contexts: list[str], path: Path, target:
     ax.set_xticks(range(len(sets)), sets, fontsize=8)
     ax.set_ylabel(f"P({target}) - control (paired)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 def main_(argv: list[str] | None = None) -> int:

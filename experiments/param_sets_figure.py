@@ -28,7 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from subliminal.cli import guarded
-from subliminal.manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
+from subliminal.manifest import (
+    SubliminalError,
+    write_figure_atomic,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 
 
 def _runs(specs: list[str]) -> dict[str, Path]:
@@ -141,9 +147,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_title(name)
     axes[0][0].set_ylabel("P(target): all-tokens minus control (95% CI)")
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,13 @@ from typing import Any
 import torch
 
 from subliminal.cli import guarded, main
-from subliminal.manifest import SubliminalError, write_json_atomic, write_manifest, write_text_atomic
+from subliminal.manifest import (
+    SubliminalError,
+    write_figure_atomic,
+    write_json_atomic,
+    write_manifest,
+    write_text_atomic,
+)
 from subliminal.stats import mean_ci
 from subliminal.steer import load_vector, save_vector
 
@@ -183,9 +189,7 @@ def plot(summary: list[dict[str, Any]], path: Path, target: str, layer: int) -> 
         ax.legend(fontsize=8)
     axes[0].set_ylabel("student transfer (paired by seed)")
     axes[1].set_ylabel(f"projection on v/|v| at block {layer} - control")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    write_figure_atomic(fig, path)
 
 
 def main_(argv: list[str] | None = None) -> int:

@@ -67,6 +67,17 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
         tmp.write_text(text)
 
 
+def write_figure_atomic(fig: Any, path: str | os.PathLike, *, dpi: int = 120) -> None:
+    """A matplotlib figure laid out, written as a PNG atomically (a reader never sees half an image,
+    an interrupted write never replaces a finished one) and closed."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def write_json_atomic(path: str | os.PathLike, obj: Any, *, nan_as_null: bool = False) -> None:
     """Strict JSON (no bare ``NaN``/``Infinity``): see :func:`strict_json`. ``nan_as_null`` is for
     outputs where an undefined number is expected (a probe's AUC on one class): it is written as

@@ -16,7 +16,7 @@ import torch
 from subliminal import prompts
 from subliminal.cli import main
 from subliminal.data import Row, align_row, write_jsonl
-from subliminal.manifest import SubliminalError, write_json_atomic
+from subliminal.manifest import SubliminalError, write_figure_atomic, write_json_atomic
 from subliminal.models import ModelLoadError, load_model
 from subliminal.teachers import TeacherSpec, save_teacher
 from subliminal.toyworld.tokenizer import build_tokenizer
@@ -275,6 +275,32 @@ def test_json_is_strict_and_cis_from_one_value_are_null(tmp_path):
     with pytest.raises(SubliminalError, match="non-finite"):
         write_jsonl(tmp_path / "c.jsonl", [{"x": float("inf")}])
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "c.jsonl").exists()
+
+
+def test_a_figure_that_fails_to_render_leaves_the_finished_one_in_place(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = tmp_path / "f.png"
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    write_figure_atomic(fig, path)
+    good = path.read_bytes()
+    assert good.startswith(b"\x89PNG") and not plt.fignum_exists(fig.number)  # written, closed
+    fig, _ = plt.subplots()
+
+    def half_written(target, **kw):  # a render that dies after writing part of its file
+        with open(target, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError("disk full")
+
+    fig.savefig = half_written
+    with pytest.raises(OSError, match="disk full"):
+        write_figure_atomic(fig, path)
+    plt.close(fig)
+    assert path.read_bytes() == good and [p.name for p in tmp_path.iterdir()] == ["f.png"]  # no temporary left
 
 
 # ----------------------------------------------------------------- raw tracebacks -> messages
