@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from subliminal.cli import guarded
-from subliminal.manifest import write_json_atomic
+from subliminal.manifest import write_file_manifest, write_json_atomic
 from subliminal.models import load_model, load_tokenizer
 from subliminal.steer import check_layer, last_residuals, prompt_texts, save_vector, vector_info_path
 
@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
         v, info = teacher_shift(args.base, args.teacher, args.layer, source=args.source, device=args.device)
         save_vector(args.out, v)
         write_json_atomic(vector_info_path(args.out), info)
+        write_file_manifest(args.out, stage="teacher-shift-vector", config=vars(args), seed=None,
+                            inputs={"base": args.base, "teacher": args.teacher}, extra={"summary": info})
         print(f"|v| {info['norm']:.3f} (mean residual norm {info['resid_norm']:.3f}) -> {Path(args.out)}")
         return 0
 

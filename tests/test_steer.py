@@ -401,6 +401,9 @@ def test_teacher_shift_vector_is_the_mean_residual_difference(tmp_path, tiny_mod
                      "--out", str(tmp_path / "v.safetensors")]) == 0
     v = steer.load_vector(tmp_path / "v.safetensors")
     info = json.loads(steer.vector_info_path(tmp_path / "v.safetensors").read_text())
+    man = json.loads((tmp_path / "v.safetensors.manifest.json").read_text())
+    assert man["stage"] == "teacher-shift-vector" and man["config"]["layer"] == 1 and set(man["inputs"]) == {
+        "base", "teacher"}
     tok = load_model(base).tokenizer
     texts = steer.prompt_texts(tok, "questions", split="vector")
     models = [load_model(base).model, load_model(tmp_path / "teacher").model]
