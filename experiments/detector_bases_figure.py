@@ -60,11 +60,12 @@ def _values(res: dict[str, Any]) -> dict[str, dict[int, float]]:
     return {c: {int(s): v for s, v in e["by_seed"].items()} for c, e in res["conditions"].items() if e.get("by_seed")}
 
 
-def _cell(values: dict[str, dict[int, float]], cond: str) -> dict[str, Any] | None:
+def _cell(values: dict[str, dict[int, float]], verdicts: dict[str, dict[str, Any]], cond: str
+          ) -> dict[str, Any] | None:
     if cond not in values:
         return None
     d = claims.paired_diff(values, cond)
-    v = next((v for c, v in claims.all_verdicts(values).items() if c == cond), None)
+    v = verdicts.get(cond)
     return {"diff": d, "share": None if v is None else v.get("share"), "share_lo": None if v is None else v.get("lo"),
             "share_hi": None if v is None else v.get("hi"), "verdict": None if v is None else v["verdict"]}
 
@@ -77,9 +78,10 @@ def collect(run: Path) -> dict[str, Any]:
         values = _values(res)
         if "control" not in values or "all" not in values:
             raise SubliminalError(f"{path}: no control and all-tokens students")
+        verdicts = claims.all_verdicts(values)
         rows = []
         for label, rule, flagged, random in PAIRS:
-            f, r = _cell(values, flagged), _cell(values, random)
+            f, r = _cell(values, verdicts, flagged), _cell(values, verdicts, random)
             if f is None and r is None:
                 continue
             info = (res.get("rules") or {}).get(rule) or {}
