@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from subliminal.cli import guarded, main
+from subliminal.distill import read_losses
 from subliminal.manifest import (
     SubliminalError,
     write_figure_atomic,
@@ -79,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
                       "--params", pset, "--epochs", args.epochs, "--lr", args.lr, "--batch-size", args.batch_size,
                       "--seed", seed])
                 man = json.loads((sdir / "manifest.json").read_text())
-                with open(sdir / "loss.csv") as f:
-                    losses = [float(e["loss"]) for e in csv.DictReader(f)]
+                losses = read_losses(sdir)
                 tail = losses[-10:]
                 for ctx, flags in contexts.items():
                     ev = sdir / f"eval-{ctx}.json"

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from subliminal.cli import guarded
+from subliminal.distill import read_losses
 from subliminal.manifest import (
     SubliminalError,
     write_figure_atomic,
@@ -68,11 +69,9 @@ def final_loss(students: Path, condition: str, tail: int) -> float | None:
     a step is noisy; the tail averages it), or None when no student logged any."""
     per_seed = []
     for d in sorted(students.glob(f"{condition}-s*")):
-        f = d / "loss.csv"
-        if re.fullmatch(rf"{re.escape(condition)}-s\d+", d.name) and f.is_file():
-            losses = [float(r["loss"]) for r in csv.DictReader(f.open())]
-            if losses:
-                per_seed.append(sum(losses[-tail:]) / len(losses[-tail:]))
+        losses = read_losses(d)[-tail:] if re.fullmatch(rf"{re.escape(condition)}-s\d+", d.name) else []
+        if losses:
+            per_seed.append(sum(losses) / len(losses))
     return sum(per_seed) / len(per_seed) if per_seed else None
 
 

@@ -616,6 +616,16 @@ def _append_log(path: Path, entries: Sequence[dict[str, Any]]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
+def read_losses(student: str | Path) -> list[float]:
+    """The training loss of each logged step of a student directory (its ``loss.csv``), in order;
+    empty when it logged none."""
+    path = Path(student) / LOSS_CSV
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [float(e["loss"]) for e in csv.DictReader(f)]
+
+
 def save_checkpoint(model: Any, tokenizer: Any, out: Path, step: int, lora: bool, info: dict[str, Any]) -> Path:
     """``checkpoint-NNNN``: a loadable HF directory plus a manifest naming its step."""
     d = out / f"checkpoint-{step:04d}"

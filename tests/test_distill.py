@@ -319,3 +319,12 @@ def test_lora_targets_and_linear_schedule(world, tmp_path):
     assert man["config"]["lora_targets"] == "q_proj,v_proj" and man["config"]["schedule"] == "linear"
     assert main(["distill", "--base", str(world["base"]), "--data", str(world["data"]), "--out",
                  str(tmp_path / "bad"), "--lora-rank", "2", "--lora-targets", "nope_proj"]) == 2
+
+
+def test_read_losses_reads_what_the_loss_log_writes(tmp_path):
+    from subliminal.distill import LOSS_CSV, _append_log, read_losses
+
+    assert read_losses(tmp_path) == []  # a directory that logged nothing
+    _append_log(tmp_path / LOSS_CSV, [{"step": 1, "loss": 2.5, "lr": 1e-3, "loss_tokens": 40},
+                                      {"step": 2, "loss": 2.25, "lr": 2e-3, "loss_tokens": 38}])
+    assert read_losses(tmp_path) == [2.5, 2.25]
